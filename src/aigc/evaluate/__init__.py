@@ -1,0 +1,73 @@
+"""`aigc eval`: score a run on its recorded validation split and sample from it; write eval.json
+and report.html."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from aigc.errors import UserError
+from aigc.fsutil import write_json
+
+DIVERSITY_SAMPLES = 16  # N samples ...
+DIVERSITY_TOKENS = 64  # ... of up to L new tokens each, at seed 0, for diversity and novelty
+
+
+def evaluate_run(spec: str) -> dict:
+    from aigc.data.text import join_docs
+    from aigc.evaluate.text import text_sample_metrics, write_report
+    from aigc.runs import LN2, find_run, load_split, n_scored_chars, read_run
+    from aigc.sample import GenerateSettings, generate, load_run
+
+    run_dir = find_run(spec)
+    record = read_run(run_dir)
+    loaded = load_run(str(run_dir))
+    train_docs, val_docs = load_split(run_dir)
+
+    # 1. likelihood of the validation split recorded in the run
+    val_ids = loaded.tokenizer.encode_docs(val_docs)
+    nll, n_tokens = loaded.nll(val_ids)
+    chars = n_scored_chars(val_docs)
+    val_loss = nll / max(1, n_tokens)
+
+    # 2. samples at seed 0 with the default decoding settings (temperature 1: the model as it is)
+    settings = GenerateSettings(n=DIVERSITY_SAMPLES, seed=0, max_new_tokens=DIVERSITY_TOKENS, temperature=1.0)
+    context = loaded.max_context
+    if context is not None:
+        settings.max_new_tokens = min(settings.max_new_tokens, context - 1)
+    samples, stats = generate(loaded, settings)
+
+    # 3. diversity and novelty of the samples against the training text
+    train_text = join_docs(train_docs)
+    if all(not s for s in samples):
+        raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every text at once)")
+    sample_metrics = text_sample_metrics(samples, train_text)
+    metrics = {
+        "val_bpc": nll / LN2 / chars,
+        "val_loss": val_loss,
+        "perplexity": math.exp(min(val_loss, 700)),
+        **sample_metrics,
+        "tokens_per_s": stats["tokens_per_s"],
+    }
+    result = {
+        "run": str(run_dir),
+        "metrics": metrics,
+        "samples": {"n": settings.n, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
+                    "temperature": settings.temperature, "generated_tokens": stats["generated_tokens"]},
+        "validation": {"tokens": n_tokens, "chars": chars, "docs": len(val_docs)},
+    }
+    write_json(run_dir / "eval.json", result)
+    curves = _read_curves(run_dir / "metrics.jsonl")
+    write_report(run_dir / "report.html", title=f"{run_dir.name}: {record['family']} on "
+                 f"{record['data']['train']['source']}", metrics=metrics, samples=samples[:8],
+                 curves=curves, settings={**result["samples"], "family": record["family"],
+                                          "dtype": record.get("dtype", "fp32")})
+    return result
+
+
+def _read_curves(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r or "val_loss" in r]

@@ -1,0 +1,33 @@
+"""The family registry: one plain dict literal, one entry per family.
+
+Exceptions to the gradient-trained contract are declared here (`trainer="counts"` for the n-gram's
+closed-form fit), never discovered with `hasattr`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aigc.models import gpt, ngram, rnn
+
+
+@dataclass(frozen=True)
+class Family:
+    modality: str  # "text": decides the data loader, the sample format and the metrics
+    config: type  # the family's model config dataclass (keys for --set)
+    trainer: str  # "gradient": the shared training loop; "counts": a closed-form fit
+    load: Callable  # load(run_dir) -> model
+    build: Callable | None = None  # gradient families: build(config, vocab_size, eot_id) -> model
+    init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
+    description: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "ngram": Family("text", ngram.NGramConfig, "counts", ngram.NGramLM.load,
+                    description="character n-gram, interpolated Kneser-Ney (the baseline)"),
+    "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build,
+                  description="embedding + RNN/GRU/LSTM + output layer"),
+    "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True,
+                  description="GPT-2 architecture (transformers), from scratch or --init-from"),
+}

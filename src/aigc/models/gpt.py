@@ -1,0 +1,67 @@
+"""GPT-2 architecture (transformers' `GPT2LMHeadModel`), trained from scratch or fine-tuned.
+
+The model maths lives in transformers; this file only maps the project's config onto
+`GPT2Config`. A run directory is a Hugging Face model folder: `AutoModelForCausalLM` and
+`AutoTokenizer` load it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+from aigc.config import option
+from aigc.errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = option(4, "transformer blocks", min=1, max=96)
+    n_head: int = option(4, "attention heads per block (must divide n_embd)", min=1, max=128)
+    n_embd: int = option(128, "embedding and hidden size", min=1, max=16384)
+    n_positions: int = option(256, "largest context the position table holds (>= block_size)", min=2)
+    embd_pdrop: float = option(0.1, "dropout on the embeddings", min=0.0, max=0.9)
+    attn_pdrop: float = option(0.1, "dropout on the attention weights", min=0.0, max=0.9)
+    resid_pdrop: float = option(0.1, "dropout on the residual branches", min=0.0, max=0.9)
+
+
+def build(config: GPTConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadModel:
+    if config.n_embd % config.n_head:
+        raise UserError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    hf = GPT2Config(
+        vocab_size=vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, embd_pdrop=config.embd_pdrop,
+        attn_pdrop=config.attn_pdrop, resid_pdrop=config.resid_pdrop,
+        bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(hf)
+    model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    return model
+
+
+def load(directory: Path) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+
+
+def load_pretrained(directory: Path, eot_id: int) -> GPT2LMHeadModel:
+    """A local GPT-2 checkpoint for fine-tuning (`--init-from`); never downloads."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"--init-from: {directory} is not a Hugging Face model folder (no config.json)")
+    try:
+        model = GPT2LMHeadModel.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init-from: cannot load a GPT-2 model from {directory}: {e}") from None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, eot_id)
+    model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+    return model
+
+
+def config_of(model: GPT2LMHeadModel) -> GPTConfig:
+    """The architecture of a loaded checkpoint, as the project's config (recorded in the run)."""
+    c = model.config
+    return GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
+                     embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop, resid_pdrop=c.resid_pdrop)

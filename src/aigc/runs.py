@@ -1,0 +1,359 @@
+"""Run directories: create one from a training request, find one by name, read its record.
+
+`train()` is what `aigc train` calls: it resolves the configuration, loads and splits the data,
+builds the tokenizer and the model, trains it (the shared loop, or a family's closed-form fit),
+scores the best weights on the validation split and writes the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from aigc import __version__
+from aigc.config import DataConfig, TrainConfig, build, read_toml, to_toml
+from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
+from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
+from aigc.errors import UserError
+from aigc.fsutil import atomic_write_text, read_json, write_json
+from aigc.models import FAMILIES, Family, gpt
+
+LN2 = math.log(2)
+DEFAULT_MAX_MINUTES = 10.0  # the budget when neither --max-steps nor --max-minutes is given
+
+
+def aigc_home() -> Path:
+    return Path(os.environ.get("AIGC_HOME") or ".").resolve()
+
+
+def runs_dir() -> Path:
+    return aigc_home() / "runs"
+
+
+def cache_dir() -> Path:
+    return aigc_home() / "cache"
+
+
+def find_run(spec: str) -> Path:
+    """A run name (under $AIGC_HOME/runs) or a path to a run directory."""
+    path = Path(spec).expanduser()
+    if (path / "run.json").is_file():
+        return path.resolve()
+    named = runs_dir() / spec
+    if _valid_name(spec) and (named / "run.json").is_file():
+        return named
+    raise UserError(f"no such run: {spec!r} (not a run directory, and not a run name in {runs_dir()}; "
+                    f"see: aigc runs)")
+
+
+def read_run(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "run.json")
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown family {name!r} (choose from: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def sections_for(family: str) -> dict[str, type]:
+    fam = family_of(family)
+    sections = {"model": fam.config, "data": DataConfig}
+    if fam.trainer == "gradient":
+        sections["train"] = TrainConfig
+    return sections
+
+
+def n_scored_chars(docs: list[str]) -> int:
+    """Characters the validation NLL is divided by: every character, plus one per document
+    boundary (the end-of-text token the model predicts between documents)."""
+    return sum(len(d) for d in docs) + len(docs) - 1
+
+
+def train(family: str, data: str, *, val_data: str | None = None, name: str | None = None,
+          overwrite: bool = False, resume: bool = False, max_minutes: float | None = None,
+          max_steps: int | None = None, init_from: str | None = None, config_file: str | None = None,
+          sets: dict[str, str] | None = None) -> tuple[Path, dict]:
+    fam = family_of(family)
+    sets = sets or {}
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    if resume and not name:
+        raise UserError("--resume needs --name NAME of the run to continue")
+    if init_from and not fam.init_from:
+        raise UserError(f"--init-from does not apply to family {family} (only: "
+                        f"{', '.join(k for k, f in FAMILIES.items() if f.init_from)})")
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {max_steps}")
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise UserError(f"--max-minutes must be > 0, got {max_minutes}")
+    if name is not None and not _valid_name(name):
+        raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'")
+
+    if resume:
+        run_dir = runs_dir() / name
+        if not (run_dir / "run.json").is_file():
+            raise UserError(f"--resume: no run named {name!r} in {runs_dir()}")
+        if sets or config_file or init_from or val_data:
+            raise UserError("--resume continues with the run's recorded configuration and data; "
+                            "drop --set/--config/--init-from/--val-data")
+        record = read_run(run_dir)
+        if record["family"] != family:
+            raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
+        if record["data"]["train"]["source"] != _source_of(data):
+            raise UserError(f"run {name!r} was trained on {record['data']['train']['source']}, not {data}")
+        values = read_toml(run_dir / "config.toml")
+        configs = build(sections_for(family), values, family=family)
+        train_docs, val_docs = _load_split(record, configs["data"], run_dir)
+        tokenizer = TextTokenizer.load(run_dir)
+    else:
+        values = dict(read_toml(Path(config_file))) if config_file else {}
+        values.update(sets)
+        if init_from:
+            arch = [k for k in values if k in ("n_layer", "n_head", "n_embd", "n_positions", "tokenizer",
+                                               "bpe_vocab_size")]
+            if arch:
+                raise UserError(f"{arch[0]} comes from the --init-from checkpoint and cannot be set")
+        configs = build(sections_for(family), values, family=family)
+        if family == "ngram" and configs["data"].tokenizer != "char":
+            raise UserError("the ngram family is a character model: tokenizer must be char")
+        corpus = load_corpus(data, text_field=configs["data"].text_field)
+        if val_data:
+            train_docs = list(corpus.docs)
+            val_docs = list(load_corpus(val_data, text_field=configs["data"].text_field).docs)
+        else:
+            train_docs, val_docs = split_corpus(corpus, configs["data"].val_fraction)
+        run_dir = _new_run_dir(family, data, name, overwrite)
+        try:
+            tokenizer = _make_tokenizer(configs["data"], train_docs, init_from)
+            tokenizer.save(run_dir)
+            _write_val(run_dir, val_docs)
+            record = _new_record(family, corpus, train_docs, val_docs, val_data, init_from)
+            write_json(run_dir / "run.json", record)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-made is left behind
+            raise
+    budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
+    record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes}
+    record["status"] = "running"
+    write_json(run_dir / "run.json", record)
+
+    train_ids = tokenizer.encode_docs(train_docs)
+    val_ids = tokenizer.encode_docs(val_docs)
+    chars = n_scored_chars(val_docs)
+    header = {"family": family, "data": data, "aigc_version": __version__}
+    atomic_write_text(run_dir / "config.toml", to_toml(configs, header))
+
+    if fam.trainer == "counts":
+        from aigc.models import ngram
+
+        t0 = time.perf_counter()
+        model, info = ngram.build_from_ids(train_ids, tokenizer.vocab_size, configs["model"],
+                                           tokenizer.eot_id, tokenizer.unk_id)
+        from aigc.checkpoint import save_model_files
+
+        save_model_files(model, run_dir)
+        fit = {"order": info["order"], "tail_nats_per_token": info.get("tail_nats_per_token"),
+               "train_time_s": time.perf_counter() - t0, "steps": 0}
+    else:
+        from aigc.train import Budget, train_loop
+
+        if init_from:
+            model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id)
+            configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's
+            atomic_write_text(run_dir / "config.toml", to_toml(configs, header))
+        elif resume:
+            model = fam.load(run_dir / "checkpoints" / "last")
+        else:
+            model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
+        if family == "gpt" and configs["train"].block_size > model.config.n_positions:
+            raise UserError(f"block_size {configs['train'].block_size} exceeds n_positions "
+                            f"{model.config.n_positions}")
+        train_ids_ok = len(train_ids) >= configs["train"].block_size + 2
+        if not train_ids_ok:
+            raise UserError(f"training split has {len(train_ids)} tokens; block_size "
+                            f"{configs['train'].block_size} needs at least {configs['train'].block_size + 2} "
+                            f"(lower it with --set block_size=N)")
+        try:
+            fit = train_loop(model, train_ids, val_ids, configs["train"], run_dir,
+                             Budget(max_steps, budget_minutes), resume=resume,
+                             chars_per_val_token=chars / max(1, len(val_ids) - 1))
+        except BaseException as e:
+            record["status"] = "interrupted" if type(e).__name__ in ("Interrupted", "KeyboardInterrupt") \
+                else "failed"
+            write_json(run_dir / "run.json", record)
+            raise
+        record["dtype"] = fit["dtype"]
+
+    metrics = score_validation(run_dir, val_ids, chars)
+    metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
+                                                          "tokens_per_s", "schedule_steps", "order")})
+    record.update(status="done", metrics=metrics, finished=_now())
+    write_json(run_dir / "run.json", record)
+    write_model_card(run_dir, record, configs)
+    return run_dir, metrics
+
+
+def score_validation(run_dir: Path, val_ids: np.ndarray, chars: int) -> dict:
+    """NLL of the validation stream under the run's best weights: val_loss, perplexity, val_bpc."""
+    from aigc.sample import load_run
+
+    loaded = load_run(str(run_dir))
+    nll, n = loaded.nll(val_ids)
+    val_loss = nll / max(1, n)
+    return {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 700)), "val_bpc": nll / LN2 / chars,
+            "val_tokens": n, "val_chars": chars}
+
+
+def load_split(run_dir: Path) -> tuple[list[str], list[str]]:
+    """The run's training and validation documents, checked against the recorded sha256."""
+    record = read_run(run_dir)
+    configs = build(sections_for(record["family"]), read_toml(Path(run_dir) / "config.toml"),
+                    family=record["family"])
+    return _load_split(record, configs["data"], Path(run_dir))
+
+
+def _load_split(record: dict, data_cfg: DataConfig, run_dir: Path) -> tuple[list[str], list[str]]:
+    corpus = load_corpus(record["data"]["train"]["source"], text_field=data_cfg.text_field)
+    if corpus.sha256 != record["data"]["train"]["corpus_sha256"]:
+        raise UserError(f"the training data {record['data']['train']['source']} changed since the run was "
+                        f"made (sha256 differs)")
+    if record["data"]["val"]["source"] == "split":
+        train_docs = split_corpus(corpus, data_cfg.val_fraction)[0]
+    else:
+        train_docs = list(corpus.docs)
+    return train_docs, read_val(run_dir)
+
+
+def read_val(run_dir: Path) -> list[str]:
+    """The validation documents stored in the run (`val.jsonl`), verified against run.json."""
+    record = read_run(run_dir)
+    path = Path(run_dir) / "val.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: val.jsonl is missing")
+    docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if _sha(join_docs(docs)) != record["data"]["val"]["sha256"]:
+        raise UserError(f"{run_dir}: val.jsonl does not match the sha256 recorded in run.json")
+    return docs
+
+
+def list_runs() -> list[dict]:
+    out = []
+    root = runs_dir()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if (path / "run.json").is_file():
+            out.append(summary(path))
+    return out
+
+
+def summary(run_dir: Path) -> dict:
+    record = read_run(run_dir)
+    metrics = record.get("metrics", {})
+    eval_path = Path(run_dir) / "eval.json"
+    return {"name": Path(run_dir).name, "path": str(Path(run_dir).resolve()), "family": record["family"],
+            "data": record["data"]["train"]["source"], "status": record.get("status"),
+            "created": record.get("created"), "steps": metrics.get("steps"),
+            "val_bpc": metrics.get("val_bpc"), "dtype": record.get("dtype"),
+            "evaluated": eval_path.is_file()}
+
+
+def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:
+    """README.md with Hugging Face model-card metadata (YAML header) and the run's numbers."""
+    m = record.get("metrics", {})
+    lib = "transformers" if record["family"] == "gpt" else "aigc"
+    lines = ["---", "license: other", f"library_name: {lib}", "tags:", "- aigc-studio",
+             f"- {record['family']}", "- text-generation", "datasets:",
+             f"- {record['data']['train']['source']}", "metrics:", "- bits-per-character", "---", "",
+             f"# {Path(run_dir).name}", "",
+             f"A `{record['family']}` text model trained by AIGC Studio {__version__} on "
+             f"`{record['data']['train']['source']}` ({record['data']['train']['chars']:,} training characters).",
+             "", "## Results on the validation split", "",
+             f"- bits per character: {m.get('val_bpc', float('nan')):.4f}",
+             f"- loss per token: {m.get('val_loss', float('nan')):.4f} nats "
+             f"(perplexity {m.get('perplexity', float('nan')):.2f})",
+             f"- steps: {m.get('steps')}, training time: {m.get('train_time_s', 0):.0f} s, "
+             f"dtype: {record.get('dtype', 'fp32')}", "", "## Configuration", "", "```toml",
+             to_toml(configs).strip(), "```", "",
+             "## Use", "", "```", f"aigc generate {run_dir} --prompt '...'", f"aigc eval {run_dir}", "```", ""]
+    if record["family"] == "gpt":
+        lines += ["Or with transformers:", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f"model = AutoModelForCausalLM.from_pretrained({str(run_dir)!r})",
+                  f"tokenizer = AutoTokenizer.from_pretrained({str(run_dir)!r})", "```", ""]
+    lines += ["## Limitations", "",
+              "A small model trained on a small corpus: it imitates surface form and copies phrases "
+              "from its training text (see `aigc eval`, novelty and longest copy).", ""]
+    atomic_write_text(Path(run_dir) / "README.md", "\n".join(lines))
+
+
+def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str | None) -> TextTokenizer:
+    if init_from:
+        return TextTokenizer.load(Path(init_from))
+    if data_cfg.tokenizer == "bpe":
+        return train_bpe(train_docs, data_cfg.bpe_vocab_size)
+    return train_char(train_docs)
+
+
+def _new_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
+    root = runs_dir()
+    if name is None:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).name or "data").strip("-") or "data"
+        name = f"{family}-{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = root / name
+    if run_dir.exists():
+        if not overwrite:
+            raise UserError(f"run {name!r} already exists in {root}: pass --overwrite to replace it "
+                            f"or --resume to continue it")
+        if not (run_dir / "run.json").is_file():
+            raise UserError(f"--overwrite: {run_dir} exists but is not a run directory; not deleting it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _new_record(family: str, corpus: Corpus, train_docs: list[str], val_docs: list[str],
+                val_data: str | None, init_from: str | None) -> dict:
+    return {
+        "family": family, "modality": "text", "created": _now(), "aigc_version": __version__,
+        "init_from": str(Path(init_from).resolve()) if init_from else None,
+        "data": {
+            "train": {"source": corpus.source, "corpus_sha256": corpus.sha256, "sha256": _sha(join_docs(train_docs)),
+                      "docs": len(train_docs), "chars": sum(len(d) for d in train_docs)},
+            "val": {"source": "split" if val_data is None else _source_of(val_data), "file": "val.jsonl",
+                    "sha256": _sha(join_docs(val_docs)), "docs": len(val_docs),
+                    "chars": sum(len(d) for d in val_docs)},
+        },
+    }
+
+
+def _write_val(run_dir: Path, docs: list[str]) -> None:
+    atomic_write_text(run_dir / "val.jsonl",
+                      "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+
+
+def _source_of(spec: str) -> str:
+    from aigc.data.text import CORPORA
+
+    return spec if spec in CORPORA else str(Path(spec).expanduser().resolve())
+
+
+def _valid_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name))
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,299 @@
+"""The one training loop for gradient-trained families, on accelerate.
+
+AdamW with linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast
+where the hardware has it, periodic evaluation with keep-best, atomic checkpoints, and exact
+resume: batches come from a seeded generator whose state is checkpointed with the model, the
+optimizer and the dropout RNG, so an interrupted and resumed run ends with the same weights as
+an uninterrupted one (in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from aigc.checkpoint import find_checkpoint, load_optimizer_state, save_checkpoint, save_model_files
+from aigc.config import TrainConfig
+from aigc.fsutil import read_json
+
+LN2 = math.log(2)
+
+
+@dataclass
+class Budget:
+    max_steps: int | None  # stop after this many optimizer steps
+    max_minutes: float | None  # stop after this much training time (the schedule length is estimated)
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+        self.step = step
+
+
+def bf16_available() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(choice: str) -> str:
+    if choice == "auto":
+        return "bf16" if bf16_available() else "fp32"
+    return choice
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats: the contract every text family's forward meets."""
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def stream_nll(model, ids: np.ndarray, block_size: int, batch_size: int = 16) -> tuple[float, int]:
+    """Total NLL (nats) of ids[1:] given what precedes, with a sliding context of block_size.
+
+    Windows advance by half a block, so every scored token (after the first window) sees at
+    least block_size/2 tokens of context.
+    """
+    was_training = model.training
+    model.eval()
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    n = len(ids_t)
+    stride = max(1, block_size // 2)
+    windows = []  # (context start, first scored target index, end)
+    start = 1
+    while start < n:
+        end = min(n, start + (stride if start > 1 else block_size))
+        windows.append((max(0, end - 1 - block_size), start, end))
+        start = end
+    total = 0.0
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        width = max(e - 1 - c for c, _, e in group)
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -100, dtype=torch.long)
+        for row, (c, s, e) in enumerate(group):
+            x[row, : e - 1 - c] = ids_t[c:e - 1]
+            # targets ids[c+1:e]; only those at index >= s are scored
+            tgt = ids_t[c + 1:e].clone()
+            tgt[: s - c - 1] = -100
+            y[row, : e - 1 - c] = tgt
+        logits = model(input_ids=x.to(device)).logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+    model.train(was_training)
+    return total, n - 1
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def _window_batch(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = starts[:, None] + torch.arange(block + 1)[None, :]  # (B, block+1)
+    chunk = data[offsets].long()
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the step, save, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if sys.platform != "win32":
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, run_dir: Path,
+               budget: Budget, *, resume: bool = False, chars_per_val_token: float = 1.0) -> dict:
+    """Train `model` in place; the run root ends holding the best weights. Returns final metrics."""
+    run_dir = Path(run_dir)
+    dtype = resolve_dtype(cfg.dtype)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if dtype == "bf16" else "no")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum x processes "
+                         f"({cfg.grad_accum} x {world})")
+    micro = cfg.batch_size // (cfg.grad_accum * world)
+    if len(train_ids) < cfg.block_size + 2:
+        raise ValueError(f"training split has {len(train_ids)} tokens, fewer than block_size + 2 "
+                         f"({cfg.block_size + 2}); lower block_size")
+
+    torch.manual_seed(cfg.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step, elapsed, best_val, best_step = 0, 0.0, math.inf, -1
+    total_steps = budget.max_steps or 10**9  # replaced by an estimate after warm-up under a time budget
+    estimated = budget.max_minutes is None
+
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        state = read_json(ckpt / "state.json")
+        model.load_state_dict(type(model).from_pretrained(ckpt, local_files_only=True).state_dict())
+        optimizer.load_state_dict(load_optimizer_state(ckpt))
+        step, elapsed = state["step"], state["elapsed_s"]
+        best_val, best_step = state["best_val_loss"], state["best_step"]
+        total_steps, estimated = state["total_steps"], state["schedule_estimated"]
+        if budget.max_steps and not state["schedule_estimated"] and budget.max_steps != state["total_steps"]:
+            total_steps = budget.max_steps
+        data_gen.set_state(torch.tensor(state["data_rng"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_t = torch.as_tensor(train_ids.astype(np.int64))
+    val_t = torch.as_tensor(val_ids.astype(np.int64))
+    eval_starts = torch.linspace(0, max(0, len(val_t) - cfg.block_size - 2), cfg.eval_batches * micro).long()
+
+    def periodic_eval() -> float:
+        model.eval()
+        losses = []
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, len(eval_starts), micro):
+                if len(val_t) < cfg.block_size + 2:  # tiny validation split: one shorter window
+                    x, y = val_t[None, :-1], val_t[None, 1:]
+                else:
+                    x, y = _window_batch(val_t, eval_starts[i:i + micro], cfg.block_size)
+                losses.append(lm_loss(model, x.to(accelerator.device), y.to(accelerator.device)).item())
+        model.train()
+        return float(np.mean(losses))
+
+    def checkpoint_state() -> dict:
+        return {"step": step, "elapsed_s": elapsed, "best_val_loss": best_val, "best_step": best_step,
+                "total_steps": total_steps, "schedule_estimated": estimated, "dtype": dtype,
+                "data_rng": data_gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+                "train_config": asdict(cfg)}
+
+    def log(record: dict) -> None:
+        if accelerator.is_main_process:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=step, unit="step",
+               disable=not (sys.stderr.isatty() and accelerator.is_main_process), dynamic_ncols=True)
+    model.train()
+    last_loss = math.nan
+    t_window, steps_window = time.perf_counter(), 0
+    with _StopFlag() as stop:
+        while True:
+            if budget.max_steps is not None and step >= budget.max_steps:
+                break
+            if budget.max_minutes is not None and elapsed >= budget.max_minutes * 60:
+                break
+            if stop.requested:
+                if accelerator.is_main_process:
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                bar.close()
+                raise Interrupted(step)
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # every rank draws the same global batch and takes its own slice of it
+            starts = torch.randint(0, len(train_t) - cfg.block_size - 1, (cfg.batch_size,), generator=data_gen)
+            mine = starts[rank * micro * cfg.grad_accum:(rank + 1) * micro * cfg.grad_accum]
+            loss_sum = 0.0
+            for k in range(cfg.grad_accum):
+                x, y = _window_batch(train_t, mine[k * micro:(k + 1) * micro], cfg.block_size)
+                with accelerator.autocast():
+                    loss = lm_loss(model, x.to(accelerator.device), y.to(accelerator.device))
+                accelerator.backward(loss / cfg.grad_accum)
+                loss_sum += loss.item() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed += time.perf_counter() - t0
+            steps_window += 1
+            last_loss = loss_sum
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower lr")
+
+            if not estimated and step >= max(5, min(cfg.warmup_steps, 20)):
+                # time budget: schedule length = steps that fit in the budget at the rate seen so far
+                fit = step + int((budget.max_minutes * 60 - elapsed) / (elapsed / step))
+                total_steps = min(budget.max_steps, fit) if budget.max_steps else max(step + 1, fit)
+                estimated = True
+                bar.total = total_steps
+                log({"step": step, "schedule_steps": total_steps})
+            bar.update(1)
+            if step % cfg.log_interval == 0:
+                rate = steps_window * tokens_per_step / (time.perf_counter() - t_window)
+                t_window, steps_window = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:,.0f}")
+                log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": rate, "elapsed_s": elapsed})
+            done = (budget.max_steps is not None and step >= budget.max_steps) or (
+                budget.max_minutes is not None and elapsed >= budget.max_minutes * 60)
+            if step % cfg.eval_interval == 0 or done:
+                val_loss = periodic_eval()
+                log({"step": step, "val_loss": val_loss, "val_bpc": val_loss / LN2 / chars_per_val_token})
+                if not bar.disable:
+                    bar.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
+                else:
+                    print(f"step {step}/{total_steps}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
+                          f"{elapsed:.0f}s", file=sys.stderr)
+                if val_loss < best_val and accelerator.is_main_process:
+                    best_val, best_step = val_loss, step
+                    save_model_files(accelerator.unwrap_model(model), run_dir)
+                if accelerator.is_main_process:
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                accelerator.wait_for_everyone()
+    bar.close()
+    if best_step < 0 and accelerator.is_main_process:  # resumed at the end, or no evaluation ran
+        save_model_files(accelerator.unwrap_model(model), run_dir)
+        best_step = step
+    return {"steps": step, "train_loss": last_loss, "best_step": best_step, "best_val_loss_periodic": best_val,
+            "schedule_steps": total_steps, "train_time_s": elapsed, "dtype": dtype,
+            "tokens_per_s": step * tokens_per_step / elapsed if elapsed else math.nan}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the log lines written after the checkpoint (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
