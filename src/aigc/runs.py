@@ -173,6 +173,9 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         elif resume:
             model = fam.load(run_dir / "checkpoints" / "last")
         else:
+            import torch
+
+            torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
             model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
         if family == "gpt" and configs["train"].block_size > model.config.n_positions:
             raise UserError(f"block_size {configs['train'].block_size} exceeds n_positions "

@@ -9,7 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from transformers.utils import logging as hf_logging
+
 from aigc.models import gpt, ngram, rnn
+
+hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ Reads top to bottom:
    works unchanged.
 6. ``build_from_ids``: select the order, fit, set the generation config.
 
-The model is interpolated Kneser-Ney (Chen & Goodman 1998, eq. 17 and section 3.6) with
-one absolute discount per order. For a k-gram ``h w`` whose context ``h`` has k - 1
-tokens, and ``h'`` = ``h`` without its first token::
+The model is interpolated Kneser-Ney (Chen & Goodman 1998, "An empirical study of
+smoothing techniques for language modeling") with one absolute discount per order. For a
+k-gram ``h w`` whose context ``h`` has k - 1 tokens, and ``h'`` = ``h`` without its first
+token::
 
     P_k(w | h) = (max(c_k(h w) - D_k, 0) + D_k * N1+(h .) * P_{k-1}(w | h'))
                  / sum_v c_k(h v)
@@ -45,13 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (
-    GenerationConfig,
-    GenerationMixin,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
+
+from aigc.config import option
+from aigc.errors import UserError
 
 # Ids become characters with chr(id). 0xD800 starts the UTF-16 surrogates, which the
 # UTF-32 codec used to convert ids <-> str rejects.
@@ -66,15 +65,19 @@ FALLBACK_DISCOUNT = 0.5
 
 @dataclass
 class NGramConfig:
-    """User-facing settings of the n-gram family."""
+    """User-facing settings of the n-gram family (`--set key=value`)."""
 
-    # n-gram order n (a context of n - 1 tokens); 0 = choose it on the training tail
-    order: int = 0
-    # largest order tried when order = 0 (orders 1..max_order)
-    max_order: int = 8
-    # share of the training ids (their end) held out to choose the order; never the
-    # validation split
-    tail_fraction: float = 0.1
+    order: int = option(
+        0, "n-gram order n (context of n-1 tokens); 0 = choose it on the tail of the training split", min=0, max=32
+    )
+    max_order: int = option(8, "largest order tried when order = 0 (orders 1..max_order)", min=1, max=32)
+    tail_fraction: float = option(
+        0.1,
+        "share of the training ids (their end) held out to choose the order; never the validation split",
+        min=0.0,
+        max=0.5,
+        min_exclusive=True,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -87,15 +90,10 @@ def ids_to_str(ids: Sequence[int] | np.ndarray | torch.Tensor, vocab_size: int) 
     if arr.size == 0:
         return ""
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise ValueError(
-            f"ids must be a 1-D sequence of integers, got shape {arr.shape} "
-            f"and dtype {arr.dtype}"
-        )
+        raise ValueError(f"ids must be a 1-D sequence of integers, got shape {arr.shape} and dtype {arr.dtype}")
     low, high = int(arr.min()), int(arr.max())
     if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}), got values in [{low}, {high}]"
-        )
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{low}, {high}]")
     return arr.astype("<u4").tobytes().decode("utf-32-le")
 
 
@@ -116,9 +114,7 @@ def count_ngrams(s: str, max_order: int) -> tuple[list[Counter], list[Counter]]:
     top = min(max_order, n_tokens)
     if top > 0:
         starts = range(n_tokens - top + 1)
-        raw[top - 1] = Counter(
-            map(s.__getitem__, map(slice, starts, range(top, n_tokens + 1)))
-        )
+        raw[top - 1] = Counter(map(s.__getitem__, map(slice, starts, range(top, n_tokens + 1))))
     for k in range(top - 1, 0, -1):
         # Every k-gram occurrence but the text's last one is the prefix of exactly one
         # (k+1)-gram occurrence.
@@ -172,9 +168,7 @@ class _Level:
         )
 
 
-def _interpolate(
-    level: _Level, k: int, s: str, lo: int, hi: int, p_lower: np.ndarray
-) -> np.ndarray:
+def _interpolate(level: _Level, k: int, s: str, lo: int, hi: int, p_lower: np.ndarray) -> np.ndarray:
     """P_k(s[i] | s[i-k+1:i]) for the positions i in [lo, hi), shape (hi - lo,).
 
     `p_lower` holds P_{k-1} at the same positions. Vectorised over positions: the
@@ -187,18 +181,14 @@ def _interpolate(
     starts = range(first - k + 1, hi - k + 1)
     contexts = map(s.__getitem__, map(slice, starts, range(first, hi)))
     grams = map(s.__getitem__, map(slice, starts, range(first + 1, hi + 1)))
-    rows = np.fromiter(
-        map(level.context_index.get, contexts, repeat(-1)), np.int64, hi - first
-    )
+    rows = np.fromiter(map(level.context_index.get, contexts, repeat(-1)), np.int64, hi - first)
     counts = np.fromiter(map(level.counts.get, grams, repeat(0)), np.float64, hi - first)
     seen = rows >= 0  # unseen contexts keep P_{k-1}
     rows = rows[seen]
     at = np.flatnonzero(seen) + (first - lo)
     d = level.discount
     # The interpolated KN equation of the module docstring.
-    p[at] = (
-        np.maximum(counts[seen] - d, 0.0) + d * level.n_types[rows] * p_lower[at]
-    ) / level.totals[rows]
+    p[at] = (np.maximum(counts[seen] - d, 0.0) + d * level.n_types[rows] * p_lower[at]) / level.totals[rows]
     return p
 
 
@@ -218,10 +208,7 @@ class KneserNey:
         if order < 1:
             raise ValueError(f"order must be >= 1, got {order}")
         if not 1 <= vocab_size <= MAX_VOCAB_SIZE:
-            raise ValueError(
-                f"vocab_size must lie in [1, {MAX_VOCAB_SIZE}] (ids become "
-                f"characters), got {vocab_size}"
-            )
+            raise ValueError(f"vocab_size must lie in [1, {MAX_VOCAB_SIZE}] (ids become characters), got {vocab_size}")
         self.order = order
         self.vocab_size = vocab_size
 
@@ -233,19 +220,17 @@ class KneserNey:
         counts = cont + [raw[-1]]
         return self._set_counts(counts, [kn_discount(c) for c in counts])
 
-    def _set_counts(
-        self, counts: list[dict[str, int]], discounts: list[float]
-    ) -> KneserNey:
+    def _set_counts(self, counts: list[dict[str, int]], discounts: list[float]) -> KneserNey:
         self.counts_ = counts
         self.discounts_ = np.asarray(discounts, dtype=np.float64)
-        self._levels = [_Level.from_counts(c, d) for c, d in zip(counts, discounts)]
+        self._levels = [_Level.from_counts(c, d) for c, d in zip(counts, discounts, strict=True)]
+        self._alphabet = [chr(i) for i in range(self.vocab_size)]  # every id as a one-char string
         return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "_levels"):
             raise RuntimeError(
-                "this KneserNey model is not fitted: call fit(ids) or "
-                "KneserNey.from_state_dict(state) first"
+                "this KneserNey model is not fitted: call fit(ids) or KneserNey.from_state_dict(state) first"
             )
 
     def _history(self, context: Sequence[int] | np.ndarray) -> str:
@@ -277,7 +262,6 @@ class KneserNey:
         """Log-probabilities of every next id, shape (vocab_size,), float64."""
         self._check_fitted()
         history = self._history(context)
-        alphabet = [chr(i) for i in range(self.vocab_size)]
         p = np.full(self.vocab_size, 1.0 / self.vocab_size)  # P_0
         for k, level in enumerate(self._levels, start=1):
             if len(history) < k - 1:
@@ -286,19 +270,13 @@ class KneserNey:
             row = level.context_index.get(h)
             if row is None:
                 continue
-            grams = [h + w for w in alphabet]
-            counts = np.fromiter(
-                map(level.counts.get, grams, repeat(0)), np.float64, self.vocab_size
-            )
+            grams = [h + w for w in self._alphabet]
+            counts = np.fromiter(map(level.counts.get, grams, repeat(0)), np.float64, self.vocab_size)
             d = level.discount
-            p = (np.maximum(counts - d, 0.0) + d * level.n_types[row] * p) / (
-                level.totals[row]
-            )
+            p = (np.maximum(counts - d, 0.0) + d * level.n_types[row] * p) / level.totals[row]
         return np.log(p)
 
-    def nll(
-        self, ids: Sequence[int] | np.ndarray, context: Sequence[int] | np.ndarray = ()
-    ) -> float:
+    def nll(self, ids: Sequence[int] | np.ndarray, context: Sequence[int] | np.ndarray = ()) -> float:
         """Total negative log-likelihood in nats: -sum_i log P(ids[i] | context + ids[:i]).
 
         Fast path: only the observed token's probability, vectorised over positions.
@@ -333,14 +311,18 @@ class KneserNey:
         for k, counts in enumerate(self.counts_, start=1):
             grams = str_to_ids("".join(counts)).astype(np.int32).reshape(-1, k)
             state[f"grams.{k}"] = torch.from_numpy(grams)
-            state[f"counts.{k}"] = torch.from_numpy(
-                np.fromiter(counts.values(), np.int64, len(counts))
-            )
+            state[f"counts.{k}"] = torch.from_numpy(np.fromiter(counts.values(), np.int64, len(counts)))
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> KneserNey:
+        if not {"order", "vocab_size", "discounts"} <= set(state):
+            raise ValueError(f"not a KneserNey state dict: keys are {sorted(state)}")
         model = cls(int(state["order"].item()), int(state["vocab_size"].item()))
+        missing = [f"{name}.{k}" for k in range(1, model.order + 1) for name in ("grams", "counts")]
+        missing = [key for key in missing if key not in state]
+        if missing:
+            raise ValueError(f"KneserNey state dict of order {model.order} lacks {', '.join(missing)}")
         counts = []
         for k in range(1, model.order + 1):
             text = ids_to_str(state[f"grams.{k}"].numpy().reshape(-1), model.vocab_size)
@@ -374,9 +356,9 @@ def select_order(
     s = ids_to_str(ids, vocab_size)
     cut = round(len(s) * (1.0 - tail_fraction))
     if cut < 1 or cut >= len(s):
-        raise ValueError(
-            f"{len(s)} ids are too few to hold out a tail of {tail_fraction:.0%} "
-            "for order selection"
+        raise UserError(
+            f"{len(s)} training tokens are too few to hold out a tail of {tail_fraction:.0%} for choosing "
+            "the n-gram order (set the order with --set order=N)"
         )
     raw, cont = count_ngrams(s[:cut], max_order)
     raw_levels = [_Level.from_counts(c, kn_discount(c)) for c in raw]
@@ -452,7 +434,7 @@ class NGramLM(PreTrainedModel, GenerationMixin):
         mask = [[1] * length] * batch if attention_mask is None else attention_mask.tolist()
         logits = np.empty((batch, len(positions), self.config.vocab_size), np.float32)
         for b in range(batch):
-            kept = [token for token, keep in zip(ids[b], mask[b]) if keep]
+            kept = [token for token, keep in zip(ids[b], mask[b], strict=True) if keep]
             n_kept = np.cumsum(mask[b])  # (T,) unmasked ids up to and including t
             for j, t in enumerate(positions):
                 logits[b, j] = self.kn.next_logprobs(kept[: n_kept[t]])
@@ -498,23 +480,21 @@ def build_from_ids(
     vocab_size: int,
     config: NGramConfig,
     eot_id: int,
-    unk_id: int,
+    unk_id: int | None,
 ) -> tuple[NGramLM, dict]:
     """Select the order on the tail of train_ids (when config.order == 0), then fit on
     all of them. Returns the model and {"order": n, "tail_nats_per_token": {...}}.
 
-    unk_id needs no special treatment: the uniform P_0 gives it, like every id, P > 0.
+    unk_id is only checked: the uniform P_0 gives it, like every id, P > 0.
     """
     for name, token in (("eot_id", eot_id), ("unk_id", unk_id)):
-        if not 0 <= token < vocab_size:
+        if token is not None and not 0 <= token < vocab_size:
             raise ValueError(f"{name} must lie in [0, {vocab_size}), got {token}")
     if config.order < 0:
         raise ValueError(f"order must be >= 0 (0 = select it), got {config.order}")
     order, tail_nats = config.order, {}
     if order == 0:
-        order, tail_nats = select_order(
-            train_ids, vocab_size, config.max_order, config.tail_fraction
-        )
+        order, tail_nats = select_order(train_ids, vocab_size, config.max_order, config.tail_fraction)
     model = NGramLM(NGramHFConfig(vocab_size=vocab_size, order=order))
     model.kn.fit(train_ids)
     model.generation_config = GenerationConfig(

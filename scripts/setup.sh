@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up AIGC Studio in ./.venv: a virtual environment, the CPU build of PyTorch, the package.
+#   scripts/setup.sh            package + test tools
+#   scripts/setup.sh --corpora  also the Debian packages with the named corpora (fortunes, fortunes-zh)
+# AIGC_TORCH chooses the torch requirement (default torch==2.13.0, the CPU build on this machine kind;
+# on a CUDA machine use e.g. AIGC_TORCH=torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--corpora" ]; then
+    if [ ! -f /usr/share/games/fortunes/tang300 ] || [ ! -f /usr/share/games/fortunes/zippy ]; then
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        echo "installing the Debian packages fortunes and fortunes-zh (the named corpora)..." >&2
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes fortunes-zh >/dev/null
+    fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    echo "creating the virtual environment .venv..." >&2
+    "$PYTHON" -m venv .venv
+fi
+echo "installing PyTorch (${AIGC_TORCH:-torch==2.13.0}) and the aigc package..." >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check "${AIGC_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"

@@ -1,0 +1,106 @@
+"""Shared fixtures: a private AIGC_HOME per test, no network, and small corpora the tests make."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from aigc.config import build
+from aigc.models import FAMILIES
+from aigc.runs import sections_for
+
+TINY_SETS = {
+    "ngram": {"max_order": "4"},
+    "rnn": {"cell": "gru", "n_layer": "1", "n_hidden": "32", "n_embd": "16", "dropout": "0.0",
+            "block_size": "16", "batch_size": "4", "warmup_steps": "2", "eval_interval": "4",
+            "eval_batches": "2", "log_interval": "2", "dtype": "fp32"},
+    "gpt": {"n_layer": "1", "n_head": "2", "n_embd": "16", "n_positions": "64", "embd_pdrop": "0.0",
+            "attn_pdrop": "0.0", "resid_pdrop": "0.0", "block_size": "16", "batch_size": "4",
+            "warmup_steps": "2", "eval_interval": "4", "eval_batches": "2", "log_interval": "2",
+            "dtype": "fp32"},
+}
+
+
+class NetworkBlocked(RuntimeError):
+    pass
+
+
+def _is_loopback(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(address, (str, bytes)) and not isinstance(address, tuple):
+        return True  # AF_UNIX path
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with non-loopback connections refused: nothing may phone home."""
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def guarded_connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+            raise NetworkBlocked(f"network access in a test: {address}")
+        return real_connect(self, address)
+
+    def guarded_connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+            raise NetworkBlocked(f"network access in a test: {address}")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def aigc_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("AIGC_HOME", str(home))
+    return home
+
+
+def make_poems(n_poems: int = 40, seed: int = 0) -> list[str]:
+    """Five-character quatrains over a small Chinese alphabet, with a title line: a corpus whose
+    shape (line length, punctuation) a tiny model can learn in a few steps."""
+    rng = random.Random(seed)
+    alphabet = "春江花月夜山水风云雨雪天地人心日长秋白明光"
+    poems = []
+    for i in range(n_poems):
+        lines = ["".join(rng.choice(alphabet) for _ in range(5)) + ("，" if j % 2 == 0 else "。")
+                 for j in range(4)]
+        poems.append(f"《诗{i}》\n" + "\n".join(lines))
+    return poems
+
+
+@pytest.fixture
+def poems_file(tmp_path):
+    """A fortune-format file (entries split by '%' lines) of small poems, plus some ASCII."""
+    path = tmp_path / "poems.txt"
+    docs = make_poems()
+    docs[3] += "\nHello, world!"
+    path.write_text("\n%\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def make_model(family: str, ids: np.ndarray, tokenizer):
+    fam = FAMILIES[family]
+    configs = build(sections_for(family), TINY_SETS[family], family=family)
+    if fam.trainer == "counts":
+        from aigc.models import ngram
+
+        model, _ = ngram.build_from_ids(ids, tokenizer.vocab_size, configs["model"], tokenizer.eot_id,
+                                        tokenizer.unk_id)
+        return model
+    torch.manual_seed(0)
+    return fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
