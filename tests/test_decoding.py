@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_poems
 
 from aigc.data.tokenizer import train_char
 from aigc.sample import GenerateSettings, LoadedModel, generate
+from conftest import make_model, make_poems
 
 FAMILIES = ["ngram", "rnn", "gpt"]
 
@@ -68,7 +68,7 @@ def test_beam_search_returns_the_top_beams(loaded):
 
 
 def _bigrams(ids: list[int]) -> list[tuple[int, int]]:
-    return list(zip(ids, ids[1:]))
+    return list(zip(ids, ids[1:], strict=False))
 
 
 def test_no_repeat_ngram_size_forbids_repeats(vocab):

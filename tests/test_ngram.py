@@ -116,7 +116,8 @@ def test_hand_worked_abracadabra():
     # final a is followed by nothing), N1+(a .) = 3.
     p_b_given_a = (max(2 - 0.4, 0) + 0.4 * 3 * p1_b) / 4
     bigram = KneserNey(2, V).fit(ids)
-    assert bigram.discounts_.tolist() == pytest.approx([1.0, 0.4])
+    assert bigram.cont_discounts_.tolist() == pytest.approx([1.0])
+    assert bigram.raw_discounts_[-1] == pytest.approx(0.4)
     assert math.exp(bigram.logprob(b, [a])) == pytest.approx(p_b_given_a, rel=1e-12)
 
     # Order-3 model, top level raw trigram counts: abr 2, bra 2, rac 1, aca 1, cad 1, ada 1,
@@ -132,11 +133,19 @@ def test_hand_worked_abracadabra():
     p2_c_given_a = (max(1 - 1, 0) + 1 * 3 * p1_c) / 3
     p_c_given_ra = (max(1 - d3, 0) + d3 * 1 * p2_c_given_a) / 1
     trigram = KneserNey(3, V).fit(ids)
-    assert trigram.discounts_.tolist() == pytest.approx([1.0, 1.0, d3])
+    assert trigram.cont_discounts_.tolist() == pytest.approx([1.0, 1.0])
+    assert trigram.raw_discounts_[-1] == pytest.approx(d3)
     assert math.exp(trigram.logprob(a, [b, r])) == pytest.approx(p_a_given_br, rel=1e-12)
     assert math.exp(trigram.logprob(c, [r, a])) == pytest.approx(p_c_given_ra, rel=1e-12)
     # An id never seen anywhere gets only the uniform share that trickles down.
     assert math.exp(trigram.logprob(7, [b, r])) == pytest.approx(d3 * 1 * (1 * 1 * (5 / V / 7) / 1) / 2)
+
+    # Short histories use the model of the order they allow, whose top level has raw counts:
+    # one id of history -> the order-2 model above; none -> raw unigrams a 5, b 2, r 2, c 1, d 1
+    # (n1 = 2, n2 = 2, D = 1/3; total 11; 5 types).
+    assert trigram.logprob(b, [a]) == pytest.approx(math.log(p_b_given_a), rel=1e-12)
+    p_a = (max(5 - 1 / 3, 0) + (1 / 3) * 5 * (1 / V)) / 11
+    assert math.exp(trigram.logprob(a, [])) == pytest.approx(p_a, rel=1e-12)
 
 
 def test_select_order_finds_an_order_3_source():
@@ -152,6 +161,14 @@ def test_select_order_finds_an_order_3_source():
     for order, value in nats.items():
         refit = KneserNey(order, vocab_size).fit(ids[:cut]).nll(ids[cut:], context=ids[:cut])
         assert value == pytest.approx(refit / (len(ids) - cut), rel=1e-10)
+
+
+def test_select_order_when_histories_are_shorter_than_the_order():
+    ids = np.array([0, 1, 2, 1, 0, 2, 2, 3])
+    _, nats = select_order(ids, 4, max_order=7, tail_fraction=0.5)  # fit on 4 ids, score 4
+    for order, value in nats.items():
+        refit = KneserNey(order, 4).fit(ids[:4]).nll(ids[4:], context=ids[:4])
+        assert value == pytest.approx(refit / 4, rel=1e-12)
 
 
 def test_beats_uniform_and_add_one_on_held_out_text(english):
@@ -181,8 +198,9 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, english):
     save_file(kn.state_dict(), tmp_path / "kn.safetensors")
     loaded = KneserNey.from_state_dict(load_file(tmp_path / "kn.safetensors"))
     assert (loaded.order, loaded.vocab_size) == (4, vocab_size)
-    assert loaded.counts_ == kn.counts_
-    np.testing.assert_array_equal(loaded.discounts_, kn.discounts_)
+    assert loaded.counts_ == kn.counts_ and loaded.tail_ == kn.tail_
+    np.testing.assert_array_equal(loaded.raw_discounts_, kn.raw_discounts_)
+    np.testing.assert_array_equal(loaded.cont_discounts_, kn.cont_discounts_)
     for start in range(50_000, 60_000, 500):
         context = ids[start - 5 : start]
         np.testing.assert_array_equal(loaded.next_logprobs(context), kn.next_logprobs(context))
@@ -215,7 +233,7 @@ def test_build_from_ids_selects_the_order_and_sets_generation():
     gc = model.generation_config
     assert (gc.bos_token_id, gc.eos_token_id, gc.pad_token_id, gc.use_cache) == (EOT, EOT, EOT, False)
     # Fitted on all the ids, not only the part before the tail.
-    assert model.kn.counts_[-1] == KneserNey(info["order"], vocab_size).fit(ids).counts_[-1]
+    assert model.kn.counts_ == KneserNey(info["order"], vocab_size).fit(ids).counts_
 
 
 def test_greedy_generate_is_argmax_chaining(english_model, english):
@@ -271,6 +289,9 @@ def test_generation_stops_at_eot():
     model, _ = build_from_ids(ids, vocab_size, NGramConfig(order=3), eot_id=EOT, unk_id=UNK)
     prompt = torch.tensor([[EOT, 2, 3]])
     out = model.generate(prompt, max_new_tokens=30, do_sample=False)
+    assert out[0].tolist() == [EOT, 2, 3, 4, 4, 3, EOT]
+    # A new document: the history is the lone <eot>, scored with raw bigram counts.
+    out = model.generate(torch.tensor([[EOT]]), max_new_tokens=30, do_sample=False)
     assert out[0].tolist() == [EOT, 2, 3, 4, 4, 3, EOT]
     torch.manual_seed(0)
     sampled = model.generate(prompt, max_new_tokens=30, do_sample=True, num_return_sequences=4)

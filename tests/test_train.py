@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SETS, make_model, make_poems
 from safetensors.torch import load_file
 
 from aigc.config import TrainConfig
@@ -23,6 +22,7 @@ from aigc.errors import UserError
 from aigc.runs import train
 from aigc.sample import load_run
 from aigc.train import lm_loss, lr_at, stream_nll
+from conftest import TINY_SETS, make_model, make_poems
 
 RESUME_SETS = {**TINY_SETS["gpt"], "eval_interval": "50", "log_interval": "1"}
 RESUME_STEPS = 300

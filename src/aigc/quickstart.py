@@ -29,8 +29,9 @@ def run(*, data: str = "tang300", max_minutes: float = 3.0, max_steps: int | Non
 
     say("2/3 writing poems (aigc generate):")
     loaded = load_run(str(run_dir))
+    length = min(80, (loaded.max_context or 10**6) - 2)
     for i, prompt in enumerate(PROMPTS):
-        samples, _ = generate(loaded, GenerateSettings(prompt=prompt, seed=i, max_new_tokens=80,
+        samples, _ = generate(loaded, GenerateSettings(prompt=prompt, seed=i, max_new_tokens=length,
                                                        temperature=0.8))
         say(f"--- poem {i + 1}" + (f" (prompt {prompt!r})" if prompt else ""))
         say(samples[0].strip())

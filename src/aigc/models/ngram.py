@@ -3,42 +3,43 @@
 Reads top to bottom:
 
 1. ``NGramConfig``: the user-facing settings.
-2. Counting: the ids become a Python ``str`` (one character ``chr(id)`` per id), so
-   n-grams are substrings, counts are ``collections.Counter`` objects and contexts are
-   string keys.
+2. Counting: the ids become a Python ``str`` (one character ``chr(id)`` per id), so n-grams are
+   substrings, counts are ``collections.Counter`` objects and contexts are string keys.
 3. ``KneserNey``: the estimator (fit, scoring, state dict).
 4. ``select_order``: choose n on the tail of the training ids, counting only once.
-5. ``NGramLM``: a transformers ``PreTrainedModel`` + ``GenerationMixin`` adapter, so
-   every decoding strategy of ``generate`` (greedy, sampling, top-k/p, beam search, ...)
-   works unchanged.
+5. ``NGramLM``: a transformers ``PreTrainedModel`` + ``GenerationMixin`` adapter, so every decoding
+   strategy of ``generate`` (greedy, sampling, top-k/p, beam search, ...) works unchanged.
 6. ``build_from_ids``: select the order, fit, set the generation config.
 
-The model is interpolated Kneser-Ney (Chen & Goodman 1998, "An empirical study of
-smoothing techniques for language modeling") with one absolute discount per order. For a
-k-gram ``h w`` whose context ``h`` has k - 1 tokens, and ``h'`` = ``h`` without its first
-token::
+The model is interpolated Kneser-Ney (Chen & Goodman 1998, "An empirical study of smoothing
+techniques for language modeling") with one absolute discount per level. For a k-gram ``h w`` whose
+context ``h`` has k - 1 ids, and ``h'`` = ``h`` without its first id::
 
-    P_k(w | h) = (max(c_k(h w) - D_k, 0) + D_k * N1+(h .) * P_{k-1}(w | h'))
-                 / sum_v c_k(h v)
+    P_k(w | h) = (max(c_k(h w) - D_k, 0) + D_k * N1+(h .) * P_{k-1}(w | h')) / sum_v c_k(h v)
     P_0(w)     = 1 / V          (uniform: every id, <unk> included, gets P > 0)
 
-- ``c_n`` (top order n) are raw counts; below it, ``c_k(g) = N1+(. g)`` is the
-  continuation count: the number of distinct tokens seen just before ``g``.
+- At the top level c_k are raw counts c(h w); at the levels below it they are continuation counts
+  ``N1+(. h w)``, the number of distinct ids seen just before ``h w``.
 - ``N1+(h .)`` is the number of distinct w with ``c_k(h w) > 0``.
-- A context without counts at level k (``sum_v c_k(h v) = 0``), or a history shorter
-  than k - 1 tokens, backs off entirely: ``P_k(w | h) = P_{k-1}(w | h')``.
-- ``D_k = n1 / (n1 + 2 n2)`` (Ney, Essen & Kneser 1994), where ``n_r`` is the number of
-  k-grams with ``c_k = r`` (count-of-counts of the counts that level uses).
+- A context without counts at level k (``sum_v c_k(h v) = 0``) backs off entirely:
+  ``P_k(w | h) = P_{k-1}(w | h')``.
+- ``D_k = n1 / (n1 + 2 n2)`` (Ney, Essen & Kneser 1994), where ``n_r`` is the number of k-grams with
+  ``c_k = r``, counted on the counts that level uses.
 
-The training ids are one continuous stream; document boundaries are ordinary tokens
-(the project's end-of-text id).
+The order-m model is therefore "continuation levels 1..m-1 under the raw level m". A history of
+L < n - 1 ids (the start of a text, or a short prompt) is scored by the order-(L+1) model: its top
+level holds raw counts, which estimate P(w | h) averaged over whatever came before h, whereas
+continuation counts only make sense under a higher level.
+
+The training ids are one continuous stream; document boundaries are ordinary ids (the project's
+end-of-text id), so a document start is the history "<eot>" and gets raw bigram counts.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
@@ -52,14 +53,14 @@ from transformers.modeling_outputs import CausalLMOutput
 from aigc.config import option
 from aigc.errors import UserError
 
-# Ids become characters with chr(id). 0xD800 starts the UTF-16 surrogates, which the
-# UTF-32 codec used to convert ids <-> str rejects.
+# Ids become characters with chr(id). 0xD800 starts the UTF-16 surrogates, which the UTF-32 codec
+# used to convert ids <-> str rejects.
 MAX_VOCAB_SIZE = 0xD800
-# Positions scored per vectorised pass (nll, select_order): bounds the temporary lists
-# of n-gram strings, roughly 100 bytes per position and order.
+# Positions scored per vectorised pass (nll, select_order): bounds the temporary lists of n-gram
+# strings, roughly 100 bytes per position and level.
 CHUNK = 1 << 18
-# D_k when a level has no singletons: n1 = 0 would give D_k = 0 and hence P = 0 for
-# unseen tokens. 0.5 is KenLM's --discount_fallback value for D_1.
+# D_k when a level has no singletons: n1 = 0 would give D_k = 0 and hence P = 0 for unseen ids.
+# 0.5 is KenLM's --discount_fallback value for D_1.
 FALLBACK_DISCOUNT = 0.5
 
 
@@ -80,7 +81,7 @@ class NGramConfig:
     )
 
 
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Counting
 
 
@@ -102,53 +103,54 @@ def str_to_ids(s: str) -> np.ndarray:
     return np.frombuffer(s.encode("utf-32-le"), dtype="<u4").astype(np.int64)
 
 
-def count_ngrams(s: str, max_order: int) -> tuple[list[Counter], list[Counter]]:
-    """Raw counts ``raw[k-1][g] = c(g)`` for k = 1..max_order and continuation counts
-    ``cont[k-1][g] = N1+(. g)`` for k = 1..max_order-1.
+def count_ngrams(s: str, n: int) -> Counter:
+    """c(g) for every n-gram g of s (substrings of length n): the only counts a model stores."""
+    starts = range(len(s) - n + 1)
+    return Counter(map(s.__getitem__, map(slice, starts, range(n, len(s) + 1))))
 
-    Only the top order is counted by slicing the text; each lower order is aggregated
-    from the types one order above, which is far cheaper than rescanning the text.
+
+def derive_counts(top: dict[str, int], tail: str, n: int) -> tuple[list[dict[str, int]], list[dict[str, int]]]:
+    """All the counts of every level, from the n-gram counts and `tail`, the text's last n - 1 ids.
+
+    Returns raw[k-1][g] = c(g) for k = 1..n and cont[k-1][g] = N1+(. g) for k = 1..n-1, using
+      c(g) = sum_w c(g w) + [g ends the text]  (every k-gram occurrence but the text's last one is
+                                               the prefix of exactly one (k+1)-gram occurrence)
+      N1+(. g) = #{(k+1)-gram types x g}       (each adds one distinct left neighbour x)
+    which is far cheaper than rescanning the text once per order.
     """
-    n_tokens = len(s)
-    raw = [Counter() for _ in range(max_order)]
-    top = min(max_order, n_tokens)
-    if top > 0:
-        starts = range(n_tokens - top + 1)
-        raw[top - 1] = Counter(map(s.__getitem__, map(slice, starts, range(top, n_tokens + 1))))
-    for k in range(top - 1, 0, -1):
-        # Every k-gram occurrence but the text's last one is the prefix of exactly one
-        # (k+1)-gram occurrence.
+    raw: list[dict[str, int]] = [top]
+    for k in range(n - 1, 0, -1):
         counts = Counter()
-        for gram, c in raw[k].items():
+        for gram, c in raw[0].items():
             counts[gram[:-1]] += c
-        counts[s[n_tokens - k :]] += 1
-        raw[k - 1] = counts
-    # N1+(. g): each (k+1)-gram type "x g" adds one distinct left neighbour x to g.
-    cont = [Counter(gram[1:] for gram in raw[k]) for k in range(1, max_order)]
+        if k <= len(tail):  # the text has at least k ids
+            counts[tail[len(tail) - k :]] += 1
+        raw.insert(0, counts)
+    cont = [Counter(gram[1:] for gram in raw[k]) for k in range(1, n)]
     return raw, cont
 
 
 def kn_discount(counts: dict[str, int]) -> float:
     """D = n1 / (n1 + 2 n2) from the count-of-counts of one level."""
     n_r = Counter(counts.values())
-    n1, n2 = n_r[1], n_r[2]
-    if n1 == 0:
+    if n_r[1] == 0:
         return FALLBACK_DISCOUNT
-    return n1 / (n1 + 2 * n2)
+    return n_r[1] / (n_r[1] + 2 * n_r[2])
 
 
 @dataclass
 class _Level:
-    """Lookup tables of interpolation level k: k-grams and their (k-1)-token contexts."""
+    """Lookup tables of one interpolation level: k-grams and their (k-1)-id contexts."""
 
-    counts: dict[str, int]  # c_k(h w): raw counts at the top order, N1+(. h w) below
+    k: int  # gram length
+    counts: dict[str, int]  # c_k(h w): raw counts, or continuation counts N1+(. h w)
     discount: float  # D_k
     context_index: dict[str, int]  # context h -> its row in totals and n_types
     totals: np.ndarray  # (n_contexts,) float64: sum_v c_k(h v)
     n_types: np.ndarray  # (n_contexts,) float64: N1+(h .)
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int], discount: float) -> _Level:
+    def from_counts(cls, k: int, counts: dict[str, int]) -> _Level:
         context_index: dict[str, int] = {}
         totals: list[int] = []
         n_types: list[int] = []
@@ -160,22 +162,25 @@ class _Level:
             totals[row] += c
             n_types[row] += 1
         return cls(
+            k=k,
             counts=counts,
-            discount=discount,
+            discount=kn_discount(counts),
             context_index=context_index,
             totals=np.asarray(totals, dtype=np.float64),
             n_types=np.asarray(n_types, dtype=np.float64),
         )
 
 
-def _interpolate(level: _Level, k: int, s: str, lo: int, hi: int, p_lower: np.ndarray) -> np.ndarray:
+def _interpolate(level: _Level, s: str, lo: int, hi: int, p_lower: np.ndarray) -> np.ndarray:
     """P_k(s[i] | s[i-k+1:i]) for the positions i in [lo, hi), shape (hi - lo,).
 
-    `p_lower` holds P_{k-1} at the same positions. Vectorised over positions: the
-    string slices and dict look-ups run through map(), the arithmetic in numpy.
+    `p_lower` holds P_{k-1} at the same positions. Vectorised over positions: the string slices and
+    dict look-ups run through map(), the arithmetic in numpy. Positions with fewer than k - 1 ids of
+    history keep P_{k-1}; the callers score those separately.
     """
+    k = level.k
     p = p_lower.copy()
-    first = max(lo, k - 1)  # earlier positions lack k - 1 tokens of history
+    first = max(lo, k - 1)
     if first >= hi:
         return p
     starts = range(first - k + 1, hi - k + 1)
@@ -192,16 +197,17 @@ def _interpolate(level: _Level, k: int, s: str, lo: int, hi: int, p_lower: np.nd
     return p
 
 
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The estimator
 
 
 class KneserNey:
     """Interpolated Kneser-Ney n-gram model over the ids 0..vocab_size-1.
 
-    Pure estimator: ``fit(ids)`` returns self. Learned state: ``counts_``, one dict per
-    order k = 1..n (continuation counts below n, raw counts at n), and ``discounts_``,
-    D_1..D_n.
+    Pure estimator: ``fit(ids)`` returns self. Learned state: ``counts_`` (the n-gram counts) and
+    ``tail_`` (the last n - 1 training ids, as a string), from which every lower-order count
+    follows; and, derived from them, ``raw_discounts_`` (D_1..D_n of the raw levels) and
+    ``cont_discounts_`` (D_1..D_{n-1} of the continuation levels).
     """
 
     def __init__(self, order: int, vocab_size: int):
@@ -212,44 +218,48 @@ class KneserNey:
         self.order = order
         self.vocab_size = vocab_size
 
-    # -- fit ---------------------------------------------------------------------------
+    # -- fit -------------------------------------------------------------------------------------
 
     def fit(self, ids: Sequence[int] | np.ndarray) -> KneserNey:
-        """Count the n-grams of `ids` (one stream) and estimate a discount per order."""
-        raw, cont = count_ngrams(ids_to_str(ids, self.vocab_size), self.order)
-        counts = cont + [raw[-1]]
-        return self._set_counts(counts, [kn_discount(c) for c in counts])
+        """Count the n-grams of `ids` (one stream) and derive every level and discount."""
+        s = ids_to_str(ids, self.vocab_size)
+        return self._set_counts(count_ngrams(s, self.order), s[max(len(s) - self.order + 1, 0) :])
 
-    def _set_counts(self, counts: list[dict[str, int]], discounts: list[float]) -> KneserNey:
+    def _set_counts(self, counts: dict[str, int], tail: str) -> KneserNey:
         self.counts_ = counts
-        self.discounts_ = np.asarray(discounts, dtype=np.float64)
-        self._levels = [_Level.from_counts(c, d) for c, d in zip(counts, discounts, strict=True)]
+        self.tail_ = tail
+        raw, cont = derive_counts(counts, tail, self.order)
+        self._raw = [_Level.from_counts(k, c) for k, c in enumerate(raw, start=1)]  # levels 1..n
+        self._cont = [_Level.from_counts(k, c) for k, c in enumerate(cont, start=1)]  # levels 1..n-1
+        self.raw_discounts_ = np.array([level.discount for level in self._raw])
+        self.cont_discounts_ = np.array([level.discount for level in self._cont])
         self._alphabet = [chr(i) for i in range(self.vocab_size)]  # every id as a one-char string
         return self
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "_levels"):
-            raise RuntimeError(
-                "this KneserNey model is not fitted: call fit(ids) or KneserNey.from_state_dict(state) first"
-            )
+        if not hasattr(self, "_raw"):
+            raise RuntimeError("this KneserNey model is not fitted: call fit(ids) or KneserNey.from_state_dict(state)")
+
+    def _chain(self, history: str) -> list[_Level]:
+        """The levels that score the id after `history` (at most n - 1 ids), lowest first: the
+        order-(L+1) model for a history of L ids, continuation levels 1..L under raw level L+1."""
+        return self._cont[: len(history)] + [self._raw[len(history)]]
 
     def _history(self, context: Sequence[int] | np.ndarray) -> str:
-        """The last order - 1 ids of `context` as a string."""
-        keep = self.order - 1
-        return ids_to_str(np.asarray(context)[max(len(context) - keep, 0) :], self.vocab_size)
+        """The last n - 1 ids of `context` as a string."""
+        return ids_to_str(np.asarray(context)[max(len(context) - self.order + 1, 0) :], self.vocab_size)
 
-    # -- scoring -----------------------------------------------------------------------
+    # -- scoring ---------------------------------------------------------------------------------
 
     def logprob(self, token: int, context: Sequence[int] = ()) -> float:
-        """Natural log P(token | the last order - 1 ids of context)."""
+        """Natural log P(token | the last n - 1 ids of context)."""
         self._check_fitted()
-        history = self._history(context)
-        w = ids_to_str([token], self.vocab_size)
+        return self._logprob(self._history(context), ids_to_str([token], self.vocab_size))
+
+    def _logprob(self, history: str, w: str) -> float:
         p = 1.0 / self.vocab_size  # P_0
-        for k, level in enumerate(self._levels, start=1):
-            if len(history) < k - 1:
-                break
-            h = history[len(history) - k + 1 :]
+        for level in self._chain(history):
+            h = history[len(history) - level.k + 1 :]
             row = level.context_index.get(h)
             if row is None:
                 continue
@@ -263,10 +273,8 @@ class KneserNey:
         self._check_fitted()
         history = self._history(context)
         p = np.full(self.vocab_size, 1.0 / self.vocab_size)  # P_0
-        for k, level in enumerate(self._levels, start=1):
-            if len(history) < k - 1:
-                break
-            h = history[len(history) - k + 1 :]
+        for level in self._chain(history):
+            h = history[len(history) - level.k + 1 :]
             row = level.context_index.get(h)
             if row is None:
                 continue
@@ -279,7 +287,7 @@ class KneserNey:
     def nll(self, ids: Sequence[int] | np.ndarray, context: Sequence[int] | np.ndarray = ()) -> float:
         """Total negative log-likelihood in nats: -sum_i log P(ids[i] | context + ids[:i]).
 
-        Fast path: only the observed token's probability, vectorised over positions.
+        Fast path: only the observed id's probability, vectorised over positions.
         """
         self._check_fitted()
         history = ids_to_str(context, self.vocab_size)
@@ -287,51 +295,59 @@ class KneserNey:
         total = 0.0
         for lo in range(len(history), len(s), CHUNK):
             hi = min(lo + CHUNK, len(s))
-            p = np.full(hi - lo, 1.0 / self.vocab_size)  # P_0
-            for k, level in enumerate(self._levels, start=1):
-                p = _interpolate(level, k, s, lo, hi, p)
-            total -= float(np.log(p).sum())
+            total -= float(np.log(self._probs(s, lo, hi, [self.order])[self.order]).sum())
         return total
 
-    # -- state dict --------------------------------------------------------------------
+    def _probs(self, s: str, lo: int, hi: int, orders: Collection[int]) -> dict[int, np.ndarray]:
+        """{m: P(s[i] | s[:i]) for i in [lo, hi) under the order-m model}, for each m in `orders`.
+
+        1. Walk up the continuation levels once; after level m-1, raw level m on top gives the
+           order-m model, so one walk serves every order (select_order scores all of them).
+        2. Positions with fewer than m - 1 ids of history (the first ones of s) are scored one by
+           one with their own chain (order-(L+1) model), as `logprob` does.
+        """
+        top = max(orders)
+        out = {}
+        p = np.full(hi - lo, 1.0 / self.vocab_size)  # P_0
+        for m in range(1, top + 1):
+            if m in orders:
+                out[m] = _interpolate(self._raw[m - 1], s, lo, hi, p)
+                for i in range(lo, min(hi, m - 1)):
+                    out[m][i - lo] = math.exp(self._logprob(s[:i], s[i]))
+            if m < top:
+                p = _interpolate(self._cont[m - 1], s, lo, hi, p)
+        return out
+
+    # -- state dict ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain contiguous tensors, ready for ``safetensors.torch.save_file``.
-
-        Per order k: ``grams.k`` (n_grams, k) int32, the k-grams' ids, and ``counts.k``
-        (n_grams,) int64. Plus ``discounts`` (order,) float64, ``order`` and
-        ``vocab_size``.
-        """
+        """Plain contiguous tensors, ready for ``safetensors.torch.save_file``: ``grams`` (n_grams, n)
+        int32, the n-grams' ids; ``counts`` (n_grams,) int64; ``tail`` (<= n-1,) int32, the last
+        training ids; ``order`` and ``vocab_size``. Lower levels and discounts are re-derived."""
         self._check_fitted()
-        state = {
+        grams = str_to_ids("".join(self.counts_)).astype(np.int32).reshape(len(self.counts_), self.order)
+        return {
             "order": torch.tensor([self.order], dtype=torch.int64),
             "vocab_size": torch.tensor([self.vocab_size], dtype=torch.int64),
-            "discounts": torch.from_numpy(self.discounts_.copy()),
+            "grams": torch.from_numpy(grams),
+            "counts": torch.from_numpy(np.fromiter(self.counts_.values(), np.int64, len(self.counts_))),
+            "tail": torch.from_numpy(str_to_ids(self.tail_).astype(np.int32)),
         }
-        for k, counts in enumerate(self.counts_, start=1):
-            grams = str_to_ids("".join(counts)).astype(np.int32).reshape(-1, k)
-            state[f"grams.{k}"] = torch.from_numpy(grams)
-            state[f"counts.{k}"] = torch.from_numpy(np.fromiter(counts.values(), np.int64, len(counts)))
-        return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> KneserNey:
-        if not {"order", "vocab_size", "discounts"} <= set(state):
-            raise ValueError(f"not a KneserNey state dict: keys are {sorted(state)}")
+        expected = {"order", "vocab_size", "grams", "counts", "tail"}
+        if set(state) != expected:
+            raise ValueError(f"not a KneserNey state dict: keys {sorted(state)}, expected {sorted(expected)}")
         model = cls(int(state["order"].item()), int(state["vocab_size"].item()))
-        missing = [f"{name}.{k}" for k in range(1, model.order + 1) for name in ("grams", "counts")]
-        missing = [key for key in missing if key not in state]
-        if missing:
-            raise ValueError(f"KneserNey state dict of order {model.order} lacks {', '.join(missing)}")
-        counts = []
-        for k in range(1, model.order + 1):
-            text = ids_to_str(state[f"grams.{k}"].numpy().reshape(-1), model.vocab_size)
-            grams = [text[i : i + k] for i in range(0, len(text), k)]
-            counts.append(dict(zip(grams, state[f"counts.{k}"].tolist(), strict=True)))
-        return model._set_counts(counts, state["discounts"].tolist())
+        n = model.order
+        text = ids_to_str(state["grams"].numpy().reshape(-1), model.vocab_size)
+        grams = [text[i : i + n] for i in range(0, len(text), n)]
+        counts = dict(zip(grams, state["counts"].tolist(), strict=True))
+        return model._set_counts(counts, ids_to_str(state["tail"].numpy(), model.vocab_size))
 
 
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Order selection
 
 
@@ -341,13 +357,13 @@ def select_order(
     max_order: int,
     tail_fraction: float,
 ) -> tuple[int, dict[int, float]]:
-    """Choose n by the tail score of KN models of orders 1..max_order.
+    """Choose n by the tail score of the KN models of orders 1..max_order.
 
-    1. Count once, up to max_order, on the first (1 - tail_fraction) of `ids`.
-    2. Score the tail (its first ids take their history from the end of the fit part).
-       The order-m model is the continuation levels 1..m-1, shared by every m, under
-       the raw level m: one pass along the chain scores every order.
-    3. Return the best order (ties: the smaller) and {order: nats per token on tail}.
+    1. Fit one order-max_order model on the first (1 - tail_fraction) of `ids`: it holds the
+       levels of every lower-order model too, so counting happens once.
+    2. Score the tail under every order in one walk (its first ids take their history from the end
+       of the fit part).
+    3. Return the best order (ties: the smaller) and {order: nats per token on the tail}.
     """
     if max_order < 1:
         raise ValueError(f"max_order must be >= 1, got {max_order}")
@@ -360,19 +376,12 @@ def select_order(
             f"{len(s)} training tokens are too few to hold out a tail of {tail_fraction:.0%} for choosing "
             "the n-gram order (set the order with --set order=N)"
         )
-    raw, cont = count_ngrams(s[:cut], max_order)
-    raw_levels = [_Level.from_counts(c, kn_discount(c)) for c in raw]
-    cont_levels = [_Level.from_counts(c, kn_discount(c)) for c in cont]
-
-    total = dict.fromkeys(range(1, max_order + 1), 0.0)
+    kn = KneserNey(max_order, vocab_size).fit(np.asarray(ids)[:cut])
+    orders = range(1, max_order + 1)
+    total = dict.fromkeys(orders, 0.0)
     for lo in range(cut, len(s), CHUNK):
-        hi = min(lo + CHUNK, len(s))
-        p_cont = np.full(hi - lo, 1.0 / vocab_size)  # continuation chain, from P_0
-        for m in range(1, max_order + 1):
-            p_m = _interpolate(raw_levels[m - 1], m, s, lo, hi, p_cont)
-            total[m] -= float(np.log(p_m).sum())
-            if m < max_order:
-                p_cont = _interpolate(cont_levels[m - 1], m, s, lo, hi, p_cont)
+        for m, p in kn._probs(s, lo, min(lo + CHUNK, len(s)), orders).items():
+            total[m] -= float(np.log(p).sum())
     nats = {m: t / (len(s) - cut) for m, t in total.items()}
     best = min(nats, key=nats.get)  # the first minimum: ties go to the smaller order
     return best, nats
