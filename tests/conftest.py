@@ -63,9 +63,8 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def aigc_home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
+def aigc_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("aigc_home")
     monkeypatch.setenv("AIGC_HOME", str(home))
     return home
 

@@ -115,7 +115,7 @@ def copy_run(trained, family: str, home: Path, name: str) -> Path:
 # --- help -----------------------------------------------------------------------------------------
 
 COMMANDS = [["train"], ["generate"], ["eval"], ["runs"], ["data", "show"], ["quickstart"]]
-MISSING_EXAMPLES = [["data", "list"], ["data"], []]  # see the xfail below
+MISSING_EXAMPLES = [["data", "list"], ["data"], []]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -126,8 +126,6 @@ def test_help_has_examples(command):
     assert "Example" in result.stdout
 
 
-@pytest.mark.xfail(reason="BUG: `aigc data list --help`, `aigc data --help` and `aigc --help` show no "
-                          "example (the issue: every command has --help with examples)", strict=True)
 @pytest.mark.parametrize("command", MISSING_EXAMPLES, ids=lambda c: " ".join(c) or "aigc")
 def test_help_has_examples_groups_and_data_list(command):
     result = invoke(*command, "--help")
@@ -246,8 +244,6 @@ def test_train_resume_refuses_a_changed_request(trained, aigc_home, poems_file, 
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.xfail(reason="BUG: a failed --overwrite deletes the existing run before the new "
-                          "configuration is fully validated (block_size > n_positions)", strict=True)
 def test_train_overwrite_that_fails_keeps_the_old_run(trained, aigc_home, poems_file):
     run_dir = copy_run(trained, "gpt", aigc_home, "poet")
     before = snapshot(run_dir)
@@ -308,14 +304,10 @@ TRAIN_ERRORS = {
     "n_head does not divide n_embd": (["gpt", "{poems}", "--set", "n_head=3"], ["n_head"]),
 }
 # These fail with the right message, but only after the run directory was made: it stays behind.
-HALF_MADE = {"block_size too long for the data", "block_size beyond n_positions", "n_head does not divide n_embd"}
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(case, marks=pytest.mark.xfail(
-        reason="BUG: checks made after the run directory is created leave a half-made run "
-               "(status 'running') behind", strict=True)) if case in HALF_MADE else case
-    for case in TRAIN_ERRORS])
+    case for case in TRAIN_ERRORS])
 def test_train_user_errors(case, aigc_home, poems_file, tmp_path, monkeypatch):
     (tmp_path / "blank.txt").write_text("  \n\n\t \n", encoding="utf-8")
     (tmp_path / "bad.toml").write_text("lr = = 1\n", encoding="utf-8")
@@ -350,8 +342,6 @@ def test_train_jsonl_text_field_is_a_config_key(aigc_home, tmp_path):
     assert record["data"]["train"]["docs"] + record["data"]["val"]["docs"] == 10
 
 
-@pytest.mark.xfail(reason="BUG: a JSONL file without the text field says 'pick one with --text-field', "
-                          "a flag that does not exist; the key is --set text_field=NAME", strict=True)
 def test_train_jsonl_without_text_field_names_the_real_fix(aigc_home, tmp_path):
     result = invoke("train", "--family", "ngram", "--data", _jsonl_with_body(tmp_path), *tiny("ngram"))
     message = assert_user_error(result, "no field 'text'", "body")
@@ -412,8 +402,6 @@ def test_generate_greedy_ignores_the_seed(trained):
     assert generate_json(run_dir, "--temperature", 0, "--seed", 2)["samples"] == first
 
 
-@pytest.mark.xfail(reason="BUG: greedy decoding with -n > 1 leaks transformers' ValueError "
-                          "(num_return_sequences) instead of n samples or a clear error", strict=True)
 def test_generate_greedy_with_several_samples(trained):
     result = invoke("generate", trained["gpt"][1], "--temperature", 0, "-n", 2, "--max-new-tokens", 8,
                     "--json")
@@ -537,9 +525,6 @@ def test_eval_writes_eval_json_and_report(evaluated):
     assert "<html" in report.lower() and "val_bpc" in report
 
 
-@pytest.mark.xfail(reason="BUG: eval.json holds a 'validation' key that `aigc eval --json` does not "
-                          "print; the issue says eval writes the same object to <run>/eval.json",
-                   strict=True)
 def test_eval_json_file_is_the_same_object(evaluated):
     result, run_dir = evaluated
     assert json.loads((run_dir / "eval.json").read_text(encoding="utf-8")) == json.loads(result.stdout)
@@ -649,8 +634,6 @@ def test_data_show_named_corpus_not_installed(tmp_path, monkeypatch):
     assert_user_error(invoke("data", "show", "song100"), "song100", "fortunes-zh")
 
 
-@pytest.mark.xfail(reason="BUG: `aigc data show` on a one-line file fails with 'corpus too small to "
-                          "split; give --val-data' instead of showing its statistics", strict=True)
 def test_data_show_one_line_file(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text("hello\n", encoding="utf-8")
@@ -661,9 +644,6 @@ def test_data_show_one_line_file(tmp_path):
 
 # --- JSON output ----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="BUG: cli._emit_json writes NaN/Infinity (not JSON) for non-finite floats; "
-                          "json.dumps never calls `default` for floats, so _json_default's None is dead code",
-                   strict=True)
 def test_json_output_is_strict_json_for_non_finite_numbers(capsys):
     from aigc.cli import _emit_json
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import secrets
 import sys
@@ -19,11 +18,15 @@ import typer
 from typer.core import TyperCommand
 
 from aigc.errors import UserError
+from aigc.fsutil import json_safe
 
-app = typer.Typer(help="AIGC Studio: train, sample and evaluate generative models on your own data.",
+app = typer.Typer(help="AIGC Studio: train, sample and evaluate generative models on your own data.\n\n"
+                       "Examples:\n\n  aigc quickstart\n\n  aigc train --family gpt --data tang300 --name poet\n\n"
+                       "  aigc generate poet --prompt 春 -n 3\n\n  aigc eval poet",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
-data_app = typer.Typer(help="Named corpora and your own data files.", no_args_is_help=True)
+data_app = typer.Typer(help="Named corpora and your own data files.\n\nExamples:\n\n  aigc data list\n\n"
+                            "  aigc data show tang300", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -68,13 +71,7 @@ def _fail(message: str, code: int):
 
 
 def _emit_json(obj: dict) -> None:
-    print(json.dumps(obj, ensure_ascii=False, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return str(value)
+    print(json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, default=str))
 
 
 class TrainCommand(TyperCommand):
@@ -229,7 +226,7 @@ def eval_(
 
     result = evaluate_run(run)
     if json_out:
-        _emit_json({"run": result["run"], "metrics": result["metrics"], "samples": result["samples"]})
+        _emit_json(result)  # the same object as <run>/eval.json
         return
     for key, value in result["metrics"].items():
         print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
@@ -282,7 +279,12 @@ def runs(
 
 @data_app.command("list")
 def data_list():
-    """The named corpora and whether they are installed."""
+    """The named corpora and whether they are installed.
+
+    Example:
+
+      aigc data list
+    """
     from aigc.data.text import CORPORA, load_corpus
 
     print(f"{'name':<12} {'installed':<9} {'package':<12} description")
@@ -300,6 +302,7 @@ def data_list():
 @data_app.command("show")
 @user_errors
 def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path")],
+              text_field: Annotated[str, typer.Option(help="field holding the text in JSONL files")] = "text",
               json_out: Annotated[bool, typer.Option("--json")] = False):
     """Statistics and the start of a corpus, as the training would see it.
 
@@ -309,9 +312,12 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
     """
     from aigc.data.text import load_corpus, split_corpus
 
-    corpus = load_corpus(data)
+    corpus = load_corpus(data, text_field=text_field)
     chars = "".join(corpus.docs)
-    train_docs, val_docs = split_corpus(corpus) if corpus.n_chars > 1 else (list(corpus.docs), [])
+    try:
+        train_docs, val_docs = split_corpus(corpus)
+    except UserError:  # too small to split: still worth showing
+        train_docs, val_docs = list(corpus.docs), []
     info = {"source": corpus.source, "docs": len(corpus.docs), "chars": corpus.n_chars,
             "distinct_chars": len(set(chars)), "sha256": corpus.sha256,
             "train_chars": sum(map(len, train_docs)), "val_chars": sum(map(len, val_docs))}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from aigc import __version__
+from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import DataConfig, TrainConfig, build, read_toml, to_toml
 from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
@@ -98,6 +99,8 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     if name is not None and not _valid_name(name):
         raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'")
 
+    budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
+    header = {"family": family, "data": data, "aigc_version": __version__}
     if resume:
         run_dir = runs_dir() / name
         if not (run_dir / "run.json").is_file():
@@ -110,11 +113,16 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
         if record["data"]["train"]["source"] != _source_of(data):
             raise UserError(f"run {name!r} was trained on {record['data']['train']['source']}, not {data}")
-        values = read_toml(run_dir / "config.toml")
-        configs = build(sections_for(family), values, family=family)
+        configs = build(sections_for(family), read_toml(run_dir / "config.toml"), family=family)
         train_docs, val_docs = _load_split(record, configs["data"], run_dir)
         tokenizer = TextTokenizer.load(run_dir)
+        train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
+        if fam.trainer != "gradient":
+            raise UserError(f"--resume applies to gradient-trained families, not {family}")
+        model = fam.load(find_checkpoint(run_dir))
     else:
+        # Everything that can fail on the user's input happens before the run directory is
+        # touched: a failed request leaves no half-made run and never destroys an existing one.
         values = dict(read_toml(Path(config_file))) if config_file else {}
         values.update(sets)
         if init_from:
@@ -125,66 +133,31 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         configs = build(sections_for(family), values, family=family)
         if family == "ngram" and configs["data"].tokenizer != "char":
             raise UserError("the ngram family is a character model: tokenizer must be char")
+        final_dir = _claim_run_dir(family, data, name, overwrite)
         corpus = load_corpus(data, text_field=configs["data"].text_field)
         if val_data:
             train_docs = list(corpus.docs)
             val_docs = list(load_corpus(val_data, text_field=configs["data"].text_field).docs)
         else:
             train_docs, val_docs = split_corpus(corpus, configs["data"].val_fraction)
-        run_dir = _new_run_dir(family, data, name, overwrite)
-        try:
-            tokenizer = _make_tokenizer(configs["data"], train_docs, init_from)
-            tokenizer.save(run_dir)
-            _write_val(run_dir, val_docs)
-            record = _new_record(family, corpus, train_docs, val_docs, val_data, init_from)
-            write_json(run_dir / "run.json", record)
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-made is left behind
-            raise
-    budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
+        tokenizer = _make_tokenizer(configs["data"], train_docs, init_from)
+        train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
+        t0 = time.perf_counter()
+        model, fit = _build_model(fam, family, configs, tokenizer, train_ids, init_from)
+        if fam.trainer == "counts":
+            fit["train_time_s"] = time.perf_counter() - t0
+        record = _new_record(family, corpus, train_docs, val_docs, val_data, init_from)
+        run_dir = _commit_run_dir(final_dir, tokenizer, val_docs, record, to_toml(configs, header))
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes}
     record["status"] = "running"
     write_json(run_dir / "run.json", record)
-
-    train_ids = tokenizer.encode_docs(train_docs)
-    val_ids = tokenizer.encode_docs(val_docs)
     chars = n_scored_chars(val_docs)
-    header = {"family": family, "data": data, "aigc_version": __version__}
-    atomic_write_text(run_dir / "config.toml", to_toml(configs, header))
 
     if fam.trainer == "counts":
-        from aigc.models import ngram
-
-        t0 = time.perf_counter()
-        model, info = ngram.build_from_ids(train_ids, tokenizer.vocab_size, configs["model"],
-                                           tokenizer.eot_id, tokenizer.unk_id)
-        from aigc.checkpoint import save_model_files
-
         save_model_files(model, run_dir)
-        fit = {"order": info["order"], "tail_nats_per_token": info.get("tail_nats_per_token"),
-               "train_time_s": time.perf_counter() - t0, "steps": 0}
     else:
         from aigc.train import Budget, train_loop
 
-        if init_from:
-            model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id)
-            configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's
-            atomic_write_text(run_dir / "config.toml", to_toml(configs, header))
-        elif resume:
-            model = fam.load(run_dir / "checkpoints" / "last")
-        else:
-            import torch
-
-            torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
-            model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
-        if family == "gpt" and configs["train"].block_size > model.config.n_positions:
-            raise UserError(f"block_size {configs['train'].block_size} exceeds n_positions "
-                            f"{model.config.n_positions}")
-        train_ids_ok = len(train_ids) >= configs["train"].block_size + 2
-        if not train_ids_ok:
-            raise UserError(f"training split has {len(train_ids)} tokens; block_size "
-                            f"{configs['train'].block_size} needs at least {configs['train'].block_size + 2} "
-                            f"(lower it with --set block_size=N)")
         try:
             fit = train_loop(model, train_ids, val_ids, configs["train"], run_dir,
                              Budget(max_steps, budget_minutes), resume=resume,
@@ -305,7 +278,38 @@ def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str 
     return train_char(train_docs)
 
 
-def _new_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
+def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
+                 init_from: str | None) -> tuple[object, dict]:
+    """The model, checked against the data; the n-gram is fitted here (it has no training loop)."""
+    if fam.trainer == "counts":
+        from aigc.models import ngram
+
+        model, info = ngram.build_from_ids(train_ids, tokenizer.vocab_size, configs["model"],
+                                           tokenizer.eot_id, tokenizer.unk_id)
+        return model, {"order": info["order"], "tail_nats_per_token": info.get("tail_nats_per_token"),
+                       "steps": 0}
+    import torch
+
+    train_cfg = configs["train"]
+    if train_cfg.batch_size % train_cfg.grad_accum:
+        raise UserError(f"batch_size {train_cfg.batch_size} is not divisible by grad_accum {train_cfg.grad_accum}")
+    if len(train_ids) < train_cfg.block_size + 2:
+        raise UserError(f"training split has {len(train_ids)} tokens; block_size {train_cfg.block_size} "
+                        f"needs at least {train_cfg.block_size + 2} (lower it with --set block_size=N)")
+    if init_from:
+        model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id)
+        configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's
+    else:
+        torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
+        model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
+    n_positions = getattr(model.config, "n_positions", None)
+    if n_positions is not None and train_cfg.block_size > n_positions:
+        raise UserError(f"block_size {train_cfg.block_size} exceeds n_positions {n_positions}")
+    return model, {}
+
+
+def _claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
+    """The run's final path; an existing run there is an error unless --overwrite."""
     root = runs_dir()
     if name is None:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).name or "data").strip("-") or "data"
@@ -317,8 +321,26 @@ def _new_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> P
                             f"or --resume to continue it")
         if not (run_dir / "run.json").is_file():
             raise UserError(f"--overwrite: {run_dir} exists but is not a run directory; not deleting it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _commit_run_dir(run_dir: Path, tokenizer: TextTokenizer, val_docs: list[str], record: dict,
+                    config_toml: str) -> Path:
+    """Write the run's first files into a staging folder, then swap it into place (replacing an
+    old run only now, when the new one is known to be valid)."""
+    staging = run_dir.parent / f".staging-{run_dir.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer.save(staging)
+        _write_val(staging, val_docs)
+        write_json(staging / "run.json", record)
+        atomic_write_text(staging / "config.toml", config_toml)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        os.replace(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return run_dir
 
 

@@ -60,6 +60,9 @@ class GenerateSettings:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.temperature == 0 and self.num_beams == 1 and self.n > 1:
+            raise UserError(f"-n {self.n} with --temperature 0 would give {self.n} identical samples: sample "
+                            f"with a temperature > 0, or use --num-beams for several distinct best sequences")
         if self.num_beams > 1 and self.n > self.num_beams:
             raise UserError(f"-n {self.n} is more than --num-beams {self.num_beams}: beam search returns "
                             f"at most num_beams sequences")

@@ -174,6 +174,7 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
         optimizer.load_state_dict(load_optimizer_state(ckpt))
         step, elapsed = state["step"], state["elapsed_s"]
         best_val, best_step = state["best_val_loss"], state["best_step"]
+        best_val = math.inf if best_val is None else best_val  # JSON has no infinity: stored as null
         total_steps, estimated = state["total_steps"], state["schedule_estimated"]
         if budget.max_steps and not state["schedule_estimated"] and budget.max_steps != state["total_steps"]:
             total_steps = budget.max_steps

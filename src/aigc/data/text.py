@@ -244,7 +244,7 @@ def _load_jsonl(path: Path, text_field: str) -> list[str]:
         if text_field not in obj:
             raise UserError(
                 f"{path}: line {number} has no field '{text_field}' "
-                f"(fields: {', '.join(obj) or 'none'}); pick one with --text-field"
+                f"(fields: {', '.join(obj) or 'none'}); pick one with --set text_field=NAME"
             )
         value = obj[text_field]
         if not isinstance(value, str):
