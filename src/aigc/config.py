@@ -50,6 +50,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 = no clipping)", min=0.0)
     eval_interval: int = option(100, "evaluate on the validation split every N steps", min=1)
     eval_batches: int = option(8, "validation batches per periodic evaluation", min=1)
+    keep_best: bool = option(True, "the run root keeps the weights with the lowest validation loss "
+                                   "(false: the last weights)")
     log_interval: int = option(10, "write a metrics.jsonl line every N steps", min=1)
     seed: int = option(1337, "seed for initialisation, batches and dropout", min=0)
     dtype: str = option("auto", "auto: bf16 autocast where the hardware has it, else fp32",

@@ -9,17 +9,20 @@ from aigc.evaluate import evaluate_run
 from aigc.runs import train
 from aigc.sample import GenerateSettings, generate, load_run
 
-# A 4-layer GPT that fits 3 minutes on 2 CPU cores. Poems are short and the corpus is small
-# (~27 k characters), so the context is short and dropout high.
+# A 4-layer GPT sized for 4 minutes on 2 CPU cores. The corpus is tiny (~27 k characters), so the
+# validation loss is lowest after a few hundred steps, long before the model has learned the verse
+# form: the main job keeps the last weights (keep_best = false) and reports the validation score
+# honestly; `aigc eval` measures how much the poems copy from the training text.
 QUICKSTART_CONFIG = {
     "n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "128",
-    "embd_pdrop": "0.2", "attn_pdrop": "0.2", "resid_pdrop": "0.2",
-    "block_size": "96", "batch_size": "32", "lr": "2e-3", "warmup_steps": "30", "eval_interval": "50",
+    "embd_pdrop": "0.1", "attn_pdrop": "0.1", "resid_pdrop": "0.1",
+    "block_size": "64", "batch_size": "32", "lr": "2e-3", "warmup_steps": "30", "eval_interval": "100",
+    "keep_best": "false",
 }
 PROMPTS = ("", "", "春", "月")
 
 
-def run(*, data: str = "tang300", max_minutes: float = 3.0, max_steps: int | None = None,
+def run(*, data: str = "tang300", max_minutes: float = 4.0, max_steps: int | None = None,
         name: str = "quickstart", sets: dict[str, str] | None = None) -> dict:
     say = print  # the story goes to stdout: this command is for people
     say(f"1/3 training a small GPT on {data} ({max_minutes:g} minutes)...")

@@ -217,6 +217,7 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
     model.train()
     last_loss = math.nan
     t_window, steps_window = time.perf_counter(), 0
+    elapsed_at_2 = 0.0
     with _StopFlag() as stop:
         while True:
             if budget.max_steps is not None and step >= budget.max_steps:
@@ -253,9 +254,11 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower lr")
 
+            if step == 2:
+                elapsed_at_2 = elapsed  # the first steps are slow (allocation, warm-up): not timed
             if not estimated and step >= max(5, min(cfg.warmup_steps, 20)):
                 # time budget: schedule length = steps that fit in the budget at the rate seen so far
-                fit = step + int((budget.max_minutes * 60 - elapsed) / (elapsed / step))
+                fit = step + int((budget.max_minutes * 60 - elapsed) / ((elapsed - elapsed_at_2) / (step - 2)))
                 total_steps = min(budget.max_steps, fit) if budget.max_steps else max(step + 1, fit)
                 estimated = True
                 bar.total = total_steps
@@ -276,8 +279,8 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
                 else:
                     print(f"step {step}/{total_steps}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
                           f"{elapsed:.0f}s", file=sys.stderr)
-                if val_loss < best_val and accelerator.is_main_process:
-                    best_val, best_step = val_loss, step
+                if (val_loss < best_val or not cfg.keep_best) and accelerator.is_main_process:
+                    best_val, best_step = min(val_loss, best_val), step
                     save_model_files(accelerator.unwrap_model(model), run_dir)
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
