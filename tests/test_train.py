@@ -132,3 +132,11 @@ def test_val_bpc_is_total_bits_over_characters(poems_file):
     chars = sum(map(len, val)) + len(val) - 1
     assert metrics["val_chars"] == chars
     assert metrics["val_bpc"] == pytest.approx(metrics["val_loss"] * metrics["val_tokens"] / math.log(2) / chars)
+
+
+def test_keep_best_false_keeps_the_last_weights(poems_file):
+    run_dir, metrics = train("gpt", str(poems_file), name="last", max_steps=8,
+                             sets={**TINY_SETS["gpt"], "keep_best": "false"})
+    assert metrics["best_step"] == 8
+    root, last = _weights(run_dir), _weights(run_dir / "checkpoints" / "last")
+    assert all(torch.equal(root[k], last[k]) for k in root)
