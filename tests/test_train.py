@@ -140,3 +140,15 @@ def test_keep_best_false_keeps_the_last_weights(poems_file):
     assert metrics["best_step"] == 8
     root, last = _weights(run_dir), _weights(run_dir / "checkpoints" / "last")
     assert all(torch.equal(root[k], last[k]) for k in root)
+
+
+def test_dtype_auto_follows_the_family_on_cpu(monkeypatch):
+    from aigc import train as train_module
+
+    monkeypatch.setattr(train_module, "bf16_available", lambda: True)
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule does not apply on a GPU")
+    assert train_module.resolve_dtype("auto", cpu_bf16=True) == "bf16"
+    assert train_module.resolve_dtype("auto", cpu_bf16=False) == "fp32"
+    assert train_module.resolve_dtype("bf16", cpu_bf16=False) == "bf16"  # asked for explicitly
+    assert train_module.resolve_dtype("fp32", cpu_bf16=True) == "fp32"

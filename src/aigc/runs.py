@@ -161,7 +161,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         try:
             fit = train_loop(model, train_ids, val_ids, configs["train"], run_dir,
                              Budget(max_steps, budget_minutes), resume=resume,
-                             chars_per_val_token=chars / max(1, len(val_ids) - 1))
+                             chars_per_val_token=chars / max(1, len(val_ids) - 1), cpu_bf16=fam.cpu_bf16)
         except BaseException as e:
             record["status"] = "interrupted" if type(e).__name__ in ("Interrupted", "KeyboardInterrupt") \
                 else "failed"

@@ -50,8 +50,11 @@ def bf16_available() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_dtype(choice: str) -> str:
+def resolve_dtype(choice: str, cpu_bf16: bool = True) -> str:
+    """auto: bf16 autocast where the hardware has it and, on a CPU, where the family gains from it."""
     if choice == "auto":
+        if not torch.cuda.is_available() and not cpu_bf16:
+            return "fp32"
         return "bf16" if bf16_available() else "fp32"
     return choice
 
@@ -141,10 +144,11 @@ class _StopFlag:
 
 
 def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, run_dir: Path,
-               budget: Budget, *, resume: bool = False, chars_per_val_token: float = 1.0) -> dict:
+               budget: Budget, *, resume: bool = False, chars_per_val_token: float = 1.0,
+               cpu_bf16: bool = True) -> dict:
     """Train `model` in place; the run root ends holding the best weights. Returns final metrics."""
     run_dir = Path(run_dir)
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, cpu_bf16)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if dtype == "bf16" else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
