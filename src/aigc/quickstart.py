@@ -12,10 +12,11 @@ from aigc.sample import GenerateSettings, generate, load_run
 # A 4-layer GPT sized for 4 minutes on 2 CPU cores. The corpus is tiny (~27 k characters), so the
 # validation loss is lowest after a few hundred steps, long before the model has learned the verse
 # form: the main job keeps the last weights (keep_best = false) and reports the validation score
-# honestly; `aigc eval` measures how much the poems copy from the training text.
+# honestly; `aigc eval` measures how much the poems copy from the training text. Dropout 0.2 is the
+# measured middle: 0.1 recites training poems (novelty 0.33), 0.3 has not learned the line form yet.
 QUICKSTART_CONFIG = {
     "n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "128",
-    "embd_pdrop": "0.1", "attn_pdrop": "0.1", "resid_pdrop": "0.1",
+    "embd_pdrop": "0.2", "attn_pdrop": "0.2", "resid_pdrop": "0.2",
     "block_size": "64", "batch_size": "32", "lr": "2e-3", "warmup_steps": "30", "eval_interval": "100",
     "keep_best": "false",
 }
