@@ -152,3 +152,13 @@ def test_dtype_auto_follows_the_family_on_cpu(monkeypatch):
     assert train_module.resolve_dtype("auto", cpu_bf16=False) == "fp32"
     assert train_module.resolve_dtype("bf16", cpu_bf16=False) == "bf16"  # asked for explicitly
     assert train_module.resolve_dtype("fp32", cpu_bf16=True) == "fp32"
+
+
+def test_time_budget_estimates_and_records_the_schedule(poems_file):
+    run_dir, metrics = train("rnn", str(poems_file), name="timed", max_minutes=0.03, sets=TINY_SETS["rnn"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    estimates = [r["schedule_steps"] for r in records if "schedule_steps" in r]
+    assert estimates and metrics["schedule_steps"] == estimates[-1]
+    assert metrics["train_time_s"] >= 0.03 * 60  # it trained until the budget was spent
+    budget = json.loads((run_dir / "run.json").read_text())["budget"]
+    assert budget == {"max_steps": None, "max_minutes": 0.03}

@@ -260,8 +260,12 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
 
             if step == 2:
                 elapsed_at_2 = elapsed  # the first steps are slow (allocation, warm-up): not timed
-            if not estimated and step >= max(5, min(cfg.warmup_steps, 20)):
-                # time budget: schedule length = steps that fit in the budget at the rate seen so far
+            first_estimate = max(5, min(cfg.warmup_steps, 20))
+            if budget.max_minutes is not None and (
+                    (not estimated and step >= first_estimate)
+                    or (step > first_estimate and step % cfg.eval_interval == 0)):
+                # time budget: schedule length = steps that fit in the budget at the rate seen so far,
+                # first after warm-up, then refined at every evaluation (the rate settles later)
                 fit = step + int((budget.max_minutes * 60 - elapsed) / ((elapsed - elapsed_at_2) / (step - 2)))
                 total_steps = min(budget.max_steps, fit) if budget.max_steps else max(step + 1, fit)
                 estimated = True
