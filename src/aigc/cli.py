@@ -334,8 +334,8 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
 @user_errors
 def quickstart(
     data: Annotated[str, typer.Option(help="corpus to train on")] = "tang300",
-    max_minutes: Annotated[float, typer.Option(help="training budget")] = 4.0,
-    max_steps: Annotated[int | None, typer.Option(help="step budget (for quick checks)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="training-time budget instead of steps")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="step budget (default 2000, about 4 minutes)")] = None,
     name: Annotated[str, typer.Option(help="run name (replaced if it exists)")] = "quickstart",
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
 ):
