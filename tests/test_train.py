@@ -162,3 +162,39 @@ def test_time_budget_estimates_and_records_the_schedule(poems_file):
     assert metrics["train_time_s"] >= 0.03 * 60  # it trained until the budget was spent
     budget = json.loads((run_dir / "run.json").read_text())["budget"]
     assert budget == {"max_steps": None, "max_minutes": 0.03}
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(poems_file, monkeypatch):
+    import errno
+
+    from aigc import checkpoint
+
+    run_dir, _ = train("gpt", str(poems_file), name="disk", max_steps=4, sets=TINY_SETS["gpt"])
+    before = _weights(run_dir / "checkpoints" / "last")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch, pytest.raises(OSError, match="No space left"):
+        patch.setattr(checkpoint.torch, "save", full_disk)
+        train("gpt", str(poems_file), name="disk", resume=True, max_steps=8)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+    last = checkpoint.find_checkpoint(run_dir)  # still there, verified, and no temp folder left
+    assert all(torch.equal(before[k], v) for k, v in _weights(last).items())
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    _, metrics = train("gpt", str(poems_file), name="disk", resume=True, max_steps=8)  # and resumable
+    assert metrics["steps"] == 8
+
+
+def test_training_runs_off_the_main_thread(poems_file):
+    import threading
+
+    results = {}
+
+    def work():
+        results["out"] = train("rnn", str(poems_file), name="thread", max_steps=2, sets=TINY_SETS["rnn"])
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(60)
+    assert results["out"][1]["steps"] == 2

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ class _StopFlag:
         self._previous = None
 
     def __enter__(self):
-        if sys.platform != "win32":
+        # signal handlers can only be installed from the main thread (a server runs training elsewhere)
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
