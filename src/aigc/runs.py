@@ -111,14 +111,14 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         record = read_run(run_dir)
         if record["family"] != family:
             raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
+        if fam.trainer != "gradient":
+            raise UserError(f"--resume applies to gradient-trained families, not {family}")
         if record["data"]["train"]["source"] != _source_of(data):
             raise UserError(f"run {name!r} was trained on {record['data']['train']['source']}, not {data}")
         configs = build(sections_for(family), read_toml(run_dir / "config.toml"), family=family)
         train_docs, val_docs = _load_split(record, configs["data"], run_dir)
         tokenizer = TextTokenizer.load(run_dir)
         train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
-        if fam.trainer != "gradient":
-            raise UserError(f"--resume applies to gradient-trained families, not {family}")
         model = fam.load(find_checkpoint(run_dir))
     else:
         # Everything that can fail on the user's input happens before the run directory is
@@ -156,15 +156,14 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     if fam.trainer == "counts":
         save_model_files(model, run_dir)
     else:
-        from aigc.train import Budget, train_loop
+        from aigc.train import Budget, Interrupted, train_loop
 
         try:
             fit = train_loop(model, train_ids, val_ids, configs["train"], run_dir,
                              Budget(max_steps, budget_minutes), resume=resume,
                              chars_per_val_token=chars / max(1, len(val_ids) - 1), cpu_bf16=fam.cpu_bf16)
         except BaseException as e:
-            record["status"] = "interrupted" if type(e).__name__ in ("Interrupted", "KeyboardInterrupt") \
-                else "failed"
+            record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
             write_json(run_dir / "run.json", record)
             raise
         record["dtype"] = fit["dtype"]
