@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -283,6 +284,9 @@ def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokeniz
     if fam.trainer == "counts":
         from aigc.models import ngram
 
+        cfg = configs["model"]
+        order = cfg.order or f"chosen on the tail of the training split among 1..{cfg.max_order}"
+        print(f"counting the n-grams of {len(train_ids):,} tokens (order {order})...", file=sys.stderr)
         model, info = ngram.build_from_ids(train_ids, tokenizer.vocab_size, configs["model"],
                                            tokenizer.eot_id, tokenizer.unk_id)
         return model, {"order": info["order"], "tail_nats_per_token": info.get("tail_nats_per_token"),

@@ -86,6 +86,7 @@ def stream_nll(model, ids: np.ndarray, block_size: int, batch_size: int = 16) ->
         start = end
     total = 0.0
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+    progress = tqdm(total=n - 1, unit="tok", desc="scoring", leave=False, disable=not sys.stderr.isatty())
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
         width = max(e - 1 - c for c, _, e in group)
@@ -100,6 +101,8 @@ def stream_nll(model, ids: np.ndarray, block_size: int, batch_size: int = 16) ->
         logits = model(input_ids=x.to(device)).logits.float()
         total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
                                  reduction="sum").item()
+        progress.update(sum(e - s for _, s, e in group))
+    progress.close()
     model.train(was_training)
     return total, n - 1
 
