@@ -41,6 +41,13 @@ def verify_manifest(directory: Path) -> None:
             raise UserError(f"{directory}: {name} is corrupted (sha256 does not match {MANIFEST})")
 
 
+def save_model(model, directory: Path) -> None:
+    """A model's own files: `save(dir)` where the family defines it (n-gram, image families),
+    else transformers' `save_pretrained`."""
+    save = getattr(model, "save", None) or model.save_pretrained
+    save(directory)
+
+
 def save_model_files(model, directory: Path) -> list[str]:
     """Write the model's own files (save_pretrained layout) into `directory` atomically, file by file.
 
@@ -51,8 +58,7 @@ def save_model_files(model, directory: Path) -> list[str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save = getattr(model, "save", None) or model.save_pretrained  # n-gram: its own tensors file
-        save(tmp)
+        save_model(model, tmp)
         fsync_tree(tmp)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in names:
@@ -75,7 +81,7 @@ def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, stat
     tmp = root / f".tmp-last-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(tmp)
+    save_model(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     write_json(tmp / "state.json", state)
     fsync_tree(tmp)

@@ -157,12 +157,13 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     if fam.trainer == "counts":
         save_model_files(model, run_dir)
     else:
-        from aigc.train import Budget, Interrupted, train_loop
+        from aigc.train import Budget, Interrupted, TextBatches, train_loop
 
         try:
-            fit = train_loop(model, train_ids, val_ids, configs["train"], run_dir,
-                             Budget(max_steps, budget_minutes), resume=resume,
-                             chars_per_val_token=chars / max(1, len(val_ids) - 1), cpu_bf16=fam.cpu_bf16)
+            batches = TextBatches(train_ids, val_ids, configs["train"].block_size,
+                                  chars_per_val_token=chars / max(1, len(val_ids) - 1))
+            fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, budget_minutes),
+                             resume=resume, cpu_bf16=fam.cpu_bf16)
         except BaseException as e:
             record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
             write_json(run_dir / "run.json", record)

@@ -123,6 +123,39 @@ def _window_batch(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple
     return chunk[:, :-1], chunk[:, 1:]
 
 
+class TextBatches:
+    """Training batches for text: random windows of block_size + 1 tokens; fixed, evenly spaced
+    validation windows. Every batch is a tuple of tensors whose first dimension is the batch."""
+
+    unit = "tokens"
+
+    def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, chars_per_val_token: float = 1.0):
+        if len(train_ids) < block_size + 2:
+            raise ValueError(f"training split has {len(train_ids)} tokens, fewer than block_size + 2 "
+                             f"({block_size + 2}); lower block_size")
+        self.train = torch.as_tensor(np.asarray(train_ids).astype(np.int64))
+        self.val = torch.as_tensor(np.asarray(val_ids).astype(np.int64))
+        self.block_size = block_size
+        self.items_per_sample = block_size  # tokens per sequence, for the rate
+        self.chars_per_val_token = chars_per_val_token
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        starts = torch.randint(0, len(self.train) - self.block_size - 1, (n,), generator=generator)
+        return _window_batch(self.train, starts, self.block_size)
+
+    def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        if len(self.val) < self.block_size + 2:  # tiny validation split: one shorter window
+            return [(self.val[None, :-1], self.val[None, 1:])]
+        starts = torch.linspace(0, len(self.val) - self.block_size - 2, n_batches * batch).long()
+        return [_window_batch(self.val, starts[i:i + batch], self.block_size) for i in range(0, len(starts), batch)]
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return lm_loss(model, *batch)
+
+    def val_metrics(self, val_loss: float) -> dict:
+        return {"val_bpc": val_loss / LN2 / self.chars_per_val_token}
+
+
 class _StopFlag:
     """First Ctrl-C: finish the step, save, exit. Second Ctrl-C: stop at once."""
 
@@ -148,10 +181,14 @@ class _StopFlag:
         return False
 
 
-def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConfig, run_dir: Path,
-               budget: Budget, *, resume: bool = False, chars_per_val_token: float = 1.0,
-               cpu_bf16: bool = True) -> dict:
-    """Train `model` in place; the run root ends holding the best weights. Returns final metrics."""
+def train_loop(model, data: TextBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
+               resume: bool = False, cpu_bf16: bool = True) -> dict:
+    """Train `model` in place on `data`; the run root ends holding the best weights.
+
+    `data` gives training batches, validation batches and the loss (see TextBatches). On resume
+    the caller passes the model loaded from checkpoints/last; the optimizer, schedule and RNG
+    states are restored here. Returns the final training metrics.
+    """
     run_dir = Path(run_dir)
     dtype = resolve_dtype(cfg.dtype, cpu_bf16)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -161,9 +198,6 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum x processes "
                          f"({cfg.grad_accum} x {world})")
     micro = cfg.batch_size // (cfg.grad_accum * world)
-    if len(train_ids) < cfg.block_size + 2:
-        raise ValueError(f"training split has {len(train_ids)} tokens, fewer than block_size + 2 "
-                         f"({cfg.block_size + 2}); lower block_size")
 
     torch.manual_seed(cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -179,7 +213,6 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
     if resume:
         ckpt = find_checkpoint(run_dir)
         state = read_json(ckpt / "state.json")
-        model.load_state_dict(type(model).from_pretrained(ckpt, local_files_only=True).state_dict())
         optimizer.load_state_dict(load_optimizer_state(ckpt))
         step, elapsed = state["step"], state["elapsed_s"]
         best_val, best_step = state["best_val_loss"], state["best_step"]
@@ -192,20 +225,15 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
         _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_t = torch.as_tensor(train_ids.astype(np.int64))
-    val_t = torch.as_tensor(val_ids.astype(np.int64))
-    eval_starts = torch.linspace(0, max(0, len(val_t) - cfg.block_size - 2), cfg.eval_batches * micro).long()
+    val_batches = data.val_batches(cfg.eval_batches, micro)
+
+    def to_device(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(accelerator.device) for t in batch)
 
     def periodic_eval() -> float:
         model.eval()
-        losses = []
         with torch.no_grad(), accelerator.autocast():
-            for i in range(0, len(eval_starts), micro):
-                if len(val_t) < cfg.block_size + 2:  # tiny validation split: one shorter window
-                    x, y = val_t[None, :-1], val_t[None, 1:]
-                else:
-                    x, y = _window_batch(val_t, eval_starts[i:i + micro], cfg.block_size)
-                losses.append(lm_loss(model, x.to(accelerator.device), y.to(accelerator.device)).item())
+            losses = [data.loss(model, to_device(batch)).item() for batch in val_batches]
         model.train()
         return float(np.mean(losses))
 
@@ -220,7 +248,8 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    tokens_per_step = cfg.batch_size * cfg.block_size
+    items_per_step = cfg.batch_size * data.items_per_sample
+    rate_key = f"{data.unit}_per_s"
     bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=step, unit="step",
                disable=not (sys.stderr.isatty() and accelerator.is_main_process), dynamic_ncols=True)
     model.train()
@@ -243,13 +272,13 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # every rank draws the same global batch and takes its own slice of it
-            starts = torch.randint(0, len(train_t) - cfg.block_size - 1, (cfg.batch_size,), generator=data_gen)
-            mine = starts[rank * micro * cfg.grad_accum:(rank + 1) * micro * cfg.grad_accum]
+            batch = data.sample(data_gen, cfg.batch_size)
+            first = rank * micro * cfg.grad_accum
             loss_sum = 0.0
             for k in range(cfg.grad_accum):
-                x, y = _window_batch(train_t, mine[k * micro:(k + 1) * micro], cfg.block_size)
+                part = tuple(t[first + k * micro:first + (k + 1) * micro] for t in batch)
                 with accelerator.autocast():
-                    loss = lm_loss(model, x.to(accelerator.device), y.to(accelerator.device))
+                    loss = data.loss(model, to_device(part))
                 accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.item() / cfg.grad_accum
             if cfg.grad_clip > 0:
@@ -278,15 +307,15 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
                 log({"step": step, "schedule_steps": total_steps})
             bar.update(1)
             if step % cfg.log_interval == 0:
-                rate = steps_window * tokens_per_step / (time.perf_counter() - t_window)
+                rate = steps_window * items_per_step / (time.perf_counter() - t_window)
                 t_window, steps_window = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{rate:,.0f}")
-                log({"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": rate, "elapsed_s": elapsed})
+                bar.set_postfix(loss=f"{last_loss:.3f}", **{f"{data.unit}/s": f"{rate:,.0f}"})
+                log({"step": step, "loss": last_loss, "lr": lr, rate_key: rate, "elapsed_s": elapsed})
             done = (budget.max_steps is not None and step >= budget.max_steps) or (
                 budget.max_minutes is not None and elapsed >= budget.max_minutes * 60)
             if step % cfg.eval_interval == 0 or done:
                 val_loss = periodic_eval()
-                log({"step": step, "val_loss": val_loss, "val_bpc": val_loss / LN2 / chars_per_val_token})
+                log({"step": step, "val_loss": val_loss, **data.val_metrics(val_loss)})
                 if not bar.disable:
                     bar.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
                 else:
@@ -304,7 +333,7 @@ def train_loop(model, train_ids: np.ndarray, val_ids: np.ndarray, cfg: TrainConf
         best_step = step
     return {"steps": step, "train_loss": last_loss, "best_step": best_step, "best_val_loss_periodic": best_val,
             "schedule_steps": total_steps, "train_time_s": elapsed, "dtype": dtype,
-            "tokens_per_s": step * tokens_per_step / elapsed if elapsed else math.nan}
+            rate_key: step * items_per_step / elapsed if elapsed else math.nan}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
