@@ -684,4 +684,4 @@ def test_process_usage_error_exit_2(tmp_path):
     proc = _python_m_aigc("generate", cwd=tmp_path)  # RUN is missing
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert "Missing argument" in proc.stderr and "run" in proc.stderr.lower()
+    assert "missing RUN" in proc.stderr

@@ -213,8 +213,9 @@ def test_sections_per_family():
     assert list(sections_for("ngram")) == ["model", "data"]  # no training loop, no [train]
     assert list(sections_for("rnn")) == ["model", "data", "train"]
     assert sections_for("gpt")["data"] is DataConfig
-    with pytest.raises(UserError, match="unknown family 'vae'"):
-        sections_for("vae")
+    assert list(sections_for("vae")) == ["model", "data", "train"]  # an image family
+    with pytest.raises(UserError, match="unknown family 'nosuch'"):
+        sections_for("nosuch")
 
 
 # --- to_toml -> read_toml -> build ----------------------------------------------------------------

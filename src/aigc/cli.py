@@ -109,6 +109,8 @@ def train(
     max_steps: Annotated[int | None, typer.Option(help="optimizer-step budget")] = None,
     init_from: Annotated[str | None, typer.Option(help="gpt: a local Hugging Face GPT-2 folder to fine-tune")] = None,
     config: Annotated[str | None, typer.Option(help="a TOML file of configuration keys")] = None,
+    image_size: Annotated[int | None, typer.Option(help="image families: resize images to N x N")] = None,
+    conditional: Annotated[bool, typer.Option(help="image families: the class-conditional variant")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
@@ -126,27 +128,42 @@ def train(
 
       aigc train --family gpt --data tang300 --name poet --resume --max-steps 2000
 
+      aigc train --family vae --data digits --conditional --max-minutes 2
+
     `aigc train --family F --help` lists every --set key of F with its default.
     """
     _quiet_libraries()
     from aigc.config import parse_sets
     from aigc.runs import train as run_train
 
+    sets = parse_sets(set_ or [])
+    if image_size is not None or conditional:
+        from aigc.runs import family_of
+
+        if family_of(family).modality != "image":
+            raise UserError(f"--{'image-size' if image_size is not None else 'conditional'} applies to image "
+                            f"families, not {family}")
+        if image_size is not None:
+            sets["image_size"] = str(image_size)
+        if conditional:
+            sets["conditional"] = "true"
     run_dir, metrics = run_train(family, data, val_data=val_data, name=name, overwrite=overwrite,
                                  resume=resume, max_minutes=max_minutes, max_steps=max_steps,
-                                 init_from=init_from, config_file=config, sets=parse_sets(set_ or []))
+                                 init_from=init_from, config_file=config, sets=sets)
     if json_out:
         _emit_json({"run_dir": str(run_dir), "metrics": metrics})
     else:
-        print(f"val_bpc {metrics['val_bpc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-              f"steps {metrics.get('steps', 0)}", file=sys.stderr)
+        shown = {k: v for k, v in metrics.items() if k in ("val_bpc", "val_loss", "val_nelbo", "steps")}
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()),
+              file=sys.stderr)
         print(run_dir)
 
 
 @app.command()
 @user_errors
 def generate(
-    run: Annotated[str, typer.Argument(help="run name, run directory, or Hugging Face causal-LM folder")],
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Argument(help="run name, run directory, or Hugging Face causal-LM folder")] = None,
     prompt: Annotated[str, typer.Option(help="text to continue (default: a new document)")] = "",
     n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
     seed: Annotated[int | None, typer.Option(help="random seed (default: a fresh one, echoed)")] = None,
@@ -160,9 +177,12 @@ def generate(
     no_repeat_ngram_size: Annotated[int, typer.Option(help="forbid repeating any n-gram of this size")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="cut a sample before this string; repeatable")] = None,
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
+    class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
+    out: Annotated[str | None, typer.Option(help="image runs: folder for the PNGs")] = None,
+    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
-    """Generate text from a trained run.
+    """Generate text (or images) from a trained run.
 
     Examples:
 
@@ -173,8 +193,20 @@ def generate(
       aigc generate poet --num-beams 4 -n 2 --no-repeat-ngram-size 3
 
       aigc generate poet --stop 。 --stream
+
+      aigc generate my-vae -n 64 --seed 0 --out pictures/
+
+      aigc generate --from-image pictures/007.png
     """
     _quiet_libraries()
+    if run is None and from_image is None:
+        _fail("missing RUN: give a run name or directory, or --from-image FILE", 2)  # a usage error
+    if from_image is not None or _is_image_run(run):
+        _generate_images(ctx, run, n, seed, class_, out, from_image, json_out)
+        return
+    for flag in ("class_", "out"):
+        if _given(ctx, flag):
+            raise UserError(f"--{flag.rstrip('_')} applies to image runs")
     from aigc.sample import GenerateSettings, load_run, print_stream, settings_dict
     from aigc.sample import generate as run_generate
 
@@ -208,6 +240,51 @@ def generate(
         print(f"seed {settings.seed}, {stats['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
 
 
+TEXT_ONLY = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "num_beams", "no_repeat_ngram_size", "stop", "stream")
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Was the option on the command line (not its default)? Compared by name: typer vendors its
+    own click, whose ParameterSource is not click's."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _is_image_run(run: str | None) -> bool:
+    if run is None:
+        return False
+    from aigc.runs import find_run, read_run
+
+    try:
+        return read_run(find_run(run)).get("modality") == "image"
+    except UserError:
+        return False  # not a run: a Hugging Face folder, or an error that the text path reports
+
+
+def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out) -> None:
+    from aigc.image_runs import generate_images, regenerate
+
+    for param in TEXT_ONLY:
+        if _given(ctx, param):
+            raise UserError(f"--{param.replace('_', '-')} applies to text runs, not images")
+    if from_image is not None:
+        if run is not None or _given(ctx, "n") or seed is not None or class_ is not None:
+            raise UserError("--from-image takes the run, seed and class from the image's record: "
+                            "give no RUN, -n, --seed or --class")
+        result = regenerate(from_image, out)
+    else:
+        result = generate_images(run, n=n, seed=secrets.randbelow(2**31) if seed is None else seed,
+                                 class_=class_, out=out)
+    if json_out:
+        _emit_json(result)
+    else:
+        for path in result["files"]:
+            print(path)
+        if result["grid"]:
+            print(f"grid: {result['grid']}", file=sys.stderr)
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -230,7 +307,9 @@ def eval_(
         return
     for key, value in result["metrics"].items():
         print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
-    print(f"report: {Path(result['run']) / 'report.html'}")
+    report = Path(result["run"]) / "report.html"
+    if report.is_file():
+        print(f"report: {report}")
 
 
 @app.command()

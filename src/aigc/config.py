@@ -37,6 +37,16 @@ class DataConfig:
 
 
 @dataclass
+class ImageDataConfig:
+    image_size: int = option(0, "resize images to N x N pixels (0 = keep; set by --image-size)", min=0, max=4096)
+    channels: int = option(0, "1 = grayscale, 3 = RGB, 0 = as the data is", choices=None, min=0, max=3)
+    hflip: bool = option(False, "flip training images horizontally at random (augmentation)")
+    conditional: bool = option(False, "train the class-conditional variant (set by --conditional)")
+    val_fraction: float = option(0.1, "share of a folder or array file (its end) held out for validation; "
+                                      "named data sets use their test split", min=0.0, max=0.5, min_exclusive=True)
+
+
+@dataclass
 class TrainConfig:
     lr: float = option(1e-3, "peak learning rate (AdamW)", min=0.0, max=1.0, min_exclusive=True)
     min_lr_ratio: float = option(0.1, "final learning rate as a share of lr (cosine decay)", min=0.0, max=1.0)

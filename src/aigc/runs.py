@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import DataConfig, TrainConfig, build, read_toml, to_toml
+from aigc.config import DataConfig, ImageDataConfig, TrainConfig, build, read_toml, to_toml
 from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
 from aigc.errors import UserError
@@ -68,7 +69,7 @@ def family_of(name: str) -> Family:
 
 def sections_for(family: str) -> dict[str, type]:
     fam = family_of(family)
-    sections = {"model": fam.config, "data": DataConfig}
+    sections = {"model": fam.config, "data": ImageDataConfig if fam.modality == "image" else DataConfig}
     if fam.trainer == "gradient":
         sections["train"] = TrainConfig
     return sections
@@ -102,6 +103,11 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
 
     budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
     header = {"family": family, "data": data, "aigc_version": __version__}
+    if fam.modality == "image":
+        from aigc.image_runs import train_images
+
+        return train_images(fam, family, data, val_data=val_data, name=name, overwrite=overwrite, resume=resume,
+                            budget=(max_steps, budget_minutes), config_file=config_file, sets=sets, header=header)
     if resume:
         run_dir = runs_dir() / name
         if not (run_dir / "run.json").is_file():
@@ -148,7 +154,14 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         if fam.trainer == "counts":
             fit["train_time_s"] = time.perf_counter() - t0
         record = _new_record(family, corpus, train_docs, val_docs, val_data, init_from)
-        run_dir = _commit_run_dir(final_dir, tokenizer, val_docs, record, to_toml(configs, header))
+
+        def write_files(staging: Path) -> None:
+            tokenizer.save(staging)
+            _write_val(staging, val_docs)
+            write_json(staging / "run.json", record)
+            atomic_write_text(staging / "config.toml", to_toml(configs, header))
+
+        run_dir = _commit_run_dir(final_dir, write_files)
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes}
     record["status"] = "running"
     write_json(run_dir / "run.json", record)
@@ -328,18 +341,14 @@ def _claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) ->
     return run_dir
 
 
-def _commit_run_dir(run_dir: Path, tokenizer: TextTokenizer, val_docs: list[str], record: dict,
-                    config_toml: str) -> Path:
-    """Write the run's first files into a staging folder, then swap it into place (replacing an
-    old run only now, when the new one is known to be valid)."""
+def _commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
+    """Write the run's first files into a staging folder (`write_files(staging)`), then swap it into
+    place, replacing an old run only now, when the new one is known to be valid."""
     staging = run_dir.parent / f".staging-{run_dir.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        tokenizer.save(staging)
-        _write_val(staging, val_docs)
-        write_json(staging / "run.json", record)
-        atomic_write_text(staging / "config.toml", config_toml)
+        write_files(staging)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         os.replace(staging, run_dir)

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,6 +157,40 @@ class TextBatches:
         return {"val_bpc": val_loss / LN2 / self.chars_per_val_token}
 
 
+class ImageBatches:
+    """Training batches for images: random draws (with optional horizontal flips) of (x, y) or (x,);
+    the validation set in fixed order. The family's forward returns {"loss": ...}: the objective."""
+
+    unit = "images"
+    items_per_sample = 1
+
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor | None, x_val: torch.Tensor,
+                 y_val: torch.Tensor | None, hflip: bool = False):
+        self.x_train, self.y_train, self.x_val, self.y_val = x_train, y_train, x_val, y_val
+        self.hflip = hflip
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(0, len(self.x_train), (n,), generator=generator)
+        x = self.x_train[idx]
+        if self.hflip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return (x,) if self.y_train is None else (x, self.y_train[idx])
+
+    def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for i in range(0, min(len(self.x_val), n_batches * batch), batch):
+            x = self.x_val[i:i + batch]
+            out.append((x,) if self.y_val is None else (x, self.y_val[i:i + batch]))
+        return out
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return model(*batch)["loss"]  # forward, not .loss: a DDP-wrapped model syncs gradients in forward
+
+    def val_metrics(self, val_loss: float) -> dict:
+        return {}
+
+
 class _StopFlag:
     """First Ctrl-C: finish the step, save, exit. Second Ctrl-C: stop at once."""
 
@@ -181,13 +216,14 @@ class _StopFlag:
         return False
 
 
-def train_loop(model, data: TextBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
-               resume: bool = False, cpu_bf16: bool = True) -> dict:
+def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
+               resume: bool = False, cpu_bf16: bool = True, on_eval: Callable | None = None) -> dict:
     """Train `model` in place on `data`; the run root ends holding the best weights.
 
     `data` gives training batches, validation batches and the loss (see TextBatches). On resume
     the caller passes the model loaded from checkpoints/last; the optimizer, schedule and RNG
-    states are restored here. Returns the final training metrics.
+    states are restored here. `on_eval(model, step)` runs on the main process after each
+    evaluation (image runs save a sample grid there). Returns the final training metrics.
     """
     run_dir = Path(run_dir)
     dtype = resolve_dtype(cfg.dtype, cpu_bf16)
@@ -265,6 +301,9 @@ def train_loop(model, data: TextBatches, cfg: TrainConfig, run_dir: Path, budget
             if stop.requested:
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                    if on_eval is not None:
+                        on_eval(accelerator.unwrap_model(model), step)
+                        model.train()
                 bar.close()
                 raise Interrupted(step)
             t0 = time.perf_counter()
@@ -326,6 +365,9 @@ def train_loop(model, data: TextBatches, cfg: TrainConfig, run_dir: Path, budget
                     save_model_files(accelerator.unwrap_model(model), run_dir)
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                    if on_eval is not None:
+                        on_eval(accelerator.unwrap_model(model), step)
+                        model.train()
                 accelerator.wait_for_everyone()
     bar.close()
     if best_step < 0 and accelerator.is_main_process:  # resumed at the end, or no evaluation ran

@@ -111,6 +111,10 @@ def load_images(
 ) -> ImageData:
     """Load a named data set (a key of NAMED_IMAGES), a folder of images, or an .npz / IDX file.
 
+    A folder: every image below it (IMAGE_EXTENSIONS, any case; hidden files skipped), sorted by
+    path; if sub-folders of it hold images, each is a class (sorted names are labels 0..K-1). An
+    .npz: images in ``x`` or ``images`` (uint8, or float in [0, 1]), labels in ``y`` or ``labels``.
+    An IDX file: images, with labels from a sibling "...-labels-idx1-ubyte[.gz]" when there is one.
     ``split`` is "train" or "test"; only named data sets have a test split. ``channels`` None
     keeps the source's (a folder is grayscale only if every image is), 1 or 3 converts.
     ``image_size`` resizes every image to image_size x image_size (PIL LANCZOS).
@@ -291,15 +295,21 @@ def _load_folder(root: Path, channels: int | None, image_size: int | None):
 
 
 def _peek(path: Path) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (width, height)) from the header, without decoding the pixels."""
+    """(PIL mode, (width, height)) from the header; only a palette image is decoded, to read its palette."""
     try:
         with Image.open(path) as img:
             mode, size = img.mode, img.size
+            if mode == "P" and _is_gray(img.getpalette() or []):  # e.g. a grayscale GIF
+                mode = "L"
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
     if mode.startswith(("I", "F")):  # PIL would clip these to 0..255 instead of scaling
         raise UserError(f"{path} is a {mode} (16-bit or float) image: only 8-bit images are supported; convert it")
     return mode, size
+
+
+def _is_gray(palette: list[int]) -> bool:
+    return all(r == g == b for r, g, b in zip(palette[0::3], palette[1::3], palette[2::3], strict=True))
 
 
 def _decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:

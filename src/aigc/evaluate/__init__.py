@@ -22,6 +22,8 @@ def evaluate_run(spec: str) -> dict:
 
     run_dir = find_run(spec)
     record = read_run(run_dir)
+    if record.get("modality") == "image":
+        return evaluate_image_run(run_dir, record)
     loaded = load_run(str(run_dir))
     train_docs, val_docs = load_split(run_dir)
 
@@ -71,3 +73,40 @@ def _read_curves(path: Path) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if "loss" in r or "val_loss" in r]
+
+
+def evaluate_image_run(run_dir: Path, record: dict) -> dict:
+    """The validation objective of an image run (VAE: -ELBO in nats per image and bits per
+    dimension) and its sampling speed. FID, KID, precision/recall need the project's feature
+    classifier, which is not built yet (see docs/images.md)."""
+    import time
+
+    import torch
+
+    from aigc.config import build, read_toml
+    from aigc.data.images import to_tensor
+    from aigc.image_runs import _labels, _load_split, score_images
+    from aigc.runs import family_of, sections_for
+    from aigc.train import ImageBatches
+
+    family = record["family"]
+    configs = build(sections_for(family), read_toml(run_dir / "config.toml"), family=family)
+    val_source = record["data"]["val"]["source"]
+    train_set, val_set = _load_split(record["data"]["train"]["source"],
+                                     None if val_source in ("held out", "test split") else val_source, configs["data"])
+    if train_set.sha256 != record["data"]["train"]["sha256"]:
+        raise UserError(f"the training data of {run_dir.name} changed since the run was made (sha256 differs)")
+    conditional = configs["data"].conditional
+    batches = ImageBatches(to_tensor(train_set.images[:1]), None, to_tensor(val_set.images),
+                           _labels(val_set, conditional))
+    model = family_of(family).load(run_dir).eval()
+    metrics = score_images(model, batches)
+    n = 256
+    y = torch.arange(n) % record["num_classes"] if record.get("num_classes") else None
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.sample(n, generator=torch.Generator().manual_seed(0), y=y)
+    metrics["images_per_s"] = n / (time.perf_counter() - t0)
+    result = {"run": str(run_dir), "metrics": metrics}
+    write_json(run_dir / "eval.json", result)
+    return result

@@ -11,18 +11,18 @@ from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from aigc.models import gpt, ngram, rnn
+from aigc.models import gpt, ngram, rnn, vae
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
 
 @dataclass(frozen=True)
 class Family:
-    modality: str  # "text": decides the data loader, the sample format and the metrics
+    modality: str  # "text" or "image": decides the data loader, the sample format and the metrics
     config: type  # the family's model config dataclass (keys for --set)
     trainer: str  # "gradient": the shared training loop; "counts": a closed-form fit
     load: Callable  # load(run_dir) -> model
-    build: Callable | None = None  # gradient families: build(config, vocab_size, eot_id) -> model
+    build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes)
     init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
     cpu_bf16: bool = True  # dtype=auto uses bf16 autocast on a CPU that has bf16 (False where it is slower)
     description: str = ""
@@ -36,4 +36,6 @@ FAMILIES: dict[str, Family] = {
                   description="embedding + RNN/GRU/LSTM + output layer"),
     "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
+    "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
+                  description="convolutional VAE, optionally class-conditional"),
 }
