@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Set up AIGC Studio in ./.venv: a virtual environment, the CPU build of PyTorch, the package.
 #   scripts/setup.sh            package + test tools
-#   scripts/setup.sh --corpora  also the Debian packages with the named corpora (fortunes, fortunes-zh)
+#   scripts/setup.sh --corpora  also the Debian packages with the named data sets (fortunes, fortunes-zh,
+#                               dataset-fashion-mnist)
 # AIGC_TORCH chooses the torch requirement (default torch==2.13.0, the CPU build on this machine kind;
 # on a CUDA machine use e.g. AIGC_TORCH=torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--corpora" ]; then
-    if [ ! -f /usr/share/games/fortunes/tang300 ] || [ ! -f /usr/share/games/fortunes/zippy ]; then
+    if [ ! -f /usr/share/games/fortunes/tang300 ] || [ ! -f /usr/share/games/fortunes/zippy ] \
+        || [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
         SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-        echo "installing the Debian packages fortunes and fortunes-zh (the named corpora)..." >&2
+        echo "installing the Debian packages fortunes, fortunes-zh and dataset-fashion-mnist..." >&2
         $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes fortunes-zh >/dev/null
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fortunes fortunes-zh dataset-fashion-mnist >/dev/null
     fi
 fi
 
