@@ -66,6 +66,10 @@ def test_training_writes_a_run_with_sample_grids(digits_run):
     assert record["modality"] == "image" and record["image_shape"] == [1, 8, 8]
     assert record["num_classes"] == 10 and record["data"]["val"]["images"] == 297  # digits' test split
     assert np.isfinite(metrics["val_nelbo"]) and metrics["val_nelbo"] > 0
+    gif = Image.open(run_dir / "pictures" / "interpolation.gif")
+    assert gif.n_frames > 10
+    assert Image.open(run_dir / "pictures" / "reconstructions.png").size == (8 * 8 + 9 * 2, 8 * 8 + 9 * 2)  # 8 x 8
+    assert Image.open(run_dir / "pictures" / "latent.png").format == "PNG"  # z_dim 4: the PCA scatter
     assert metrics["val_bits_per_dim"] == pytest.approx(metrics["val_nelbo"] / np.log(2) / 64)
 
 
@@ -97,7 +101,13 @@ def test_folder_with_class_subfolders_trains_conditionally(class_folder):
                              sets={**TINY, "conditional": "true"})
     record = json.loads((run_dir / "run.json").read_text())
     assert record["class_names"] == ["bright", "dark"]
+    # z_dim = 4 here; the 2-D manifold is tested below
     assert record["data"]["val"]["source"] == "held out" and record["data"]["val"]["images"] == 2
+
+
+def test_two_dimensional_latent_gives_the_manifold_plot(class_folder):
+    run_dir, _ = train("vae", str(class_folder), name="z2", max_steps=2, sets={**TINY, "z_dim": "2"})
+    assert Image.open(run_dir / "pictures" / "latent.png").size == (15 * 8, 15 * 8)
 
 
 def test_cli_train_generate_eval(class_folder, tmp_path, aigc_home):

@@ -102,6 +102,10 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         write_json(run_dir / "run.json", record)
         raise
     best = fam.load(run_dir)
+    if family == "vae":  # reconstructions, latent space, interpolation: pictures, not only numbers
+        from aigc.evaluate.pictures import write_vae_pictures
+
+        write_vae_pictures(best, batches.x_val, batches.y_val, run_dir / "pictures")
     metrics = {**score_images(best, batches), **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
                                                                    "best_step", "images_per_s", "schedule_steps")}}
     record.update(status="done", metrics=metrics, finished=runs._now(), dtype=fit["dtype"])
