@@ -154,3 +154,9 @@ def test_image_cli_errors(args, message, class_folder, tmp_path, aigc_home):
     assert message in result.stderr and "Traceback" not in result.stderr
     runs = [p.name for p in (aigc_home / "runs").iterdir()] if (aigc_home / "runs").is_dir() else []
     assert runs in ([], ["err"])  # a failed train leaves nothing behind
+
+
+def test_sampling_options_the_family_does_not_declare_are_errors(digits_run):
+    run_dir, _ = digits_run
+    with pytest.raises(UserError, match="--steps does not apply to vae runs"):
+        generate_images(str(run_dir), n=1, class_="1", options={"steps": 10})

@@ -180,6 +180,10 @@ def generate(
     class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image runs: folder for the PNGs")] = None,
     from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
+    sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
+    steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
+    eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="diffusion, conditional: 1 = no guidance")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Generate text (or images) from a trained run.
@@ -202,11 +206,12 @@ def generate(
     if run is None and from_image is None:
         _fail("missing RUN: give a run name or directory, or --from-image FILE", 2)  # a usage error
     if from_image is not None or _is_image_run(run):
-        _generate_images(ctx, run, n, seed, class_, out, from_image, json_out)
+        options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+        _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options)
         return
-    for flag in ("class_", "out"):
+    for flag in ("class_", "out", "sampler", "steps", "eta", "guidance_scale"):
         if _given(ctx, flag):
-            raise UserError(f"--{flag.rstrip('_')} applies to image runs")
+            raise UserError(f"--{flag.rstrip('_').replace('_', '-')} applies to image runs")
     from aigc.sample import GenerateSettings, load_run, print_stream, settings_dict
     from aigc.sample import generate as run_generate
 
@@ -262,20 +267,21 @@ def _is_image_run(run: str | None) -> bool:
         return False  # not a run: a Hugging Face folder, or an error that the text path reports
 
 
-def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out) -> None:
+def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options) -> None:
     from aigc.image_runs import generate_images, regenerate
 
     for param in TEXT_ONLY:
         if _given(ctx, param):
             raise UserError(f"--{param.replace('_', '-')} applies to text runs, not images")
     if from_image is not None:
-        if run is not None or _given(ctx, "n") or seed is not None or class_ is not None:
-            raise UserError("--from-image takes the run, seed and class from the image's record: "
-                            "give no RUN, -n, --seed or --class")
+        if run is not None or _given(ctx, "n") or seed is not None or class_ is not None or any(
+                v is not None for v in options.values()):
+            raise UserError("--from-image takes the run, seed, class and sampler from the image's record: "
+                            "give no RUN, -n, --seed, --class or sampling option")
         result = regenerate(from_image, out)
     else:
         result = generate_images(run, n=n, seed=secrets.randbelow(2**31) if seed is None else seed,
-                                 class_=class_, out=out)
+                                 class_=class_, out=out, options=options)
     if json_out:
         _emit_json(result)
     else:

@@ -96,7 +96,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
 
     try:
         fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, max_minutes),
-                         resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid)
+                         resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid, after_step=fam.after_step)
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
         write_json(run_dir / "run.json", record)
@@ -129,8 +129,12 @@ def score_images(model, batches) -> dict:
 
 
 def generate_images(run: str, *, n: int = 64, seed: int = 0, class_: str | None = None,
-                    out: str | None = None) -> dict:
-    """Write `out/000.png ...` and `out/grid.png`; image i uses seed + i, so any one image can be made alone."""
+                    out: str | None = None, options: dict | None = None) -> dict:
+    """Write `out/000.png ...` and `out/grid.png`; image i uses seed + i, so any one image can be made alone.
+
+    `options` are the family's sampling options (diffusion: sampler, steps, eta, guidance); an
+    option the family does not declare is an error.
+    """
     from aigc import runs
 
     if not 1 <= n <= MAX_IMAGES:
@@ -142,15 +146,22 @@ def generate_images(run: str, *, n: int = 64, seed: int = 0, class_: str | None 
     if record.get("modality") != "image":
         raise UserError(f"run {run_dir.name!r} is not an image run")
     label = _class_index(record, class_)
+    fam = runs.family_of(record["family"])
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(options) - set(fam.sampler_options))
+    if unknown:
+        raise UserError(f"--{unknown[0].replace('_', '-')} does not apply to {record['family']} runs")
     verify_manifest(run_dir)
-    model = runs.family_of(record["family"]).load(run_dir).eval()
+    model = fam.load(run_dir).eval()
     out_dir = Path(out) if out else run_dir / "generated" / f"seed-{seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     files, images = [], []
     t0 = time.perf_counter()
     for i in range(n):
-        image_record = {"run": str(run_dir), "family": record["family"], "seed": seed + i, "sampler": None,
-                        "steps": None, "eta": None, "class": label, "guidance": None, "truncation": None}
+        image_record = {"run": str(run_dir), "family": record["family"], "seed": seed + i,
+                        "sampler": options.get("sampler"), "steps": options.get("steps"), "eta": options.get("eta"),
+                        "class": label, "guidance": options.get("guidance_scale"),
+                        "truncation": options.get("truncation")}
         pixels = _sample_one(model, image_record)
         path = out_dir / f"{i:03d}.png"
         save_png(path, pixels, image_record)
@@ -159,7 +170,7 @@ def generate_images(run: str, *, n: int = 64, seed: int = 0, class_: str | None 
     seconds = time.perf_counter() - t0
     grid = out_dir / "grid.png"
     save_png(grid, make_grid(np.stack(images)))
-    settings = {"n": n, "seed": seed, "class": label, "family": record["family"]}
+    settings = {"n": n, "seed": seed, "class": label, "family": record["family"], **options}
     return {"files": files, "grid": str(grid), "settings": settings, "images_per_s": n / seconds}
 
 
@@ -183,11 +194,19 @@ def regenerate(image: str, out: str | None = None) -> dict:
     return {"files": [str(target)], "grid": None, "settings": rec}
 
 
+RECORD_OPTIONS = {"sampler": "sampler", "steps": "steps", "eta": "eta", "guidance": "guidance_scale",
+                  "truncation": "truncation"}  # PNG record key -> sample() keyword
+
+
 def _sample_one(model, rec: dict) -> np.ndarray:
     generator = torch.Generator().manual_seed(rec["seed"])
     y = None if rec["class"] is None else torch.tensor([rec["class"]])
-    with torch.no_grad():
-        x = model.sample(1, generator=generator, y=y)
+    options = {kw: rec[key] for key, kw in RECORD_OPTIONS.items() if rec.get(key) is not None}
+    try:
+        with torch.no_grad():
+            x = model.sample(1, generator=generator, y=y, **options)
+    except ValueError as e:  # out-of-range sampling options, reported by the family
+        raise UserError(str(e)) from None
     return to_uint8(x)[0]
 
 

@@ -217,13 +217,16 @@ class _StopFlag:
 
 
 def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
-               resume: bool = False, cpu_bf16: bool = True, on_eval: Callable | None = None) -> dict:
+               resume: bool = False, cpu_bf16: bool = True, on_eval: Callable | None = None,
+               after_step: bool = False) -> dict:
     """Train `model` in place on `data`; the run root ends holding the best weights.
 
     `data` gives training batches, validation batches and the loss (see TextBatches). On resume
     the caller passes the model loaded from checkpoints/last; the optimizer, schedule and RNG
     states are restored here. `on_eval(model, step)` runs on the main process after each
-    evaluation (image runs save a sample grid there). Returns the final training metrics.
+    evaluation (image runs save a sample grid there). With `after_step` (declared by the family)
+    the loop calls `model.after_step()` after every optimizer step, e.g. to update EMA weights.
+    Returns the final training metrics.
     """
     run_dir = Path(run_dir)
     dtype = resolve_dtype(cfg.dtype, cpu_bf16)
@@ -324,6 +327,8 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if after_step:
+                accelerator.unwrap_model(model).after_step()
             step += 1
             elapsed += time.perf_counter() - t0
             steps_window += 1

@@ -25,6 +25,8 @@ class Family:
     build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes)
     init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
     cpu_bf16: bool = True  # dtype=auto uses bf16 autocast on a CPU that has bf16 (False where it is slower)
+    after_step: bool = False  # the loop calls model.after_step() after every optimizer step (EMA weights)
+    sampler_options: tuple[str, ...] = ()  # image families: generate options beyond the seed and class
     description: str = ""
 
 
