@@ -31,7 +31,7 @@ def class_folder(tmp_path):
     rng = np.random.default_rng(0)
     for name, level in (("bright", 220), ("dark", 30)):
         (root / name).mkdir(parents=True)
-        for i in range(12):
+        for i in range(20):
             pixels = np.clip(rng.normal(level, 10, (8, 8)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels, mode="L").save(root / name / f"{i:02d}.png")
     return root
@@ -102,7 +102,7 @@ def test_folder_with_class_subfolders_trains_conditionally(class_folder):
     record = json.loads((run_dir / "run.json").read_text())
     assert record["class_names"] == ["bright", "dark"]
     # z_dim = 4 here; the 2-D manifold is tested below
-    assert record["data"]["val"]["source"] == "held out" and record["data"]["val"]["images"] == 2
+    assert record["data"]["val"]["source"] == "held out" and record["data"]["val"]["images"] == 4
 
 
 def test_two_dimensional_latent_gives_the_manifold_plot(class_folder):
@@ -124,7 +124,9 @@ def test_cli_train_generate_eval(class_folder, tmp_path, aigc_home):
     result = invoke("eval", "cli", "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
-    assert set(metrics) >= {"val_nelbo", "val_bits_per_dim", "images_per_s"}
+    assert set(metrics) >= {"val_nelbo", "val_bits_per_dim", "images_per_s", "fid", "kid", "precision", "recall",
+                            "classifier_score", "fid_floor", "kid_floor", "precision_floor", "recall_floor",
+                            "memorization_rate"}
     assert json.loads((aigc_home / "runs" / "cli" / "eval.json").read_text()) == json.loads(result.stdout)
 
 
@@ -160,3 +162,15 @@ def test_sampling_options_the_family_does_not_declare_are_errors(digits_run):
     run_dir, _ = digits_run
     with pytest.raises(UserError, match="--steps does not apply to vae runs"):
         generate_images(str(run_dir), n=1, class_="1", options={"steps": 10})
+
+
+def test_eval_of_a_conditional_run_reports_per_class_fid_and_floors(digits_run):
+    from aigc.evaluate import evaluate_run
+
+    run_dir, _ = digits_run
+    result = evaluate_run(str(run_dir))
+    m = result["metrics"]
+    assert result["feature_net"]["kind"] == "classifier" and result["feature_net"]["test_accuracy"] > 0.8
+    assert set(m["fid_per_class"]) == {str(c) for c in range(10)} or set(m["fid_per_class"]) == set(range(10))
+    assert m["fid"] > m["fid_floor"] >= 0  # ten training steps are far from the real data
+    assert json.loads((run_dir / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(m["fid"])

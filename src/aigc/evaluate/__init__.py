@@ -75,16 +75,22 @@ def _read_curves(path: Path) -> list[dict]:
     return [r for r in rows if "loss" in r or "val_loss" in r]
 
 
-def evaluate_image_run(run_dir: Path, record: dict) -> dict:
-    """The validation objective of an image run (VAE: -ELBO in nats per image and bits per
-    dimension) and its sampling speed. FID, KID, precision/recall need the project's feature
-    classifier, which is not built yet (see docs/images.md)."""
+EVAL_IMAGES = 2000  # N generated images scored against N real ones (fewer when the data has fewer)
+
+
+def evaluate_image_run(run_dir: Path, record: dict, n: int = EVAL_IMAGES) -> dict:
+    """Score an image run in the feature space of the project's own classifier (or, for unlabelled
+    data, autoencoder), trained once on the run's training split and cached: FID, KID, precision,
+    recall, classifier score, per-class FID (conditional runs), a memorisation check, and every
+    metric's floor (real training images vs held-out ones at the same N); plus the family's
+    validation objective and the sampling speed."""
     import time
 
     import torch
 
     from aigc.config import build, read_toml
     from aigc.data.images import to_tensor
+    from aigc.evaluate.images import feature_net, floors, image_metrics
     from aigc.image_runs import _labels, _load_split, score_images
     from aigc.runs import family_of, sections_for
     from aigc.train import ImageBatches
@@ -97,16 +103,38 @@ def evaluate_image_run(run_dir: Path, record: dict) -> dict:
     if train_set.sha256 != record["data"]["train"]["sha256"]:
         raise UserError(f"the training data of {run_dir.name} changed since the run was made (sha256 differs)")
     conditional = configs["data"].conditional
-    batches = ImageBatches(to_tensor(train_set.images[:1]), None, to_tensor(val_set.images),
-                           _labels(val_set, conditional))
+    x_train, x_val = to_tensor(train_set.images), to_tensor(val_set.images)
     model = family_of(family).load(run_dir).eval()
-    metrics = score_images(model, batches)
-    n = 256
-    y = torch.arange(n) % record["num_classes"] if record.get("num_classes") else None
+    metrics = {}
+    if family == "vae":
+        metrics.update(score_images(model, ImageBatches(x_train[:1], None, x_val, _labels(val_set, conditional))))
+
+    # 1. the feature net of the training split (cached under $AIGC_HOME/cache/features/)
+    net, net_info = feature_net(train_set, test=val_set)
+
+    # 2. N generated images (class-balanced for conditional runs), timed, against N held-out real ones
+    n = min(n, len(x_val))
+    if n < 3:
+        raise UserError(f"{run_dir.name}: {n} held-out images are too few to score; give --val-data when training")
+    k = min(3, n - 1)  # k-NN radii of precision/recall need k < N
+    num_classes = record.get("num_classes") or 0
+    fake_labels = torch.arange(n) % num_classes if num_classes else None
+    fakes = []
     t0 = time.perf_counter()
     with torch.no_grad():
-        model.sample(n, generator=torch.Generator().manual_seed(0), y=y)
-    metrics["images_per_s"] = n / (time.perf_counter() - t0)
-    result = {"run": str(run_dir), "metrics": metrics}
+        for i in range(0, n, 250):
+            y = None if fake_labels is None else fake_labels[i:i + 250]
+            fakes.append(model.sample(min(250, n - i), generator=torch.Generator().manual_seed(i), y=y))
+    images_per_s = n / (time.perf_counter() - t0)
+    real_labels = None if val_set.labels is None else torch.as_tensor(val_set.labels[:n])
+    scores = image_metrics(x_val[:n], torch.cat(fakes), net, real_labels=real_labels if num_classes else None,
+                           fake_labels=fake_labels, train_for_memorization=x_train, heldout=x_val[:n], k=k)
+    floor = floors(x_train, x_val, net, n, k=k)
+    metrics.update(scores)
+    metrics.update({f"{k}_floor": v for k, v in floor.items() if isinstance(v, float)})
+    metrics["images_per_s"] = images_per_s
+    result = {"run": str(run_dir), "metrics": metrics, "n": n,
+              "feature_net": {k: net_info.get(k) for k in ("kind", "num_features", "test_accuracy", "test_mse",
+                                                           "cached", "path")}}
     write_json(run_dir / "eval.json", result)
     return result

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from aigc.data.images import ImageData, to_tensor
 from aigc.fsutil import atomic_write_bytes, read_json, write_json
 
-FORMAT_VERSION = 1  # bump when the architecture or the training recipe changes: old caches are retrained
+FORMAT_VERSION = 2  # bump when the architecture or the training recipe changes: old caches are retrained
 BATCH_SIZE = 500  # images per forward pass when extracting features: bounds memory for any N
 DISTANCE_ELEMENTS = 1 << 24  # pairwise distances held at once (64 MiB of float32)
 KID_SUBSETS = 100  # torchmetrics' default
@@ -65,8 +65,8 @@ class FeatureNetConfig:
     height: int  # image height in pixels
     width: int  # image width in pixels
     num_classes: int  # K >= 2 for a classifier; 0 for an autoencoder (data without labels)
-    num_features: int = 128  # dimension of the feature space (the penultimate layer / the bottleneck)
-    channels: tuple[int, int, int] = (32, 64, 128)  # conv widths; the 2nd and 3rd convs halve the resolution
+    num_features: int = 64  # dimension of the feature space (the penultimate layer / the bottleneck)
+    channels: tuple[int, int, int] = (16, 32, 64)  # conv widths; the 2nd and 3rd convs halve the resolution
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,18 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 2e-3  # AdamW peak learning rate, one-cycle schedule
     weight_decay: float = 1e-4
-    max_epochs: float = 40.0  # small sets: at most this many passes over the data
-    pixel_budget: float = 2.5 * 60_000 * 784  # ... and at most this many pixels seen (2.5 epochs of fashion-mnist)
+    max_epochs: float = 30.0  # small sets: at most this many passes over the data
+    pixel_budget: float = 3 * 60_000 * 784  # large sets: at most this many pixels seen (3 epochs of fashion-mnist)
     min_steps: int = 200  # but at least this many steps
 
 
 class FeatureNet(nn.Module):
     """A small conv net trained by the project on a data set's training split.
 
-    Encoder: three 3x3 convs (stride 1, 2, 2) with batch norm and ReLU, a 2x2 average pool and a
-    linear layer to ``num_features``: the feature space of FID/KID/precision/recall. A classifier
+    Encoder: three 3x3 convs (stride 1, 2, 2) with batch norm and ReLU, a 2x2 average pool, a
+    linear layer to ``num_features`` and a batch norm without affine parameters, so that each
+    feature has mean 0 and variance 1 over the training data: the feature space of
+    FID/KID/precision/recall, on the same scale for every data set. A classifier
     puts ReLU + linear on top (its softmax is the classifier score); an autoencoder decodes the
     features back to the image with two transposed convs.
     """
@@ -101,19 +103,18 @@ class FeatureNet(nn.Module):
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
             nn.Conv2d(c2, c3, 3, stride=2, padding=1), nn.BatchNorm2d(c3), nn.ReLU(),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # (N, 4 * c3) whatever the image size
-            nn.Linear(4 * c3, config.num_features),
+            nn.Linear(4 * c3, config.num_features), nn.BatchNorm1d(config.num_features, affine=False),
         )  # fmt: skip
         if self.is_classifier:
             self.head = nn.Sequential(nn.ReLU(), nn.Linear(config.num_features, config.num_classes))
         else:
             self.h4, self.w4 = math.ceil(config.height / 4), math.ceil(config.width / 4)
             self.decoder_in = nn.Linear(config.num_features, c3 * self.h4 * self.w4)
-            self.decoder = nn.Sequential(
+            self.decoder = nn.Sequential(  # light on purpose: the decoder costs CPU time and is thrown away
                 nn.ReLU(),
-                nn.ConvTranspose2d(c3, c2, 4, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
-                nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+                nn.ConvTranspose2d(c3, c2, 4, stride=2, padding=1), nn.ReLU(),
+                nn.ConvTranspose2d(c2, config.in_channels, 4, stride=2, padding=1),
             )  # fmt: skip
-            self.decoder_out = nn.Conv2d(c1, config.in_channels, 3, padding=1)
 
     @property
     def is_classifier(self) -> bool:
@@ -138,10 +139,8 @@ class FeatureNet(nn.Module):
         if self.is_classifier:
             raise TypeError("this feature net is a classifier: it has no decoder")
         z = self.decoder_in(self.features(x)).view(x.shape[0], -1, self.h4, self.w4)  # (N, c3, H/4, W/4)
-        h = self.decoder(z)  # (N, c1, 4 * ceil(H/4), 4 * ceil(W/4))
-        if h.shape[-2:] != x.shape[-2:]:
-            h = h[..., : x.shape[-2], : x.shape[-1]]
-        return torch.tanh(self.decoder_out(h))
+        h = self.decoder(z)[..., : x.shape[-2], : x.shape[-1]]  # (N, C, 4 ceil(H/4), 4 ceil(W/4)) cropped to H, W
+        return torch.tanh(h)
 
 
 def feature_net(
@@ -156,8 +155,10 @@ def feature_net(
 
     Labels with at least two classes give a classifier (cross-entropy), anything else an
     autoencoder (mean squared reconstruction error); ``info["kind"]`` says which. Training runs a
-    fixed number of steps set by the data size (deterministic for a seed); ``max_seconds`` is a
-    safety cap that stops it early, recorded as ``info["stopped_early"]``. With ``test``, info also
+    fixed number of steps set by the data size (deterministic for a seed on one machine and thread
+    count: CPU kernels reduce in a thread-dependent order); ``max_seconds`` is a safety cap that
+    stops it early, with a warning, recorded as ``info["stopped_early"]`` (a capped net is cached
+    too, so later calls do not pay the time again). With ``test``, info also
     holds the test accuracy (classifier) or the test reconstruction MSE (autoencoder).
 
     Returns (net in eval mode, info): info has kind, num_features, num_classes, seed, steps,
@@ -188,8 +189,9 @@ def feature_net(
     return net.eval(), info
 
 
-def _train(config: FeatureNetConfig, train: ImageData, settings: TrainSettings, seed: int, max_seconds: float,
-           progress: bool) -> tuple[FeatureNet, dict]:
+def _train(
+    config: FeatureNetConfig, train: ImageData, settings: TrainSettings, seed: int, max_seconds: float, progress: bool
+) -> tuple[FeatureNet, dict]:
     """Train a FeatureNet: AdamW with a one-cycle learning rate over a fixed number of steps."""
     from tqdm.auto import tqdm
 
@@ -228,8 +230,11 @@ def _train(config: FeatureNetConfig, train: ImageData, settings: TrainSettings, 
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if time.perf_counter() - t0 > max_seconds and step + 1 < steps:
                 stopped_early, steps = True, step + 1
-                warnings.warn(f"feature net training stopped at the time cap ({max_seconds:g} s) after {steps} "
-                              f"steps: the net is undertrained and not reproducible", stacklevel=3)
+                warnings.warn(
+                    f"feature net training stopped at the time cap ({max_seconds:g} s) after {steps} "
+                    f"steps: the net is undertrained and not reproducible",
+                    stacklevel=3,
+                )
                 break
         bar.close()
     net.eval()
@@ -275,15 +280,19 @@ def _load_cached(weights_path: Path, info_path: Path, train: ImageData, seed: in
 
 @torch.no_grad()
 def _accuracy(net: FeatureNet, x: Tensor, y: Tensor) -> float:
-    correct = sum((net(x[i : i + BATCH_SIZE]).argmax(1) == y[i : i + BATCH_SIZE]).sum().item()
-                  for i in range(0, len(x), BATCH_SIZE))
+    correct = sum(
+        (net(x[i : i + BATCH_SIZE]).argmax(1) == y[i : i + BATCH_SIZE]).sum().item()
+        for i in range(0, len(x), BATCH_SIZE)
+    )
     return correct / len(x)
 
 
 @torch.no_grad()
 def _reconstruction_mse(net: FeatureNet, x: Tensor) -> float:
-    total = sum(F.mse_loss(net.reconstruct(x[i : i + BATCH_SIZE]), x[i : i + BATCH_SIZE], reduction="sum").item()
-                for i in range(0, len(x), BATCH_SIZE))
+    total = sum(
+        F.mse_loss(net.reconstruct(x[i : i + BATCH_SIZE]), x[i : i + BATCH_SIZE], reduction="sum").item()
+        for i in range(0, len(x), BATCH_SIZE)
+    )
     return total / x.numel()
 
 
@@ -293,8 +302,10 @@ def _reconstruction_mse(net: FeatureNet, x: Tensor) -> float:
 def _check_images(x: Tensor, net: FeatureNet, name: str) -> None:
     c = net.config
     if x.ndim != 4 or tuple(x.shape[1:]) != (c.in_channels, c.height, c.width):
-        raise ValueError(f"{name} images must be (N, {c.in_channels}, {c.height}, {c.width}) like the feature "
-                         f"net's training data, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} images must be (N, {c.in_channels}, {c.height}, {c.width}) like the feature "
+            f"net's training data, got {tuple(x.shape)}"
+        )
 
 
 @torch.no_grad()
@@ -341,8 +352,9 @@ def fid_from_features(real: Tensor, fake: Tensor) -> float:
     return float(fid.compute())
 
 
-def kid_from_features(real: Tensor, fake: Tensor, *, subsets: int = KID_SUBSETS,
-                      subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
+def kid_from_features(
+    real: Tensor, fake: Tensor, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE, seed: int = 0
+) -> tuple[float, float]:
     """(KID mean, KID std) over ``subsets`` random subsets of min(subset_size, N_real, N_fake) pairs,
     by torchmetrics' KernelInceptionDistance; the subsets are drawn from ``seed``."""
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -387,8 +399,9 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
        fake manifold.
     """
     if k < 1 or k >= min(len(real), len(fake)):
-        raise ValueError(f"k must be in 1..{min(len(real), len(fake)) - 1} for {len(real)} real and "
-                         f"{len(fake)} fake images, got {k}")
+        raise ValueError(
+            f"k must be in 1..{min(len(real), len(fake)) - 1} for {len(real)} real and {len(fake)} fake images, got {k}"
+        )
     real, fake = real.float(), fake.float()
     real_radii = _nearest(real, real, k + 1)  # k + 1: the nearest point of a set to itself is itself
     fake_radii = _nearest(fake, fake, k + 1)
@@ -409,8 +422,7 @@ def classifier_score(probs: Tensor) -> float:
     return math.exp(kl.mean().item())
 
 
-def memorization(fake: Tensor, train: Tensor, heldout: Tensor,
-                 percentile: float = MEMORIZATION_PERCENTILE) -> dict:
+def memorization(fake: Tensor, train: Tensor, heldout: Tensor, percentile: float = MEMORIZATION_PERCENTILE) -> dict:
     """Nearest-training-neighbour distances of fakes, judged against held-out real images.
 
     Rule: with d(x) the feature distance from x to its nearest training image, a fake is memorized
@@ -477,13 +489,15 @@ def image_metrics(
         "n_real": len(real), "n_fake": len(fake), "k": k, "num_features": net.num_features, "feature_net": net.kind,
     }  # fmt: skip
     if real_labels is not None and fake_labels is not None:
-        metrics["fid_per_class"] = _fid_per_class(f_real, f_fake, _as_labels(real_labels, len(real), "real"),
-                                                  _as_labels(fake_labels, len(fake), "fake"))
+        metrics["fid_per_class"] = _fid_per_class(
+            f_real, f_fake, _as_labels(real_labels, len(real), "real"), _as_labels(fake_labels, len(fake), "fake")
+        )
     if train_for_memorization is not None:
         _check_images(train_for_memorization, net, "train_for_memorization")
         _check_images(heldout, net, "heldout")
-        metrics.update(memorization(f_fake, extract_features(net, train_for_memorization),
-                                    extract_features(net, heldout)))
+        metrics.update(
+            memorization(f_fake, extract_features(net, train_for_memorization), extract_features(net, heldout))
+        )
     return metrics
 
 
