@@ -174,3 +174,18 @@ def test_eval_of_a_conditional_run_reports_per_class_fid_and_floors(digits_run):
     assert set(m["fid_per_class"]) == {str(c) for c in range(10)} or set(m["fid_per_class"]) == set(range(10))
     assert m["fid"] > m["fid_floor"] >= 0  # ten training steps are far from the real data
     assert json.loads((run_dir / "eval.json").read_text())["metrics"]["fid"] == pytest.approx(m["fid"])
+
+
+def test_diffusion_trains_and_generates_with_its_sampling_options(class_folder, tmp_path):
+    sets = {"base_channels": "8", "depth": "1", "res_blocks": "1", "attention": "false", "batch_size": "8",
+            "eval_interval": "3", "warmup_steps": "1", "dtype": "fp32"}
+    run_dir, metrics = train("diffusion", str(class_folder), name="diff", max_steps=3, sets=sets)
+    assert np.isfinite(metrics["val_loss"]) and (run_dir / "samples" / "step-000003.png").is_file()
+    a = generate_images(str(run_dir), n=2, seed=3, out=str(tmp_path / "a"), options={"sampler": "ddim", "steps": 5,
+                                                                                       "eta": 0.5})
+    record = read_png_record(tmp_path / "a" / "001.png")
+    assert (record["sampler"], record["steps"], record["eta"], record["seed"]) == ("ddim", 5, 0.5, 4)
+    again = regenerate(a["files"][1], str(tmp_path / "b"))
+    assert np.array_equal(np.array(Image.open(again["files"][0])), np.array(Image.open(a["files"][1])))
+    with pytest.raises(UserError, match="eta"):
+        generate_images(str(run_dir), n=1, options={"sampler": "dpm-solver", "eta": 0.5})

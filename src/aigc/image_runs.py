@@ -106,7 +106,9 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         from aigc.evaluate.pictures import write_vae_pictures
 
         write_vae_pictures(best, batches.x_val, batches.y_val, run_dir / "pictures")
-    metrics = {**score_images(best, batches), **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
+    # the VAE's bound in nats per image; other families report their periodic validation objective
+    scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
+    metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
                                                                    "best_step", "images_per_s", "schedule_steps")}}
     record.update(status="done", metrics=metrics, finished=runs._now(), dtype=fit["dtype"])
     write_json(run_dir / "run.json", record)
@@ -268,8 +270,13 @@ def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
              f"A `{record['family']}` image model trained by AIGC Studio {__version__} on "
              f"`{record['data']['train']['source']}` ({record['data']['train']['images']:,} images of "
              f"{' x '.join(map(str, record['image_shape']))}).", "",
-             "## Validation", "", f"- negative ELBO: {m['val_nelbo']:.2f} nats per image "
-             f"({m['val_bits_per_dim']:.4f} bits per dimension)", f"- steps: {m['steps']}", "",
+             "## Validation", "", _card_score(m), f"- steps: {m['steps']}", "",
              "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} -n 64", "```", ""]
     atomic_write_text(run_dir / "README.md", "\n".join(lines))
+
+
+def _card_score(m: dict) -> str:
+    if "val_nelbo" in m:
+        return f"- negative ELBO: {m['val_nelbo']:.2f} nats per image ({m['val_bits_per_dim']:.4f} bits per dimension)"
+    return f"- validation loss: {m['val_loss']:.4f}"

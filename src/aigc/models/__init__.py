@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from aigc.models import gpt, ngram, rnn, vae
+from aigc.models import diffusion, gpt, ngram, rnn, vae
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
@@ -40,4 +40,7 @@ FAMILIES: dict[str, Family] = {
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
     "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
                   description="convolutional VAE, optionally class-conditional"),
+    "diffusion": Family("image", diffusion.DiffusionConfig, "gradient", diffusion.Diffusion.load, diffusion.build,
+                        after_step=True, sampler_options=("sampler", "steps", "eta", "guidance_scale"),
+                        description="DDPM with a compact UNet, EMA, diffusers samplers, classifier-free guidance"),
 }
