@@ -62,6 +62,16 @@ def no_network(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny nets: one thread is as fast as several, and immune to the OpenMP
+    oversubscription that makes multi-threaded CPU training crawl on a busy shared runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def aigc_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("aigc_home")

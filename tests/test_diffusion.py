@@ -21,14 +21,7 @@ NUM_CLASSES = 3
 SAMPLERS = ["ddpm", "ddim", "dpm-solver"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These nets are tiny: one thread is as fast as several, and immune to the OpenMP
-    # oversubscription that makes multi-threaded CPU training crawl on a busy shared runner.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(image_shape, num_classes: int = 0, **overrides) -> Diffusion:

@@ -304,9 +304,6 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
             if stop.requested:
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
-                    if on_eval is not None:
-                        on_eval(accelerator.unwrap_model(model), step)
-                        model.train()
                 bar.close()
                 raise Interrupted(step)
             t0 = time.perf_counter()
