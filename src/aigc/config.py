@@ -104,6 +104,15 @@ def coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+def config_from_record(config_type: type, record: dict, path: Path):
+    """A family config from the JSON a model folder stores; unknown keys are an error (a file
+    written by another version, or edited by hand), never silently dropped."""
+    unknown = sorted(set(record) - set(fields_of(config_type)))
+    if unknown:
+        raise ValueError(f"{path}: unknown {config_type.__name__} keys {unknown}")
+    return config_type(**record)
+
+
 def parse_sets(pairs: list[str]) -> dict[str, str]:
     """`["n_layer=2", "cell=gru"]` -> {"n_layer": "2", "cell": "gru"}."""
     out: dict[str, str] = {}

@@ -44,16 +44,14 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         if record["family"] != family:
             raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
         configs = build(runs.sections_for(family), read_toml(run_dir / "config.toml"), family=family)
-        train_set, val_set = _load_split(data, val_data, configs["data"])
-        if train_set.sha256 != record["data"]["train"]["sha256"]:
-            raise UserError(f"the training data {data} changed since the run was made (sha256 differs)")
+        train_set, val_set = recorded_split(run_dir, record, configs["data"])
         model = fam.load(find_checkpoint(run_dir))
     else:
         values = dict(read_toml(Path(config_file))) if config_file else {}
         values.update(sets)
         configs = build(runs.sections_for(family), values, family=family)
-        final_dir = runs._claim_run_dir(family, data, name, overwrite)
-        train_set, val_set = _load_split(data, val_data, configs["data"])
+        final_dir = runs.claim_run_dir(family, data, name, overwrite)
+        train_set, val_set = load_image_split(data, val_data, configs["data"])
         if configs["data"].conditional and train_set.labels is None:
             raise UserError(f"--conditional needs class labels, and {data} has none (use class sub-folders)")
         num_classes = train_set.num_classes if configs["data"].conditional else 0
@@ -64,7 +62,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         except ValueError as e:
             raise UserError(f"{family}: {e}") from None
         record = {
-            "family": family, "modality": "image", "created": runs._now(), "aigc_version": __version__,
+            "family": family, "modality": "image", "created": runs.now(), "aigc_version": __version__,
             "image_shape": list(image_shape), "num_classes": num_classes,
             "class_names": list(train_set.class_names) if train_set.class_names else None,
             "data": {"train": _describe(train_set, train_set.source),
@@ -75,7 +73,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
             write_json(staging / "run.json", record)
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
-        run_dir = runs._commit_run_dir(final_dir, write_files)
+        run_dir = runs.commit_run_dir(final_dir, write_files)
 
     max_steps, max_minutes = budget
     record["budget"] = {"max_steps": max_steps, "max_minutes": max_minutes}
@@ -83,8 +81,8 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
     write_json(run_dir / "run.json", record)
     cfg = configs["data"]
     labels = cfg.conditional
-    batches = ImageBatches(to_tensor(train_set.images), _labels(train_set, labels), to_tensor(val_set.images),
-                           _labels(val_set, labels), hflip=cfg.hflip)
+    batches = ImageBatches(to_tensor(train_set.images), labels_of(train_set, labels), to_tensor(val_set.images),
+                           labels_of(val_set, labels), hflip=cfg.hflip)
     grid_classes = _grid_classes(record["num_classes"])
 
     def save_grid(model, step: int) -> None:
@@ -110,7 +108,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
     scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
     metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
                                                                    "best_step", "images_per_s", "schedule_steps")}}
-    record.update(status="done", metrics=metrics, finished=runs._now(), dtype=fit["dtype"])
+    record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"])
     write_json(run_dir / "run.json", record)
     _write_card(run_dir, record, configs)
     return run_dir, metrics
@@ -231,11 +229,21 @@ def _grid_classes(num_classes: int) -> torch.Tensor | None:
     return torch.arange(GRID_SIZE) % num_classes if num_classes else None
 
 
-def _labels(data: ImageData, conditional: bool) -> torch.Tensor | None:
+def labels_of(data: ImageData, conditional: bool) -> torch.Tensor | None:
     return torch.as_tensor(data.labels) if conditional else None
 
 
-def _load_split(data: str, val_data: str | None, cfg) -> tuple[ImageData, ImageData]:
+def recorded_split(run_dir: Path, record: dict, cfg) -> tuple[ImageData, ImageData]:
+    """A run's training and validation images, as recorded in run.json, checked by sha256."""
+    val_source = record["data"]["val"]["source"]
+    train, val = load_image_split(record["data"]["train"]["source"],
+                                  None if val_source in ("held out", "test split") else val_source, cfg)
+    if train.sha256 != record["data"]["train"]["sha256"]:
+        raise UserError(f"the training data of {Path(run_dir).name} changed since the run was made (sha256 differs)")
+    return train, val
+
+
+def load_image_split(data: str, val_data: str | None, cfg) -> tuple[ImageData, ImageData]:
     """Training and validation images: --val-data, else a named set's test split, else the held-out tail."""
     size = cfg.image_size or None
     channels = cfg.channels or None

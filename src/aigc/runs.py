@@ -140,7 +140,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         configs = build(sections_for(family), values, family=family)
         if family == "ngram" and configs["data"].tokenizer != "char":
             raise UserError("the ngram family is a character model: tokenizer must be char")
-        final_dir = _claim_run_dir(family, data, name, overwrite)
+        final_dir = claim_run_dir(family, data, name, overwrite)
         corpus = load_corpus(data, text_field=configs["data"].text_field)
         if val_data:
             train_docs = list(corpus.docs)
@@ -161,7 +161,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             write_json(staging / "run.json", record)
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
-        run_dir = _commit_run_dir(final_dir, write_files)
+        run_dir = commit_run_dir(final_dir, write_files)
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes}
     record["status"] = "running"
     write_json(run_dir / "run.json", record)
@@ -186,7 +186,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     metrics = score_validation(run_dir, val_ids, chars)
     metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
                                                           "tokens_per_s", "schedule_steps", "order")})
-    record.update(status="done", metrics=metrics, finished=_now())
+    record.update(status="done", metrics=metrics, finished=now())
     write_json(run_dir / "run.json", record)
     write_model_card(run_dir, record, configs)
     return run_dir, metrics
@@ -325,7 +325,7 @@ def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokeniz
     return model, {}
 
 
-def _claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
+def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
     """The run's final path; an existing run there is an error unless --overwrite."""
     root = runs_dir()
     if name is None:
@@ -341,7 +341,7 @@ def _claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) ->
     return run_dir
 
 
-def _commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
+def commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
     """Write the run's first files into a staging folder (`write_files(staging)`), then swap it into
     place, replacing an old run only now, when the new one is known to be valid."""
     staging = run_dir.parent / f".staging-{run_dir.name}-{os.getpid()}"
@@ -360,7 +360,7 @@ def _commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
 def _new_record(family: str, corpus: Corpus, train_docs: list[str], val_docs: list[str],
                 val_data: str | None, init_from: str | None) -> dict:
     return {
-        "family": family, "modality": "text", "created": _now(), "aigc_version": __version__,
+        "family": family, "modality": "text", "created": now(), "aigc_version": __version__,
         "init_from": str(Path(init_from).resolve()) if init_from else None,
         "data": {
             "train": {"source": corpus.source, "corpus_sha256": corpus.sha256, "sha256": _sha(join_docs(train_docs)),
@@ -393,5 +393,5 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

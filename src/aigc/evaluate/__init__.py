@@ -91,23 +91,19 @@ def evaluate_image_run(run_dir: Path, record: dict, n: int = EVAL_IMAGES) -> dic
     from aigc.config import build, read_toml
     from aigc.data.images import to_tensor
     from aigc.evaluate.images import feature_net, floors, image_metrics
-    from aigc.image_runs import _labels, _load_split, score_images
+    from aigc.image_runs import labels_of, recorded_split, score_images
     from aigc.runs import family_of, sections_for
     from aigc.train import ImageBatches
 
     family = record["family"]
     configs = build(sections_for(family), read_toml(run_dir / "config.toml"), family=family)
-    val_source = record["data"]["val"]["source"]
-    train_set, val_set = _load_split(record["data"]["train"]["source"],
-                                     None if val_source in ("held out", "test split") else val_source, configs["data"])
-    if train_set.sha256 != record["data"]["train"]["sha256"]:
-        raise UserError(f"the training data of {run_dir.name} changed since the run was made (sha256 differs)")
+    train_set, val_set = recorded_split(run_dir, record, configs["data"])
     conditional = configs["data"].conditional
     x_train, x_val = to_tensor(train_set.images), to_tensor(val_set.images)
     model = family_of(family).load(run_dir).eval()
     metrics = {}
     if family == "vae":
-        metrics.update(score_images(model, ImageBatches(x_train[:1], None, x_val, _labels(val_set, conditional))))
+        metrics.update(score_images(model, ImageBatches(x_train[:1], None, x_val, labels_of(val_set, conditional))))
 
     # 1. the feature net of the training split (cached under $AIGC_HOME/cache/features/)
     net, net_info = feature_net(train_set, test=val_set)

@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from aigc.config import option
+from aigc.config import config_from_record, option
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "diffusion_config.json"
@@ -538,11 +538,7 @@ class Diffusion(nn.Module):
         image_shape = tuple(record.pop("image_shape"))
         num_classes = record.pop("num_classes")
         ema_updates = record.pop("ema_updates", 0)
-        known = {f.name for f in dataclasses.fields(DiffusionConfig)}
-        unknown = sorted(set(record) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown diffusion config keys {unknown}")
-        model = cls(DiffusionConfig(**record), image_shape, num_classes)
+        model = cls(config_from_record(DiffusionConfig, record, config_path), image_shape, num_classes)
         state = load_file(weights)
         ema = {k[len(EMA_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(EMA_PREFIX)}
         model.load_state_dict(state)  # strict: a missing or extra tensor is an error

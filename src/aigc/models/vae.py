@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from aigc.config import option
+from aigc.config import config_from_record, option
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "vae_config.json"
@@ -243,11 +243,7 @@ class VAE(nn.Module):
         record = json.loads(config_path.read_text(encoding="utf-8"))
         image_shape = tuple(record.pop("image_shape"))
         num_classes = record.pop("num_classes")
-        known = {f.name for f in dataclasses.fields(VAEConfig)}
-        unknown = sorted(set(record) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown VAE config keys {unknown}")
-        model = cls(VAEConfig(**record), image_shape, num_classes)
+        model = cls(config_from_record(VAEConfig, record, config_path), image_shape, num_classes)
         model.load_state_dict(load_file(weights))  # strict: a missing or extra tensor is an error
         return model.eval()
 
