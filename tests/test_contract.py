@@ -28,10 +28,11 @@ def corpus():
 
 TEXT = [name for name, fam in FAMILIES.items() if fam.modality == "text"]
 IMAGE = [name for name, fam in FAMILIES.items() if fam.modality == "image"]
+SERIES = [name for name, fam in FAMILIES.items() if fam.modality == "series"]  # contract: test_series_models.py
 
 
 def test_every_family_is_covered():
-    assert set(TEXT) | set(IMAGE) == set(FAMILIES)
+    assert set(TEXT) | set(IMAGE) | set(SERIES) == set(FAMILIES)
 
 
 @pytest.mark.parametrize("family", IMAGE)
@@ -45,13 +46,17 @@ def test_image_family_contract(family, num_classes, tmp_path):
     y = torch.arange(6) % 3 if num_classes else None
     batch = (x,) if y is None else (x, y)
 
-    # 1. the training loop's objective is forward(...)["loss"]: finite, with finite non-zero gradients
-    loss = model(*batch)["loss"]
-    assert loss.ndim == 0 and math.isfinite(loss.item())
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    # 1. the training loop's objective is forward(...)["loss"] (per declared phase, e.g. a GAN's two):
+    # finite, with finite non-zero gradients on every parameter the phase's optimizer steps
+    for phase in fam.phases or (None,):
+        model.zero_grad(set_to_none=True)
+        loss = (model(*batch) if phase is None else model(*batch, phase=phase))["loss"]
+        assert loss.ndim == 0 and math.isfinite(loss.item())
+        loss.backward()
+        stepped = model.parameters() if phase is None else model.phase_parameters(phase)
+        grads = [p.grad for p in stepped if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), phase
+        assert any(g.abs().sum() > 0 for g in grads), phase
     model.eval()
 
     # 2. seeded sampling is reproducible, in [-1, 1], and the seed matters

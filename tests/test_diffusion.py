@@ -274,20 +274,20 @@ def test_trajectory_runs_from_the_noise_to_the_images():
 def test_after_step_moves_the_ema_towards_the_weights():
     model = tiny_model((1, 8, 8), ema_decay=0.5)
     name, p = next(iter(model.unet.named_parameters()))
-    torch.testing.assert_close(model.ema_weights[name], p.detach())  # starts at the initial weights
+    torch.testing.assert_close(model.ema.weights[name], p.detach())  # starts at the initial weights
     with torch.no_grad():
         for q in model.unet.parameters():
             q.add_(1.0)  # as if an optimizer step moved every weight
     for k in range(8):
-        before = model.ema_weights[name].clone()
+        before = model.ema.weights[name].clone()
         model.after_step()
         decay = min(0.5, (1 + k) / (10 + k))  # warm-up: 0.1, 0.18, ..., then ema_decay
-        torch.testing.assert_close(model.ema_weights[name], decay * before + (1 - decay) * p.detach())
-        assert (p - model.ema_weights[name]).abs().sum() < (p - before).abs().sum()
-    assert model.ema_updates == 8
+        torch.testing.assert_close(model.ema.weights[name], decay * before + (1 - decay) * p.detach())
+        assert (p - model.ema.weights[name]).abs().sum() < (p - before).abs().sum()
+    assert model.ema.updates == 8
     off = tiny_model((1, 8, 8), ema_decay=0.0)
     off.after_step()  # no EMA kept: nothing to update
-    assert off.ema_weights is None
+    assert off.ema is None
 
 
 def test_sampling_uses_the_ema_weights():
@@ -295,7 +295,7 @@ def test_sampling_uses_the_ema_weights():
     train_steps(model, images(8, (1, 8, 8)), None, steps=5)
     # a twin whose live weights are the EMA weights and that keeps no EMA samples the same pixels
     twin = tiny_model((1, 8, 8), ema_decay=0.0)
-    twin.unet.load_state_dict(model.ema_weights)
+    twin.unet.load_state_dict(model.ema.weights)
     a = model.sample(2, generator=seeded(0), sampler="ddim", steps=4)
     torch.testing.assert_close(a, twin.sample(2, generator=seeded(0), sampler="ddim", steps=4))
     without_ema = tiny_model((1, 8, 8), ema_decay=0.0)
@@ -312,11 +312,11 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path, num_classes):
     loaded = Diffusion.load(tmp_path)
     assert not loaded.training
     assert loaded.config == model.config and loaded.image_shape == model.image_shape
-    assert loaded.ema_updates == 3
+    assert loaded.ema.updates == 3
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    for k, v in model.ema_weights.items():
-        assert torch.equal(loaded.ema_weights[k], v), k
+    for k, v in model.ema.weights.items():
+        assert torch.equal(loaded.ema.weights[k], v), k
     model.eval()
     y2 = y[:2] if num_classes else None
     for sampler in SAMPLERS:

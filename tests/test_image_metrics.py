@@ -3,14 +3,18 @@ trained on scikit-learn's digits (offline, seconds)."""
 
 from __future__ import annotations
 
+import json
 import time
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
+from typer.testing import CliRunner
 
+from aigc.cli import app
 from aigc.data.images import ImageData, load_images, to_tensor
 from aigc.evaluate.images import (
     classifier_score,
@@ -34,11 +38,17 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def digits_net(digits, tmp_path_factory):
+def features_home(tmp_path_factory):
+    """This module's AIGC_HOME for the cached digits classifier (each test has its own AIGC_HOME)."""
+    return tmp_path_factory.mktemp("features_home")
+
+
+@pytest.fixture(scope="module")
+def digits_net(digits, features_home):
     """The digits classifier, trained once for this module in its own AIGC_HOME."""
     train, test = digits
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGC_HOME", str(tmp_path_factory.mktemp("features_home")))
+        mp.setenv("AIGC_HOME", str(features_home))
         t0 = time.perf_counter()
         net, info = feature_net(train, test=test, max_seconds=60)
         info["wall_seconds"] = time.perf_counter() - t0
@@ -280,3 +290,105 @@ def test_fid_per_class_and_floors(digits_net, digits):
     noisy = image_metrics(x_train[:297], x_test + 0.5 * torch.randn_like(x_test), net)
     assert noisy["fid"] > 2 * floor["fid"]
     assert noisy["precision"] < floor["precision"]
+
+
+# ---- aigc eval --images FOLDER --data DATASET ----------------------------------------------------
+
+
+def write_pngs(folder, images, labels=None):
+    """uint8 (N, H, W, 1) images as folder/000.png ..., or folder/<label>/NNN.png with labels."""
+    for i, image in enumerate(images):
+        target = folder if labels is None else folder / str(labels[i])
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[:, :, 0], mode="L").save(target / f"{i:03d}.png")
+    return folder
+
+
+def eval_images(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args)])
+
+
+@pytest.fixture
+def cached_net_home(digits_net, features_home, monkeypatch):
+    """Run the CLI in the home whose feature-net cache holds the module's digits classifier."""
+    monkeypatch.setenv("AIGC_HOME", str(features_home))
+    return features_home
+
+
+def test_eval_images_scores_a_folder_like_a_run(digits, cached_net_home, tmp_path):
+    """Held-out digits score near the floor, copies of training digits are flagged as memorised, noise is far off."""
+    train, test = digits
+    # the second half of the test split, in class sub-folders: the first N held-out images are the reference
+    real = write_pngs(tmp_path / "real", test.images[150:], test.labels[150:])
+    copies = write_pngs(tmp_path / "copies", train.images[:200])
+    noise = write_pngs(tmp_path / "noise", np.random.default_rng(0).integers(0, 256, (150, 8, 8, 1), dtype=np.uint8))
+    scores = {}
+    for name, folder in (("real", real), ("copies", copies), ("noise", noise)):
+        result = eval_images("--images", folder, "--data", "digits", "--json")
+        assert result.exit_code == 0, result.output
+        scores[name] = json.loads(result.stdout)
+    out = scores["real"]
+    assert list(out) == ["images", "data", "metrics", "n", "feature_net"]
+    assert out["images"] == str(real) and out["data"] == "digits" and out["n"] == 147
+    assert out["feature_net"]["kind"] == "classifier" and out["feature_net"]["cached"] is True
+    m = out["metrics"]
+    assert set(m) >= {"fid", "fid_floor", "kid", "kid_std", "kid_floor", "precision", "recall", "classifier_score",
+                      "memorization_rate", "precision_floor", "recall_floor"}
+    # measured: FID 4.05 against a floor of 3.57; copies 2.0 (floor 2.0); noise 29 (floor 3.8)
+    assert m["fid"] < 1.5 * m["fid_floor"]
+    assert sorted(m["fid_per_class"], key=int) == [str(c) for c in range(10)]  # sub-folders named as the classes
+    assert m["memorization_rate"] < 0.2 and m["classifier_score"] > 6
+    assert scores["copies"]["n"] == 200 and scores["copies"]["metrics"]["fid_per_class"] is None
+    assert scores["copies"]["metrics"]["memorization_rate"] > 0.9  # training images: flagged
+    noisy = scores["noise"]["metrics"]
+    assert noisy["fid"] > 4 * noisy["fid_floor"] and noisy["fid"] > 4 * m["fid"]
+    assert noisy["precision"] < 0.5 * noisy["precision_floor"] and noisy["classifier_score"] < 3
+    assert sorted(p.name for p in real.iterdir()) == [str(c) for c in range(10)]  # nothing written into it
+
+
+def test_eval_images_leaves_out_the_generate_grids_and_writes_out(digits, cached_net_home, tmp_path):
+    """Folders laid out by `aigc generate --out` (000.png ... and grid.png), one per class or one in all:
+    the grids are no samples. Also -n and --out."""
+    _, test = digits
+    by_class = tmp_path / "generated"
+    for c in (3, 7):
+        write_pngs(by_class / str(c), test.images[test.labels == c][:6])
+        Image.fromarray(np.zeros((50, 50), np.uint8), mode="L").save(by_class / str(c) / "grid.png")
+    result = eval_images("--images", by_class, "--data", "digits", "--json", "--out", tmp_path / "scores.json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["n"] == 12  # not 14
+    assert {"3", "7"} <= set(out["metrics"]["fid_per_class"])  # the sub-folders' classes (and the reals')
+    assert json.loads((tmp_path / "scores.json").read_text()) == out
+    flat = write_pngs(tmp_path / "flat", test.images[:12])
+    Image.fromarray(np.zeros((50, 50), np.uint8), mode="L").save(flat / "grid.png")
+    result = eval_images("--images", flat, "--data", "digits", "-n", 5)
+    assert result.exit_code == 0, result.output
+    assert "n_fake" in result.stdout and "5 images of" in result.stderr
+    result = eval_images("--images", flat, "--data", "digits", "--json")
+    assert json.loads(result.stdout)["n"] == 12
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--images", "MISSING", "--data", "digits"], "no such folder", 1),
+    (["--images", "EMPTY", "--data", "digits"], "no images under", 1),
+    (["--images", "UNREADABLE", "--data", "digits"], "cannot read image", 1),
+    (["--images", "TWO", "--data", "digits"], "2 images are too few", 1),
+    (["--images", "TWO", "--data", "no-such-data"], "not a named data set", 1),
+    (["--images", "TWO", "--data", "digits", "-n", "2"], "-n must be at least 3", 1),
+    (["--images", "TWO"], "--images needs --data", 1),
+    (["some-run", "--images", "TWO", "--data", "digits"], "not both", 1),
+    (["some-run", "--data", "digits"], "--data applies to --images", 1),
+    (["some-run", "--out", "x.json"], "--out applies to --images", 1),
+    ([], "missing RUN", 2),
+])
+def test_eval_images_errors(args, message, code, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "0.png").write_bytes(b"not a png")
+    write_pngs(tmp_path / "two", np.zeros((2, 8, 8, 1), np.uint8))
+    subst = {name: tmp_path / name.lower() for name in ("MISSING", "EMPTY", "UNREADABLE", "TWO")}
+    result = eval_images(*[subst.get(a, a) for a in args])
+    assert result.exit_code == code
+    assert message in result.stderr and "Traceback" not in result.stderr
+

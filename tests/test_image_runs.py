@@ -16,6 +16,8 @@ from aigc.errors import UserError
 from aigc.image_runs import generate_images, regenerate
 from aigc.runs import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = {"z_dim": "4", "base_channels": "8", "batch_size": "16", "eval_interval": "5", "warmup_steps": "2",
         "dtype": "fp32", "log_interval": "5"}
 

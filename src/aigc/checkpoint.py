@@ -70,11 +70,13 @@ def save_model_files(model, directory: Path) -> list[str]:
     return names
 
 
-def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-    """Write `checkpoints/last/` atomically: model, optimizer state, and the JSON training state.
+def save_checkpoint(run_dir: Path, model, optimizers: dict[str, torch.optim.Optimizer], state: dict) -> Path:
+    """Write `checkpoints/last/` atomically: model, optimizer states, and the JSON training state.
 
-    The RNG states live in state.json as plain lists of ints (never pickled), and the optimizer
-    state holds only tensors and numbers, so it loads with `torch.load(weights_only=True)`.
+    `optimizers` maps a name to an optimizer: {"model": ...} for most families, one per phase for a
+    GAN; optimizer.pt holds {name: state_dict}. The RNG states live in state.json as plain lists of
+    ints (never pickled), and the optimizer states hold only tensors and numbers, so they load with
+    `torch.load(weights_only=True)`.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,7 @@ def save_checkpoint(run_dir: Path, model, optimizer: torch.optim.Optimizer, stat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / "optimizer.pt")
     write_json(tmp / "state.json", state)
     fsync_tree(tmp)
     write_manifest(tmp, [p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST])
@@ -111,5 +113,8 @@ def find_checkpoint(run_dir: Path) -> Path:
     return last
 
 
-def load_optimizer_state(directory: Path) -> dict:
-    return torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
+def load_optimizer_state(directory: Path) -> dict[str, dict]:
+    """{name: optimizer state_dict}; a checkpoint of one optimizer written before names were kept
+    (a bare state_dict) reads as {"model": state_dict}."""
+    saved = torch.load(Path(directory) / "optimizer.pt", map_location="cpu", weights_only=True)
+    return {"model": saved} if "param_groups" in saved else saved

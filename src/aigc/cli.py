@@ -92,14 +92,23 @@ class TrainCommand(TyperCommand):
                 formatter.write_text("")
                 for line in text.splitlines():
                     formatter.write(f"  {line}\n")
+            from aigc.models import FAMILIES
+
+            if family in FAMILIES and FAMILIES[family].series is not None:  # e.g. rnn on a series
+                with formatter.section(f"Configuration keys of {family} on a series (a named series or a .csv)"):
+                    formatter.write_text("")
+                    for line in describe(sections_for(family, "series")).splitlines():
+                        formatter.write(f"  {line}\n")
 
 
 @app.command(cls=TrainCommand)
 @user_errors
 def train(
-    family: Annotated[str, typer.Option(help="ngram | rnn | gpt", is_eager=True)],
+    family: Annotated[str, typer.Option(help="ngram | rnn | gpt (text); vae | dcgan | diffusion (images)"
+                                             "; ar | rnn (series)", is_eager=True)],
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
-                                           "fortune file or a folder")],
+                                           "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
+                                           "elnino, or a .csv file")],
     val_data: Annotated[str | None, typer.Option(help="validation data (default: the last 10% of --data)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: FAMILY-DATA-TIMESTAMP)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
@@ -111,6 +120,15 @@ def train(
     config: Annotated[str | None, typer.Option(help="a TOML file of configuration keys")] = None,
     image_size: Annotated[int | None, typer.Option(help="image families: resize images to N x N")] = None,
     conditional: Annotated[bool, typer.Option(help="image families: the class-conditional variant")] = False,
+    order: Annotated[str | None, typer.Option(help="ar: the order p, or auto = BIC over p = 0..--max-order "
+                                                   "(default auto)")] = None,
+    max_order: Annotated[int | None, typer.Option(help="ar, --order auto: the largest p tried (default 24)")] = None,
+    column: Annotated[str | None, typer.Option(help="series: the column of values")] = None,
+    time_column: Annotated[str | None, typer.Option(help="series, CSV: the column of dates")] = None,
+    freq: Annotated[str | None, typer.Option(help="series, CSV: pandas frequency of the dates (D, W-SUN, MS, "
+                                                  "QS, YS; default: inferred)")] = None,
+    fill: Annotated[str | None, typer.Option(help="series: missing values are an error, unless interpolate "
+                                                  "or drop")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
@@ -130,6 +148,10 @@ def train(
 
       aigc train --family vae --data digits --conditional --max-minutes 2
 
+      aigc train --family ar --data sunspots --order auto --max-order 20
+
+      aigc train --family rnn --data co2 --fill interpolate --set block_size=64 --max-minutes 2
+
     `aigc train --family F --help` lists every --set key of F with its default.
     """
     _quiet_libraries()
@@ -147,13 +169,20 @@ def train(
             sets["image_size"] = str(image_size)
         if conditional:
             sets["conditional"] = "true"
+    series_flags = {"order": order, "max_order": max_order, "column": column, "time_column": time_column,
+                    "freq": freq, "fill": fill}
+    if any(v is not None for v in series_flags.values()):
+        from aigc.series_runs import series_sets
+
+        sets.update(series_sets(family, data, {k: v for k, v in series_flags.items() if v is not None}))
     run_dir, metrics = run_train(family, data, val_data=val_data, name=name, overwrite=overwrite,
                                  resume=resume, max_minutes=max_minutes, max_steps=max_steps,
                                  init_from=init_from, config_file=config, sets=sets)
     if json_out:
         _emit_json({"run_dir": str(run_dir), "metrics": metrics})
     else:
-        shown = {k: v for k, v in metrics.items() if k in ("val_bpc", "val_loss", "val_nelbo", "steps")}
+        shown = {k: v for k, v in metrics.items() if k in ("val_bpc", "val_loss", "val_nelbo", "steps", "order",
+                                                           "sigma")}
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()),
               file=sys.stderr)
         print(run_dir)
@@ -184,9 +213,16 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
     eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="diffusion, conditional: 1 = no guidance")] = None,
+    truncation: Annotated[float | None, typer.Option(help="dcgan: truncate latents to [-T, T] (default: none; "
+                                                          "smaller = less variety)")] = None,
+    horizon: Annotated[int | None, typer.Option(help="series runs: steps to forecast (1..1000)")] = None,
+    paths: Annotated[int | None, typer.Option(help="series runs: sample paths to generate (default 0)")] = None,
+    level: Annotated[float | None, typer.Option(help="series runs: prediction-interval level (default 0.95)")] = None,
+    noise: Annotated[str | None, typer.Option(help="series runs: gaussian (default) | bootstrap (resampled "
+                                                   "residuals)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
-    """Generate text (or images) from a trained run.
+    """Generate text, images, or series forecasts and sample paths from a trained run.
 
     Examples:
 
@@ -200,16 +236,27 @@ def generate(
 
       aigc generate my-vae -n 64 --seed 0 --out pictures/
 
+      aigc generate my-gan -n 16 --truncation 1.5
+
       aigc generate --from-image pictures/007.png
+
+      aigc generate my-ar --horizon 24 --paths 5 --level 0.9 --seed 0 --json
     """
     _quiet_libraries()
     if run is None and from_image is None:
         _fail("missing RUN: give a run name or directory, or --from-image FILE", 2)  # a usage error
+    if from_image is None and _is_series_run(run):
+        _generate_series(ctx, run, seed, out, json_out, horizon=horizon, paths=paths, level=level, noise=noise)
+        return
+    for flag in SERIES_ONLY:
+        if _given(ctx, flag):
+            raise UserError(f"--{flag} applies to series runs")
     if from_image is not None or _is_image_run(run):
-        options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+        options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
+                   "truncation": truncation}
         _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options)
         return
-    for flag in ("class_", "out", "sampler", "steps", "eta", "guidance_scale"):
+    for flag in ("class_", "out", "sampler", "steps", "eta", "guidance_scale", "truncation"):
         if _given(ctx, flag):
             raise UserError(f"--{flag.rstrip('_').replace('_', '-')} applies to image runs")
     from aigc.sample import GenerateSettings, load_run, print_stream, settings_dict
@@ -249,6 +296,9 @@ TEXT_ONLY = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p
              "num_beams", "no_repeat_ngram_size", "stop", "stream")
 
 
+SERIES_ONLY = ("horizon", "paths", "level", "noise")
+
+
 def _given(ctx: typer.Context, param: str) -> bool:
     """Was the option on the command line (not its default)? Compared by name: typer vendors its
     own click, whose ParameterSource is not click's."""
@@ -265,6 +315,39 @@ def _is_image_run(run: str | None) -> bool:
         return read_run(find_run(run)).get("modality") == "image"
     except UserError:
         return False  # not a run: a Hugging Face folder, or an error that the text path reports
+
+
+def _is_series_run(run: str | None) -> bool:
+    if run is None:
+        return False
+    from aigc.runs import find_run, read_run
+
+    try:
+        return read_run(find_run(run)).get("modality") == "series"
+    except UserError:
+        return False  # not a run: the text path reports it
+
+
+def _generate_series(ctx, run, seed, out, json_out, **options) -> None:
+    from aigc.series_runs import MAX_HORIZON, generate_series
+
+    for param in (*TEXT_ONLY, "n", "class_", "sampler", "steps", "eta", "guidance_scale", "truncation"):
+        if _given(ctx, param):
+            name = {"n": "-n (use --paths K)"}.get(param, "--" + param.rstrip("_").replace("_", "-"))
+            raise UserError(f"{name} does not apply to series runs")
+    if options["horizon"] is None:
+        raise UserError(f"series runs need --horizon H (1..{MAX_HORIZON}), the number of steps to forecast")
+    defaults = {"paths": 0, "level": 0.95, "noise": "gaussian"}
+    options = {k: defaults[k] if v is None and k in defaults else v for k, v in options.items()}
+    result = generate_series(run, seed=secrets.randbelow(2**31) if seed is None else seed, out=out, **options)
+    if json_out:
+        _emit_json(result)
+        return
+    print(f"{'time':<20} {'forecast':>14} {'lower':>14} {'upper':>14}")
+    for row in zip(result["time"], result["forecast"], result["lower"], result["upper"], strict=True):
+        print(f"{row[0]!s:<20} {row[1]:>14.6g} {row[2]:>14.6g} {row[3]:>14.6g}")
+    print(f"{result['level']:.0%} intervals; seed {result['settings']['seed']}; files: "
+          f"{', '.join(result['files'])}", file=sys.stderr)
 
 
 def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options) -> None:
@@ -294,28 +377,79 @@ def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, optio
 @app.command("eval")
 @user_errors
 def eval_(
-    run: Annotated[str, typer.Argument(help="run name or run directory")],
+    run: Annotated[str | None, typer.Argument(help="run name or run directory")] = None,
+    images: Annotated[str | None, typer.Option(help="score this folder of images instead of a run "
+                                                    "(with --data)")] = None,
+    data: Annotated[str | None, typer.Option(help="with --images: the data set to score against (digits, "
+                                                  "fashion-mnist, a folder or an array file)")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="image runs and --images: images scored (default 2000, "
+                                                      "at most the held-out images)")] = None,
+    out: Annotated[str | None, typer.Option(help="with --images: also write the JSON result to this file")] = None,
+    horizon: Annotated[int | None, typer.Option(help="series runs: back-test forecasts of 1..H steps "
+                                                     "(default 1)")] = None,
+    level: Annotated[float | None, typer.Option(help="series runs: the interval level whose coverage is "
+                                                     "scored (default 0.95)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Score a run on its validation split (bits per character, perplexity), sample from it
-    (diversity, novelty, speed) and write eval.json and report.html into the run.
+    (diversity, novelty, speed) and write eval.json and report.html into the run. Image runs get
+    FID, KID, precision, recall, ... with their floors; --images scores any folder of images the
+    same way against a data set's held-out images, and writes nothing into the folder.
 
-    Example:
+    Examples:
 
       aigc eval poet --json
+
+      aigc eval --images generated/ --data digits --json
+
+      aigc eval my-ar --horizon 12 --level 0.9 --json
     """
     _quiet_libraries()
-    from aigc.evaluate import evaluate_run
+    if run is not None and images is not None:
+        raise UserError("give a RUN or --images FOLDER, not both")
+    if run is None and images is None:
+        _fail("missing RUN: give a run name or directory, or --images FOLDER --data DATASET", 2)  # a usage error
+    series = images is None and _is_series_run(run)
+    if not series and (horizon is not None or level is not None):
+        raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
+    if series:
+        for flag, value in (("--data", data), ("--out", out), ("-n", n)):
+            if value is not None:
+                raise UserError(f"{flag} does not apply to series runs")
+        from aigc.evaluate.series import evaluate_series_run
 
-    result = evaluate_run(run)
+        result = evaluate_series_run(run, horizon=1 if horizon is None else horizon,
+                                     level=0.95 if level is None else level)
+    elif images is None:
+        for flag, value in (("--data", data), ("--out", out)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
+        from aigc.evaluate import evaluate_run
+
+        result = evaluate_run(run, n)
+    else:
+        if data is None:
+            raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
+        from aigc.evaluate import EVAL_IMAGES, evaluate_image_folder
+
+        result = evaluate_image_folder(images, data, EVAL_IMAGES if n is None else n, out=out)
     if json_out:
-        _emit_json(result)  # the same object as <run>/eval.json
+        _emit_json(result)  # the same object as <run>/eval.json (or --out FILE)
         return
     for key, value in result["metrics"].items():
         print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
-    report = Path(result["run"]) / "report.html"
-    if report.is_file():
-        print(f"report: {report}")
+    if images is not None:
+        net = result["feature_net"]
+        quality = (f"test accuracy {net['test_accuracy']:.3f}" if net["test_accuracy"] is not None
+                   else f"test MSE {net['test_mse']:.4f}")
+        print(f"{result['n']} images of {result['images']} against as many held-out images of {data}; "
+              f"feature net: {net['kind']}, {quality}", file=sys.stderr)
+    elif series:
+        naive = result["naive"]
+        print(f"naive forecast on the same origins: mae {naive['mae']:.4g}, mase {naive['mase']:.4f}; "
+              f"picture: {result['picture']}", file=sys.stderr)
+    elif (Path(result["run"]) / "report.html").is_file():
+        print(f"report: {Path(result['run']) / 'report.html'}")
 
 
 @app.command()
@@ -382,6 +516,14 @@ def data_list():
         print(f"{name:<12} {installed:<9} {corpus.package:<12} {corpus.description}")
     print("\nYour own data: a .txt file, a folder of them, a fortune file (entries split by '%' lines) "
           "or a .jsonl file with a \"text\" field.")
+    from aigc.data.series import series_table
+
+    print(f"\n{'series':<12} {'values':>6} {'missing':>7} {'freq':<7} {'season':>6} {'column':<12} "
+          f"description (statsmodels' bundled data)")
+    for row in series_table():
+        print(f"{row['name']:<12} {row['values']:>6} {row['missing']:>7} {row['freq']:<7} {row['season'] or '-':>6} "
+              f"{row['column']:<12} {row['description']}")
+    print("\nYour own series: a .csv file (--column, --time-column, --freq; missing values need --fill).")
 
 
 @data_app.command("show")
@@ -391,10 +533,17 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
               json_out: Annotated[bool, typer.Option("--json")] = False):
     """Statistics and the start of a corpus, as the training would see it.
 
-    Example:
+    Examples:
 
       aigc data show tang300
+
+      aigc data show co2
     """
+    from aigc.data.series import is_series_data
+
+    if is_series_data(data):
+        _show_series(data, json_out)
+        return
     from aigc.data.text import load_corpus, split_corpus
 
     corpus = load_corpus(data, text_field=text_field)
@@ -413,6 +562,26 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
         print(f"{key:>15}  {value:,}" if isinstance(value, int) else f"{key:>15}  {value}")
     print("--- first document:")
     print(corpus.docs[0][:300])
+
+
+def _show_series(data: str, json_out: bool) -> None:
+    from aigc.data.series import SeriesDataConfig, load_series
+
+    series = load_series(data, SeriesDataConfig(fill="drop"))  # statistics of the values present
+    v = series.values
+    info = {**{k: val for k, val in series.describe().items() if k not in ("fill", "dropped", "sha256")},
+            "values": len(v) + series.missing, "min": float(v.min()), "mean": float(v.mean()), "max": float(v.max())}
+    head = [{"time": t, "value": float(x)} for t, x in zip(series.time[:10], v[:10], strict=False)]
+    if json_out:
+        _emit_json({**info, "head": head})
+        return
+    for key, value in info.items():
+        print(f"{key:>10}  {value:.6g}" if isinstance(value, float) else f"{key:>10}  {value}")
+    if series.missing:
+        print(f"{'':>10}  ({series.missing} missing: train with --fill interpolate or --fill drop)")
+    print("--- first values:")
+    for row in head:
+        print(f"{row['time']!s:<20} {row['value']:g}")
 
 
 @app.command()

@@ -94,16 +94,16 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
 
     try:
         fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, max_minutes),
-                         resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid, after_step=fam.after_step)
+                         resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid, after_step=fam.after_step,
+                         phases=fam.phases)
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
         write_json(run_dir / "run.json", record)
         raise
     best = fam.load(run_dir)
-    if family == "vae":  # reconstructions, latent space, interpolation: pictures, not only numbers
-        from aigc.evaluate.pictures import write_vae_pictures
+    from aigc.evaluate.pictures import write_pictures  # pictures, not only numbers (per family: docs/images.md)
 
-        write_vae_pictures(best, batches.x_val, batches.y_val, run_dir / "pictures")
+    write_pictures(family, best, batches.x_val, batches.y_val, run_dir / "pictures")
     # the VAE's bound in nats per image; other families report their periodic validation objective
     scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
     metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",

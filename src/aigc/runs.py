@@ -22,7 +22,7 @@ import numpy as np
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import DataConfig, ImageDataConfig, TrainConfig, build, read_toml, to_toml
+from aigc.config import DataConfig, ImageDataConfig, build, read_toml, to_toml
 from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
 from aigc.errors import UserError
@@ -67,11 +67,19 @@ def family_of(name: str) -> Family:
     return FAMILIES[name]
 
 
-def sections_for(family: str) -> dict[str, type]:
+def sections_for(family: str, modality: str | None = None) -> dict[str, type]:
+    """The configuration sections of a family; modality="series": those of its series variant."""
     fam = family_of(family)
-    sections = {"model": fam.config, "data": ImageDataConfig if fam.modality == "image" else DataConfig}
+    if modality == "series" or fam.modality == "series":
+        from aigc.data.series import SeriesDataConfig
+        from aigc.series_runs import series_family
+
+        fam = series_family(family)
+        sections = {"model": fam.config, "data": SeriesDataConfig}
+    else:
+        sections = {"model": fam.config, "data": ImageDataConfig if fam.modality == "image" else DataConfig}
     if fam.trainer == "gradient":
-        sections["train"] = TrainConfig
+        sections["train"] = fam.train_config
     return sections
 
 
@@ -103,6 +111,14 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
 
     budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
     header = {"family": family, "data": data, "aigc_version": __version__}
+    from aigc.data.series import is_series_data
+
+    if fam.modality == "series" or is_series_data(data):  # the data decides: rnn also takes a series
+        from aigc.series_runs import train_series
+
+        return train_series(family, data, val_data=val_data, name=name, overwrite=overwrite, resume=resume,
+                            max_steps=max_steps, max_minutes=max_minutes, config_file=config_file, sets=sets,
+                            header=header)
     if fam.modality == "image":
         from aigc.image_runs import train_images
 

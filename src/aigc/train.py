@@ -184,8 +184,9 @@ class ImageBatches:
             out.append((x,) if self.y_val is None else (x, self.y_val[i:i + batch]))
         return out
 
-    def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return model(*batch)["loss"]  # forward, not .loss: a DDP-wrapped model syncs gradients in forward
+    def loss(self, model, batch: tuple[torch.Tensor, ...], phase: str | None = None) -> torch.Tensor:
+        # forward, not .loss: a DDP-wrapped model syncs gradients in forward
+        return (model(*batch) if phase is None else model(*batch, phase=phase))["loss"]
 
     def val_metrics(self, val_loss: float) -> dict:
         return {}
@@ -216,9 +217,18 @@ class _StopFlag:
         return False
 
 
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases and norm scales)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
 def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
                resume: bool = False, cpu_bf16: bool = True, on_eval: Callable | None = None,
-               after_step: bool = False) -> dict:
+               after_step: bool = False, phases: tuple[str, ...] = ()) -> dict:
     """Train `model` in place on `data`; the run root ends holding the best weights.
 
     `data` gives training batches, validation batches and the loss (see TextBatches). On resume
@@ -226,7 +236,10 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     states are restored here. `on_eval(model, step)` runs on the main process after each
     evaluation (image runs save a sample grid there). With `after_step` (declared by the family)
     the loop calls `model.after_step()` after every optimizer step, e.g. to update EMA weights.
-    Returns the final training metrics.
+    With `phases` (declared by the family, e.g. a GAN's ("discriminator", "generator")) every phase
+    has its own optimizer over `model.phase_parameters(phase)`, and a training step runs the phases
+    in order: clear all gradients, accumulate that phase's loss, clip and step its optimizer. Its
+    validation loss is the first phase's. Returns the final training metrics.
     """
     run_dir = Path(run_dir)
     dtype = resolve_dtype(cfg.dtype, cpu_bf16)
@@ -239,11 +252,10 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     micro = cfg.batch_size // (cfg.grad_accum * world)
 
     torch.manual_seed(cfg.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if phases:
+        optimizers = {phase: make_optimizer(model.phase_parameters(phase), cfg) for phase in phases}
+    else:
+        optimizers = {"model": make_optimizer(list(model.parameters()), cfg)}
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed, best_val, best_step = 0, 0.0, math.inf, -1
     total_steps = budget.max_steps or 10**9  # replaced by an estimate after warm-up under a time budget
@@ -252,7 +264,12 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     if resume:
         ckpt = find_checkpoint(run_dir)
         state = read_json(ckpt / "state.json")
-        optimizer.load_state_dict(load_optimizer_state(ckpt))
+        saved = load_optimizer_state(ckpt)
+        if set(saved) != set(optimizers):
+            raise ValueError(f"{ckpt}: optimizer states {sorted(saved)} do not match this family's "
+                             f"{sorted(optimizers)}")
+        for key, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved[key])
         step, elapsed = state["step"], state["elapsed_s"]
         best_val, best_step = state["best_val_loss"], state["best_step"]
         best_val = math.inf if best_val is None else best_val  # JSON has no infinity: stored as null
@@ -263,16 +280,25 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         _truncate_metrics(run_dir / "metrics.jsonl", step)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *prepared = accelerator.prepare(model, *optimizers.values())
+    optimizers = dict(zip(optimizers, prepared, strict=True))
     val_batches = data.val_batches(cfg.eval_batches, micro)
+    eval_phase = phases[0] if phases else None
+
+    def phase_loss(batch: tuple[torch.Tensor, ...], phase: str | None) -> torch.Tensor:
+        return data.loss(model, batch) if phase is None else data.loss(model, batch, phase)
 
     def to_device(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(accelerator.device) for t in batch)
 
     def periodic_eval() -> float:
+        # the same noise at every evaluation (families draw noise in their losses), and the training
+        # RNG untouched: when evaluations happen does not change the weights (exact resume)
+        cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
         model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            losses = [data.loss(model, to_device(batch)).item() for batch in val_batches]
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), accelerator.autocast():
+            torch.manual_seed(cfg.seed)
+            losses = [phase_loss(to_device(batch), eval_phase).item() for batch in val_batches]
         model.train()
         return float(np.mean(losses))
 
@@ -303,35 +329,44 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 break
             if stop.requested:
                 if accelerator.is_main_process:
-                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
                 bar.close()
                 raise Interrupted(step)
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             # every rank draws the same global batch and takes its own slice of it
             batch = data.sample(data_gen, cfg.batch_size)
             first = rank * micro * cfg.grad_accum
-            loss_sum = 0.0
-            for k in range(cfg.grad_accum):
-                part = tuple(t[first + k * micro:first + (k + 1) * micro] for t in batch)
-                with accelerator.autocast():
-                    loss = data.loss(model, to_device(part))
-                accelerator.backward(loss / cfg.grad_accum)
-                loss_sum += loss.item() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            phase_losses = {}
+            for key, optimizer in optimizers.items():
+                phase = key if phases else None
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.zero_grad(set_to_none=True)  # a phase also leaves gradients on the other's parameters
+                loss_sum = 0.0
+                for k in range(cfg.grad_accum):
+                    part = tuple(t[first + k * micro:first + (k + 1) * micro] for t in batch)
+                    with accelerator.autocast():
+                        loss = phase_loss(to_device(part), phase)
+                    accelerator.backward(loss / cfg.grad_accum)
+                    loss_sum += loss.item() / cfg.grad_accum
+                if cfg.grad_clip > 0:
+                    params = model.parameters() if phase is None else accelerator.unwrap_model(
+                        model).phase_parameters(phase)
+                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                phase_losses[key] = loss_sum
+            model.zero_grad(set_to_none=True)
             if after_step:
                 accelerator.unwrap_model(model).after_step()
             step += 1
             elapsed += time.perf_counter() - t0
             steps_window += 1
-            last_loss = loss_sum
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"training loss became {last_loss} at step {step}; lower lr")
+            last_loss = phase_losses[next(iter(optimizers))]  # a GAN: the discriminator's loss
+            for key, value in phase_losses.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss{'' if key == 'model' else ' of the ' + key} "
+                                             f"became {value} at step {step}; lower lr")
 
             if step == 2:
                 elapsed_at_2 = elapsed  # the first steps are slow (allocation, warm-up): not timed
@@ -351,7 +386,8 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 rate = steps_window * items_per_step / (time.perf_counter() - t_window)
                 t_window, steps_window = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{last_loss:.3f}", **{f"{data.unit}/s": f"{rate:,.0f}"})
-                log({"step": step, "loss": last_loss, "lr": lr, rate_key: rate, "elapsed_s": elapsed})
+                extra = {f"loss_{k}": v for k, v in phase_losses.items()} if phases else {}
+                log({"step": step, "loss": last_loss, **extra, "lr": lr, rate_key: rate, "elapsed_s": elapsed})
             done = (budget.max_steps is not None and step >= budget.max_steps) or (
                 budget.max_minutes is not None and elapsed >= budget.max_minutes * 60)
             if step % cfg.eval_interval == 0 or done:
@@ -363,10 +399,11 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                     print(f"step {step}/{total_steps}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
                           f"{elapsed:.0f}s", file=sys.stderr)
                 if (val_loss < best_val or not cfg.keep_best) and accelerator.is_main_process:
-                    best_val, best_step = min(val_loss, best_val), step
+                    # without keep_best the run keeps the last weights: report their loss
+                    best_val, best_step = (min(val_loss, best_val) if cfg.keep_best else val_loss), step
                     save_model_files(accelerator.unwrap_model(model), run_dir)
                 if accelerator.is_main_process:
-                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizer, checkpoint_state())
+                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
                     if on_eval is not None:
                         on_eval(accelerator.unwrap_model(model), step)
                         model.train()

@@ -107,7 +107,8 @@ class ImageData:
 
 
 def load_images(
-    spec: str, *, split: str = "train", image_size: int | None = None, channels: int | None = None
+    spec: str, *, split: str = "train", image_size: int | None = None, channels: int | None = None,
+    skip: tuple[str, ...] = (),
 ) -> ImageData:
     """Load a named data set (a key of NAMED_IMAGES), a folder of images, or an .npz / IDX file.
 
@@ -117,7 +118,8 @@ def load_images(
     An IDX file: images, with labels from a sibling "...-labels-idx1-ubyte[.gz]" when there is one.
     ``split`` is "train" or "test"; only named data sets have a test split. ``channels`` None
     keeps the source's (a folder is grayscale only if every image is), 1 or 3 converts.
-    ``image_size`` resizes every image to image_size x image_size (PIL LANCZOS).
+    ``image_size`` resizes every image to image_size x image_size (PIL LANCZOS). ``skip``: paths
+    relative to a folder (POSIX style, e.g. "grid.png") left out.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
@@ -141,7 +143,7 @@ def load_images(
         if split != "train":
             raise UserError(f"{path} has no '{split}' split: a folder or array file is one set (split 'train')")
         if path.is_dir():
-            images, labels, class_names = _load_folder(path, channels, image_size)
+            images, labels, class_names = _load_folder(path, channels, image_size, skip)
         elif path.suffix.lower() == ".npz":
             images, labels, class_names = _load_npz(path)
         elif _IDX_NAME.search(path.name):
@@ -256,13 +258,13 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
 # ---- folders --------------------------------------------------------------------------------------
 
 
-def _load_folder(root: Path, channels: int | None, image_size: int | None):
+def _load_folder(root: Path, channels: int | None, image_size: int | None, skip: tuple[str, ...] = ()):
     """Images below ``root``, hidden ones skipped; the sub-folders of ``root`` that hold images are classes."""
     files = sorted(
         (p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
         key=lambda rel: rel.parts,
     )
-    files = [rel for rel in files if not any(part.startswith(".") for part in rel.parts)]
+    files = [rel for rel in files if not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in skip]
     if not files:
         raise UserError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, in sub-folders too)")
     class_names = tuple(sorted({rel.parts[0] for rel in files if len(rel.parts) > 1}))

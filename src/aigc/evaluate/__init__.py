@@ -1,5 +1,6 @@
 """`aigc eval`: score a run on its recorded validation split and sample from it; write eval.json
-and report.html."""
+and report.html. `aigc eval --images FOLDER --data D` scores a folder of images as an image run on
+D is scored (`evaluate_image_folder`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ DIVERSITY_SAMPLES = 16  # N samples ...
 DIVERSITY_TOKENS = 64  # ... of up to L new tokens each, at seed 0, for diversity and novelty
 
 
-def evaluate_run(spec: str) -> dict:
+def evaluate_run(spec: str, n: int | None = None) -> dict:
+    """Score a run and write eval.json (and, for text, report.html) into it. `n`: image runs only,
+    the number of generated images scored (default EVAL_IMAGES, at most the held-out images)."""
     from aigc.data.text import join_docs
     from aigc.evaluate.text import text_sample_metrics, write_report
     from aigc.runs import LN2, find_run, load_split, n_scored_chars, read_run
@@ -22,8 +25,18 @@ def evaluate_run(spec: str) -> dict:
 
     run_dir = find_run(spec)
     record = read_run(run_dir)
+    if record.get("modality") == "series":
+        if n is not None:
+            raise UserError("-n does not apply to series runs")
+        from aigc.evaluate.series import evaluate_series_run
+
+        return evaluate_series_run(str(run_dir))
     if record.get("modality") == "image":
-        return evaluate_image_run(run_dir, record)
+        if n is not None and n < 3:
+            raise UserError(f"-n must be at least 3, got {n}")
+        return evaluate_image_run(run_dir, record, EVAL_IMAGES if n is None else n)
+    if n is not None:
+        raise UserError("-n applies to image runs: a text run is scored on its whole validation split")
     loaded = load_run(str(run_dir))
     train_docs, val_docs = load_split(run_dir)
 
@@ -83,14 +96,14 @@ def evaluate_image_run(run_dir: Path, record: dict, n: int = EVAL_IMAGES) -> dic
     data, autoencoder), trained once on the run's training split and cached: FID, KID, precision,
     recall, classifier score, per-class FID (conditional runs), a memorisation check, and every
     metric's floor (real training images vs held-out ones at the same N); plus the family's
-    validation objective and the sampling speed."""
+    validation objective and the sampling speed. Writes eval.json into the run."""
     import time
 
     import torch
 
     from aigc.config import build, read_toml
     from aigc.data.images import to_tensor
-    from aigc.evaluate.images import feature_net, floors, image_metrics
+    from aigc.evaluate.images import score_against_data
     from aigc.image_runs import labels_of, recorded_split, score_images
     from aigc.runs import family_of, sections_for
     from aigc.train import ImageBatches
@@ -99,20 +112,16 @@ def evaluate_image_run(run_dir: Path, record: dict, n: int = EVAL_IMAGES) -> dic
     configs = build(sections_for(family), read_toml(run_dir / "config.toml"), family=family)
     train_set, val_set = recorded_split(run_dir, record, configs["data"])
     conditional = configs["data"].conditional
-    x_train, x_val = to_tensor(train_set.images), to_tensor(val_set.images)
     model = family_of(family).load(run_dir).eval()
     metrics = {}
     if family == "vae":
-        metrics.update(score_images(model, ImageBatches(x_train[:1], None, x_val, labels_of(val_set, conditional))))
+        x_train, x_val = to_tensor(train_set.images[:1]), to_tensor(val_set.images)
+        metrics.update(score_images(model, ImageBatches(x_train, None, x_val, labels_of(val_set, conditional))))
 
-    # 1. the feature net of the training split (cached under $AIGC_HOME/cache/features/)
-    net, net_info = feature_net(train_set, test=val_set)
-
-    # 2. N generated images (class-balanced for conditional runs), timed, against N held-out real ones
-    n = min(n, len(x_val))
+    # 1. N generated images (class-balanced for conditional runs), timed
+    n = min(n, val_set.n)
     if n < 3:
         raise UserError(f"{run_dir.name}: {n} held-out images are too few to score; give --val-data when training")
-    k = min(3, n - 1)  # k-NN radii of precision/recall need k < N
     num_classes = record.get("num_classes") or 0
     fake_labels = torch.arange(n) % num_classes if num_classes else None
     fakes = []
@@ -122,15 +131,65 @@ def evaluate_image_run(run_dir: Path, record: dict, n: int = EVAL_IMAGES) -> dic
             y = None if fake_labels is None else fake_labels[i:i + 250]
             fakes.append(model.sample(min(250, n - i), generator=torch.Generator().manual_seed(i), y=y))
     images_per_s = n / (time.perf_counter() - t0)
-    real_labels = None if val_set.labels is None else torch.as_tensor(val_set.labels[:n])
-    scores = image_metrics(x_val[:n], torch.cat(fakes), net, real_labels=real_labels if num_classes else None,
-                           fake_labels=fake_labels, train_for_memorization=x_train, heldout=x_val[:n], k=k)
-    floor = floors(x_train, x_val, net, n, k=k)
-    metrics.update(scores)
-    metrics.update({f"{k}_floor": v for k, v in floor.items() if isinstance(v, float)})
+
+    # 2. against N held-out real images, in the feature space of the training split's net
+    scored = score_against_data(torch.cat(fakes), train_set, val_set, fake_labels=fake_labels)
+    metrics.update(scored["metrics"])
     metrics["images_per_s"] = images_per_s
-    result = {"run": str(run_dir), "metrics": metrics, "n": n,
-              "feature_net": {k: net_info.get(k) for k in ("kind", "num_features", "test_accuracy", "test_mse",
-                                                           "cached", "path")}}
+    result = {"run": str(run_dir), "metrics": metrics, "n": n, "feature_net": scored["feature_net"]}
     write_json(run_dir / "eval.json", result)
+    return result
+
+
+def evaluate_image_folder(folder: str, data: str, n: int = EVAL_IMAGES, *, out: str | None = None) -> dict:
+    """Score a folder of images against data set `data` as a run trained on it is scored.
+
+    The data set (a named set, a folder or an array file, split as `aigc train` splits it) sets
+    the image size and channels: the folder's images are converted to its channels and resized
+    to its size (when it is square; else they must have its size already). N = min(n, images in
+    the folder, held-out images); a larger folder gives N images drawn at random (seed 0), so that
+    every class sub-folder is represented. When the folder's class sub-folders are all class
+    names of the data set, FID is also reported per class. The grid.png that `aigc generate`
+    writes beside 000.png ... is not a sample, and is left out. Nothing is written into the
+    folder; `out` names a JSON file for the result.
+
+    Returns {"images", "data", "metrics", "n", "feature_net"}: the metrics of `evaluate_image_run`
+    less the family's own (val_nelbo) and the sampling speed.
+    """
+    import torch
+
+    from aigc.config import ImageDataConfig
+    from aigc.data.images import load_images, to_tensor
+    from aigc.evaluate.images import score_against_data
+    from aigc.image_runs import load_image_split
+
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise UserError(f"--images: no such folder: {folder}")
+    if n < 3:
+        raise UserError(f"-n must be at least 3, got {n}")
+    train_set, val_set = load_image_split(data, None, ImageDataConfig())
+    square = train_set.height == train_set.width
+    grids = sorted(path.rglob("grid.png")) if path.is_dir() else []  # `aigc generate --out path[/class]`'s
+    skip = tuple(g.relative_to(path).as_posix() for g in grids if (g.parent / "000.png").is_file())
+    images = load_images(str(path), channels=train_set.channels, image_size=train_set.height if square else None,
+                         skip=skip)
+    if images.images.shape[1:] != train_set.images.shape[1:]:
+        h, w = images.images.shape[1:3]
+        raise UserError(f"{path}: images are {w}x{h}, {data}'s are {train_set.width}x{train_set.height}: "
+                        f"resize them to {train_set.width}x{train_set.height}")
+    n = min(n, images.n, val_set.n)
+    if n < 3:
+        raise UserError(f"{n} images are too few to score (at least 3: {images.n} in {path}, "
+                        f"{val_set.n} held out in {data})")
+    chosen = torch.randperm(images.n, generator=torch.Generator().manual_seed(0))[:n].sort().values
+    fake_labels = None
+    if images.class_names is not None and train_set.class_names is not None and \
+            set(images.class_names) <= set(train_set.class_names):
+        to_data = torch.tensor([train_set.class_names.index(name) for name in images.class_names])
+        fake_labels = to_data[torch.from_numpy(images.labels)[chosen]]  # the folder's label -> the data set's
+    scored = score_against_data(to_tensor(images.images[chosen.numpy()]), train_set, val_set, fake_labels=fake_labels)
+    result = {"images": str(path.resolve()), "data": data, **scored}
+    if out is not None:
+        write_json(Path(out).expanduser(), result)
     return result

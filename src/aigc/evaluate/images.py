@@ -23,7 +23,8 @@ Metrics of N generated images against N real ones (``image_metrics``):
                    nearer to the training set than nearly all held-out real images are.
 
 ``floors`` scores real training images against held-out real images with the same N: the value
-each metric would have for a perfect generator, reported beside it.
+each metric would have for a perfect generator, reported beside it. ``score_against_data`` puts
+the three together for `aigc eval`, which scores a run's samples or any folder of images with it.
 
 torchmetrics is imported inside the functions that need it, so importing this module stays cheap.
 """
@@ -546,3 +547,40 @@ def floors(
         train_for_memorization=train, heldout=heldout, k=k, seed=seed,
     )  # fmt: skip
     return {**result, "n": n}
+
+
+# ---- one scoring for runs and folders -------------------------------------------------------------
+
+FEATURE_NET_KEYS = ("kind", "num_features", "test_accuracy", "test_mse", "cached", "path")  # reported with scores
+
+
+def score_against_data(
+    fakes: Tensor, train: ImageData, heldout: ImageData, *, fake_labels: Tensor | None = None, seed: int = 0
+) -> dict:
+    """Score N generated images against the first N held-out real images of a data set, as `aigc eval` does.
+
+    fakes: float (N, C, H, W) in [-1, 1] shaped like the data, 3 <= N <= heldout.n. The feature net
+    is the training split's (``feature_net``, cached); its test accuracy (or MSE) is measured on
+    the held-out split. With ``fake_labels`` (N,) and a labelled held-out split, FID is also
+    reported per class. The memorization check compares the fakes with the whole training split.
+    Every metric's ``_floor`` is the same metric for N real training images against N held-out
+    ones (``floors``); k = min(3, N - 1) for the k-NN radii of precision and recall.
+
+    Returns {"metrics": image_metrics' dict plus the floors, "n": N, "feature_net": FEATURE_NET_KEYS of its info}.
+    """
+    n = len(fakes)
+    if not 3 <= n <= heldout.n:
+        raise ValueError(f"need 3 to {heldout.n} (the held-out images) fake images, got {n}")
+    net, net_info = feature_net(train, seed=seed, test=heldout)
+    x_train, x_heldout = to_tensor(train.images), to_tensor(heldout.images)
+    k = min(3, n - 1)  # k-NN radii need k < N
+    labelled = fake_labels is not None and heldout.labels is not None
+    metrics = image_metrics(
+        x_heldout[:n], fakes, net,
+        real_labels=torch.from_numpy(heldout.labels[:n]) if labelled else None,
+        fake_labels=fake_labels if labelled else None,
+        train_for_memorization=x_train, heldout=x_heldout[:n], k=k, seed=seed,
+    )  # fmt: skip
+    floor = floors(x_train, x_heldout, net, n, k=k, seed=seed)
+    metrics.update({f"{key}_floor": value for key, value in floor.items() if isinstance(value, float)})
+    return {"metrics": metrics, "n": n, "feature_net": {key: net_info.get(key) for key in FEATURE_NET_KEYS}}

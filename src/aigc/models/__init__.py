@@ -1,7 +1,8 @@
 """The family registry: one plain dict literal, one entry per family.
 
 Exceptions to the gradient-trained contract are declared here (`trainer="counts"` for the n-gram's
-closed-form fit), never discovered with `hasattr`.
+closed-form fit, `trainer="fit"` for AR's statsmodels estimate, `series=` for a family that also
+takes a numeric series), never discovered with `hasattr`.
 """
 
 from __future__ import annotations
@@ -11,22 +12,30 @@ from dataclasses import dataclass
 
 from transformers.utils import logging as hf_logging
 
-from aigc.models import diffusion, gpt, ngram, rnn, vae
+from aigc.config import TrainConfig
+from aigc.models import ar, dcgan, diffusion, gpt, ngram, rnn, rnn_series, vae
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
 
 @dataclass(frozen=True)
 class Family:
-    modality: str  # "text" or "image": decides the data loader, the sample format and the metrics
+    modality: str  # "text", "image" or "series": decides the data loader, the sample format and the metrics
     config: type  # the family's model config dataclass (keys for --set)
-    trainer: str  # "gradient": the shared training loop; "counts": a closed-form fit
+    trainer: str  # "gradient": the shared training loop; "counts", "fit": a closed-form fit
     load: Callable  # load(run_dir) -> model
-    build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes)
+    build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes);
+    #                                series: build(config) -> model.fit(x), or with "gradient":
+    #                                build(config, context=, loc=, scale=, history=)
     init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
     cpu_bf16: bool = True  # dtype=auto uses bf16 autocast on a CPU that has bf16 (False where it is slower)
     after_step: bool = False  # the loop calls model.after_step() after every optimizer step (EMA weights)
     sampler_options: tuple[str, ...] = ()  # image families: generate options beyond the seed and class
+    # alternating optimizer steps: one AdamW per phase over model.phase_parameters(phase); each training
+    # step runs the phases in order, the loss of each being model(*batch, phase=phase)["loss"] (GANs)
+    phases: tuple[str, ...] = ()
+    train_config: type = TrainConfig  # the [train] keys and their defaults (a GAN's differ)
+    series: Family | None = None  # the family's variant for a numeric series (modality "series"), if any
     description: str = ""
 
 
@@ -35,12 +44,20 @@ FAMILIES: dict[str, Family] = {
                     description="character n-gram, interpolated Kneser-Ney (the baseline)"),
     # measured: nn.LSTM under CPU bf16 autocast trains ~10x slower than in fp32 (1.1 k vs 12 k tokens/s)
     "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build, cpu_bf16=False,
+                  series=Family("series", rnn_series.SeriesRNNConfig, "gradient", rnn_series.load,
+                                rnn_series.build, cpu_bf16=False,
+                                description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
     "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
     "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
                   description="convolutional VAE, optionally class-conditional"),
+    "dcgan": Family("image", dcgan.DCGANConfig, "gradient", dcgan.DCGAN.load, dcgan.build, after_step=True,
+                    sampler_options=("truncation",), phases=dcgan.PHASES, train_config=dcgan.GANTrainConfig,
+                    description="DCGAN, non-saturating or hinge loss, EMA generator, truncation"),
     "diffusion": Family("image", diffusion.DiffusionConfig, "gradient", diffusion.Diffusion.load, diffusion.build,
                         after_step=True, sampler_options=("sampler", "steps", "eta", "guidance_scale"),
                         description="DDPM with a compact UNet, EMA, diffusers samplers, classifier-free guidance"),
+    "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
+                 description="autoregressive AR(p), statsmodels estimate, order by BIC"),
 }

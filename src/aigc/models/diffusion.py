@@ -32,9 +32,8 @@ std within 3% where even spacing loses 25% (linear schedule), and few-step runs 
 where fine detail is made. diffusers' own option for it (use_lu_lambdas) repeats timesteps from 39
 steps on and fails on the cosine schedule (0.42.1), hence `log_snr_timesteps` here.
 
-The EMA weights (an exponential moving average of the parameters, updated by `after_step()`) are
-what `sample` uses. They are a plain dict of tensors, not buffers, so the optimizer never sees them
-and they cost nothing in the forward pass; `save` writes them beside the weights as `ema.<name>`.
+The EMA weights (models/ema.py: an exponential moving average of the UNet's parameters, updated by
+`after_step()`) are what `sample` uses; `save` writes them beside the weights as `ema.<name>`.
 THE TRAINING LOOP MUST CALL `model.after_step()` AFTER EVERY OPTIMIZER STEP (declared in the registry).
 
 Image sides that are not a multiple of 2^depth are zero-padded on the right and bottom to the next
@@ -44,8 +43,6 @@ multiple inside the UNet and cropped back; at the default depth 2, 8x8, 28x28 (2
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,15 +50,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from aigc.config import config_from_record, option
+from aigc.config import option
+from aigc.models.ema import EMA
+from aigc.models.image_files import load_image_model, save_image_model
 
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "diffusion_config.json"
-EMA_PREFIX = "ema."  # EMA tensors in model.safetensors: "ema.<parameter name>"
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
 MAX_BETA = 0.999  # cap on beta_t (Nichol & Dhariwal 2021, §3.2): keeps 1 - beta_t away from 0
 
@@ -292,11 +288,8 @@ class Diffusion(nn.Module):
         self.register_buffer("alpha_bar", torch.cumprod(1 - betas, dim=0).float(), persistent=False)
         self.betas = betas  # float64 (T,), handed to the schedulers
 
-        # EMA of the UNet's parameters: {name: tensor}, None when ema_decay = 0
-        self.ema_updates = 0
-        self.ema_weights: dict[str, Tensor] | None = None
-        if config.ema_decay > 0:
-            self.ema_weights = {k: v.detach().clone() for k, v in self.unet.named_parameters()}
+        # EMA of the UNet's parameters, None when ema_decay = 0
+        self.ema = EMA(self.unet, config.ema_decay) if config.ema_decay > 0 else None
 
     # ----------------------------------------------------------------------------------
     # checks
@@ -363,33 +356,10 @@ class Diffusion(nn.Module):
     # ----------------------------------------------------------------------------------
     # EMA
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """Update the EMA weights; the training loop calls this after every optimizer step.
-
-        ema <- d * ema + (1 - d) * theta with d = min(ema_decay, (1 + k) / (10 + k)) at the k-th
-        update (the warm-up of TensorFlow's ExponentialMovingAverage(num_updates) and diffusers'
-        EMAModel), so the average forgets the random initialisation within the first steps.
-        """
-        if self.ema_weights is None:
-            return
-        k = self.ema_updates
-        decay = min(self.config.ema_decay, (1 + k) / (10 + k))
-        for name, p in self.unet.named_parameters():
-            ema = self.ema_weights[name]
-            if ema.device != p.device or ema.dtype != p.dtype:  # the model moved (e.g. accelerate's prepare)
-                ema = self.ema_weights[name] = ema.to(p)
-            ema.lerp_(p.detach(), 1 - decay)
-        self.ema_updates = k + 1
-
-    def _sampling_weights(self) -> dict[str, Tensor] | None:
-        """The EMA weights on the model's device, or None (use the live weights) when EMA is off."""
-        if self.ema_weights is None:
-            return None
-        for name, p in self.unet.named_parameters():
-            if self.ema_weights[name].device != p.device or self.ema_weights[name].dtype != p.dtype:
-                self.ema_weights[name] = self.ema_weights[name].to(p)
-        return self.ema_weights
+        """Update the EMA weights (models/ema.py); the training loop calls this after every optimizer step."""
+        if self.ema is not None:
+            self.ema.update(self.unet)
 
     # ----------------------------------------------------------------------------------
     # sampling
@@ -399,11 +369,10 @@ class Diffusion(nn.Module):
 
         y may hold the null class (num_classes) for the unconditional prediction.
         """
-        weights = self._sampling_weights()
-        if weights is None:
+        if self.ema is None:
             eps = self.unet(x_t, t, y)
         else:
-            eps = functional_call(self.unet, weights, (x_t, t, y))
+            eps = functional_call(self.unet, self.ema.on(self.unet), (x_t, t, y))
         return eps.to(x_t.dtype)
 
     def guided_eps(self, x_t: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float) -> Tensor:
@@ -517,39 +486,11 @@ class Diffusion(nn.Module):
     def save(self, directory: Path) -> None:
         """Write model.safetensors (weights, and EMA weights as ema.<name>) and diffusion_config.json
         (config fields, image_shape, num_classes, ema_updates)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.ema_weights is not None:
-            state.update({EMA_PREFIX + k: v.detach().contiguous().cpu() for k, v in self.ema_weights.items()})
-        save_file(state, directory / WEIGHTS_FILE)
-        record = {**dataclasses.asdict(self.config), "image_shape": list(self.image_shape),
-                  "num_classes": self.num_classes, "ema_updates": self.ema_updates}
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        save_image_model(self, directory, CONFIG_FILE)
 
     @classmethod
     def load(cls, directory: Path) -> Diffusion:
-        directory = Path(directory)
-        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
-        for path in (weights, config_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no diffusion checkpoint at {directory}: {path.name} is missing")
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        image_shape = tuple(record.pop("image_shape"))
-        num_classes = record.pop("num_classes")
-        ema_updates = record.pop("ema_updates", 0)
-        model = cls(config_from_record(DiffusionConfig, record, config_path), image_shape, num_classes)
-        state = load_file(weights)
-        ema = {k[len(EMA_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(EMA_PREFIX)}
-        model.load_state_dict(state)  # strict: a missing or extra tensor is an error
-        if model.ema_weights is not None:
-            if set(ema) != set(model.ema_weights):
-                raise ValueError(f"{weights}: the EMA weights do not match the model's parameters")
-            model.ema_weights = ema
-            model.ema_updates = ema_updates
-        elif ema:
-            raise ValueError(f"{weights}: holds EMA weights but the config says ema_decay=0")
-        return model.eval()
+        return load_image_model(cls, DiffusionConfig, directory, CONFIG_FILE)
 
 
 def build(config: DiffusionConfig, image_shape: tuple[int, int, int], num_classes: int = 0) -> Diffusion:

@@ -28,20 +28,17 @@ interpolation is needed, so no output pixel is computed and thrown away or resam
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from aigc.config import config_from_record, option
+from aigc.config import option
+from aigc.models.image_files import load_image_model, save_image_model
 
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "vae_config.json"
 MIN_SIDE = 4  # two halvings must leave at least one pixel: 4 -> 2 -> 1
 
@@ -92,6 +89,7 @@ class VAE(nn.Module):
         self.config = config
         self.image_shape = (channels, height, width)
         self.num_classes = num_classes
+        self.ema = None  # a VAE samples with its live weights (models/image_files.py reads this)
 
         c1, c2 = config.base_channels, 2 * config.base_channels
         h1, w1 = _down(height), _down(width)  # after the first conv
@@ -225,27 +223,11 @@ class VAE(nn.Module):
 
     def save(self, directory: Path) -> None:
         """Write model.safetensors and vae_config.json (config fields, image_shape, num_classes)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_FILE)
-        record = {**dataclasses.asdict(self.config), "image_shape": list(self.image_shape),
-                  "num_classes": self.num_classes}
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        save_image_model(self, directory, CONFIG_FILE)
 
     @classmethod
     def load(cls, directory: Path) -> VAE:
-        directory = Path(directory)
-        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
-        for path in (weights, config_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no VAE checkpoint at {directory}: {path.name} is missing")
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        image_shape = tuple(record.pop("image_shape"))
-        num_classes = record.pop("num_classes")
-        model = cls(config_from_record(VAEConfig, record, config_path), image_shape, num_classes)
-        model.load_state_dict(load_file(weights))  # strict: a missing or extra tensor is an error
-        return model.eval()
+        return load_image_model(cls, VAEConfig, directory, CONFIG_FILE)
 
 
 def build(config: VAEConfig, image_shape: tuple[int, int, int], num_classes: int = 0) -> VAE:

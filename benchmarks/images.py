@@ -1,0 +1,290 @@
+"""Image benchmark: dcgan, vae and diffusion under the same wall-clock budget, a diffusion sampler
+table, and our UNet against diffusers' UNet2DModel of the same size.
+
+    python benchmarks/images.py                 # fashion-mnist, 15 min per model (about 2 hours on 2 CPU cores)
+    python benchmarks/images.py --quick         # digits (8x8), 1 min per model: a few minutes
+    python benchmarks/images.py --minutes 5 --sampler-n 500
+
+Writes benchmarks/results/images.json (everything measured), images.md (the tables) and
+images-<family>.png (a sample grid per family). Runs and the feature-net cache live in a private
+AIGC home (default benchmarks/.work, not in git), so a user's own runs are untouched.
+
+1. Families. Each family trains through the product path (`aigc train`, its default settings,
+   unconditional) for the same training-time budget, then `aigc eval` scores it: FID, KID,
+   precision, recall, classifier score against N held-out images, with every metric's floor
+   (real training images vs held-out ones at the same N), training and sampling images/s.
+2. Samplers. The diffusion run samples with DDPM 1000, DDIM 10/20/50 (eta 0) and DPM-Solver++
+   10/20; FID (and its floor) at `--sampler-n` images, seconds per image. Target: a 20-step
+   sampler within 10% of the 1000-step DDPM FID.
+3. Denoiser. The same DDPM trained with diffusers' UNet2DModel configured like our UNet (the same
+   blocks, the same parameter count, asserted) for the same budget in the same loop: training
+   images/s (the ratio ours / theirs, both measured in this run) and FID at equal time. Target:
+   ours trains at least 2x the images/s with no worse FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+FAMILIES = ("dcgan", "vae", "diffusion")
+SAMPLERS = (("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpm-solver", 10), ("dpm-solver", 20))
+SAMPLE_BATCH = 250
+
+
+class DiffusersDenoiser(nn.Module):
+    """diffusers' UNet2DModel behind our denoiser's signature eps(x_t, t[, y])."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.net = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x, t, class_labels=y).sample
+
+
+def diffusers_twin(model):
+    """A copy of a Diffusion model whose denoiser is UNet2DModel with our UNet's layout: per level
+    `res_blocks` ResNet blocks down and one more up, widths (base, 2 base, ...), GroupNorm groups 8,
+    the attention mid-block, nearest upsampling + conv; the parameter count must match."""
+    from diffusers import UNet2DModel
+
+    from aigc.models.diffusion import Diffusion
+    from aigc.models.ema import EMA
+
+    cfg = model.config
+    c, h, w = model.image_shape
+    multiple = 2**cfg.depth
+    if h % multiple or w % multiple:
+        raise SystemExit(f"UNet2DModel needs sides divisible by {multiple}; got {h}x{w}")
+    widths = (cfg.base_channels,) + (2 * cfg.base_channels,) * cfg.depth
+    unet = UNet2DModel(
+        sample_size=(h, w), in_channels=c, out_channels=c, layers_per_block=cfg.res_blocks,
+        block_out_channels=widths, down_block_types=("DownBlock2D",) * len(widths),
+        up_block_types=("UpBlock2D",) * len(widths), norm_num_groups=8, attention_head_dim=2 * cfg.base_channels,
+        add_attention=cfg.attention, dropout=cfg.dropout, time_embedding_type="positional",
+        flip_sin_to_cos=False, freq_shift=0, downsample_padding=1,
+        num_class_embeds=model.num_classes + 1 if model.num_classes else None,  # + the null class
+    )
+    twin = Diffusion(cfg, model.image_shape, model.num_classes)
+    twin.unet = DiffusersDenoiser(unet)
+    twin.ema = EMA(twin.unet, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ours = sum(p.numel() for p in model.unet.parameters())
+    theirs = sum(p.numel() for p in twin.unet.parameters())
+    return twin, ours, theirs
+
+
+def sample_all(model, n: int, seed: int = 0, **options) -> tuple[torch.Tensor, float]:
+    """n images in batches, and the seconds it took."""
+    out = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, n, SAMPLE_BATCH):
+            g = torch.Generator().manual_seed(seed + i)
+            out.append(model.sample(min(SAMPLE_BATCH, n - i), generator=g, **options))
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="digits, 1 minute per model, smaller samples")
+    parser.add_argument("--data", default=None, help="fashion-mnist (default) or digits (--quick)")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget per model (default 15; quick 1)")
+    parser.add_argument("--n", type=int, default=None, help="images scored per family (default 2000; quick 297)")
+    parser.add_argument("--sampler-n", type=int, default=None, help="images per sampler (default 500; quick 100)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
+    parser.add_argument("--skip-samplers", action="store_true")
+    parser.add_argument("--skip-denoiser", action="store_true")
+    parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs and caches")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for images.json, images.md and the grids")
+    args = parser.parse_args()
+    data = args.data or ("digits" if args.quick else "fashion-mnist")
+    minutes = args.minutes or (1.0 if args.quick else 15.0)
+    n_eval = args.n or (297 if args.quick else 2000)
+    sampler_n = args.sampler_n or (100 if args.quick else 500)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}: use {', '.join(FAMILIES)}")
+    os.environ["AIGC_HOME"] = str(Path(args.home).resolve())
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from aigc.config import build, read_toml
+    from aigc.data.images import to_tensor
+    from aigc.evaluate import evaluate_image_run
+    from aigc.evaluate.images import feature_net, floors, image_metrics
+    from aigc.image_runs import load_image_split
+    from aigc.models import FAMILIES as REGISTRY
+    from aigc.runs import read_run, sections_for
+    from aigc.runs import train as run_train
+    from aigc.train import Budget, ImageBatches, resolve_dtype, train_loop
+
+    started = time.time()
+    result = {
+        "benchmark": "images", "data": data, "minutes_per_model": minutes, "n_eval": n_eval,
+        "sampler_n": sampler_n, "quick": args.quick,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "families": {}, "samplers": [], "denoiser": None,
+    }
+
+    def save() -> None:
+        result["wall_s"] = time.time() - started
+        tmp = out_dir / "images.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2, allow_nan=False, default=_finite) + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / "images.json")
+        (out_dir / "images.md").write_text(markdown(result), encoding="utf-8")
+
+    # 1. every family, same budget, through the product path
+    runs = {}
+    for family in families:
+        print(f"\n== {family}: training {minutes:g} min on {data}", file=sys.stderr)
+        run_dir, fit = run_train(family, data, name=f"bench-{family}-{data}", overwrite=True, max_minutes=minutes)
+        runs[family] = run_dir
+        print(f"== {family}: scoring {n_eval} images", file=sys.stderr)
+        scored = evaluate_image_run(run_dir, read_run(run_dir), n=n_eval)["metrics"]
+        grid = sorted((run_dir / "samples").glob("step-*.png"))[-1]
+        shutil.copyfile(grid, out_dir / f"images-{family}.png")
+        result["families"][family] = {
+            **{k: scored.get(k) for k in ("fid", "fid_floor", "kid", "kid_floor", "precision", "recall",
+                                          "classifier_score", "classifier_score_floor", "images_per_s")},
+            "sample_images_per_s": scored.get("images_per_s"), "train_images_per_s": fit["images_per_s"],
+            "steps": fit["steps"], "train_time_s": fit["train_time_s"], "dtype": read_run(run_dir).get("dtype"),
+            "grid": f"images-{family}.png", "run": str(run_dir),
+        }
+        result["families"][family].pop("images_per_s")
+        save()
+
+    if "diffusion" not in runs:
+        print(json.dumps(result["families"], indent=2))
+        return
+    fam = REGISTRY["diffusion"]
+    diffusion = fam.load(runs["diffusion"]).eval()
+    record = read_run(runs["diffusion"])
+    configs = build(sections_for("diffusion"), read_toml(runs["diffusion"] / "config.toml"), family="diffusion")
+    train_set, val_set = load_image_split(data, None, configs["data"])
+    x_train, x_val = to_tensor(train_set.images), to_tensor(val_set.images)
+    net, _ = feature_net(train_set, test=val_set)
+
+    # 2. samplers on the diffusion run
+    if not args.skip_samplers:
+        n = min(sampler_n, len(x_val))
+        floor = floors(x_train, x_val, net, n)["fid"]
+        for sampler, steps in SAMPLERS:
+            print(f"== sampler {sampler} {steps} steps: {n} images", file=sys.stderr)
+            fakes, seconds = sample_all(diffusion, n, sampler=sampler, steps=steps)
+            fid = image_metrics(x_val[:n], fakes, net)["fid"]
+            result["samplers"].append({"sampler": sampler, "steps": steps, "n": n, "fid": fid, "fid_floor": floor,
+                                       "s_per_image": seconds / n})
+            save()
+        ddpm = result["samplers"][0]["fid"]
+        best20 = min(r["fid"] for r in result["samplers"] if r["steps"] == 20)
+        result["targets_samplers"] = {"ddpm_1000_fid": ddpm, "best_20_step_fid": best20,
+                                      "within_10_percent": best20 <= 1.1 * ddpm}
+        save()
+
+    # 3. our UNet against UNet2DModel: same DDPM, same loop, same budget
+    if not args.skip_denoiser:
+        torch.manual_seed(configs["train"].seed)
+        twin, ours, theirs = diffusers_twin(fam.build(configs["model"], tuple(record["image_shape"]), 0))
+        print(f"\n== UNet2DModel ({theirs:,} parameters; ours {ours:,}): training {minutes:g} min", file=sys.stderr)
+        if ours != theirs:
+            raise SystemExit(f"UNet2DModel has {theirs:,} parameters, ours {ours:,}: the layouts differ")
+        work = Path(os.environ["AIGC_HOME"]) / "unet2d"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        batches = ImageBatches(x_train, None, x_val, None)
+        fit = train_loop(twin, batches, configs["train"], work, Budget(None, minutes), after_step=True)
+        twin.eval()
+        n = min(n_eval, len(x_val))
+        fakes, seconds = sample_all(twin, n)
+        theirs_fid = image_metrics(x_val[:n], fakes, net)["fid"]
+        ours_fam = result["families"]["diffusion"]
+        ratio = ours_fam["train_images_per_s"] / fit["images_per_s"]
+        result["denoiser"] = {
+            "parameters": ours, "dtype": resolve_dtype(configs["train"].dtype, fam.cpu_bf16),
+            "ours": {"train_images_per_s": ours_fam["train_images_per_s"], "fid": ours_fam["fid"],
+                     "steps": ours_fam["steps"], "sample_images_per_s": ours_fam["sample_images_per_s"]},
+            "unet2d": {"train_images_per_s": fit["images_per_s"], "fid": theirs_fid, "steps": fit["steps"],
+                       "sample_images_per_s": n / seconds},
+            "train_speed_ratio": ratio,
+            "targets": {"at_least_2x": ratio >= 2.0, "fid_no_worse": ours_fam["fid"] <= theirs_fid},
+        }
+        save()
+    save()
+    print((out_dir / "images.md").read_text(encoding="utf-8"))
+
+
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _f(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# Image benchmark: {r['data']}, {r['minutes_per_model']:g} min per model", "",
+             f"Machine: {m['cpus']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}"
+             + (f", {m['cuda']}" if m["cuda"] else ", no GPU") + f". Scored on {r['n_eval']} images against as many "
+             "held-out ones, in the feature space of the project's classifier; floor = real training images vs "
+             "held-out ones at the same N.", "",
+             "| family | FID | FID floor | KID | KID floor | precision | recall | classifier score | "
+             "train img/s | sample img/s | steps | dtype |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for family, f in r["families"].items():
+        lines.append(f"| {family} | {_f(f['fid'])} | {_f(f['fid_floor'])} | {_f(f['kid'], 4)} "
+                     f"| {_f(f['kid_floor'], 4)} "
+                     f"| {_f(f['precision'])} | {_f(f['recall'])} | {_f(f['classifier_score'])} | "
+                     f"{_f(f['train_images_per_s'], 0)} | {_f(f['sample_images_per_s'], 0)} | {f['steps']} | "
+                     f"{f['dtype']} |")
+    lines += ["", " ".join(f"![{k}]({v['grid']})" for k, v in r["families"].items()), ""]
+    if r["samplers"]:
+        lines += [f"## Diffusion samplers ({r['samplers'][0]['n']} images each; FID floor "
+                  f"{_f(r['samplers'][0]['fid_floor'])})", "", "| sampler | steps | FID | s per image |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s['sampler']} | {s['steps']} | {_f(s['fid'])} | {_f(s['s_per_image'], 4)} |"
+                  for s in r["samplers"]]
+        t = r.get("targets_samplers")
+        if t:
+            lines += ["", "Target, a 20-step sampler within 10% of DDPM 1000: best 20-step FID "
+                      f"{_f(t['best_20_step_fid'])}"
+                      f" vs {_f(t['ddpm_1000_fid'])}: **{'met' if t['within_10_percent'] else 'missed'}**."]
+        lines.append("")
+    d = r.get("denoiser")
+    if d:
+        lines += [f"## Denoiser: our UNet vs diffusers' UNet2DModel ({d['parameters']:,} parameters each, "
+                  f"{d['dtype']}, same loop and budget)", "",
+                  "| denoiser | train img/s | FID | steps | sample img/s |", "|---|---|---|---|---|",
+                  f"| ours | {_f(d['ours']['train_images_per_s'], 0)} | {_f(d['ours']['fid'])} | "
+                  f"{d['ours']['steps']} | "
+                  f"{_f(d['ours']['sample_images_per_s'], 1)} |",
+                  f"| UNet2DModel | {_f(d['unet2d']['train_images_per_s'], 0)} | {_f(d['unet2d']['fid'])} | "
+                  f"{d['unet2d']['steps']} | {_f(d['unet2d']['sample_images_per_s'], 1)} |", "",
+                  f"Training speed ratio (ours / UNet2DModel, same run): **{d['train_speed_ratio']:.2f}x** "
+                  f"(target 2x: {'met' if d['targets']['at_least_2x'] else 'missed'}); FID no worse: "
+                  f"{'yes' if d['targets']['fid_no_worse'] else 'no'}.", ""]
+    lines.append(f"Wall time {r.get('wall_s', 0) / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
