@@ -55,6 +55,7 @@ def test_train_ar_reports_order_and_lags(runs):
     m = obj["metrics"]
     assert isinstance(m["order"], int) and m["order"] >= 1
     assert m["lags"] == list(range(1, m["order"] + 1))
+    assert (obj["order"], obj["lags"]) == (m["order"], m["lags"])  # also at the top level
     assert m["max_order"] == 24 and m["sigma"] > 0
     record = json.loads((run_dir / "run.json").read_text())
     assert record["modality"] == "series" and record["status"] == "done"

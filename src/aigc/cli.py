@@ -179,7 +179,9 @@ def train(
                                  resume=resume, max_minutes=max_minutes, max_steps=max_steps,
                                  init_from=init_from, config_file=config, sets=sets)
     if json_out:
-        _emit_json({"run_dir": str(run_dir), "metrics": metrics})
+        # an AR fit's order and lags are its result: also at the top level, as the docs promise
+        fitted = {k: metrics[k] for k in ("order", "lags") if k in metrics}
+        _emit_json({"run_dir": str(run_dir), **fitted, "metrics": metrics})
     else:
         shown = {k: v for k, v in metrics.items() if k in ("val_bpc", "val_loss", "val_nelbo", "steps", "order",
                                                            "sigma")}
