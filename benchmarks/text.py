@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also gpt and rnn-lstm for 30 min on fortunes")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an earlier text.json (same machine) and replace the ones run now")
     args = parser.parse_args()
     minutes = args.minutes or (1 / 3 if args.quick else 3.0)
     corpora = [c for c in args.corpora.split(",") if c]
@@ -133,6 +135,10 @@ def main() -> None:
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "matmul_gflops": peak},
               "rows": [], "plain_transformers": None}
+    if args.append and (out_dir / "text.json").is_file():
+        earlier = json.loads((out_dir / "text.json").read_text(encoding="utf-8"))
+        result["rows"] = earlier["rows"]
+        result["plain_transformers"] = earlier.get("plain_transformers")
 
     def save() -> None:
         result["wall_s"] = time.time() - started
@@ -154,7 +160,8 @@ def main() -> None:
                                      max_steps=max_steps, sets=dict(sets))
         wall = time.perf_counter() - t0
         loaded = load_run(str(run_dir))
-        samples = [generate(loaded, GenerateSettings(seed=s, max_new_tokens=100, temperature=0.8))[0][0].strip()
+        length = min(100, (loaded.max_context or 10**6) - 2)  # nanoGPT's recipe has a context of 64
+        samples = [generate(loaded, GenerateSettings(seed=s, max_new_tokens=length, temperature=0.8))[0][0].strip()
                    for s in (0, 1)]
         entry = {"corpus": corpus, "model": row, "family": family, "minutes": budget,
                  "val_bpc": metrics["val_bpc"], "steps": metrics.get("steps"),
@@ -166,11 +173,12 @@ def main() -> None:
             entry["mfu"] = fpt * entry["tokens_per_s"] / (peak[entry["dtype"] or "fp32"] * 1e9)
         else:
             entry["order"] = metrics.get("order")
-        result["rows"].append(entry)
+        result["rows"] = [r for r in result["rows"] if (r["corpus"], r["model"], r["minutes"]) != (
+            corpus, row, budget)] + [entry]
         save()
 
     gpt_rows = [r for r in result["rows"] if r["model"] == "gpt" and r["minutes"] == minutes]
-    if gpt_rows:
+    if gpt_rows and (result["plain_transformers"] is None or "gpt" in models):
         row = gpt_rows[0]
         loaded = load_run(row["run"])
         block = _block_of(Path(row["run"]))

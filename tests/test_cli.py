@@ -173,7 +173,9 @@ def test_train_last_stdout_line_is_the_absolute_run_dir(trained):
 def test_train_json_is_one_object_with_run_dir_and_metrics(trained, family):
     result, run_dir = trained[family]
     obj = one_json(result)
-    assert set(obj) == {"run_dir", "metrics"}
+    fitted = {"order"} if family == "ngram" else set()  # a fitted order is also at the top level
+    assert set(obj) == {"run_dir", "metrics"} | fitted
+    assert all(obj[k] == obj["metrics"][k] for k in fitted)
     assert Path(obj["run_dir"]) == run_dir.resolve()
     for key in ("val_bpc", "val_loss"):
         assert isinstance(obj["metrics"][key], float) and math.isfinite(obj["metrics"][key])
@@ -563,6 +565,9 @@ def test_runs_lists_the_runs(trained, aigc_home):
     assert [(r["name"], r["family"], r["status"]) for r in obj["runs"]] == [("alpha", "gpt", "done"),
                                                                           ("beta", "ngram", "done")]
     assert obj["runs"][0]["steps"] == 3
+    # the headline score: bits per character for text runs, in the table too
+    assert obj["runs"][0]["score"] == {"metric": "val_bpc", "value": obj["runs"][0]["val_bpc"]}
+    assert rows["alpha"][4:6] == ["val_bpc", f"{obj['runs'][0]['val_bpc']:.4f}"]
 
 
 def test_runs_empty(aigc_home):

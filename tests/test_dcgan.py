@@ -225,6 +225,8 @@ def test_cli_trains_generates_with_truncation_and_regenerates(aigc_home, tmp_pat
 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "001.png")),
                           np.asarray(Image.open(tmp_path / "again" / "001.png")))
+    listed = json.loads(runner.invoke(app, ["runs", "--json"]).stdout)["runs"]
+    assert listed[0]["score"] == {"metric": "val_loss", "value": metrics["val_loss"]}  # D's loss, until evaluated
     for bad, message in ((["--truncation", "0"], "truncation"), (["--steps", "5"], "--steps does not apply")):
         r = runner.invoke(app, ["generate", "gan", "-n", "1", "--class", "1", *bad])
         assert r.exit_code == 1 and message in r.output, r.output

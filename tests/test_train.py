@@ -21,7 +21,7 @@ from aigc.data.tokenizer import train_char
 from aigc.errors import UserError
 from aigc.runs import train
 from aigc.sample import load_run
-from aigc.train import lm_loss, lr_at, stream_nll
+from aigc.train import Budget, lm_loss, lr_at, stream_nll, train_loop
 from conftest import TINY_SETS, make_model, make_poems
 
 RESUME_SETS = {**TINY_SETS["gpt"], "eval_interval": "50", "log_interval": "1"}
@@ -198,3 +198,18 @@ def test_training_runs_off_the_main_thread(poems_file):
     worker.start()
     worker.join(60)
     assert results["out"][1]["steps"] == 2
+
+
+def test_one_process_trains_again_with_another_dtype(tmp_path):
+    """accelerate keeps one state per process; a second run with another dtype (a benchmark, a
+    server) must not fail on it."""
+    from aigc.models.vae import VAE, VAEConfig
+    from aigc.train import ImageBatches
+
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    for i, dtype in enumerate(("fp32", "bf16", "fp32")):
+        model = VAE(VAEConfig(z_dim=2, base_channels=4), (1, 8, 8))
+        (tmp_path / str(i)).mkdir()
+        fit = train_loop(model, ImageBatches(x, None, x[:4], None), TrainConfig(dtype=dtype, batch_size=4),
+                         tmp_path / str(i), Budget(1, None))
+        assert fit["dtype"] == dtype

@@ -66,7 +66,10 @@ def user_errors(fn):
 
 
 def _fail(message: str, code: int):
-    print(f"error: {message}", file=sys.stderr)
+    from aigc.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every process fails alike: one message
+        print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -178,6 +181,11 @@ def train(
     run_dir, metrics = run_train(family, data, val_data=val_data, name=name, overwrite=overwrite,
                                  resume=resume, max_minutes=max_minutes, max_steps=max_steps,
                                  init_from=init_from, config_file=config, sets=sets)
+    from aigc.distributed import end_processes, is_main_process
+
+    end_processes()
+    if not is_main_process():  # under torchrun the main process reports
+        return
     if json_out:
         # an AR fit's order and lags are its result: also at the top level, as the docs promise
         fitted = {k: metrics[k] for k in ("order", "lags") if k in metrics}
@@ -491,10 +499,10 @@ def runs(
     if not rows:
         print(f"no runs in {runs_dir()} (start one with: aigc train --family gpt --data tang300)", file=sys.stderr)
         return
-    print(f"{'name':<36} {'family':<6} {'status':<11} {'steps':>6} {'val_bpc':>8}  data")
+    print(f"{'name':<36} {'family':<9} {'status':<11} {'steps':>6} {'score':>18}  data")
     for r in rows:
-        bpc = f"{r['val_bpc']:.4f}" if isinstance(r["val_bpc"], float) else "-"
-        print(f"{r['name']:<36} {r['family']:<6} {str(r['status']):<11} {str(r['steps'] or 0):>6} {bpc:>8}  "
+        score = f"{r['score']['metric']} {r['score']['value']:.4f}" if r["score"] else "-"
+        print(f"{r['name']:<36} {r['family']:<9} {str(r['status']):<11} {str(r['steps'] or 0):>6} {score:>18}  "
               f"{r['data']}")
 
 

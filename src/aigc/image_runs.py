@@ -18,6 +18,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.images import ImageData, load_images, make_grid, read_png_record, save_png, to_tensor, to_uint8
+from aigc.distributed import is_main_process, on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_text, write_json
 from aigc.models import Family
@@ -45,12 +46,13 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
             raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
         configs = build(runs.sections_for(family), read_toml(run_dir / "config.toml"), family=family)
         train_set, val_set = recorded_split(run_dir, record, configs["data"])
-        model = fam.load(find_checkpoint(run_dir))
+        model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
     else:
         values = dict(read_toml(Path(config_file))) if config_file else {}
         values.update(sets)
         configs = build(runs.sections_for(family), values, family=family)
-        final_dir = runs.claim_run_dir(family, data, name, overwrite)
+        # several processes: one name for all, the main process alone writes the run (docs/runs.md)
+        final_dir = on_main(runs.claim_run_dir, family, data, name, overwrite)
         train_set, val_set = load_image_split(data, val_data, configs["data"])
         if configs["data"].conditional and train_set.labels is None:
             raise UserError(f"--conditional needs class labels, and {data} has none (use class sub-folders)")
@@ -73,12 +75,12 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
             write_json(staging / "run.json", record)
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
-        run_dir = runs.commit_run_dir(final_dir, write_files)
+        run_dir = on_main(runs.commit_run_dir, final_dir, write_files)
 
     max_steps, max_minutes = budget
     record["budget"] = {"max_steps": max_steps, "max_minutes": max_minutes}
     record["status"] = "running"
-    write_json(run_dir / "run.json", record)
+    on_main(write_json, run_dir / "run.json", record)
     cfg = configs["data"]
     labels = cfg.conditional
     batches = ImageBatches(to_tensor(train_set.images), labels_of(train_set, labels), to_tensor(val_set.images),
@@ -98,20 +100,25 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
                          phases=fam.phases)
     except BaseException as e:
         record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-        write_json(run_dir / "run.json", record)
+        if is_main_process():
+            write_json(run_dir / "run.json", record)
         raise
-    best = fam.load(run_dir)
-    from aigc.evaluate.pictures import write_pictures  # pictures, not only numbers (per family: docs/images.md)
 
-    write_pictures(family, best, batches.x_val, batches.y_val, run_dir / "pictures")
-    # the VAE's bound in nats per image; other families report their periodic validation objective
-    scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
-    metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
-                                                                   "best_step", "images_per_s", "schedule_steps")}}
-    record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"])
-    write_json(run_dir / "run.json", record)
-    _write_card(run_dir, record, configs)
-    return run_dir, metrics
+    def finish() -> dict:  # the main process scores and records; every process returns its metrics
+        best = fam.load(run_dir)
+        from aigc.evaluate.pictures import write_pictures  # pictures, not only numbers (per family: docs/images.md)
+
+        write_pictures(family, best, batches.x_val, batches.y_val, run_dir / "pictures")
+        # the VAE's bound in nats per image; other families report their periodic validation objective
+        scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
+        metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
+                                                    "best_step", "images_per_s", "schedule_steps")}}
+        record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"])
+        write_json(run_dir / "run.json", record)
+        _write_card(run_dir, record, configs)
+        return metrics
+
+    return run_dir, on_main(finish)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import DataConfig, ImageDataConfig, build, read_toml, to_toml
 from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
+from aigc.distributed import is_main_process, on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_text, read_json, write_json
 from aigc.models import FAMILIES, Family, gpt
@@ -142,7 +143,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         train_docs, val_docs = _load_split(record, configs["data"], run_dir)
         tokenizer = TextTokenizer.load(run_dir)
         train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
-        model = fam.load(find_checkpoint(run_dir))
+        model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
     else:
         # Everything that can fail on the user's input happens before the run directory is
         # touched: a failed request leaves no half-made run and never destroys an existing one.
@@ -156,7 +157,9 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         configs = build(sections_for(family), values, family=family)
         if family == "ngram" and configs["data"].tokenizer != "char":
             raise UserError("the ngram family is a character model: tokenizer must be char")
-        final_dir = claim_run_dir(family, data, name, overwrite)
+        # several processes (torchrun): one name for all (the default has a timestamp); only the
+        # main process writes the run, the others compute the same data and model (docs/runs.md)
+        final_dir = on_main(claim_run_dir, family, data, name, overwrite)
         corpus = load_corpus(data, text_field=configs["data"].text_field)
         if val_data:
             train_docs = list(corpus.docs)
@@ -177,14 +180,14 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             write_json(staging / "run.json", record)
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
-        run_dir = commit_run_dir(final_dir, write_files)
+        run_dir = on_main(commit_run_dir, final_dir, write_files)
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes}
     record["status"] = "running"
-    write_json(run_dir / "run.json", record)
+    on_main(write_json, run_dir / "run.json", record)
     chars = n_scored_chars(val_docs)
 
     if fam.trainer == "counts":
-        save_model_files(model, run_dir)
+        on_main(save_model_files, model, run_dir)
     else:
         from aigc.train import Budget, Interrupted, TextBatches, train_loop
 
@@ -195,17 +198,21 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
                              resume=resume, cpu_bf16=fam.cpu_bf16)
         except BaseException as e:
             record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-            write_json(run_dir / "run.json", record)
+            if is_main_process():
+                write_json(run_dir / "run.json", record)
             raise
         record["dtype"] = fit["dtype"]
 
-    metrics = score_validation(run_dir, val_ids, chars)
-    metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
-                                                          "tokens_per_s", "schedule_steps", "order")})
-    record.update(status="done", metrics=metrics, finished=now())
-    write_json(run_dir / "run.json", record)
-    write_model_card(run_dir, record, configs)
-    return run_dir, metrics
+    def finish() -> dict:  # the main process scores and records; every process returns its metrics
+        metrics = score_validation(run_dir, val_ids, chars)
+        metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
+                                                              "tokens_per_s", "schedule_steps", "order")})
+        record.update(status="done", metrics=metrics, finished=now())
+        write_json(run_dir / "run.json", record)
+        write_model_card(run_dir, record, configs)
+        return metrics
+
+    return run_dir, on_main(finish)
 
 
 def score_validation(run_dir: Path, val_ids: np.ndarray, chars: int) -> dict:
@@ -268,7 +275,25 @@ def summary(run_dir: Path) -> dict:
             "data": record["data"]["train"]["source"], "status": record.get("status"),
             "created": record.get("created"), "steps": metrics.get("steps"),
             "val_bpc": metrics.get("val_bpc"), "dtype": record.get("dtype"),
-            "evaluated": eval_path.is_file()}
+            "evaluated": eval_path.is_file(), "score": _headline(record, eval_path)}
+
+
+HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eval.json, else run.json
+    "text": ("val_bpc",),
+    "image": ("fid", "val_nelbo", "val_loss"),
+    "series": ("mase", "sigma"),
+}
+
+
+def _headline(record: dict, eval_path: Path) -> dict | None:
+    """{"metric", "value"}: the first headline metric the run has (lower is better for all of them)."""
+    found = dict(record.get("metrics") or {})
+    if eval_path.is_file():
+        found.update(read_json(eval_path).get("metrics") or {})
+    for metric in HEADLINES.get(record.get("modality", "text"), ()):
+        if isinstance(found.get(metric), int | float):
+            return {"metric": metric, "value": found[metric]}
+    return None
 
 
 def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:

@@ -22,6 +22,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.series import NAMED_SERIES, Series, future_time, is_series_data, load_series
+from aigc.distributed import is_main_process, on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_bytes, atomic_write_text, read_json, write_json
 from aigc.models import FAMILIES, Family
@@ -117,12 +118,13 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
             raise UserError(f"run {name!r} was trained on {record['data']['train']['source']}, not {data}")
         configs = build(runs.sections_for(family, "series"), read_toml(run_dir / "config.toml"), family=family)
         series = read_series(run_dir, record)
-        model = fam.load(find_checkpoint(run_dir))
+        model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
     else:
         values = dict(read_toml(Path(config_file))) if config_file else {}
         values.update(sets)
         configs = build(runs.sections_for(family, "series"), values, family=family)
-        final_dir = runs.claim_run_dir(family, data, name, overwrite)
+        # several processes: one name for all, the main process alone writes the run (docs/runs.md)
+        final_dir = on_main(runs.claim_run_dir, family, data, name, overwrite)
         series = load_series(data, configs["data"])
         if configs["data"].season and configs["data"].season >= len(series.values):
             raise UserError(f"season {configs['data'].season} is not shorter than the series "
@@ -146,13 +148,13 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
             write_series(staging, series)
 
-        run_dir = runs.commit_run_dir(final_dir, write_files)
+        run_dir = on_main(runs.commit_run_dir, final_dir, write_files)
 
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes if fam.trainer == "gradient" else None}
     record["status"] = "running"
-    write_json(run_dir / "run.json", record)
+    on_main(write_json, run_dir / "run.json", record)
     if fam.trainer == "fit":
-        save_model_files(model, run_dir)
+        on_main(save_model_files, model, run_dir)
         metrics = {"order": model.order, "lags": model.lags, "const": model.const_, "phi": model.phi_.tolist(),
                    "sigma": float(np.sqrt(model.sigma2_)), "bic": model.info_["bic"], "aic": model.info_["aic"],
                    "n_obs": model.info_["nobs"], "max_order": configs["model"].max_order if configs["model"].order == 0
@@ -165,15 +167,20 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
                              resume=resume)
         except BaseException as e:
             record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-            write_json(run_dir / "run.json", record)
+            if is_main_process():
+                write_json(run_dir / "run.json", record)
             raise
         record["dtype"] = fit["dtype"]
         metrics = {"val_loss": fit["best_val_loss_periodic"], **{k: fit[k] for k in (
             "steps", "train_time_s", "train_loss", "best_step", "values_per_s", "schedule_steps")}}
-    record.update(status="done", metrics=metrics, finished=runs.now())
-    write_json(run_dir / "run.json", record)
-    _write_card(run_dir, record, configs)
-    return run_dir, metrics
+
+    def finish() -> dict:  # the main process records; every process returns the metrics of its run
+        record.update(status="done", metrics=metrics, finished=runs.now())
+        write_json(run_dir / "run.json", record)
+        _write_card(run_dir, record, configs)
+        return metrics
+
+    return run_dir, on_main(finish)
 
 
 def rnn_split(x: np.ndarray, configs: dict) -> tuple[np.ndarray, int]:
@@ -219,6 +226,9 @@ class SeriesBatches:
         return [(windows[i:i + batch, :-1], windows[i:i + batch, 1:], weights[i:i + batch])
                 for i in range(0, len(windows), batch)]
 
+    def noise(self, model, n: int, device: torch.device) -> None:
+        return None  # the loss draws no noise
+
     def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return model(*batch)["loss"]  # forward, not a method: a DDP-wrapped model syncs gradients in forward
 
@@ -242,10 +252,14 @@ def fit_rnn(fam: Family, configs: dict, x: np.ndarray, work_dir: Path, budget, *
     batches = SeriesBatches(z[:cut], z[cut - block:], block)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     fit = train_loop(model, batches, configs["train"], work_dir, budget, resume=resume, cpu_bf16=fam.cpu_bf16)
-    best = fam.load(work_dir)
-    best.resid = best.residuals(z[:cut])
-    save_model_files(best, work_dir)
-    return best, fit
+
+    def keep_best():  # several processes: the main process writes, every process returns the model
+        best = fam.load(work_dir)
+        best.resid = best.residuals(z[:cut])
+        save_model_files(best, work_dir)
+        return best
+
+    return on_main(keep_best), fit
 
 
 # ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ an uninterrupted one (in fp32).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -23,10 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from aigc.checkpoint import find_checkpoint, load_optimizer_state, save_checkpoint, save_model_files
 from aigc.config import TrainConfig
+from aigc.distributed import init_processes, world_size
 from aigc.fsutil import read_json
 
 LN2 = math.log(2)
@@ -150,6 +154,9 @@ class TextBatches:
         starts = torch.linspace(0, len(self.val) - self.block_size - 2, n_batches * batch).long()
         return [_window_batch(self.val, starts[i:i + batch], self.block_size) for i in range(0, len(starts), batch)]
 
+    def noise(self, model, n: int, device: torch.device) -> None:
+        return None  # the loss draws no noise (dropout aside)
+
     def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return lm_loss(model, *batch)
 
@@ -184,9 +191,16 @@ class ImageBatches:
             out.append((x,) if self.y_val is None else (x, self.y_val[i:i + batch]))
         return out
 
-    def loss(self, model, batch: tuple[torch.Tensor, ...], phase: str | None = None) -> torch.Tensor:
+    def noise(self, model, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The noise the family's loss draws for n images (diffusion: t and eps; VAE: eps; GAN: z),
+        from the global RNG: the loop draws it for the whole global batch and slices it like the batch."""
+        return model.draw_noise(n, device=device)
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...], phase: str | None = None,
+             noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         # forward, not .loss: a DDP-wrapped model syncs gradients in forward
-        return (model(*batch) if phase is None else model(*batch, phase=phase))["loss"]
+        kwargs = {} if phase is None else {"phase": phase}
+        return model(*batch, noise=noise, **kwargs)["loss"]
 
     def val_metrics(self, val_loss: float) -> dict:
         return {}
@@ -240,10 +254,23 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     has its own optimizer over `model.phase_parameters(phase)`, and a training step runs the phases
     in order: clear all gradients, accumulate that phase's loss, clip and step its optimizer. Its
     validation loss is the first phase's. Returns the final training metrics.
+
+    Several processes (torchrun; gloo on CPU, NCCL on GPU): cfg.batch_size stays the global batch.
+    Every process draws the same global batch (and the noise its loss needs, see ImageBatches.noise)
+    and trains on its own slice; DDP averages the gradients, so N processes take the same steps as
+    one. The main process alone evaluates, logs and writes; the processes agree on its clock, the
+    global batch's loss and a Ctrl-C after every step, so they stop together (docs/runs.md).
     """
     run_dir = Path(run_dir)
     dtype = resolve_dtype(cfg.dtype, cpu_bf16)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+    # a phase leaves the other phases' parameters without gradients, which DDP must be told
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if phases else []
+    if world_size() > 1:
+        init_processes()  # before the Accelerator, which would make the group with a shorter timeout
+    # accelerate keeps one AcceleratorState per process: a process that trains again (a benchmark, a
+    # server) with another dtype must reset it; the process group (PartialState) stays
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=ddp,
                               mixed_precision="bf16" if dtype == "bf16" else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.grad_accum * world):
@@ -278,15 +305,19 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
             total_steps = budget.max_steps
         data_gen.set_state(torch.tensor(state["data_rng"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     model, *prepared = accelerator.prepare(model, *optimizers.values())
     optimizers = dict(zip(optimizers, prepared, strict=True))
-    val_batches = data.val_batches(cfg.eval_batches, micro)
+    # the batches of one process: the same whatever the number of processes (validation loss, keep-best)
+    val_batches = data.val_batches(cfg.eval_batches, cfg.batch_size // cfg.grad_accum)
     eval_phase = phases[0] if phases else None
 
-    def phase_loss(batch: tuple[torch.Tensor, ...], phase: str | None) -> torch.Tensor:
-        return data.loss(model, batch) if phase is None else data.loss(model, batch, phase)
+    def phase_loss(net, batch: tuple[torch.Tensor, ...], phase: str | None, noise=None) -> torch.Tensor:
+        if noise is not None:
+            return data.loss(net, batch, phase, noise=noise)
+        return data.loss(net, batch) if phase is None else data.loss(net, batch, phase)
 
     def to_device(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(accelerator.device) for t in batch)
@@ -294,12 +325,13 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     def periodic_eval() -> float:
         # the same noise at every evaluation (families draw noise in their losses), and the training
         # RNG untouched: when evaluations happen does not change the weights (exact resume)
-        cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
-        model.eval()
-        with torch.random.fork_rng(devices=cuda), torch.no_grad(), accelerator.autocast():
+        # (the main process alone, on the unwrapped model: no collective operations)
+        net = accelerator.unwrap_model(model)
+        net.eval()
+        with torch.random.fork_rng(devices=cuda_rng), torch.no_grad(), accelerator.autocast():
             torch.manual_seed(cfg.seed)
-            losses = [phase_loss(to_device(batch), eval_phase).item() for batch in val_batches]
-        model.train()
+            losses = [phase_loss(net, to_device(batch), eval_phase).item() for batch in val_batches]
+        net.train()
         return float(np.mean(losses))
 
     def checkpoint_state() -> dict:
@@ -307,6 +339,17 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 "total_steps": total_steps, "schedule_estimated": estimated, "dtype": dtype,
                 "data_rng": data_gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
                 "train_config": asdict(cfg)}
+
+    def agree(elapsed: float, losses: dict[str, float], requested: bool) -> tuple[float, dict[str, float], bool]:
+        """Several processes: the main process's clock (so the time budget and the schedule estimate
+        agree), the mean loss over the global batch, and a Ctrl-C seen by any of them."""
+        if world == 1:
+            return elapsed, losses, requested
+        values = torch.tensor([elapsed if accelerator.is_main_process else 0.0, float(requested),
+                               *(v / world for v in losses.values())], dtype=torch.float64,
+                              device=accelerator.device)
+        values = accelerator.reduce(values, reduction="sum").tolist()
+        return values[0], dict(zip(losses, values[2:], strict=True)), values[1] > 0
 
     def log(record: dict) -> None:
         if accelerator.is_main_process:
@@ -321,15 +364,18 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     last_loss = math.nan
     t_window, steps_window = time.perf_counter(), 0
     elapsed_at_2 = 0.0
+    cuda_rng = [accelerator.device] if accelerator.device.type == "cuda" else []
+    stopping = False  # a Ctrl-C, agreed by every process after a step
     with _StopFlag() as stop:
         while True:
             if budget.max_steps is not None and step >= budget.max_steps:
                 break
             if budget.max_minutes is not None and elapsed >= budget.max_minutes * 60:
                 break
-            if stop.requested:
+            if stopping:
                 if accelerator.is_main_process:
                     save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
+                accelerator.wait_for_everyone()  # a process that exits first would make torchrun stop the rest
                 bar.close()
                 raise Interrupted(step)
             t0 = time.perf_counter()
@@ -343,12 +389,20 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.zero_grad(set_to_none=True)  # a phase also leaves gradients on the other's parameters
+                # the noise of the global batch, drawn alike by every process: an image's noise does not
+                # depend on how the batch is split (across processes, or into accumulation steps)
+                noise = data.noise(accelerator.unwrap_model(model), cfg.batch_size, accelerator.device)
                 loss_sum = 0.0
                 for k in range(cfg.grad_accum):
-                    part = tuple(t[first + k * micro:first + (k + 1) * micro] for t in batch)
-                    with accelerator.autocast():
-                        loss = phase_loss(to_device(part), phase)
-                    accelerator.backward(loss / cfg.grad_accum)
+                    rows = slice(first + k * micro, first + (k + 1) * micro)
+                    part = tuple(t[rows] for t in batch)
+                    part_noise = None if noise is None else {name: t[rows] for name, t in noise.items()}
+                    # gradients are averaged across processes once per step, after the last micro-batch
+                    last = k == cfg.grad_accum - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        with accelerator.autocast():
+                            loss = phase_loss(model, to_device(part), phase, part_noise)
+                        accelerator.backward(loss / cfg.grad_accum)
                     loss_sum += loss.item() / cfg.grad_accum
                 if cfg.grad_clip > 0:
                     params = model.parameters() if phase is None else accelerator.unwrap_model(
@@ -360,7 +414,8 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
             if after_step:
                 accelerator.unwrap_model(model).after_step()
             step += 1
-            elapsed += time.perf_counter() - t0
+            elapsed, phase_losses, stopping = agree(elapsed + time.perf_counter() - t0, phase_losses,
+                                                    stop.requested)
             steps_window += 1
             last_loss = phase_losses[next(iter(optimizers))]  # a GAN: the discriminator's loss
             for key, value in phase_losses.items():
@@ -390,7 +445,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 log({"step": step, "loss": last_loss, **extra, "lr": lr, rate_key: rate, "elapsed_s": elapsed})
             done = (budget.max_steps is not None and step >= budget.max_steps) or (
                 budget.max_minutes is not None and elapsed >= budget.max_minutes * 60)
-            if step % cfg.eval_interval == 0 or done:
+            if (step % cfg.eval_interval == 0 or done) and accelerator.is_main_process:
                 val_loss = periodic_eval()
                 log({"step": step, "val_loss": val_loss, **data.val_metrics(val_loss)})
                 if not bar.disable:
@@ -398,15 +453,16 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 else:
                     print(f"step {step}/{total_steps}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
                           f"{elapsed:.0f}s", file=sys.stderr)
-                if (val_loss < best_val or not cfg.keep_best) and accelerator.is_main_process:
+                if val_loss < best_val or not cfg.keep_best:
                     # without keep_best the run keeps the last weights: report their loss
                     best_val, best_step = (min(val_loss, best_val) if cfg.keep_best else val_loss), step
                     save_model_files(accelerator.unwrap_model(model), run_dir)
-                if accelerator.is_main_process:
-                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
-                    if on_eval is not None:
+                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
+                if on_eval is not None:
+                    with torch.random.fork_rng(devices=cuda_rng):  # the training RNG stays the other processes'
                         on_eval(accelerator.unwrap_model(model), step)
-                        model.train()
+                    model.train()
+            if step % cfg.eval_interval == 0 or done:
                 accelerator.wait_for_everyone()
     bar.close()
     if best_step < 0 and accelerator.is_main_process:  # resumed at the end, or no evaluation ran

@@ -202,16 +202,26 @@ class DCGAN(nn.Module):
             return list(self.generator.parameters())
         raise ValueError(f"unknown phase {phase!r}: one of {', '.join(PHASES)}")
 
-    def forward(self, x: Tensor, y: Tensor | None = None, *, phase: str = "discriminator") -> dict[str, Tensor]:
+    def draw_noise(self, n: int, *, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """{"z": (n, z_dim)}: the latents of one phase's fakes, from `generator` (on its device) or the
+        global RNG (on `device`), returned on `device`."""
+        where = generator.device if generator is not None else device
+        return {"z": torch.randn((n, self.config.z_dim), generator=generator, device=where).to(device)}
+
+    def forward(self, x: Tensor, y: Tensor | None = None, *, phase: str = "discriminator",
+                noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The loss of one phase on a batch of real images x (N, C, H, W) [and labels y (N,)].
 
-        Fakes use N latents from the global RNG, labelled like the real batch. The discriminator phase
+        Fakes use N latents, `noise["z"]` (the training loop draws them for the global batch) or else
+        from the global RNG, labelled like the real batch. The discriminator phase
         makes them without gradients; the generator phase backpropagates through D into G (the
         training loop steps only G's optimizer then and clears D's gradients before D's next phase).
         Returns {"loss", "d_real", "d_fake"}: the phase's loss and D's mean scores.
         """
         self._check(x, y)
-        z = torch.randn(x.shape[0], self.config.z_dim, device=x.device)
+        if noise is None:
+            noise = self.draw_noise(x.shape[0], device=x.device)
+        z = noise["z"]
         if phase == "discriminator":
             with torch.no_grad():
                 fake = self.generator(z, y)

@@ -321,33 +321,43 @@ class Diffusion(nn.Module):
         a = self.alpha_bar[t].to(x0.dtype)[:, None, None, None]  # (N, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * eps  # DDPM eq. 4
 
-    def loss_terms(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None
-                   ) -> dict[str, Tensor]:
+    def draw_noise(self, n: int, *, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """The randomness of the loss for n images, in this order: t ~ U{0..T-1} (n,), eps ~ N(0, I)
+        (n, C, H, W), then (training mode, conditional) u ~ U[0, 1) (n,), the label drop mask's draw;
+        from `generator` (on its device) or the global RNG (on `device`), returned on `device`."""
+        where = generator.device if generator is not None else device
+        noise = {"t": torch.randint(0, self.config.timesteps, (n,), generator=generator, device=where),
+                 "eps": torch.randn((n, *self.image_shape), generator=generator, device=where)}
+        if self.num_classes and self.training and self.config.cond_drop > 0:
+            noise["u"] = torch.rand(n, generator=generator, device=where)
+        return {name: value.to(device) for name, value in noise.items()}
+
+    def loss_terms(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None,
+                   noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """{"loss", "nelbo"}: both the mean squared error of the predicted noise (DDPM eq. 14, L_simple).
 
         "nelbo" is the same MSE, NOT a bound in nats: it is there so that evaluation code reading
-        "nelbo" runs; it is comparable between diffusion runs only. Randomness is drawn in this order:
-        t ~ U{0..T-1} (N,), eps ~ N(0, I) (N, C, H, W), then (training mode, conditional) the label drop
-        mask ~ U[0, 1) (N,), from `generator` when one is given (on its device, then moved), else
-        from the global RNG.
+        "nelbo" runs; it is comparable between diffusion runs only. The randomness (t, eps and the
+        label drop draw u) is `noise` when given (the training loop draws it for the global batch),
+        else drawn by draw_noise from `generator` when one is given, else from the global RNG.
         """
         self._check_images(x)
         n = x.shape[0]
         self._check_labels(y, n, required=True)
-        device = generator.device if generator is not None else x.device
-        t = torch.randint(0, self.config.timesteps, (n,), generator=generator, device=device).to(x.device)
-        eps = torch.randn(x.shape, generator=generator, device=device).to(x)
-        if y is not None and self.training and self.config.cond_drop > 0:
-            drop = torch.rand(n, generator=generator, device=device).to(x.device) < self.config.cond_drop
+        if noise is None:
+            noise = self.draw_noise(n, generator=generator, device=x.device)
+        t, eps = noise["t"], noise["eps"].to(x)
+        if y is not None and "u" in noise:
+            drop = noise["u"] < self.config.cond_drop
             y = torch.where(drop, torch.full_like(y, self.null_class), y)  # classifier-free guidance training
         eps_pred = self.unet(self.q_sample(x, t, eps), t, y)
         mse = F.mse_loss(eps_pred.float(), eps.float())  # DDPM eq. 14
         return {"loss": mse, "nelbo": mse}
 
-    def forward(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None
-                ) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None,
+                noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         # forward is loss_terms so that a wrapped model (DDP via accelerate) syncs gradients
-        return self.loss_terms(x, y, generator=generator)
+        return self.loss_terms(x, y, generator=generator, noise=noise)
 
     def loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The scalar the training loop backpropagates: the noise-prediction MSE."""

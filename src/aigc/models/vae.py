@@ -166,27 +166,33 @@ class VAE(nn.Module):
             nll = (x - out).pow(2) / (2.0 * sigma**2) + math.log(sigma) + 0.5 * math.log(2.0 * math.pi)
         return nll.flatten(1).sum(1)
 
-    def loss_terms(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None
-                   ) -> dict[str, Tensor]:
+    def draw_noise(self, n: int, *, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        """{"eps": (n, z_dim)}: the noise of the loss, from `generator` (on its device) or the global RNG
+        (on `device`), returned on `device`."""
+        where = generator.device if generator is not None else device
+        eps = torch.randn((n, self.config.z_dim), generator=generator, device=where)
+        return {"eps": eps.to(device)}
+
+    def loss_terms(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None,
+                   noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Batch means in nats per image: recon, kl, nelbo (= recon + kl) and loss (= recon + beta * kl).
 
-        eps is drawn from `generator` (on the generator's device, then moved) when one is given,
-        which makes the terms reproducible; training passes none and uses the global RNG.
+        eps is `noise["eps"]` when given (the training loop draws it for the global batch), else drawn
+        by draw_noise from `generator`, which makes the terms reproducible, or the global RNG.
         """
+        if noise is None:
+            noise = self.draw_noise(x.shape[0], generator=generator, device=x.device)
         mu, logvar = self.encode(x, y)  # (N, z_dim) each
-        if generator is None:
-            eps = torch.randn_like(mu)
-        else:
-            eps = torch.randn(mu.shape, generator=generator, device=generator.device).to(mu)
+        eps = noise["eps"].to(mu)
         z = mu + torch.exp(0.5 * logvar) * eps  # reparameterisation: gradients flow through mu, logvar
         recon = self.recon_nll(self.decode(z, y), x).mean()
         kl = kl_normal(mu, logvar).mean()
         return {"recon": recon, "kl": kl, "nelbo": recon + kl, "loss": recon + self.config.beta * kl}
 
-    def forward(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None
-                ) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None,
+                noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         # forward is loss_terms so that a wrapped model (DDP via accelerate) syncs gradients
-        return self.loss_terms(x, y, generator=generator)
+        return self.loss_terms(x, y, generator=generator, noise=noise)
 
     def loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """The scalar the training loop backpropagates: recon + beta * kl, nats per image."""
