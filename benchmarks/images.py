@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="images scored per family (default 2000; quick 297)")
     parser.add_argument("--sampler-n", type=int, default=None, help="images per sampler (default 500; quick 100)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset")
+    parser.add_argument("--seed", type=int, default=None, help="training seed of every model (default: the "
+                        "families' own, 1337); repeat the benchmark with several to see the spread")
     parser.add_argument("--skip-samplers", action="store_true")
     parser.add_argument("--skip-denoiser", action="store_true")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs and caches")
@@ -135,7 +137,7 @@ def main() -> None:
     started = time.time()
     result = {
         "benchmark": "images", "data": data, "minutes_per_model": minutes, "n_eval": n_eval,
-        "sampler_n": sampler_n, "quick": args.quick,
+        "sampler_n": sampler_n, "quick": args.quick, "seed": args.seed,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -153,7 +155,9 @@ def main() -> None:
     runs = {}
     for family in families:
         print(f"\n== {family}: training {minutes:g} min on {data}", file=sys.stderr)
-        run_dir, fit = run_train(family, data, name=f"bench-{family}-{data}", overwrite=True, max_minutes=minutes)
+        sets = {} if args.seed is None else {"seed": str(args.seed)}
+        run_dir, fit = run_train(family, data, name=f"bench-{family}-{data}", overwrite=True, max_minutes=minutes,
+                                 sets=sets)
         runs[family] = run_dir
         print(f"== {family}: scoring {n_eval} images", file=sys.stderr)
         scored = evaluate_image_run(run_dir, read_run(run_dir), n=n_eval)["metrics"]
