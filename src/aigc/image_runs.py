@@ -18,7 +18,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.images import ImageData, load_images, make_grid, read_png_record, save_png, to_tensor, to_uint8
-from aigc.distributed import is_main_process, on_main
+from aigc.distributed import on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_text, write_json
 from aigc.models import Family
@@ -32,7 +32,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
                  resume: bool, budget: tuple[int | None, float | None], config_file: str | None,
                  sets: dict[str, str], header: dict) -> tuple[Path, dict]:
     from aigc import runs
-    from aigc.train import Budget, ImageBatches, Interrupted, train_loop
+    from aigc.train import Budget, ImageBatches, train_loop
 
     if resume:
         run_dir = runs.runs_dir() / name
@@ -94,15 +94,10 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         (run_dir / "samples").mkdir(exist_ok=True)
         save_png(run_dir / "samples" / f"step-{step:06d}.png", make_grid(to_uint8(x)))
 
-    try:
+    with runs.recording_failure(run_dir, record):
         fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, max_minutes),
                          resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid, after_step=fam.after_step,
                          phases=fam.phases)
-    except BaseException as e:
-        record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-        if is_main_process():
-            write_json(run_dir / "run.json", record)
-        raise
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
         best = fam.load(run_dir)

@@ -7,6 +7,7 @@ scores the best weights on the validation split and writes the model card.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -189,18 +190,13 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     if fam.trainer == "counts":
         on_main(save_model_files, model, run_dir)
     else:
-        from aigc.train import Budget, Interrupted, TextBatches, train_loop
+        from aigc.train import Budget, TextBatches, train_loop
 
-        try:
+        with recording_failure(run_dir, record):
             batches = TextBatches(train_ids, val_ids, configs["train"].block_size,
                                   chars_per_val_token=chars / max(1, len(val_ids) - 1))
             fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, budget_minutes),
                              resume=resume, cpu_bf16=fam.cpu_bf16)
-        except BaseException as e:
-            record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-            if is_main_process():
-                write_json(run_dir / "run.json", record)
-            raise
         record["dtype"] = fit["dtype"]
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
@@ -213,6 +209,21 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         return metrics
 
     return run_dir, on_main(finish)
+
+
+@contextlib.contextmanager
+def recording_failure(run_dir: Path, record: dict):
+    """Around training: an exception marks the run `interrupted` (Ctrl-C) or `failed` in run.json
+    (written by the main process), then goes on."""
+    from aigc.train import Interrupted
+
+    try:
+        yield
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
+        if is_main_process():
+            write_json(Path(run_dir) / "run.json", record)
+        raise
 
 
 def score_validation(run_dir: Path, val_ids: np.ndarray, chars: int) -> dict:

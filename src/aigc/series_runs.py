@@ -22,7 +22,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.series import NAMED_SERIES, Series, future_time, is_series_data, load_series
-from aigc.distributed import is_main_process, on_main
+from aigc.distributed import on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_bytes, atomic_write_text, read_json, write_json
 from aigc.models import FAMILIES, Family
@@ -160,16 +160,11 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
                    "n_obs": model.info_["nobs"], "max_order": configs["model"].max_order if configs["model"].order == 0
                    else None, "train_time_s": fit_time}
     else:
-        from aigc.train import Budget, Interrupted
+        from aigc.train import Budget
 
-        try:
+        with runs.recording_failure(run_dir, record):
             _, fit = fit_rnn(fam, configs, series.values, run_dir, Budget(max_steps, budget_minutes), model=model,
                              resume=resume)
-        except BaseException as e:
-            record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
-            if is_main_process():
-                write_json(run_dir / "run.json", record)
-            raise
         record["dtype"] = fit["dtype"]
         metrics = {"val_loss": fit["best_val_loss_periodic"], **{k: fit[k] for k in (
             "steps", "train_time_s", "train_loss", "best_step", "values_per_s", "schedule_steps")}}

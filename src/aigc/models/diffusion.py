@@ -55,7 +55,7 @@ from torch.func import functional_call
 
 from aigc.config import option
 from aigc.models.ema import EMA
-from aigc.models.image_files import load_image_model, save_image_model
+from aigc.models.image_files import check_image_args, load_image_model, save_image_model
 
 CONFIG_FILE = "diffusion_config.json"
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
@@ -272,11 +272,7 @@ class UNet(nn.Module):
 class Diffusion(nn.Module):
     def __init__(self, config: DiffusionConfig, image_shape: tuple[int, int, int], num_classes: int = 0):
         super().__init__()
-        channels, height, width = (int(s) for s in image_shape)
-        if channels < 1 or height < 1 or width < 1:
-            raise ValueError(f"diffusion needs images of at least 1 x 1 x 1 (C, H, W), got {tuple(image_shape)}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        channels, height, width = check_image_args("diffusion", image_shape, num_classes, 1)
         self.config = config
         self.image_shape = (channels, height, width)
         self.num_classes = num_classes

@@ -16,6 +16,18 @@ from aigc.models.ema import pop_ema
 WEIGHTS_FILE = "model.safetensors"
 
 
+def check_image_args(family: str, image_shape: tuple[int, ...], num_classes: int, min_side: int
+                     ) -> tuple[int, int, int]:
+    """(C, H, W) as ints, or a ValueError: an image family needs C >= 1, sides >= min_side, num_classes >= 0."""
+    channels, height, width = (int(s) for s in image_shape)
+    if channels < 1 or height < min_side or width < min_side:
+        raise ValueError(f"{family} needs images of at least 1 x {min_side} x {min_side} (C, H, W), "
+                         f"got {tuple(image_shape)}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+    return channels, height, width
+
+
 def save_image_model(model, directory: Path, config_file: str) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

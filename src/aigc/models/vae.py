@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aigc.config import option
-from aigc.models.image_files import load_image_model, save_image_model
+from aigc.models.image_files import check_image_args, load_image_model, save_image_model
 
 CONFIG_FILE = "vae_config.json"
 MIN_SIDE = 4  # two halvings must leave at least one pixel: 4 -> 2 -> 1
@@ -80,12 +80,7 @@ def _down(side: int) -> int:
 class VAE(nn.Module):
     def __init__(self, config: VAEConfig, image_shape: tuple[int, int, int], num_classes: int = 0):
         super().__init__()
-        channels, height, width = (int(s) for s in image_shape)
-        if channels < 1 or height < MIN_SIDE or width < MIN_SIDE:
-            raise ValueError(f"VAE needs images of at least 1 x {MIN_SIDE} x {MIN_SIDE} (C, H, W), "
-                             f"got {tuple(image_shape)}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        channels, height, width = check_image_args("VAE", image_shape, num_classes, MIN_SIDE)
         self.config = config
         self.image_shape = (channels, height, width)
         self.num_classes = num_classes
