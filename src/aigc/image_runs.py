@@ -273,10 +273,10 @@ def _describe(data: ImageData, source: str) -> dict:
 
 
 def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
+    from aigc.runs import card_header
+
     m = record["metrics"]
-    lines = ["---", "license: other", "library_name: aigc", "tags:", "- aigc-studio", f"- {record['family']}",
-             "- image-generation", "datasets:", f"- {record['data']['train']['source']}", "---", "",
-             f"# {run_dir.name}", "",
+    lines = [*card_header(record, "image-generation"), f"# {run_dir.name}", "",
              f"A `{record['family']}` image model trained by AIGC Studio {__version__} on "
              f"`{record['data']['train']['source']}` ({record['data']['train']['images']:,} images of "
              f"{' x '.join(map(str, record['image_shape']))}).", "",

@@ -307,13 +307,20 @@ def _headline(record: dict, eval_path: Path) -> dict | None:
     return None
 
 
+def card_header(record: dict, task: str, *, library: str = "aigc", metrics: tuple[str, ...] = ()) -> list[str]:
+    """The Hugging Face model-card metadata (YAML between --- lines) every run's README.md starts with."""
+    lines = ["---", "license: other", f"library_name: {library}", "tags:", "- aigc-studio", f"- {record['family']}",
+             f"- {task}", "datasets:", f"- {record['data']['train']['source']}"]
+    if metrics:
+        lines += ["metrics:", *(f"- {m}" for m in metrics)]
+    return [*lines, "---", ""]
+
+
 def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:
     """README.md with Hugging Face model-card metadata (YAML header) and the run's numbers."""
     m = record.get("metrics", {})
     lib = "transformers" if record["family"] == "gpt" else "aigc"
-    lines = ["---", "license: other", f"library_name: {lib}", "tags:", "- aigc-studio",
-             f"- {record['family']}", "- text-generation", "datasets:",
-             f"- {record['data']['train']['source']}", "metrics:", "- bits-per-character", "---", "",
+    lines = [*card_header(record, "text-generation", library=lib, metrics=("bits-per-character",)),
              f"# {Path(run_dir).name}", "",
              f"A `{record['family']}` text model trained by AIGC Studio {__version__} on "
              f"`{record['data']['train']['source']}` ({record['data']['train']['chars']:,} training characters).",

@@ -400,6 +400,8 @@ def fan_chart_png(series: Series, future: list, mean: np.ndarray, bands: dict, s
 
 
 def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
+    from aigc.runs import card_header
+
     m, d = record["metrics"], record["data"]["train"]
     if record["family"] == "ar":
         result = [f"- order p = {m['order']} (lags {m['lags']}), c = {m['const']:.6g}, sigma = {m['sigma']:.6g}",
@@ -407,9 +409,7 @@ def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
     else:
         result = [f"- one-step validation NLL: {m['val_loss']:.4f} nats per standardised value",
                   f"- steps: {m['steps']}, training time: {m['train_time_s']:.0f} s"]
-    lines = ["---", "license: other", "library_name: aigc", "tags:", "- aigc-studio", f"- {record['family']}",
-             "- time-series-forecasting", "datasets:", f"- {d['source']}", "---", "",
-             f"# {Path(run_dir).name}", "",
+    lines = [*card_header(record, "time-series-forecasting"), f"# {Path(run_dir).name}", "",
              f"A `{record['family']}` series model fitted by AIGC Studio {__version__} on `{d['source']}` "
              f"(column `{d['column']}`, {d['values']} values from {d['start']} to {d['end']}, frequency "
              f"{d['freq'] or 'none: consecutive rows'}, missing values: {d['missing']}, fill: {d['fill']}).", "",
