@@ -1,7 +1,7 @@
 """Oracle and contract tests for aigc.models.diffusion: the beta schedules and the forward process
 q(x_t | x_0) against their closed forms and diffusers' add_noise; every sampler, run through our
 sampling loop with the analytically optimal denoiser of Gaussian data, recovers that data's mean and
-std; the real UNet on 8x8, 28x28 and 32x32 images (loss and gradients, seeded sampling, EMA,
+std; the denoiser (diffusers' UNet2DModel behind our padding) on 8x8, 28x28 and 32x32 images (loss and gradients, seeded sampling, EMA,
 save/load, guidance, argument checks), and a short training run that must learn."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
 
 from aigc.models.diffusion import Diffusion, DiffusionConfig, build, log_snr_timesteps, make_betas
 
@@ -233,9 +234,14 @@ def test_loss_and_gradients_are_finite(image_shape, num_classes):
 
 
 def test_odd_sides_are_padded_and_cropped_back():
-    model = tiny_model((1, 7, 9), depth=3)  # padded to 8 x 16 inside the UNet
-    x = images(2, (1, 7, 9))
-    assert model.unet(x, torch.tensor([3, 900])).shape == (2, 1, 7, 9)
+    model = tiny_model((1, 7, 9), depth=3)  # padded to 8 x 16 around the UNet
+    x, t = images(2, (1, 7, 9)), torch.tensor([3, 900])
+    out = model.unet(x, t)
+    assert out.shape == (2, 1, 7, 9)
+    # zeros on the right and bottom, the top-left 7 x 9 of UNet2DModel's prediction kept
+    padded = torch.zeros(2, 1, 8, 16)
+    padded[..., :7, :9] = x
+    torch.testing.assert_close(out, model.unet.net(padded, t).sample[..., :7, :9])
     assert model.sample(2, generator=seeded(0), steps=2).shape == (2, 1, 7, 9)
 
 
@@ -326,6 +332,17 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path, num_classes):
 
 def test_load_rejects_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no diffusion checkpoint"):
+        Diffusion.load(tmp_path)
+
+
+def test_load_rejects_weights_of_the_former_hand_written_unet(tmp_path):
+    model = tiny_model((1, 8, 8))
+    model.save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    state["unet.conv_in.weight"] = state.pop("unet.net.conv_in.weight")  # the old UNet's name
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="hand-written UNet .* train it again"):
         Diffusion.load(tmp_path)
 
 

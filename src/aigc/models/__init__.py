@@ -57,7 +57,7 @@ FAMILIES: dict[str, Family] = {
                     description="DCGAN, non-saturating or hinge loss, EMA generator, truncation"),
     "diffusion": Family("image", diffusion.DiffusionConfig, "gradient", diffusion.Diffusion.load, diffusion.build,
                         after_step=True, sampler_options=("sampler", "steps", "eta", "guidance_scale"),
-                        description="DDPM with a compact UNet, EMA, diffusers samplers, classifier-free guidance"),
+                        description="DDPM: diffusers' UNet2DModel and samplers, EMA, classifier-free guidance"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),
 }
