@@ -142,7 +142,7 @@ def test_top_level_help_lists_every_command():
 
 @pytest.mark.parametrize("family, keys", [
     ("gpt", {"n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "256", "block_size": "128",
-             "lr": "0.001", "batch_size": "32", "warmup_steps": "50", "tokenizer": "'char'"}),
+             "lr": "0.003", "embd_pdrop": "0.0", "batch_size": "32", "warmup_steps": "50", "tokenizer": "'char'"}),
     ("rnn", {"cell": "'lstm'", "n_layer": "2", "n_hidden": "256", "dropout": "0.1", "lr": "0.001"}),
     ("ngram", {"order": "0", "max_order": "8", "tokenizer": "'char'"}),
 ])

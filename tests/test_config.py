@@ -12,6 +12,7 @@ import tomllib
 from aigc.config import DataConfig, TrainConfig, build, coerce, describe, option, parse_sets, read_toml, to_toml
 from aigc.errors import UserError
 from aigc.models import FAMILIES
+from aigc.models.gpt import GPTTrainConfig
 from aigc.runs import sections_for
 
 
@@ -190,7 +191,8 @@ def test_build_fills_sections_from_flat_values():
     assert configs["model"].cell == "gru" and configs["model"].n_layer == 3
     assert configs["train"].lr == 0.01 and configs["data"].tokenizer == "bpe"
     assert configs["train"].batch_size == TrainConfig().batch_size  # the rest keeps its defaults
-    assert build(sections_for("gpt"), {}, family="gpt")["train"] == TrainConfig()
+    assert build(sections_for("gpt"), {}, family="gpt")["train"] == GPTTrainConfig()  # the family's own defaults
+    assert GPTTrainConfig().lr != TrainConfig().lr and GPTTrainConfig().batch_size == TrainConfig().batch_size
 
 
 @pytest.mark.parametrize("family, key", [("rnn", "n_heads"), ("gpt", "cell"), ("ngram", "lr"),

@@ -118,3 +118,30 @@ def test_seed_reproduces_each_sampler(loaded):
     for knobs in ({"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"repetition_penalty": 1.3}):
         settings = GenerateSettings(n=2, seed=11, temperature=0.9, max_new_tokens=10, **knobs)
         assert generate(loaded, settings)[0] == generate(loaded, settings)[0]
+
+
+@pytest.mark.parametrize("options", [{"do_sample": True, "top_k": 0},
+                                     {"num_beams": 3, "do_sample": False, "num_return_sequences": 2}],
+                         ids=["sampling", "beams"])
+def test_the_cache_changes_no_token(loaded, options):
+    """gpt's key/value cache and rnn's recurrent state give the tokens of re-reading the whole sequence."""
+    if loaded.family == "ngram":
+        pytest.skip("the n-gram reads a fixed window: it has no cache")
+    ids = torch.tensor([[loaded.tokenizer.eot_id] + loaded.tokenizer.encode("春")])
+    outs = []
+    for cache in (True, False):
+        torch.manual_seed(3)
+        outs.append(loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                          min_new_tokens=12, use_cache=cache, **options))
+    assert outs[0].shape[1] == ids.shape[1] + 12
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_rnn_generation_reads_one_token_per_step(vocab):
+    tok, ids = vocab
+    model = make_model("rnn", ids, tok).eval()
+    lengths = []
+    model.core.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    prompt = torch.tensor([[tok.eot_id] + tok.encode("春风")])
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6)
+    assert lengths == [3, 1, 1, 1, 1, 1]  # the prompt once, then the state and the newest token

@@ -1,8 +1,9 @@
 """Oracle and contract tests for aigc.models.diffusion: the beta schedules and the forward process
 q(x_t | x_0) against their closed forms and diffusers' add_noise; every sampler, run through our
 sampling loop with the analytically optimal denoiser of Gaussian data, recovers that data's mean and
-std; the denoiser (diffusers' UNet2DModel behind our padding) on 8x8, 28x28 and 32x32 images (loss and gradients, seeded sampling, EMA,
-save/load, guidance, argument checks), and a short training run that must learn."""
+std; the denoiser (diffusers' UNet2DModel behind our padding) on 8x8, 28x28 and 32x32 images (loss
+and gradients, seeded sampling, EMA, save/load, guidance, argument checks), and a short training run
+that must learn."""
 
 from __future__ import annotations
 

@@ -42,13 +42,15 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "ngram": Family("text", ngram.NGramConfig, "counts", ngram.NGramLM.load,
                     description="character n-gram, interpolated Kneser-Ney (the baseline)"),
-    # measured: nn.LSTM under CPU bf16 autocast trains ~10x slower than in fp32 (1.1 k vs 12 k tokens/s)
-    "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build, cpu_bf16=False,
+    # cpu_bf16, measured by benchmarks/dtype.py (torch 2.13, 2 cores): text rnn trains 1.35-1.58x faster under
+    # bf16 autocast and reaches a lower bits/char at equal time; the series rnn (tiny batches) 0.69x
+    "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build,
                   series=Family("series", rnn_series.SeriesRNNConfig, "gradient", rnn_series.load,
                                 rnn_series.build, cpu_bf16=False,
                                 description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
     "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True,
+                  train_config=gpt.GPTTrainConfig,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
     "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
                   description="convolutional VAE, optionally class-conditional"),

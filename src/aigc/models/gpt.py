@@ -3,6 +3,15 @@
 The model maths lives in transformers; this file only maps the project's config onto
 `GPT2Config`. A run directory is a Hugging Face model folder: `AutoModelForCausalLM` and
 `AutoTokenizer` load it unchanged.
+
+Attention kernel: on a CPU every model made or loaded here uses transformers' "eager" attention
+(matmul, softmax, matmul) instead of its default "sdpa": under bf16 autocast PyTorch's fused CPU
+attention kernel has a slow backward pass, and the default 4 x 128 model trains 1.77x faster
+without it (40.9 k vs 23.1 k tokens/s, batch 32 x 128, 2 cores; fp32 and generation are within 5%).
+On a GPU it keeps sdpa. The choice is not saved with the weights: the same numbers either way.
+Dropout is 0 by default: on CPU the dropout masks (`bernoulli_`) cost a third of a training step,
+and a model this small underfits a corpus of a few MB rather than overfits it (nanoGPT's CPU
+recipe uses 0 too); raise it for a tiny corpus, as the quickstart does.
 """
 
 from __future__ import annotations
@@ -10,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-from aigc.config import option
+from aigc.config import TrainConfig, option
 from aigc.errors import UserError
 
 
@@ -22,9 +32,28 @@ class GPTConfig:
     n_head: int = option(4, "attention heads per block (must divide n_embd)", min=1, max=128)
     n_embd: int = option(128, "embedding and hidden size", min=1, max=16384)
     n_positions: int = option(256, "largest context the position table holds (>= block_size)", min=2)
-    embd_pdrop: float = option(0.1, "dropout on the embeddings", min=0.0, max=0.9)
-    attn_pdrop: float = option(0.1, "dropout on the attention weights", min=0.0, max=0.9)
-    resid_pdrop: float = option(0.1, "dropout on the residual branches", min=0.0, max=0.9)
+    embd_pdrop: float = option(0.0, "dropout on the embeddings", min=0.0, max=0.9)
+    attn_pdrop: float = option(0.0, "dropout on the attention weights", min=0.0, max=0.9)
+    resid_pdrop: float = option(0.0, "dropout on the residual branches", min=0.0, max=0.9)
+
+
+@dataclass
+class GPTTrainConfig(TrainConfig):
+    """TrainConfig with a higher peak learning rate: for the default 4 x 128 model, 3-minute runs on
+    fortunes (2 CPU cores, bf16) reached 2.58 bits/char at 1e-3, 2.46 at 2e-3 and 2.38 at 3e-3."""
+
+    lr: float = option(3e-3, "peak learning rate (AdamW)", min=0.0, max=1.0, min_exclusive=True)
+
+
+def attention_kernel() -> str:
+    """transformers' attention implementation for this machine: sdpa on a GPU, eager on a CPU
+    (see the module docstring for the measurement)."""
+    return "sdpa" if torch.cuda.is_available() else "eager"
+
+
+def _with_kernel(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    model.set_attn_implementation(attention_kernel())
+    return model
 
 
 def build(config: GPTConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadModel:
@@ -38,11 +67,11 @@ def build(config: GPTConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadModel:
     )
     model = GPT2LMHeadModel(hf)
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
-    return model
+    return _with_kernel(model)
 
 
 def load(directory: Path) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+    return _with_kernel(GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, use_safetensors=True))
 
 
 def load_pretrained(directory: Path, eot_id: int) -> GPT2LMHeadModel:
@@ -57,7 +86,7 @@ def load_pretrained(directory: Path, eot_id: int) -> GPT2LMHeadModel:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, key, eot_id)
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
-    return model
+    return _with_kernel(model)
 
 
 def config_of(model: GPT2LMHeadModel) -> GPTConfig:

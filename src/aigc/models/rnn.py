@@ -2,8 +2,10 @@
 
 The seeds' RNN, LSTM and GRU text generators in one file: `cell` picks the recurrent core. The
 model is a transformers `PreTrainedModel` + `GenerationMixin`, so `generate` runs every decoding
-strategy (greedy, sampling, beam search, ...) on it exactly as on GPT-2. It keeps no cache:
-each generation step re-reads the sequence (`use_cache=False`), which is cheap at poem lengths.
+strategy (greedy, sampling, beam search, ...) on it exactly as on GPT-2. Its cache is the
+recurrent state (as transformers' RWKV keeps it, under the name `state`): the first generation step
+reads the prompt, every later one reads one token and the state, so a step costs the same at any
+length; beam search reorders the state with the beams (`_reorder_cache`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 from aigc.config import option
 
@@ -46,6 +48,15 @@ class RNNLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+@dataclass
+class RNNLMOutput(ModelOutput):
+    """logits (B, T, V); state: the recurrent state after the last token, a tuple of (n_layer, B, n_hidden)
+    tensors (h for rnn and gru, h and c for lstm), returned when use_cache."""
+
+    logits: torch.Tensor | None = None
+    state: tuple[torch.Tensor, ...] | None = None
+
+
 class RNNLM(PreTrainedModel, GenerationMixin):
     config_class = RNNLMConfig
     main_input_name = "input_ids"
@@ -68,20 +79,38 @@ class RNNLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the cache is the recurrent state, not transformers' key/value cache
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutput:
-        # input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) during generation.
+                state: tuple[torch.Tensor, ...] | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, **kwargs) -> RNNLMOutput:
+        # input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) during generation; with
+        # `state` (from the previous call) the sequence continues from it, else from a zero state.
         # Left padding (attention_mask 0) only occurs in batched prompts of equal length here:
         # all rows share one prompt, so the mask is all ones and can be ignored.
         x = self.drop(self.wte(input_ids))  # (B, T, n_embd)
-        h, _ = self.core(x)  # (B, T, n_hidden); zero initial state
+        if state is not None and self.config.cell != "lstm":
+            (state,) = state
+        h, last = self.core(x, state)  # (B, T, n_hidden)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self.drop(h))  # (B, T', V)
-        return CausalLMOutput(logits=logits)
+        if not use_cache:
+            return RNNLMOutput(logits=logits)
+        return RNNLMOutput(logits=logits, state=last if isinstance(last, tuple) else (last,))
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, state=None,
+                                      use_cache: bool | None = None, **kwargs) -> dict:
+        if state is not None:  # the state holds everything before the last token
+            input_ids = input_ids[:, -1:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "state": state,
+                "use_cache": use_cache, "logits_to_keep": 1}
+
+    def _reorder_cache(self, state: tuple[torch.Tensor, ...], beam_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Beam search: the state of the beams kept, in their new order (batch is dimension 1)."""
+        return tuple(s.index_select(1, beam_idx.to(s.device)) for s in state)
 
 
 def build(config: RNNConfig, vocab_size: int, eot_id: int) -> RNNLM:
@@ -90,9 +119,11 @@ def build(config: RNNConfig, vocab_size: int, eot_id: int) -> RNNLM:
                      bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     model = RNNLM(hf)
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id,
-                                               pad_token_id=eot_id, use_cache=False)
+                                               pad_token_id=eot_id, use_cache=True)
     return model
 
 
 def load(directory) -> RNNLM:
-    return RNNLM.from_pretrained(directory, local_files_only=True)
+    model = RNNLM.from_pretrained(directory, local_files_only=True)
+    model.generation_config.use_cache = True  # runs saved before the state cache recorded False
+    return model
