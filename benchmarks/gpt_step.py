@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -44,19 +45,17 @@ COMPILED = ("eager, dropout 0, torch.compile", "eager", 0.0, "bf16", False, True
 
 def tokens_per_s(attention: str, dropout: float, dtype: str, fused: bool, compile_: bool, threads: int, batch: int,
                  block: int, seconds: float) -> tuple[float, float]:
-    """(tokens/s after 3 warm-up steps, seconds the warm-up took)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    """(tokens/s after 3 warm-up steps, seconds the warm-up took), with `threads` torch threads (0: as is)."""
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     try:
-        return _timed(GPT2Config, GPT2LMHeadModel, attention, dropout, dtype, fused, compile_, batch, block, seconds)
+        return _timed(attention, dropout, dtype, fused, compile_, batch, block, seconds)
     finally:
         torch.set_num_threads(default_threads)
 
 
-def _timed(GPT2Config, GPT2LMHeadModel, attention, dropout, dtype, fused, compile_, batch, block, seconds):
-
+def _timed(attention: str, dropout: float, dtype: str, fused: bool, compile_: bool, batch: int, block: int,
+           seconds: float) -> tuple[float, float]:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=4, n_head=4, n_embd=128, vocab_size=100, n_positions=256, bos_token_id=0,
                         eos_token_id=0, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)

@@ -6,12 +6,13 @@ The model maths lives in transformers; this file only maps the project's config 
 
 Attention kernel: on a CPU every model made or loaded here uses transformers' "eager" attention
 (matmul, softmax, matmul) instead of its default "sdpa": under bf16 autocast PyTorch's fused CPU
-attention kernel has a slow backward pass, and the default 4 x 128 model trains 1.77x faster
-without it (40.9 k vs 23.1 k tokens/s, batch 32 x 128, 2 cores; fp32 and generation are within 5%).
-On a GPU it keeps sdpa. The choice is not saved with the weights: the same numbers either way.
-Dropout is 0 by default: on CPU the dropout masks (`bernoulli_`) cost a third of a training step,
-and a model this small underfits a corpus of a few MB rather than overfits it (nanoGPT's CPU
-recipe uses 0 too); raise it for a tiny corpus, as the quickstart does.
+attention kernel has a slow backward pass, and the default 4 x 128 model trains 1.6x faster
+without it (42.6 k vs 26.6 k tokens/s, batch 32 x 128, 2 cores, benchmarks/gpt_step.py; fp32 and
+generation are within 5%). On a GPU it keeps sdpa. The choice is not saved with the weights: the
+same numbers either way. Dropout is 0 by default: on a CPU the dropout masks (`bernoulli_`) take
+about a third of a training step (0.1 makes it 1.8x slower), and a model this small underfits a
+corpus of a few MB rather than overfits it (nanoGPT's CPU recipe uses 0 too); raise it for a tiny
+corpus, as the quickstart does (docs/speed.md).
 """
 
 from __future__ import annotations
