@@ -18,18 +18,13 @@ Writes benchmarks/results/gpt_step.json and gpt_step.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, machine, write_results
 from transformers import GPT2Config, GPT2LMHeadModel
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 VARIANTS = [  # name, attention kernel, dropout, dtype, fused AdamW, compile, threads (0: torch's default)
     ("reference: sdpa, dropout 0.1, bf16", "sdpa", 0.1, "bf16", False, False, 0),
     ("sdpa, dropout 0", "sdpa", 0.0, "bf16", False, False, 0),
@@ -91,8 +86,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (needs a C++ compiler)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     variants = VARIANTS + ([COMPILED] if args.compile else [])
     rows = []
     for name, attention, dropout, dtype, fused, compile_, threads in variants:
@@ -105,18 +98,21 @@ def main() -> None:
     for row in rows:
         row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     result = {"benchmark": "gpt_step", "batch": args.batch, "block": args.block, "seconds": args.seconds,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-              "rows": rows}
-    (out_dir / "gpt_step.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+              "machine": machine(), "rows": rows}
+    text = markdown(result)
+    write_results(args.out, "gpt_step", result, text)
+    print(text, end="")
+
+
+def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# gpt training step, batch {args.batch} x {args.block}, one change at a time", "",
+    lines = [f"# gpt training step, batch {result['batch']} x {result['block']}, one change at a time", "",
              f"Machine: {m['cpus']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}. "
              "GPT2LMHeadModel 4 x 128, 100 tokens; ratio against the first row, measured in the same run.", "",
              "| variant | tokens/s | ratio | first 3 steps (s) |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {r['warmup_s']:.1f} |" for r in rows]
-    (out_dir / "gpt_step.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    lines += [f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ratio']:.2f}x | {r['warmup_s']:.1f} |"
+              for r in result["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ AIGC home (default benchmarks/.work, not in git), so a user's own runs are untou
 1. Families. Each family trains through the product path (`aigc train`, its default settings,
    unconditional) for the same training-time budget, then `aigc eval` scores it: FID, KID,
    precision, recall, classifier score against N held-out images, with every metric's floor
-   (real training images vs held-out ones at the same N), training and sampling images/s.
+   (real training images vs held-out ones at the same N), training and sampling images/s, and the
+   model FLOP utilisation of training: matmul and convolution FLOPs of a training step per image
+   (forward and backward, every phase of a GAN; torch's FlopCounterMode) x training images/s over
+   the matmul peak measured in this run in the run's dtype.
 2. Samplers. The diffusion run samples with DDPM 1000, DDIM 10/20/50 (eta 0) and DPM-Solver++
    10/20; FID (and its floor) at `--sampler-n` images, seconds per image. Target: a 20-step
    sampler within 10% of the 1000-step DDPM FID.
@@ -28,18 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, ROOT, machine, matmul_peak, write_results
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 FAMILIES = ("dcgan", "vae", "diffusion")
 SAMPLERS = (("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpm-solver", 10), ("dpm-solver", 20))
 SAMPLE_BATCH = 250
@@ -114,18 +114,15 @@ def main() -> None:
     result = {
         "benchmark": "images", "data": data, "minutes_per_model": minutes, "n_eval": n_eval,
         "sampler_n": sampler_n, "quick": args.quick, "seed": args.seed,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine(),
         "families": {}, "samplers": [], "denoiser": None,
     }
+    peak = {"fp32": matmul_peak(torch.float32)[0], "bf16": matmul_peak(torch.bfloat16)[0]}  # GFLOP/s
+    result["machine"]["matmul_gflops"] = peak
 
     def save() -> None:
         result["wall_s"] = time.time() - started
-        tmp = out_dir / "images.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, allow_nan=False, default=_finite) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / "images.json")
-        (out_dir / "images.md").write_text(markdown(result), encoding="utf-8")
+        write_results(out_dir, "images", result, markdown(result))
 
     # 1. every family, same budget, through the product path
     runs = {}
@@ -147,6 +144,10 @@ def main() -> None:
             "grid": f"images-{family}.png", "run": str(run_dir),
         }
         result["families"][family].pop("images_per_s")
+        flops = train_flops_per_image(REGISTRY[family], REGISTRY[family].load(run_dir), batch=8)
+        dtype = result["families"][family]["dtype"] or "fp32"
+        result["families"][family].update(train_flops_per_image=flops,
+                                          train_mfu=flops * fit["images_per_s"] / (peak[dtype] * 1e9))
         save()
 
     if "diffusion" not in runs:
@@ -211,8 +212,20 @@ def main() -> None:
     print((out_dir / "images.md").read_text(encoding="utf-8"))
 
 
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+def train_flops_per_image(fam, model, batch: int) -> float:
+    """Matmul and convolution FLOPs of one training step per image: the loss's forward and backward
+    passes, of every phase for a GAN, as torch's FlopCounterMode counts them (MFU's numerator)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    x = torch.zeros(batch, *model.image_shape)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for phase in fam.phases or (None,):
+            kwargs = {} if phase is None else {"phase": phase}
+            model(x, noise=model.draw_noise(batch), **kwargs)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
 
 
 def _f(value, digits: int = 2) -> str:
@@ -231,12 +244,14 @@ def markdown(r: dict) -> str:
              "held-out ones, in the feature space of the project's classifier; floor = real training images vs "
              "held-out ones at the same N.", "",
              "| family | FID | FID floor | KID | KID floor | precision | recall | classifier score | "
-             "train img/s | sample img/s | steps | dtype |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "train img/s | train MFU | sample img/s | steps | dtype |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for family, f in r["families"].items():
         lines.append(f"| {family} | {_f(f['fid'])} | {_f(f['fid_floor'])} | {_f(f['kid'], 4)} "
                      f"| {_f(f['kid_floor'], 4)} "
                      f"| {_f(f['precision'])} | {_f(f['recall'])} | {_f(f['classifier_score'])} | "
-                     f"{_f(f['train_images_per_s'], 0)} | {_f(f['sample_images_per_s'], 0)} | {f['steps']} | "
+                     f"{_f(f['train_images_per_s'], 0)} | {_f(f.get('train_mfu'), 3)} | "
+                     f"{_f(f['sample_images_per_s'], 0)} | {f['steps']} | "
                      f"{f['dtype']} |")
     lines += ["", " ".join(f"![{k}]({v['grid']})" for k, v in r["families"].items()), ""]
     if r["samplers"]:

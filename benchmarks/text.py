@@ -33,15 +33,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, ROOT, machine, matmul_peak, write_results
 
-ROOT = Path(__file__).resolve().parent
-RESULTS = ROOT / "results"
 CORPORA = ("fortunes", "tang300")
 NANOGPT_RECIPE = {"n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "64", "block_size": "64",
                   "batch_size": "12", "lr": "1e-3", "warmup_steps": "100", "min_lr_ratio": "0.1",
@@ -54,25 +52,6 @@ MODELS = {  # row name -> (family, --set values)
     "nanogpt-recipe": ("gpt", NANOGPT_RECIPE),
 }
 NGRAM_ANCHOR = 2.28  # interpolated KN 7-gram on fortunes, bits per character (performance-anchors.md)
-
-
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0
-                ) -> tuple[float, dict[int, float]]:
-    """GFLOP/s of square matrix products: the best over `sizes` (each the best of repeated timings
-    for `seconds`), and the best per size. One size alone underestimates the peak: which size runs
-    fastest depends on the cache sizes and the kernel library."""
-    per_size = {}
-    for size in sizes:
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
-        torch.mm(a, b)
-        best, end = 0.0, time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * size**3 / (time.perf_counter() - t0) / 1e9)
-        per_size[size] = best
-    return max(per_size.values()), per_size
 
 
 def flops_per_token(model, family: str, block_size: int) -> float:
@@ -174,9 +153,7 @@ def main() -> None:
     probes = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peak = {name: best for name, (best, _) in probes.items()}
     result = {"benchmark": "text", "minutes_per_model": minutes, "quick": args.quick,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "matmul_gflops": peak,
+              "machine": {**machine(), "matmul_gflops": peak,
                           "matmul_gflops_by_size": {name: sizes for name, (_, sizes) in probes.items()}},
               "rows": [], "plain_transformers": None, "generation": {}}
     if args.append and (out_dir / "text.json").is_file():
@@ -187,10 +164,7 @@ def main() -> None:
 
     def save() -> None:
         result["wall_s"] = time.time() - started
-        tmp = out_dir / "text.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / "text.json")
-        (out_dir / "text.md").write_text(markdown(result), encoding="utf-8")
+        write_results(out_dir, "text", result, markdown(result))
 
     plan = [(c, m, minutes) for c in corpora for m in models]
     if args.long:

@@ -118,7 +118,7 @@ def test_one_loop_step_moves_each_network_with_its_own_optimizer(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = GANTrainConfig(batch_size=8, dtype="fp32", eval_interval=100)
     train_loop(model, _batches(), cfg, tmp_path, Budget(1, None), phases=PHASES)
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), before[k])}
     assert any(k.startswith("generator.") for k in changed) and any(k.startswith("discriminator.") for k in changed)
     saved = load_optimizer_state(tmp_path / "checkpoints" / "last")
     assert set(saved) == set(PHASES)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from aigc.runs import train
 from conftest import TINY_SETS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "cpu_only")
 
 ATOL = 1e-5  # largest |difference| allowed between the weights of 1 and 2 processes (measured: see the tests)
 GPT = {**TINY_SETS["gpt"], "batch_size": "8", "eval_interval": "4", "log_interval": "1"}
@@ -33,10 +33,22 @@ DCGAN = {"z_dim": "4", "base_channels": "8", "batch_size": "8", "eval_interval":
          "dtype": "fp32", "log_interval": "1"}
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """These tests compare gloo on CPU with one CPU process: on a machine with a GPU, the runs made
+    in this process keep to the CPU too (torchrun's get CUDA_VISIBLE_DEVICES="")."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state from an earlier test holds the GPU
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)  # and would hold the CPU for the next one
+
+
 def torchrun(home: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node N -m aigc train ARGS`, offline, one thread per process."""
+    """`torchrun --standalone --nproc_per_node N -m aigc train ARGS` on the CPU, offline, one thread per process."""
     env = {**os.environ, "AIGC_HOME": str(home), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "aigc", "train", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -141,3 +153,13 @@ def test_a_gan_trains_under_two_processes(aigc_home):
     run_dir = aigc_home / "runs/gan"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "done"
     assert sorted(logged(run_dir, "loss_generator")) == [1, 2]
+
+
+def test_more_processes_than_gpus_is_a_clear_error():
+    from aigc.distributed import check_gpus
+    from aigc.errors import UserError
+
+    check_gpus(2, 0)  # no GPU: gloo on the CPU takes any number
+    check_gpus(2, 2)
+    with pytest.raises(UserError, match="2 processes on this machine but 1 GPU.*--nproc_per_node 1"):
+        check_gpus(2, 1)

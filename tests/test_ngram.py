@@ -279,7 +279,10 @@ def test_no_repeat_ngram_size_2(english_model, english):
     )
     sequence = out[0].tolist()
     bigrams = list(zip(sequence, sequence[1:], strict=False))
-    assert len(bigrams) == len(set(bigrams))
+    # every bigram that ends in a generated token is new (the prompt may repeat itself: the prompt
+    # text differs between Python versions)
+    for i in range(2, len(bigrams)):
+        assert bigrams[i] not in bigrams[:i], (i, bigrams[i])
 
 
 def test_generation_stops_at_eot():

@@ -21,7 +21,7 @@ from aigc.data.tokenizer import train_char
 from aigc.errors import UserError
 from aigc.runs import train
 from aigc.sample import load_run
-from aigc.train import Budget, lm_loss, lr_at, stream_nll, train_loop
+from aigc.train import Budget, Interrupted, TextBatches, compile_unavailable, lm_loss, lr_at, stream_nll, train_loop
 from conftest import TINY_SETS, make_model, make_poems
 
 RESUME_SETS = {**TINY_SETS["gpt"], "eval_interval": "50", "log_interval": "1"}
@@ -213,3 +213,100 @@ def test_one_process_trains_again_with_another_dtype(tmp_path):
         fit = train_loop(model, ImageBatches(x, None, x[:4], None), TrainConfig(dtype=dtype, batch_size=4),
                          tmp_path / str(i), Budget(1, None))
         assert fit["dtype"] == dtype
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(compile_unavailable(DEVICE) is not None, reason="torch.compile cannot run here")
+def test_compiled_training_matches_eager_resumes_exactly_and_saves_plain_names(tmp_path):
+    from aigc.models import gpt
+
+    docs = make_poems(20)
+    tok = train_char(docs)
+    ids = tok.encode_docs(docs)
+    split = len(ids) * 9 // 10
+
+    def run(name: str, compile: str, *, on_eval=None, resume: bool = False) -> tuple[dict, dict]:
+        run_dir = tmp_path / name
+        run_dir.mkdir(exist_ok=True)
+        model = gpt.load(run_dir / "checkpoints" / "last") if resume else make_model("gpt", ids, tok)
+        cfg = TrainConfig(block_size=16, batch_size=4, warmup_steps=2, eval_interval=4, eval_batches=2,
+                          dtype="fp32", compile=compile)
+        fit = train_loop(model, TextBatches(ids[:split], ids[split:], 16), cfg, run_dir, Budget(12, None),
+                         resume=resume, on_eval=on_eval)
+        return fit, _weights(run_dir / "checkpoints" / "last")
+
+    from torch._dynamo.utils import counters
+
+    eager_fit, eager = run("eager", "false")
+    counters.clear()
+    compiled_fit, compiled = run("compiled", "true")
+    assert (eager_fit["compiled"], compiled_fit["compiled"]) == (False, True)
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
+    assert compiled.keys() == eager.keys()  # the family's own names, no "_orig_mod." prefix
+    for key in eager:  # the same training, up to the order of floating-point sums
+        torch.testing.assert_close(compiled[key], eager[key], rtol=0, atol=2e-3, msg=key)
+    assert compiled_fit["train_loss"] == pytest.approx(eager_fit["train_loss"], rel=1e-3)
+
+    def press_ctrl_c(model, step):
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)  # the loop saves after the next step and stops
+
+    with pytest.raises(Interrupted):
+        run("resumed", "true", on_eval=press_ctrl_c)
+    _, resumed = run("resumed", "auto", resume=True)  # auto on resume: as the run started (compiled)
+    for key in compiled:
+        torch.testing.assert_close(resumed[key], compiled[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_compile_falls_back_to_eager_without_a_compiler(tmp_path, capfd):
+    from torch._inductor import config as inductor_config
+
+    from aigc.models.vae import VAE, VAEConfig
+    from aigc.train import ImageBatches
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU compiles with Triton, not a C++ compiler")
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        assert "no C++ compiler" in compile_unavailable(DEVICE)
+        fit = train_loop(VAE(VAEConfig(z_dim=2, base_channels=4), (1, 8, 8)), ImageBatches(x, None, x[:4], None),
+                         TrainConfig(batch_size=4, compile="true"), tmp_path, Budget(2, None))
+    assert fit["compiled"] is False and fit["steps"] == 2
+    assert "compile=true cannot compile here, training runs eager" in capfd.readouterr().err
+
+
+def test_compile_auto_needs_a_family_that_gains_and_a_budget_that_pays_back():
+    from aigc.train import resolve_compile
+
+    assert resolve_compile("auto", True, Budget(None, 10.0))  # the default 10-minute budget
+    assert resolve_compile("auto", True, Budget(5000, None))
+    assert not resolve_compile("auto", True, Budget(8, None))  # a few steps: compiling would not pay back
+    assert not resolve_compile("auto", True, Budget(None, 1.0))
+    assert not resolve_compile("auto", True, Budget(50, 10.0))  # both given: both must be long enough
+    assert not resolve_compile("auto", False, Budget(None, 10.0))  # a family measured not to gain
+    assert resolve_compile("true", False, Budget(8, None)) and not resolve_compile("false", True, Budget(None, 10.0))
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(tmp_path):
+    """A C++ compiler that answers --version but fails to build (like a missing Python.h): the
+    probe finds out before training, which runs eager."""
+    from torch._inductor import config as inductor_config
+
+    from aigc.models.vae import VAE, VAEConfig
+    from aigc.train import ImageBatches
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU compiles with Triton, not a C++ compiler")
+    broken = tmp_path / "broken-g++"
+    broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "g++ 12" && exit 0\nexit 1\n')
+    broken.chmod(0o755)
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    # no kernel built earlier (a cache) comes to the rescue
+    with inductor_config.patch({"cpp.cxx": (None, str(broken)), "force_disable_caches": True}):
+        assert "torch.compile failed on a test function" in compile_unavailable(DEVICE)
+        fit = train_loop(VAE(VAEConfig(z_dim=2, base_channels=4), (1, 8, 8)), ImageBatches(x, None, x[:4], None),
+                         TrainConfig(batch_size=4, compile="true"), tmp_path, Budget(2, None))
+    assert fit["compiled"] is False and fit["steps"] == 2

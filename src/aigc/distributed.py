@@ -33,12 +33,22 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def check_gpus(local_processes: int, gpus: int) -> None:
+    """NCCL runs one process per GPU: more processes on a machine than it has GPUs is an error
+    (NCCL's own is 'Duplicate GPU detected'), with the two ways out."""
+    if gpus and local_processes > gpus:
+        raise UserError(f"{local_processes} processes on this machine but {gpus} GPU(s): NCCL needs one GPU per "
+                        f"process; use --nproc_per_node {gpus}, or train on the CPU with CUDA_VISIBLE_DEVICES=")
+
+
 def init_processes():
     """The process group (gloo on CPU, NCCL on GPU), made once per process: train_loop's Accelerator
     reuses it. Only under a launcher (world_size() > 1)."""
     import torch
     from accelerate import PartialState
 
+    if torch.cuda.is_available():
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world_size())), torch.cuda.device_count())
     return PartialState(cpu=not torch.cuda.is_available(), timeout=WAIT)
 
 

@@ -96,8 +96,8 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
 
     with runs.recording_failure(run_dir, record):
         fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, max_minutes),
-                         resume=resume, cpu_bf16=fam.cpu_bf16, on_eval=save_grid, after_step=fam.after_step,
-                         phases=fam.phases)
+                         resume=resume, cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain, on_eval=save_grid,
+                         after_step=fam.after_step, phases=fam.phases)
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
         best = fam.load(run_dir)
@@ -108,7 +108,8 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
         metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
                                                     "best_step", "images_per_s", "schedule_steps")}}
-        record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"])
+        record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"],
+                      compiled=fit["compiled"])
         write_json(run_dir / "run.json", record)
         _write_card(run_dir, record, configs)
         return metrics

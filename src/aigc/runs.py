@@ -196,8 +196,8 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             batches = TextBatches(train_ids, val_ids, configs["train"].block_size,
                                   chars_per_val_token=chars / max(1, len(val_ids) - 1))
             fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, budget_minutes),
-                             resume=resume, cpu_bf16=fam.cpu_bf16)
-        record["dtype"] = fit["dtype"]
+                             resume=resume, cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain)
+        record.update(dtype=fit["dtype"], compiled=fit["compiled"])
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
         metrics = score_validation(run_dir, val_ids, chars)
@@ -329,7 +329,8 @@ def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:
              f"- loss per token: {m.get('val_loss', float('nan')):.4f} nats "
              f"(perplexity {m.get('perplexity', float('nan')):.2f})",
              f"- steps: {m.get('steps')}, training time: {m.get('train_time_s', 0):.0f} s, "
-             f"dtype: {record.get('dtype', 'fp32')}", "", "## Configuration", "", "```toml",
+             f"dtype: {record.get('dtype', 'fp32')}" + (", torch.compile" if record.get("compiled") else ""),
+             "", "## Configuration", "", "```toml",
              to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} --prompt '...'", f"aigc eval {run_dir}", "```", ""]
     if record["family"] == "gpt":

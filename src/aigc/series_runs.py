@@ -165,7 +165,7 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
         with runs.recording_failure(run_dir, record):
             _, fit = fit_rnn(fam, configs, series.values, run_dir, Budget(max_steps, budget_minutes), model=model,
                              resume=resume)
-        record["dtype"] = fit["dtype"]
+        record.update(dtype=fit["dtype"], compiled=fit["compiled"])
         metrics = {"val_loss": fit["best_val_loss_periodic"], **{k: fit[k] for k in (
             "steps", "train_time_s", "train_loss", "best_step", "values_per_s", "schedule_steps")}}
 
@@ -246,7 +246,8 @@ def fit_rnn(fam: Family, configs: dict, x: np.ndarray, work_dir: Path, budget, *
     z = model.standardise(y)
     batches = SeriesBatches(z[:cut], z[cut - block:], block)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
-    fit = train_loop(model, batches, configs["train"], work_dir, budget, resume=resume, cpu_bf16=fam.cpu_bf16)
+    fit = train_loop(model, batches, configs["train"], work_dir, budget, resume=resume, cpu_bf16=fam.cpu_bf16,
+                     compile_gain=fam.compile_gain)
 
     def keep_best():  # several processes: the main process writes, every process returns the model
         best = fam.load(work_dir)

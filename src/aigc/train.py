@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
 from tqdm.auto import tqdm
 
 from aigc.checkpoint import find_checkpoint, load_optimizer_state, save_checkpoint, save_model_files
 from aigc.config import TrainConfig
-from aigc.distributed import init_processes, world_size
+from aigc.distributed import init_processes, is_main_process, world_size
 from aigc.fsutil import read_json
 
 LN2 = math.log(2)
@@ -63,6 +63,61 @@ def resolve_dtype(choice: str, cpu_bf16: bool = True) -> str:
             return "fp32"
         return "bf16" if bf16_available() else "fp32"
     return choice
+
+
+_COMPILE_PROBES: dict[tuple, str | None] = {}
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile (inductor) cannot run on `device` here; None when it can. Inductor builds
+    C++ kernels on a CPU (a compiler and Python's headers) and Triton kernels on a GPU: a tiny
+    function is compiled once per process to find out (seconds the first time on a machine, then
+    from inductor's cache)."""
+    from torch._inductor import config as inductor_config
+
+    key = (device.type, str(inductor_config.cpp.cxx), inductor_config.force_disable_caches)
+    if key not in _COMPILE_PROBES:
+        _COMPILE_PROBES[key] = _probe_compile(device)
+    return _COMPILE_PROBES[key]
+
+
+def _probe_compile(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton is not installed"
+    elif device.type == "cpu":
+        try:
+            from torch._inductor import cpp_builder
+
+            cpp_builder.get_cpp_compiler()  # runs `$CXX --version` (g++ by default); raises without one
+        except Exception as e:  # no compiler, or a torch whose private inductor API moved
+            return f"no C++ compiler for inductor (install g++ or set CXX): {type(e).__name__}"
+    else:
+        return f"not supported on {device.type}"
+    # a new code object per probe: dynamo would reuse the code it compiled for an earlier probe
+    namespace: dict = {}
+    exec("def probe(x):\n    return torch.relu(2 * x + 1).sum()\n", {"torch": torch}, namespace)
+    try:
+        torch.compile(namespace["probe"], backend="inductor", fullgraph=True)(torch.ones(16, device=device))
+    except Exception as e:  # e.g. no Python headers (Debian: python3-dev), a broken compiler
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"torch.compile failed on a test function: {type(e).__name__}: {first_line[:200]}"
+    return None
+
+
+MIN_COMPILE_MINUTES, MIN_COMPILE_STEPS = 2.0, 1000  # compile=auto: budgets that pay back compiling
+
+
+def resolve_compile(choice: str, gains: bool, budget: Budget) -> bool:
+    """auto: compile the families that gain from it (`Family.compile_gain`, measured) when the budget
+    is long enough to pay back the compiling (seconds for gpt on a CPU): at least MIN_COMPILE_MINUTES
+    and MIN_COMPILE_STEPS, where given."""
+    if choice != "auto":
+        return choice == "true"
+    return gains and (budget.max_minutes is None or budget.max_minutes >= MIN_COMPILE_MINUTES) and (
+        budget.max_steps is None or budget.max_steps >= MIN_COMPILE_STEPS)
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -241,7 +296,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_dir: Path, budget: Budget, *,
-               resume: bool = False, cpu_bf16: bool = True, on_eval: Callable | None = None,
+               resume: bool = False, cpu_bf16: bool = True, compile_gain: bool = False,
+               on_eval: Callable | None = None,
                after_step: bool = False, phases: tuple[str, ...] = ()) -> dict:
     """Train `model` in place on `data`; the run root ends holding the best weights.
 
@@ -270,8 +326,20 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
     # accelerate keeps one AcceleratorState per process: a process that trains again (a benchmark, a
     # server) with another dtype must reset it; the process group (PartialState) stays
     AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=ddp,
-                              mixed_precision="bf16" if dtype == "bf16" else "no")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compiled = resolve_compile(cfg.compile, compile_gain, budget)
+    if resume and cfg.compile == "auto":  # as the run started: the compiled and eager sums differ in rounding
+        compiled = bool(read_json(find_checkpoint(run_dir) / "state.json").get("compiled", False))
+    if compiled and (why := compile_unavailable(device)):
+        compiled = False
+        if is_main_process():
+            print(f"{'warning' if cfg.compile == 'true' else 'note'}: compile={cfg.compile} cannot compile here, "
+                  f"training runs eager: {why}", file=sys.stderr)
+    # the training forward and backward run compiled; evaluation, sampling and saving use the plain
+    # module (see `plain` below), so evaluation compiles no second graph and saved names stay plain
+    accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=ddp,
+                              mixed_precision="bf16" if dtype == "bf16" else "no",
+                              dynamo_plugin=TorchDynamoPlugin(backend="inductor" if compiled else "no"))
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.grad_accum * world):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by grad_accum x processes "
@@ -305,11 +373,17 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
             total_steps = budget.max_steps
         data_gen.set_state(torch.tensor(state["data_rng"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if state.get("cuda_rng") and device.type == "cuda":  # on a GPU, noise and dropout draw from it
+            torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8), accelerator.device)
         if accelerator.is_main_process:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
 
     model, *prepared = accelerator.prepare(model, *optimizers.values())
     optimizers = dict(zip(optimizers, prepared, strict=True))
+
+    def plain() -> torch.nn.Module:
+        """The family's own module: without DDP and without torch.compile's wrapper."""
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
     # the batches of one process: the same whatever the number of processes (validation loss, keep-best)
     val_batches = data.val_batches(cfg.eval_batches, cfg.batch_size // cfg.grad_accum)
     eval_phase = phases[0] if phases else None
@@ -326,7 +400,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
         # the same noise at every evaluation (families draw noise in their losses), and the training
         # RNG untouched: when evaluations happen does not change the weights (exact resume)
         # (the main process alone, on the unwrapped model: no collective operations)
-        net = accelerator.unwrap_model(model)
+        net = plain()
         net.eval()
         with torch.random.fork_rng(devices=cuda_rng), torch.no_grad(), accelerator.autocast():
             torch.manual_seed(cfg.seed)
@@ -336,8 +410,9 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
 
     def checkpoint_state() -> dict:
         return {"step": step, "elapsed_s": elapsed, "best_val_loss": best_val, "best_step": best_step,
-                "total_steps": total_steps, "schedule_estimated": estimated, "dtype": dtype,
+                "total_steps": total_steps, "schedule_estimated": estimated, "dtype": dtype, "compiled": compiled,
                 "data_rng": data_gen.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+                "cuda_rng": torch.cuda.get_rng_state(accelerator.device).tolist() if cuda_rng else None,
                 "train_config": asdict(cfg)}
 
     def agree(elapsed: float, losses: dict[str, float], requested: bool) -> tuple[float, dict[str, float], bool]:
@@ -358,7 +433,13 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
 
     items_per_step = cfg.batch_size * data.items_per_sample
     rate_key = f"{data.unit}_per_s"
-    bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=step, unit="step",
+    def goal() -> int | None:
+        """The step the run stops at, as shown: a step budget's, else the time budget's estimate."""
+        if budget.max_minutes is None:
+            return budget.max_steps
+        return total_steps if total_steps < 10**9 else None
+
+    bar = tqdm(total=goal(), initial=step, unit="step",
                disable=not (sys.stderr.isatty() and accelerator.is_main_process), dynamic_ncols=True)
     model.train()
     last_loss = math.nan
@@ -374,7 +455,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 break
             if stopping:
                 if accelerator.is_main_process:
-                    save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
+                    save_checkpoint(run_dir, plain(), optimizers, checkpoint_state())
                 accelerator.wait_for_everyone()  # a process that exits first would make torchrun stop the rest
                 bar.close()
                 raise Interrupted(step)
@@ -391,7 +472,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 model.zero_grad(set_to_none=True)  # a phase also leaves gradients on the other's parameters
                 # the noise of the global batch, drawn alike by every process: an image's noise does not
                 # depend on how the batch is split (across processes, or into accumulation steps)
-                noise = data.noise(accelerator.unwrap_model(model), cfg.batch_size, accelerator.device)
+                noise = data.noise(plain(), cfg.batch_size, accelerator.device)
                 loss_sum = 0.0
                 for k in range(cfg.grad_accum):
                     rows = slice(first + k * micro, first + (k + 1) * micro)
@@ -405,14 +486,13 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                         accelerator.backward(loss / cfg.grad_accum)
                     loss_sum += loss.item() / cfg.grad_accum
                 if cfg.grad_clip > 0:
-                    params = model.parameters() if phase is None else accelerator.unwrap_model(
-                        model).phase_parameters(phase)
+                    params = model.parameters() if phase is None else plain().phase_parameters(phase)
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 phase_losses[key] = loss_sum
             model.zero_grad(set_to_none=True)
             if after_step:
-                accelerator.unwrap_model(model).after_step()
+                plain().after_step()
             step += 1
             elapsed, phase_losses, stopping = agree(elapsed + time.perf_counter() - t0, phase_losses,
                                                     stop.requested)
@@ -434,7 +514,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 fit = step + int((budget.max_minutes * 60 - elapsed) / ((elapsed - elapsed_at_2) / (step - 2)))
                 total_steps = min(budget.max_steps, fit) if budget.max_steps else max(step + 1, fit)
                 estimated = True
-                bar.total = total_steps
+                bar.total = goal()
                 log({"step": step, "schedule_steps": total_steps})
             bar.update(1)
             if step % cfg.log_interval == 0:
@@ -451,25 +531,25 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 if not bar.disable:
                     bar.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
                 else:
-                    print(f"step {step}/{total_steps}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
+                    print(f"step {step}/{goal()}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
                           f"{elapsed:.0f}s", file=sys.stderr)
                 if val_loss < best_val or not cfg.keep_best:
                     # without keep_best the run keeps the last weights: report their loss
                     best_val, best_step = (min(val_loss, best_val) if cfg.keep_best else val_loss), step
-                    save_model_files(accelerator.unwrap_model(model), run_dir)
-                save_checkpoint(run_dir, accelerator.unwrap_model(model), optimizers, checkpoint_state())
+                    save_model_files(plain(), run_dir)
+                save_checkpoint(run_dir, plain(), optimizers, checkpoint_state())
                 if on_eval is not None:
                     with torch.random.fork_rng(devices=cuda_rng):  # the training RNG stays the other processes'
-                        on_eval(accelerator.unwrap_model(model), step)
+                        on_eval(plain(), step)
                     model.train()
             if step % cfg.eval_interval == 0 or done:
                 accelerator.wait_for_everyone()
     bar.close()
     if best_step < 0 and accelerator.is_main_process:  # resumed at the end, or no evaluation ran
-        save_model_files(accelerator.unwrap_model(model), run_dir)
+        save_model_files(plain(), run_dir)
         best_step = step
     return {"steps": step, "train_loss": last_loss, "best_step": best_step, "best_val_loss_periodic": best_val,
-            "schedule_steps": total_steps, "train_time_s": elapsed, "dtype": dtype,
+            "schedule_steps": total_steps, "train_time_s": elapsed, "dtype": dtype, "compiled": compiled,
             rate_key: step * items_per_step / elapsed if elapsed else math.nan}
 
 

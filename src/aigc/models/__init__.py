@@ -29,6 +29,7 @@ class Family:
     #                                build(config, context=, loc=, scale=, history=)
     init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
     cpu_bf16: bool = True  # dtype=auto uses bf16 autocast on a CPU that has bf16 (False where it is slower)
+    compile_gain: bool = False  # compile=auto compiles the model (torch.compile) where it pays back, see train.py
     after_step: bool = False  # the loop calls model.after_step() after every optimizer step (EMA weights)
     sampler_options: tuple[str, ...] = ()  # image families: generate options beyond the seed and class
     # alternating optimizer steps: one AdamW per phase over model.phase_parameters(phase); each training
@@ -42,14 +43,16 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "ngram": Family("text", ngram.NGramConfig, "counts", ngram.NGramLM.load,
                     description="character n-gram, interpolated Kneser-Ney (the baseline)"),
-    # cpu_bf16, measured by benchmarks/dtype.py (torch 2.13, 2 cores): text rnn trains 1.35-1.58x faster under
+    # cpu_bf16, measured by benchmarks/settings.py (torch 2.13, 2 cores): text rnn trains 1.35-1.58x faster under
     # bf16 autocast and reaches a lower bits/char at equal time; the series rnn (tiny batches) 0.69x
     "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build,
                   series=Family("series", rnn_series.SeriesRNNConfig, "gradient", rnn_series.load,
                                 rnn_series.build, cpu_bf16=False,
                                 description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
-    "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True,
+    # compile_gain, measured by benchmarks/settings.py --setting compile (2 min per run, 2 cores): gpt 1.22x the
+    # tokens with the compiling included (H100: 1.35x once compiled); the RNNs and ... do not gain
+    "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True, compile_gain=True,
                   train_config=gpt.GPTTrainConfig,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
     "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
