@@ -56,26 +56,15 @@ def describe_machine(m: dict) -> str:
             + (m.get("cuda") or "no GPU") + f"; bf16 in hardware: {'yes' if m.get('bf16_hardware') else 'no'}")
 
 
-def _json_ready(value):
-    """NaN and infinities as null (JSON has neither), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def write_results(out_dir: Path | str, name: str, result: dict, markdown: str) -> None:
-    """results/NAME.json (atomically: a reader never sees half a file; strict JSON, non-ASCII text
-    kept readable, anything else written as its str) and results/NAME.md."""
+    """results/NAME.json (atomically: a reader never sees half a file; strict JSON with null for NaN,
+    non-ASCII text kept readable, anything else written as its str) and results/NAME.md."""
+    from aigc.fsutil import atomic_write_text, json_safe
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{name}.json.tmp"
-    text = json.dumps(_json_ready(result), indent=2, ensure_ascii=False, allow_nan=False, default=str)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / f"{name}.json")
+    text = json.dumps(json_safe(result), indent=2, ensure_ascii=False, allow_nan=False, default=str)
+    atomic_write_text(out_dir / f"{name}.json", text + "\n")
     (out_dir / f"{name}.md").write_text(markdown, encoding="utf-8")
 
 

@@ -17,12 +17,13 @@ benchmarks/.work), away from a user's own runs.
    tokens/s / peak, with FLOPs per token = 6 x (parameters used in matrix products) + 6 x n_layer x
    block_size x n_embd for gpt's attention (Kaplan et al. 2020; PaLM's appendix B), and two samples.
 3. `nanogpt-recipe`: nanoGPT's published CPU recipe (4 layers x 128, 4 heads, context 64, batch 12,
-   lr 1e-3, 100 warm-up steps, dropout 0, 2000 iterations) in our loop, at the same time budget.
+   lr 1e-3, 100 warm-up steps, dropout 0, 2000 iterations, no torch.compile) in our loop, at the same
+   time budget. gpt with its defaults compiles (compile=auto; the compiling counts in its budget).
 4. Plain transformers: GPT2LMHeadModel of our gpt's size and dropout, as transformers makes it
    (its default attention kernel), trained by a bare PyTorch loop (AdamW, bf16 autocast where our
    run used it, the same batch and context) for 30 s: our gpt's tokens/s over its tokens/s, both
    measured here. Target: 1.3x. (Our gpt differs by the attention kernel it picks on a CPU, see
-   aigc/models/gpt.py.)
+   aigc/models/gpt.py, and by torch.compile where compile=auto compiles it.)
 5. Generation: tokens/s of the gpt and rnn-lstm runs at batch 1 and 16, through `aigc generate`
    and through transformers' `generate` with and without the cache.
 """
@@ -43,7 +44,8 @@ from common import RESULTS, ROOT, machine, matmul_peak, write_results
 CORPORA = ("fortunes", "tang300")
 NANOGPT_RECIPE = {"n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "64", "block_size": "64",
                   "batch_size": "12", "lr": "1e-3", "warmup_steps": "100", "min_lr_ratio": "0.1",
-                  "embd_pdrop": "0.0", "attn_pdrop": "0.0", "resid_pdrop": "0.0", "eval_interval": "250"}
+                  "embd_pdrop": "0.0", "attn_pdrop": "0.0", "resid_pdrop": "0.0", "eval_interval": "250",
+                  "compile": "false"}  # the recipe runs nanoGPT with --compile=False
 MODELS = {  # row name -> (family, --set values)
     "ngram": ("ngram", {}),
     "rnn-gru": ("rnn", {"cell": "gru"}),

@@ -163,3 +163,20 @@ def test_more_processes_than_gpus_is_a_clear_error():
     check_gpus(2, 2)
     with pytest.raises(UserError, match="2 processes on this machine but 1 GPU.*--nproc_per_node 1"):
         check_gpus(2, 1)
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_compiled_gpt_like_one(poems_file, aigc_home):
+    # torch.compile under DDP (accelerate compiles the DDP-wrapped module); the plain module is saved
+    from aigc.train import compile_unavailable
+
+    if compile_unavailable(torch.device("cpu")) is not None:
+        pytest.skip("torch.compile cannot run here")
+    sets = {**GPT, "compile": "true"}
+    train("gpt", str(poems_file), name="one", max_steps=4, sets=sets)
+    proc = torchrun(aigc_home, "--family", "gpt", "--data", str(poems_file), "--name", "two", "--max-steps", "4",
+                    *set_args(sets))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = aigc_home / "runs/one", aigc_home / "runs/two"
+    assert json.loads((two / "run.json").read_text())["compiled"] is True
+    assert largest_difference(weights(one / "checkpoints/last"), weights(two / "checkpoints/last")) < ATOL

@@ -1,10 +1,11 @@
 """The one training loop for gradient-trained families, on accelerate.
 
 AdamW with linear warm-up and cosine decay, gradient clipping and accumulation, bf16 autocast
-where the hardware has it, periodic evaluation with keep-best, atomic checkpoints, and exact
-resume: batches come from a seeded generator whose state is checkpointed with the model, the
-optimizer and the dropout RNG, so an interrupted and resumed run ends with the same weights as
-an uninterrupted one (in fp32).
+where the hardware has it, torch.compile where it pays (`resolve_compile`), periodic evaluation
+with keep-best, atomic checkpoints, and exact resume: batches come from a seeded generator whose
+state is checkpointed with the model, the optimizer and the RNGs (CPU and CUDA: noise and
+dropout), so an interrupted and resumed run ends with the same weights as an uninterrupted one
+(in fp32).
 """
 
 from __future__ import annotations
@@ -433,6 +434,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
 
     items_per_step = cfg.batch_size * data.items_per_sample
     rate_key = f"{data.unit}_per_s"
+
     def goal() -> int | None:
         """The step the run stops at, as shown: a step budget's, else the time budget's estimate."""
         if budget.max_minutes is None:

@@ -50,8 +50,8 @@ FAMILIES: dict[str, Family] = {
                                 rnn_series.build, cpu_bf16=False,
                                 description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
-    # compile_gain, measured by benchmarks/settings.py --setting compile (2 min per run, 2 cores): gpt 1.22x the
-    # tokens with the compiling included (H100: 1.35x once compiled); the RNNs and ... do not gain
+    # compile_gain, measured by benchmarks/settings.py --setting compile (2 min per run, 2 cores): gpt 1.25x the
+    # tokens with its compiling included (1.34x once compiled; H100: 1.48x); rnn 0.98-1.11x, images 0.73-1.01x
     "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True, compile_gain=True,
                   train_config=gpt.GPTTrainConfig,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
