@@ -155,13 +155,14 @@ def test_dtype_auto_follows_the_family_on_cpu(monkeypatch):
 
 
 def test_time_budget_estimates_and_records_the_schedule(poems_file):
-    run_dir, metrics = train("rnn", str(poems_file), name="timed", max_minutes=0.03, sets=TINY_SETS["rnn"])
+    # 6 s: enough steps for the first estimate (after step 5) even on a busy machine
+    run_dir, metrics = train("rnn", str(poems_file), name="timed", max_minutes=0.1, sets=TINY_SETS["rnn"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     estimates = [r["schedule_steps"] for r in records if "schedule_steps" in r]
     assert estimates and metrics["schedule_steps"] == estimates[-1]
-    assert metrics["train_time_s"] >= 0.03 * 60  # it trained until the budget was spent
+    assert metrics["train_time_s"] >= 0.1 * 60  # it trained until the budget was spent
     budget = json.loads((run_dir / "run.json").read_text())["budget"]
-    assert budget == {"max_steps": None, "max_minutes": 0.03}
+    assert budget == {"max_steps": None, "max_minutes": 0.1}
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(poems_file, monkeypatch):

@@ -533,7 +533,7 @@ def train_loop(model, data: TextBatches | ImageBatches, cfg: TrainConfig, run_di
                 if not bar.disable:
                     bar.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
                 else:
-                    print(f"step {step}/{goal()}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
+                    print(f"step {step}/{goal() or '?'}: loss {last_loss:.4f}, val_loss {val_loss:.4f}, "
                           f"{elapsed:.0f}s", file=sys.stderr)
                 if val_loss < best_val or not cfg.keep_best:
                     # without keep_best the run keeps the last weights: report their loss
