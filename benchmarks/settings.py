@@ -90,13 +90,14 @@ def main() -> None:
             run_dir, metrics = run_train(family, data, name=f"{args.setting}-{row}-{value}", overwrite=True,
                                          max_minutes=minutes, sets={**sets, args.setting: value})
             rate_key = next(k for k in RATE_KEYS if k in metrics)
+            record = read_run(run_dir)
             if score_name == "fid":
-                score = evaluate_image_run(run_dir, read_run(run_dir), n=n_eval)["metrics"]["fid"]
+                score = evaluate_image_run(run_dir, record, n=n_eval)["metrics"]["fid"]
             else:
                 score = metrics[score_name]
             entry[label] = {"rate": metrics[rate_key], "steady_rate": steady_rate(run_dir),
                             "unit": rate_key.removesuffix("_per_s"), "score": score, "steps": metrics.get("steps"),
-                            "dtype": read_run(run_dir).get("dtype"), "compiled": read_run(run_dir).get("compiled")}
+                            "dtype": record.get("dtype"), "compiled": record.get("compiled")}
         a, b = (entry[label] for label in labels)
         entry["speedup"] = b["rate"] / a["rate"]
         entry["steady_speedup"] = b["steady_rate"] / a["steady_rate"] if a["steady_rate"] and b["steady_rate"] \
