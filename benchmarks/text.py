@@ -5,6 +5,7 @@ same run.
     python benchmarks/text.py                   # 3 min per model, both corpora (about 35 minutes)
     python benchmarks/text.py --quick           # 20 s per model: a few minutes
     python benchmarks/text.py --long            # also gpt and lstm for 30 min on fortunes
+    python benchmarks/text.py --generation-only # section 5 alone: gpt and lstm 1 min each (about 4 minutes)
 
 Writes benchmarks/results/text.json and text.md. Runs live in a private AIGC home (default
 benchmarks/.work), away from a user's own runs.
@@ -133,9 +134,15 @@ def main() -> None:
     parser.add_argument("--long-models", default="gpt,rnn-lstm", help="the models --long trains (default gpt,rnn-lstm)")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only section 5: gpt and rnn-lstm on fortunes for --minutes (default 1; generation speed "
+                             "depends on the model's shape, not on how long it trained), written as generation.json/md")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an earlier text.json (same machine) and replace the ones run now")
     args = parser.parse_args()
+    stem = "text"
+    if args.generation_only:
+        args.corpora, args.models, args.minutes, stem = "fortunes", "gpt,rnn-lstm", args.minutes or 1.0, "generation"
     minutes = args.minutes or (1 / 3 if args.quick else 3.0)
     corpora = [c for c in args.corpora.split(",") if c]
     models = [m for m in args.models.split(",") if m]
@@ -154,19 +161,19 @@ def main() -> None:
     print("measuring matmul throughput...", file=sys.stderr)
     probes = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peak = {name: best for name, (best, _) in probes.items()}
-    result = {"benchmark": "text", "minutes_per_model": minutes, "quick": args.quick,
+    result = {"benchmark": stem, "minutes_per_model": minutes, "quick": args.quick,
               "machine": {**machine(), "matmul_gflops": peak,
                           "matmul_gflops_by_size": {name: sizes for name, (_, sizes) in probes.items()}},
               "rows": [], "plain_transformers": None, "generation": {}}
-    if args.append and (out_dir / "text.json").is_file():
-        earlier = json.loads((out_dir / "text.json").read_text(encoding="utf-8"))
+    if args.append and (out_dir / f"{stem}.json").is_file():
+        earlier = json.loads((out_dir / f"{stem}.json").read_text(encoding="utf-8"))
         result["rows"] = earlier["rows"]
         result["plain_transformers"] = earlier.get("plain_transformers")
         result["generation"] = earlier.get("generation")
 
     def save() -> None:
         result["wall_s"] = time.time() - started
-        write_results(out_dir, "text", result, markdown(result))
+        write_results(out_dir, stem, result, markdown(result))
 
     plan = [(c, m, minutes) for c in corpora for m in models]
     if args.long:
@@ -199,7 +206,7 @@ def main() -> None:
         save()
 
     gpt_rows = [r for r in result["rows"] if r["model"] == "gpt" and r["minutes"] == minutes]
-    if gpt_rows and (result["plain_transformers"] is None or "gpt" in models):
+    if gpt_rows and not args.generation_only and (result["plain_transformers"] is None or "gpt" in models):
         row = gpt_rows[0]
         loaded = load_run(row["run"])
         block = _block_of(Path(row["run"]))
@@ -216,7 +223,7 @@ def main() -> None:
         print(f"\n== generation speed of {row['model']}: cache on and off, batch 1 and 16", file=sys.stderr)
         result["generation"][row["model"]] = generation_speed(load_run(row["run"]), 100 if args.quick else 200)
     save()
-    print((out_dir / "text.md").read_text(encoding="utf-8"))
+    print((out_dir / f"{stem}.md").read_text(encoding="utf-8"))
 
 
 def _train_config(run_dir: Path) -> dict:
@@ -241,7 +248,8 @@ def _f(value, digits: int = 3) -> str:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# Text benchmark: {r['minutes_per_model']:g} min per model", "",
+    title = "Generation benchmark" if r["benchmark"] == "generation" else "Text benchmark"
+    lines = [f"# {title}: {r['minutes_per_model']:g} min per model", "",
              f"Machine: {m['cpus']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}; matmul "
              f"{m['matmul_gflops']['fp32']:.0f} GFLOP/s fp32, {m['matmul_gflops']['bf16']:.0f} GFLOP/s bf16 "
              "(measured in this run; MFU is against the peak of the run's dtype).", "",

@@ -4,7 +4,8 @@
 #   scripts/setup.sh --corpora  also the Debian packages with the named data sets (fortunes, fortunes-zh,
 #                               dataset-fashion-mnist)
 # AIGC_TORCH chooses the torch requirement (default torch==2.13.0, the CPU build on this machine kind;
-# on a CUDA machine use e.g. AIGC_TORCH=torch).
+# on a CUDA machine use e.g. AIGC_TORCH=torch). Every other package is installed at the release in
+# requirements.lock (the versions the test suite passed with; scripts/lock.sh refreshes it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,12 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating the virtual environment .venv..." >&2
     "$PYTHON" -m venv .venv
 fi
-echo "installing PyTorch (${AIGC_TORCH:-torch==2.13.0}) and the aigc package..." >&2
-.venv/bin/python -m pip install -q --disable-pip-version-check "${AIGC_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+echo "installing PyTorch (${AIGC_TORCH:-torch==2.13.0}) and the aigc package at the releases of requirements.lock..." >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock "${AIGC_TORCH:-torch==2.13.0}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[dev]"
+.venv/bin/python - <<'PY'
+import sys
+from importlib.metadata import version
+print(f"set up .venv: aigc {version('aigc')} with torch {version('torch')}, transformers {version('transformers')}, "
+      f"diffusers {version('diffusers')} (every package but torch at its release in requirements.lock)", file=sys.stderr)
+PY

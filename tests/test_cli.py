@@ -25,8 +25,8 @@ from conftest import TINY_SETS, make_poems
 runner = CliRunner()
 
 EVAL_METRICS = {"val_bpc", "val_loss", "perplexity", "distinct_1", "distinct_2", "distinct_3", "self_bleu",
-                "novelty_8gram", "longest_copy", "tokens_per_s"}
-CORPUS_NAMES = ("tang300", "song100", "fortunes-zh", "fortunes")
+                "novelty_8gram", "longest_copy", "tokens_per_s", "verse_form", "verse_form_train"}
+CORPUS_NAMES = ("tang300", "song100", "fortunes-zh", "fortunes-zh-notang", "fortunes")
 
 
 def invoke(*args):
@@ -512,8 +512,9 @@ def test_eval_json_schema(evaluated):
         assert isinstance(value, int | float) and math.isfinite(value), key
     m = obj["metrics"]
     assert m["val_bpc"] > 0 and m["perplexity"] == pytest.approx(math.exp(m["val_loss"]))
-    for key in ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "novelty_8gram"):
+    for key in ("distinct_1", "distinct_2", "distinct_3", "self_bleu", "novelty_8gram", "verse_form"):
         assert 0 <= m[key] <= 1, key
+    assert m["verse_form_train"] == 1.0  # the test poems are five-character quatrains
     assert obj["samples"]["n"] > 1 and obj["samples"]["max_new_tokens"] > 0  # N and L are echoed
 
 
@@ -597,18 +598,19 @@ def test_runs_unknown_name(trained, aigc_home):
 
 # --- data -----------------------------------------------------------------------------------------
 
-def test_data_list_names_the_four_corpora(tmp_path, monkeypatch):
+def test_data_list_names_the_named_corpora(tmp_path, monkeypatch):
     fake = tmp_path / "fortunes"
     fake.mkdir()
-    for name in ("tang300", "song100", "chinese"):  # the fortunes-zh files; `fortunes` stays missing
+    for name in ("tang300", "song100"):  # the fortunes-zh files; `fortunes` stays missing
         (fake / name).write_text("春眠不觉晓\n%\n处处闻啼鸟\n", encoding="utf-8")
+    (fake / "chinese").write_text("要有礼貌\n%\n海内存知己\n", encoding="utf-8")  # quotes no tang300 line
     monkeypatch.setenv("AIGC_FORTUNES_DIR", str(fake))
     result = invoke("data", "list")
     assert_ok(result)
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:] if line.strip()}
     for name in CORPUS_NAMES:
         assert name in rows
-    assert [rows[n][1] for n in CORPUS_NAMES] == ["yes", "yes", "yes", "no"]
+    assert [rows[n][1] for n in CORPUS_NAMES] == ["yes", "yes", "yes", "yes", "no"]
     assert rows["fortunes"][2] == "fortunes" and rows["tang300"][2] == "fortunes-zh"
 
 

@@ -16,6 +16,7 @@ from aigc.data.text import (
     FORTUNES_FILES,
     Corpus,
     clean_text,
+    drop_shared_lines,
     join_docs,
     load_corpus,
     split_corpus,
@@ -178,7 +179,7 @@ def test_missing_path_lists_named_corpora(tmp_path: Path) -> None:
         load_corpus(str(missing))
     assert str(info.value) == (
         f"no such file or directory: {missing} "
-        "(and it is not a named corpus: tang300, song100, fortunes-zh, fortunes)"
+        "(and it is not a named corpus: tang300, song100, fortunes-zh, fortunes-zh-notang, fortunes)"
     )
 
 
@@ -196,7 +197,7 @@ def test_missing_named_corpus_names_the_package(fortunes_dir: Path, name: str) -
 
 
 def test_named_corpora_registry() -> None:
-    assert list(CORPORA) == ["tang300", "song100", "fortunes-zh", "fortunes"]
+    assert list(CORPORA) == ["tang300", "song100", "fortunes-zh", "fortunes-zh-notang", "fortunes"]
     assert {c.package for c in CORPORA.values()} == {"fortunes-zh", "fortunes"}
     assert all(name == c.name for name, c in CORPORA.items())
     assert {c.language for c in CORPORA.values()} == {"zh", "en"}
@@ -216,6 +217,31 @@ def test_named_fortune_corpus_is_one_document_per_entry(
     corpus = load_corpus(name)
     assert corpus.docs == ("《甲》\n一", "《乙》\n二")
     assert corpus.source == name
+
+
+def test_drop_shared_lines_drops_documents_that_quote_a_verse_line() -> None:
+    reference = ["《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。"]
+    docs = [
+        "李白说床前明月光疑是地上霜",  # a line quoted inside running text, no punctuation around it
+        "举头望明月。",  # a whole line
+        "明月光照床前",  # four characters of a line only: not a quotation
+        "作者：李白",  # lines shorter than five characters are common words, not quotations
+        "他读了《静夜思》。",  # the title is a line too
+        "低头思故里",  # a different line
+    ]
+    kept, dropped = drop_shared_lines(docs, reference)
+    assert dropped == [docs[0], docs[1], docs[4]]
+    assert kept == [docs[2], docs[3], docs[5]]
+
+
+def test_fortunes_zh_notang_drops_what_tang300_shares(fortunes_dir: Path) -> None:
+    write(fortunes_dir / "tang300", "《静夜思》\n床前明月光，疑是地上霜。\n%\n")
+    write(fortunes_dir / "chinese", "要有礼貌\n%\n古诗：床前明月光\n%\n海内存知己，天涯若比邻。\n%\n")
+    assert load_corpus("fortunes-zh-notang").docs == ("要有礼貌", "海内存知己，天涯若比邻。")
+    assert len(load_corpus("fortunes-zh").docs) == 3
+    (fortunes_dir / "tang300").unlink()
+    with pytest.raises(UserError, match="needs the Debian package fortunes-zh"):
+        load_corpus("fortunes-zh-notang")
 
 
 def test_fortunes_concatenates_the_40_files_keeping_percent_lines(
@@ -321,3 +347,8 @@ def test_real_debian_corpora(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AIGC_FORTUNES_DIR", raising=False)
     assert load_corpus("fortunes").n_chars == 2_478_228
     assert len(load_corpus("tang300").docs) > 300
+    notang, full = load_corpus("fortunes-zh-notang"), load_corpus("fortunes-zh")
+    assert len(full.docs) - len(notang.docs) == 191  # docs/text.md: the documents that quote tang300
+    tang_val = "".join(split_corpus(load_corpus("tang300"))[1])
+    pretraining = "\n".join(notang.docs)
+    assert not any(tang_val[i:i + 8] in pretraining for i in range(len(tang_val) - 7))  # no 8-gram of val left

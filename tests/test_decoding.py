@@ -137,11 +137,34 @@ def test_the_cache_changes_no_token(loaded, options):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_rnn_generation_reads_one_token_per_step(vocab):
+def _input_lengths(model) -> list[int]:
+    """Record the sequence length of every forward call of a text model (its `input_ids`)."""
+    lengths: list[int] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    return lengths
+
+
+@pytest.mark.parametrize("family", ["rnn", "gpt"])
+@pytest.mark.parametrize("settings", [
+    {"seed": 7, "temperature": 1.0},
+    {"temperature": 0},
+    {"num_beams": 3, "n": 2},
+    {"seed": 2, "temperature": 1.0, "stop": ["。"]},
+    {"seed": 4, "temperature": 1.0, "stream": True},
+], ids=["sampling", "greedy", "beams", "stop", "stream"])
+def test_generation_reads_one_token_per_step(vocab, family, settings):
+    """The cache is used: the prompt is read once, then each step reads only the newest token (gpt's
+    key/value cache, the rnn's recurrent state). Fails if transformers stops carrying the cache."""
     tok, ids = vocab
-    model = make_model("rnn", ids, tok).eval()
-    lengths = []
-    model.core.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
-    prompt = torch.tensor([[tok.eot_id] + tok.encode("春风")])
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6)
-    assert lengths == [3, 1, 1, 1, 1, 1]  # the prompt once, then the state and the newest token
+    model = make_model(family, ids, tok).eval()
+    loaded = LoadedModel(model, tok, family, None, 16)
+    lengths = _input_lengths(model)
+    settings = dict(settings)
+    stream = [] if settings.pop("stream", False) else None
+    samples, stats = generate(loaded, GenerateSettings(prompt="春风", max_new_tokens=6, **settings),
+                              stream=None if stream is None else stream.append)
+    assert lengths[0] == 3  # EOT + the two prompt characters
+    assert len(lengths) >= 3, "too few steps to see the cache: pick another seed"
+    assert set(lengths[1:]) == {1}
+    assert len(lengths) <= 6

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
+from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char, transfer_ids
 from aigc.errors import UserError
-from aigc.runs import train
+from aigc.runs import load_split, train
 from aigc.sample import GenerateSettings, generate, load_run
 from conftest import TINY_SETS, make_poems
 
@@ -109,3 +109,57 @@ def test_bpe_run_reports_bits_per_character_not_per_token(poems_file):
 def test_text_tokenizer_load_needs_a_tokenizer(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
         TextTokenizer.load(tmp_path)
+
+
+def test_transfer_ids_maps_each_character_to_the_checkpoints_id_or_its_unk():
+    old = train_char(["春风又绿江南岸", "明月何时照我还"])
+    new = train_char(["春江潮水连海平"])
+    ids, found = transfer_ids(new, old)
+    old_vocab = old.tokenizer.get_vocab()
+    by_id = sorted(new.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    assert ids == [old_vocab[t] if t in old_vocab else old.unk_id for t, _ in by_id]
+    assert ids[new.eot_id] == old.eot_id and ids[new.unk_id] == old.unk_id
+    assert found == 4  # EOT, <unk>, 春, 江
+
+
+def test_min_char_count_makes_rare_characters_unknown():
+    tok = train_char(["春春春风风月"], min_count=2)
+    assert tok.encode("春风月") == [tok.encode("春")[0], tok.encode("风")[0], tok.unk_id]
+    assert tok.vocab_size == 4  # EOT, <unk>, 春, 风
+
+
+def test_fine_tuning_a_char_gpt_keeps_its_own_vocabulary_with_the_checkpoints_embeddings(tmp_path):
+    """A fine-tuned char run has the vocabulary of its own training split (as a run from scratch on the same
+    data, so their bits/char compare); each character's embedding starts as the checkpoint's, or as the
+    checkpoint's <unk> for a character it lacks."""
+    base = tmp_path / "base.txt"
+    base.write_text("\n".join(make_poems(30)), encoding="utf-8")
+    target = tmp_path / "target.txt"
+    target.write_text("潮水连海平，明月共潮生。\n" * 40, encoding="utf-8")
+    pre_dir, _ = train("gpt", str(base), name="pre", max_steps=2, sets=TINY_SETS["gpt"])
+    pre = GPT2LMHeadModel.from_pretrained(pre_dir)
+    pre_tok = TextTokenizer.load(pre_dir)
+    sets = {k: v for k, v in TINY_SETS["gpt"].items() if k not in ("n_layer", "n_head", "n_embd", "n_positions")}
+    sets["lr"] = "1e-12"  # (almost) no step: the weights are still the transferred ones
+    sets["resid_pdrop"] = "0.25"  # dropout is not architecture: a fine-tuning run sets its own
+    ft_dir, metrics = train("gpt", str(target), name="ft", max_steps=1, init_from=str(pre_dir), sets=sets)
+    tok = TextTokenizer.load(ft_dir)
+    assert tok.tokenizer.get_vocab() == train_char(load_split(ft_dir)[0]).tokenizer.get_vocab()
+    ft = GPT2LMHeadModel.from_pretrained(ft_dir)
+    assert ft.config.vocab_size == tok.vocab_size == ft.transformer.wte.weight.shape[0]
+    assert (ft.config.resid_pdrop, ft.config.attn_pdrop) == (0.25, pre.config.attn_pdrop)
+    assert "resid_pdrop = 0.25" in (ft_dir / "config.toml").read_text()
+    assert ft.lm_head.weight.data_ptr() == ft.transformer.wte.weight.data_ptr()  # still tied
+    pre_vocab = pre_tok.tokenizer.get_vocab()
+    for token, i in tok.tokenizer.get_vocab().items():
+        source = pre_vocab.get(token, pre_tok.unk_id)
+        torch.testing.assert_close(ft.transformer.wte.weight[i], pre.transformer.wte.weight[source],
+                                   atol=1e-6, rtol=0)
+    record = json.loads((ft_dir / "run.json").read_text())
+    found = sum(t in pre_vocab for t in tok.tokenizer.get_vocab())
+    assert record["vocab_from_checkpoint"] == {"tokens": tok.vocab_size, "found": found} and found < tok.vocab_size
+    torch.testing.assert_close(ft.transformer.h[0].mlp.c_fc.weight, pre.transformer.h[0].mlp.c_fc.weight,
+                               atol=1e-6, rtol=0)
+    assert metrics["val_bpc"] > 0
+    ours, _ = generate(load_run(str(ft_dir)), GenerateSettings(prompt="潮水", temperature=0, max_new_tokens=4))
+    assert ours[0].startswith("潮水")

@@ -7,20 +7,45 @@ import socket
 
 import pytest
 
+from aigc.data.tokenizer import TextTokenizer
 from aigc.quickstart import run
-from aigc.runs import train
+from aigc.runs import list_runs, read_run, read_val, train
 from aigc.sample import GenerateSettings, generate, load_run
-from conftest import TINY_SETS, NetworkBlocked
+from conftest import TINY_SETS, NetworkBlocked, make_poems
 
 
-def test_quickstart_runs_end_to_end_on_test_data(poems_file, capsys):
-    tiny = {k: v for k, v in TINY_SETS["gpt"].items()}
-    result = run(data=str(poems_file), max_steps=6, name="qs", sets=tiny)
+def test_quickstart_pretrains_fine_tunes_and_compares_with_the_ngram(poems_file, tmp_path, capsys):
+    pretraining = tmp_path / "pretrain.txt"
+    pretraining.write_text("\n%\n".join(make_poems(40, seed=7)) + "\n", encoding="utf-8")
+    result = run(data=str(poems_file), pretrain_data=str(pretraining), pretrain_steps=4, max_steps=4, name="qs",
+                 sets=dict(TINY_SETS["gpt"]))
     out = capsys.readouterr().out
-    assert "1/3" in out and "2/3" in out and "3/3" in out
+    assert all(f"{i}/4" in out for i in range(1, 5))
     assert "--- poem 4" in out
     assert f"report: {result['run']}/report.html" in out
-    assert set(result["metrics"]) >= {"val_bpc", "distinct_2", "self_bleu", "novelty_8gram", "tokens_per_s"}
+    assert set(result["metrics"]) >= {"val_bpc", "distinct_2", "self_bleu", "novelty_8gram", "tokens_per_s",
+                                      "verse_form", "verse_form_train"}
+    baseline = result["baseline"]["metrics"]
+    assert f"{baseline['val_bpc']:.3f}" in out and "n-gram baseline" in out
+    runs = {r["name"]: r for r in list_runs()}
+    assert runs["qs"]["family"] == "gpt" and runs["qs-ngram"]["family"] == "ngram"
+    assert read_run(runs["qs"]["path"])["init_from"] == runs["qs-pretrain"]["path"]
+    # the same validation split and the same vocabulary as the n-gram: the bits per character compare
+    assert read_val(runs["qs"]["path"]) == read_val(runs["qs-ngram"]["path"])
+    assert (TextTokenizer.load(runs["qs"]["path"]).tokenizer.get_vocab()
+            == TextTokenizer.load(runs["qs-ngram"]["path"]).tokenizer.get_vocab())
+    # copying is measured against the pretraining text too
+    copied = result["copying_measured_against"]
+    assert [source.split(" ")[0] for source in copied["runs"]] == ["qs", "qs-pretrain"]
+    assert copied["chars"] > read_run(runs["qs"]["path"])["data"]["train"]["chars"]
+
+
+def test_quickstart_without_pretraining_trains_the_same_model_from_scratch(poems_file, capsys):
+    result = run(data=str(poems_file), pretrain_data=None, max_steps=4, name="qs", sets=dict(TINY_SETS["gpt"]))
+    out = capsys.readouterr().out
+    assert "1/3 training a small GPT" in out and "3/3" in out
+    assert read_run(result["run"])["init_from"] is None
+    assert [s.split(" ")[0] for s in result["copying_measured_against"]["runs"]] == ["qs"]
 
 
 def test_the_network_guard_is_real():

@@ -18,10 +18,30 @@ from aigc.evaluate.text import (
     novelty,
     self_bleu,
     text_sample_metrics,
+    verse_form,
+    verse_lines,
     write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --- verse form -----------------------------------------------------------------------------
+
+
+def test_verse_lines_are_the_clauses_a_punctuation_mark_ends():
+    poem = "《静夜思》\n作者：李白\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n未完"
+    assert verse_lines([poem]) == ["床前明月光", "疑是地上霜", "举头望明月", "低头思故乡"]  # no title, author, cut-off
+    assert verse_lines(["一二三、四五六七！问君能有几多愁？"]) == ["四五六七", "问君能有几多愁"]
+
+
+def test_verse_form_hand_computed():
+    assert verse_form(["床前明月光，疑是地上霜。"]) == 1.0
+    assert verse_form(["春眠，不觉晓处处闻啼鸟。", "夜来风雨声，花落知多少。"]) == 0.5  # 2, 9, 5, 5 characters
+    assert verse_form(["两个黄鹂鸣翠柳，一行白鹭上青天。"]) == 1.0
+    assert math.isnan(verse_form(["no verse here", "《题》"]))
+    with pytest.raises(TypeError):
+        verse_form("床前明月光，")
 
 
 # --- distinct-n ------------------------------------------------------------------------------
@@ -237,6 +257,7 @@ def test_report_with_curves(tmp_path):
     assert "family" in page and "gpt" in page and "0.0003" in page
     # samples: Chinese as is, markup escaped
     assert "<pre>床前明月光</pre>" in page
+    assert '"Noto Sans CJK SC"' in page  # a font stack that has Chinese glyphs, before the generic fallback
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<script" not in page
     # self-contained: no external resources

@@ -100,6 +100,31 @@ def test_a_corrupted_weights_file_is_refused(poems_file):
         train("rnn", str(poems_file), name="corrupt", resume=True, max_steps=8)
 
 
+def test_token_dropout_replaces_inputs_by_unk_and_keeps_the_targets():
+    ids = np.arange(2, 5002, dtype=np.int64) % 97 + 2  # no 0 (EOT) or 1 (<unk>) in the stream
+    plain = TextBatches(ids, ids[:100], 64)
+    dropped = TextBatches(ids, ids[:100], 64, token_dropout=0.25, unk_id=1)
+    x0, y0 = plain.sample(torch.Generator().manual_seed(3), 256)
+    x1, y1 = dropped.sample(torch.Generator().manual_seed(3), 256)
+    assert torch.equal(y0, y1)  # the same windows, the same targets
+    replaced = x1 != x0
+    assert torch.all(x1[replaced] == 1) and not torch.any(x0 == 1)
+    assert abs(replaced.float().mean().item() - 0.25) < 0.01  # 16,384 inputs: within 4 standard errors
+    assert torch.equal(dropped.val_batches(1, 4)[0][0], plain.val_batches(1, 4)[0][0])  # validation is clean
+    with pytest.raises(ValueError, match="<unk>"):
+        TextBatches(ids, ids[:100], 64, token_dropout=0.1, unk_id=None)
+
+
+@pytest.mark.parametrize(("family", "sets", "message"), [
+    ("ngram", {"token_dropout": "0.1"}, "token_dropout applies to gradient-trained families"),
+    ("rnn", {"tokenizer": "bpe", "bpe_vocab_size": "300", "token_dropout": "0.1"}, "need the char tokenizer"),
+    ("gpt", {"tokenizer": "bpe", "bpe_vocab_size": "300", "min_char_count": "2"}, "need the char tokenizer"),
+], ids=["ngram", "bpe-token-dropout", "bpe-min-count"])
+def test_char_only_data_keys_are_refused_elsewhere(poems_file, family, sets, message):
+    with pytest.raises(UserError, match=message):
+        train(family, str(poems_file), name="x", max_steps=1, sets={**TINY_SETS[family], **sets})
+
+
 def test_learning_rate_schedule():
     cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg, 100) == pytest.approx(0.1)

@@ -516,14 +516,15 @@ def data_list():
     """
     from aigc.data.text import CORPORA, load_corpus
 
-    print(f"{'name':<12} {'installed':<9} {'package':<12} description")
+    width = max(len(name) for name in CORPORA)
+    print(f"{'name':<{width}} {'installed':<9} {'package':<12} description")
     for name, corpus in CORPORA.items():
         try:
             load_corpus(name)
             installed = "yes"
         except UserError:
             installed = "no"
-        print(f"{name:<12} {installed:<9} {corpus.package:<12} {corpus.description}")
+        print(f"{name:<{width}} {installed:<9} {corpus.package:<12} {corpus.description}")
     print("\nYour own data: a .txt file, a folder of them, a fortune file (entries split by '%' lines) "
           "or a .jsonl file with a \"text\" field.")
     from aigc.data.series import series_table
@@ -597,13 +598,16 @@ def _show_series(data: str, json_out: bool) -> None:
 @app.command()
 @user_errors
 def quickstart(
-    data: Annotated[str, typer.Option(help="corpus to train on")] = "tang300",
-    max_minutes: Annotated[float | None, typer.Option(help="training-time budget instead of steps")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="step budget (default 2000, about 4 minutes)")] = None,
-    name: Annotated[str, typer.Option(help="run name (replaced if it exists)")] = "quickstart",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value, repeatable")] = None,
+    data: Annotated[str, typer.Option(help="corpus to fine-tune on")] = "tang300",
+    pretrain_data: Annotated[str, typer.Option(help="corpus to pretrain on first, or 'none'")] = "fortunes-zh-notang",
+    pretrain_steps: Annotated[int, typer.Option(help="pretraining steps (about 3 minutes)")] = 1200,
+    max_steps: Annotated[int, typer.Option(help="fine-tuning steps (about 1 minute)")] = 300,
+    name: Annotated[str, typer.Option(help="name of the final run (replaced if it exists); NAME-pretrain and "
+                                           "NAME-ngram are the other two")] = "quickstart",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for both stages, repeatable")] = None,
 ):
-    """The main job: train a small GPT on the Tang poems, write a few poems, evaluate them.
+    """The main job: pretrain a small GPT, fine-tune it on the Tang poems, write poems, evaluate them beside the
+    n-gram baseline.
 
     Example:
 
@@ -613,7 +617,10 @@ def quickstart(
     from aigc.config import parse_sets
     from aigc.quickstart import run
 
-    run(data=data, max_minutes=max_minutes, max_steps=max_steps, name=name, sets=parse_sets(set_ or []))
+    if pretrain_steps < 1 or max_steps < 1:
+        raise UserError("--pretrain-steps and --max-steps must be >= 1")
+    run(data=data, pretrain_data=None if pretrain_data == "none" else pretrain_data, pretrain_steps=pretrain_steps,
+        max_steps=max_steps, name=name, sets=parse_sets(set_ or []))
 
 
 def main() -> None:

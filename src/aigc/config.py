@@ -30,10 +30,15 @@ def option(default: Any, help: str, *, min: float | None = None, max: float | No
 class DataConfig:
     tokenizer: str = option("char", "char: one token per Unicode character; bpe: byte-level BPE",
                             choices=("char", "bpe"))
+    min_char_count: int = option(1, "char tokenizer: a character seen fewer times in the training split is <unk> "
+                                    "(a smaller, faster output layer on a large Chinese corpus)", min=1)
     bpe_vocab_size: int = option(2000, "vocabulary size of the BPE tokenizer", min=257, max=200_000)
     val_fraction: float = option(0.1, "share of the corpus (its end) held out for validation "
                                       "when --val-data is not given", min=0.0, max=0.5, min_exclusive=True)
     text_field: str = option("text", "field holding the text in JSONL files")
+    token_dropout: float = option(0.0, "share of the training inputs replaced by <unk> (char tokenizer, gradient "
+                                       "families): the model cannot lean on exact copies of what it read, a "
+                                       "regulariser for a small corpus", min=0.0, max=0.9)
 
 
 @dataclass

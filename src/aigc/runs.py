@@ -25,7 +25,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import DataConfig, ImageDataConfig, build, read_toml, to_toml
 from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
-from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char
+from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char, transfer_ids
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_text, read_json, write_json
@@ -156,8 +156,13 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             if arch:
                 raise UserError(f"{arch[0]} comes from the --init-from checkpoint and cannot be set")
         configs = build(sections_for(family), values, family=family)
-        if family == "ngram" and configs["data"].tokenizer != "char":
+        data_cfg = configs["data"]
+        if family == "ngram" and data_cfg.tokenizer != "char":
             raise UserError("the ngram family is a character model: tokenizer must be char")
+        if fam.trainer != "gradient" and data_cfg.token_dropout:
+            raise UserError(f"token_dropout applies to gradient-trained families, not {family}")
+        if data_cfg.tokenizer != "char" and (data_cfg.min_char_count != 1 or data_cfg.token_dropout):
+            raise UserError("min_char_count and token_dropout need the char tokenizer (--set tokenizer=char)")
         # several processes (torchrun): one name for all (the default has a timestamp); only the
         # main process writes the run, the others compute the same data and model (docs/runs.md)
         final_dir = on_main(claim_run_dir, family, data, name, overwrite)
@@ -168,12 +173,17 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         else:
             train_docs, val_docs = split_corpus(corpus, configs["data"].val_fraction)
         tokenizer = _make_tokenizer(configs["data"], train_docs, init_from)
+        if data_cfg.token_dropout and tokenizer.unk_id is None:
+            raise UserError(f"token_dropout needs a vocabulary with <unk>: the tokenizer of {init_from} has none")
         train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
         t0 = time.perf_counter()
-        model, fit = _build_model(fam, family, configs, tokenizer, train_ids, init_from)
+        dropouts = {k: getattr(configs["model"], k) for k in gpt.DROPOUTS if k in values}  # given for --init-from
+        model, fit = _build_model(fam, family, configs, tokenizer, train_ids, init_from, dropouts)
         if fam.trainer == "counts":
             fit["train_time_s"] = time.perf_counter() - t0
         record = _new_record(family, corpus, train_docs, val_docs, val_data, init_from)
+        if "vocab_from_checkpoint" in fit:
+            record["vocab_from_checkpoint"] = fit.pop("vocab_from_checkpoint")
 
         def write_files(staging: Path) -> None:
             tokenizer.save(staging)
@@ -194,7 +204,8 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
 
         with recording_failure(run_dir, record):
             batches = TextBatches(train_ids, val_ids, configs["train"].block_size,
-                                  chars_per_val_token=chars / max(1, len(val_ids) - 1))
+                                  chars_per_val_token=chars / max(1, len(val_ids) - 1),
+                                  token_dropout=configs["data"].token_dropout, unk_id=tokenizer.unk_id)
             fit = train_loop(model, batches, configs["train"], run_dir, Budget(max_steps, budget_minutes),
                              resume=resume, cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain)
         record.update(dtype=fit["dtype"], compiled=fit["compiled"])
@@ -255,6 +266,24 @@ def _load_split(record: dict, data_cfg: DataConfig, run_dir: Path) -> tuple[list
     else:
         train_docs = list(corpus.docs)
     return train_docs, read_val(run_dir)
+
+
+def trained_on(run_dir: Path) -> tuple[list[tuple[str, list[str]]], str | None]:
+    """Everything a text run's weights have read: (run name and data, training documents) for the run and for
+    every run it was fine-tuned from (--init-from, followed back), nearest first; and the first checkpoint in the
+    chain that is not a run (a Hugging Face folder, whose training text is unknown), or None."""
+    texts = []
+    current: Path | None = Path(run_dir)
+    while current is not None:
+        if not (current / "run.json").is_file():
+            return texts, str(current)
+        record = read_run(current)
+        texts.append((f"{current.name} ({record['data']['train']['source']})", load_split(current)[0]))
+        current = Path(record["init_from"]) if record.get("init_from") else None
+        if current is not None and not current.exists():
+            raise UserError(f"{run_dir}: it was fine-tuned from {current}, which is gone: its training text is "
+                            f"needed to measure copying")
+    return texts, None
 
 
 def read_val(run_dir: Path) -> list[str]:
@@ -345,15 +374,19 @@ def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:
 
 
 def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str | None) -> TextTokenizer:
+    """The run's tokenizer: its training split's (char or BPE); a checkpoint's BPE or Hugging Face tokenizer with
+    --init-from (a char checkpoint's characters are mapped onto the run's own vocabulary, `_build_model`)."""
     if init_from:
-        return TextTokenizer.load(Path(init_from))
+        tokenizer = TextTokenizer.load(Path(init_from))
+        if tokenizer.kind != "char":
+            return tokenizer
     if data_cfg.tokenizer == "bpe":
         return train_bpe(train_docs, data_cfg.bpe_vocab_size)
-    return train_char(train_docs)
+    return train_char(train_docs, data_cfg.min_char_count)
 
 
 def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
-                 init_from: str | None) -> tuple[object, dict]:
+                 init_from: str | None, dropouts: dict[str, float]) -> tuple[object, dict]:
     """The model, checked against the data; the n-gram is fitted here (it has no training loop)."""
     if fam.trainer == "counts":
         from aigc.models import ngram
@@ -373,16 +406,22 @@ def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokeniz
     if len(train_ids) < train_cfg.block_size + 2:
         raise UserError(f"training split has {len(train_ids)} tokens; block_size {train_cfg.block_size} "
                         f"needs at least {train_cfg.block_size + 2} (lower it with --set block_size=N)")
+    info = {}
     if init_from:
-        model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id)
-        configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's
+        model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id, dropouts)
+        configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's, dropout as given
+        checkpoint_tokenizer = TextTokenizer.load(Path(init_from))
+        if checkpoint_tokenizer.kind == "char":  # the run's own characters, each embedding from the checkpoint's
+            ids, found = transfer_ids(tokenizer, checkpoint_tokenizer)
+            gpt.select_embeddings(model, ids)
+            info["vocab_from_checkpoint"] = {"tokens": tokenizer.vocab_size, "found": found}
     else:
         torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
         model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
     n_positions = getattr(model.config, "n_positions", None)
     if n_positions is not None and train_cfg.block_size > n_positions:
         raise UserError(f"block_size {train_cfg.block_size} exceeds n_positions {n_positions}")
-    return model, {}
+    return model, info
 
 
 def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:

@@ -190,7 +190,8 @@ class TextBatches:
 
     unit = "tokens"
 
-    def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, chars_per_val_token: float = 1.0):
+    def __init__(self, train_ids: np.ndarray, val_ids: np.ndarray, block_size: int, chars_per_val_token: float = 1.0,
+                 token_dropout: float = 0.0, unk_id: int | None = None):
         if len(train_ids) < block_size + 2:
             raise ValueError(f"training split has {len(train_ids)} tokens, fewer than block_size + 2 "
                              f"({block_size + 2}); lower block_size")
@@ -199,10 +200,16 @@ class TextBatches:
         self.block_size = block_size
         self.items_per_sample = block_size  # tokens per sequence, for the rate
         self.chars_per_val_token = chars_per_val_token
+        if token_dropout and unk_id is None:
+            raise ValueError("token_dropout needs a vocabulary with <unk> (the char tokenizer)")
+        self.token_dropout, self.unk_id = token_dropout, unk_id
 
     def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
         starts = torch.randint(0, len(self.train) - self.block_size - 1, (n,), generator=generator)
-        return _window_batch(self.train, starts, self.block_size)
+        x, y = _window_batch(self.train, starts, self.block_size)
+        if self.token_dropout:  # inputs only: every target is still the real next token
+            x = x.masked_fill(torch.rand(x.shape, generator=generator) < self.token_dropout, self.unk_id)
+        return x, y
 
     def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
         if len(self.val) < self.block_size + 2:  # tiny validation split: one shorter window

@@ -30,6 +30,9 @@ class NamedCorpus:
     package: str  # Debian package that installs it, e.g. "fortunes-zh"
     description: str  # one line for `aigc data list`
     language: str  # "zh" | "en"
+    # a named corpus whose verse lines are removed: every document sharing a line of MIN_SHARED_LINE
+    # or more characters with it is dropped (pretraining text that does not leak that corpus)
+    without: str | None = None
 
 
 CORPORA: dict[str, NamedCorpus] = {
@@ -41,6 +44,11 @@ CORPORA: dict[str, NamedCorpus] = {
     ),
     "fortunes-zh": NamedCorpus(
         "fortunes-zh", "fortunes-zh", "Chinese fortune cookies, one per document", "zh"
+    ),
+    "fortunes-zh-notang": NamedCorpus(
+        "fortunes-zh-notang", "fortunes-zh",
+        "fortunes-zh without the documents that share a verse line with tang300 (for pretraining)", "zh",
+        without="tang300",
     ),
     "fortunes": NamedCorpus(
         "fortunes",
@@ -55,7 +63,12 @@ _ENTRY_FILES: dict[str, str] = {
     "tang300": "tang300",
     "song100": "song100",
     "fortunes-zh": "chinese",
+    "fortunes-zh-notang": "chinese",
 }
+
+MIN_SHARED_LINE = 5  # characters: a shared clause this long is a quotation, not a common phrase
+# a verse line ends at a Chinese punctuation mark, a colon or a line break
+_LINE_END = re.compile(r"[，。？！；、：:\s]+")
 
 # The files the Debian package `fortunes` installs, fixed so loading never calls dpkg.
 # Other packages (fortunes-min, fortunes-zh) share the directory, so a glob is wrong.
@@ -179,6 +192,28 @@ def split_corpus(
     return train, val
 
 
+def verse_lines(doc: str) -> list[str]:
+    """The clauses of a text between punctuation marks and line breaks that have at least
+    MIN_SHARED_LINE characters ("床前明月光", "疑是地上霜", "《静夜思》")."""
+    return [line for line in _LINE_END.split(doc) if len(line) >= MIN_SHARED_LINE]
+
+
+def drop_shared_lines(docs: Sequence[str], reference: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(kept, dropped): a document is dropped when any verse line of `reference` occurs in it verbatim
+    (anywhere, not only as a whole line of its own)."""
+    by_head: dict[str, set[str]] = {}  # every line starts with its first MIN_SHARED_LINE characters
+    for doc in reference:
+        for line in verse_lines(doc):
+            by_head.setdefault(line[:MIN_SHARED_LINE], set()).add(line)
+    kept, dropped = [], []
+    for doc in docs:
+        shares = any(doc.startswith(line, i)
+                     for i in range(len(doc) - MIN_SHARED_LINE + 1)
+                     for line in by_head.get(doc[i:i + MIN_SHARED_LINE], ()))
+        (dropped if shares else kept).append(doc)
+    return kept, dropped
+
+
 def _fortunes_dir() -> Path:
     # Tests (and unusual installs) point this elsewhere.
     return Path(os.environ.get("AIGC_FORTUNES_DIR") or "/usr/share/games/fortunes")
@@ -197,7 +232,10 @@ def _load_named(corpus: NamedCorpus) -> list[str]:
                 f"sudo apt-get install {corpus.package}"
             )
     if corpus.name in _ENTRY_FILES:
-        return _split_fortunes(_read_text(directory / names[0]))
+        docs = _split_fortunes(_read_text(directory / names[0]))
+        if corpus.without:
+            docs = drop_shared_lines(docs, _load_named(CORPORA[corpus.without]))[0]
+        return docs
     # One document, "%" lines kept: the model learns the fortune format itself.
     whole = "".join(_read_text(directory / name) for name in names)
     return [whole] if whole.strip() else []

@@ -8,6 +8,7 @@ separated by it, an empty prompt starts from it and generation stops at it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -96,16 +97,43 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)), kind)
 
 
-def train_char(docs: Iterable[str]) -> TextTokenizer:
-    """Character vocabulary from the training split: EOT (id 0), `<unk>` (id 1), then the characters sorted.
+def _chars(docs: Iterable[str], min_count: int) -> set[str]:
+    if min_count <= 1:
+        return set().union(*(set(doc) for doc in docs))
+    counts = Counter()
+    for doc in docs:
+        counts.update(doc)
+    return {c for c, n in counts.items() if n >= min_count}
 
-    `<unk>` stands for any character first seen in validation or a prompt; its probability is
-    charged in the loss like any other token's.
+
+def train_char(docs: Iterable[str], min_count: int = 1) -> TextTokenizer:
+    """Character vocabulary from the training split: EOT (id 0), `<unk>` (id 1), then the characters seen at
+    least `min_count` times, sorted.
+
+    `<unk>` stands for any other character (first seen in validation or a prompt, or rarer than
+    `min_count`); its probability is charged in the loss like any other token's.
     """
-    chars = sorted(set().union(*(set(doc) for doc in docs)))
+    chars = sorted(_chars(docs, min_count))
     vocab = {EOT: 0, UNK: 1}
     for c in chars:
         vocab.setdefault(c, len(vocab))
+    return _char_tokenizer(vocab)
+
+
+def transfer_ids(new: TextTokenizer, old: TextTokenizer) -> tuple[list[int], int]:
+    """For each id of the char tokenizer `new`, the id of the same token in `old` (a checkpoint's), or old's
+    `<unk>` where old lacks it (the token that stood for that character there); and how many tokens were
+    found. Fine-tuning a char model keeps the run's own vocabulary (its training split's, as a run from
+    scratch has) and starts every embedding from the checkpoint's."""
+    if new.kind != "char" or old.kind != "char":
+        raise ValueError(f"transfer_ids needs two char tokenizers, got {new.kind} and {old.kind}")
+    old_vocab = old.tokenizer.get_vocab()
+    by_id = sorted(new.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    ids = [old_vocab.get(token, old.unk_id) for token, _ in by_id]
+    return ids, sum(token in old_vocab for token, _ in by_id)
+
+
+def _char_tokenizer(vocab: dict[str, int]) -> TextTokenizer:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # one pre-token per character (newlines included), and decoding concatenates them unchanged
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")

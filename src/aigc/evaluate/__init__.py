@@ -13,14 +13,15 @@ from aigc.fsutil import write_json
 
 DIVERSITY_SAMPLES = 16  # N samples ...
 DIVERSITY_TOKENS = 64  # ... of up to L new tokens each, at seed 0, for diversity and novelty
+MIN_VERSE_LINES = 20  # the verse form is reported for runs whose training text has at least this many verse lines
 
 
 def evaluate_run(spec: str, n: int | None = None) -> dict:
     """Score a run and write eval.json (and, for text, report.html) into it. `n`: image runs only,
     the number of generated images scored (default EVAL_IMAGES, at most the held-out images)."""
     from aigc.data.text import join_docs
-    from aigc.evaluate.text import text_sample_metrics, write_report
-    from aigc.runs import LN2, find_run, load_split, n_scored_chars, read_run
+    from aigc.evaluate.text import text_sample_metrics, verse_form, verse_lines, write_report
+    from aigc.runs import LN2, find_run, n_scored_chars, read_run, read_val, trained_on
     from aigc.sample import GenerateSettings, generate, load_run
 
     run_dir = find_run(spec)
@@ -38,7 +39,10 @@ def evaluate_run(spec: str, n: int | None = None) -> dict:
     if n is not None:
         raise UserError("-n applies to image runs: a text run is scored on its whole validation split")
     loaded = load_run(str(run_dir))
-    train_docs, val_docs = load_split(run_dir)
+    val_docs = read_val(run_dir)
+    texts, unknown = trained_on(run_dir)  # the run's training split, and its --init-from ancestors'
+    own_train = texts[0][1]
+    train_docs = [doc for _, docs in texts for doc in docs]
 
     # 1. likelihood of the validation split recorded in the run
     val_ids = loaded.tokenizer.encode_docs(val_docs)
@@ -53,11 +57,14 @@ def evaluate_run(spec: str, n: int | None = None) -> dict:
         settings.max_new_tokens = min(settings.max_new_tokens, context - 1)
     samples, stats = generate(loaded, settings)
 
-    # 3. diversity and novelty of the samples against the training text
+    # 3. diversity and novelty of the samples against all the text the weights were trained on
     train_text = join_docs(train_docs)
     if all(not s for s in samples):
         raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every text at once)")
     sample_metrics = text_sample_metrics(samples, train_text)
+    # 4. verse form (Chinese verse: lines of 5 or 7 characters), of the samples and of the run's own training text
+    if len(verse_lines(own_train)) >= MIN_VERSE_LINES:
+        sample_metrics.update(verse_form=verse_form(samples), verse_form_train=verse_form(own_train))
     metrics = {
         "val_bpc": nll / LN2 / chars,
         "val_loss": val_loss,
@@ -71,6 +78,8 @@ def evaluate_run(spec: str, n: int | None = None) -> dict:
         "samples": {"n": settings.n, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
                     "temperature": settings.temperature, "generated_tokens": stats["generated_tokens"]},
         "validation": {"tokens": n_tokens, "chars": chars, "docs": len(val_docs)},
+        "copying_measured_against": {"runs": [source for source, _ in texts], "chars": sum(len(d) for d in train_docs),
+                                     "unknown_checkpoint": unknown},
     }
     write_json(run_dir / "eval.json", result)
     curves = _read_curves(run_dir / "metrics.jsonl")

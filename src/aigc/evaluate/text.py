@@ -10,6 +10,8 @@ Metrics:
     self-BLEU      similarity of each sample to the others (Zhu et al. 2018, "Texygen").
     novelty        share of sample n-grams absent from the training text (copying detector).
     longest copy   longest substring of a sample found verbatim in the training text.
+    verse form     share of the verse lines (clauses ended by ，。？！；) that have 5 or 7 characters,
+                   the line lengths of Tang regulated verse; measured on the training text too.
 
 matplotlib and sacrebleu are imported inside the functions that need them, so importing this
 module (e.g. from the CLI) stays cheap.
@@ -21,6 +23,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -158,6 +161,25 @@ def longest_copy(samples: Sequence[str], train_text: str) -> int:
     return max((_longest_copy_one(s, train_text) for s in samples), default=0)
 
 
+_VERSE_LINE = re.compile(r"([^，。？！；、：\s]+)[，。？！；]")  # a clause and the mark that ends it
+VERSE_LENGTHS = (5, 7)  # characters per line of Tang regulated verse (五言, 七言)
+
+
+def verse_lines(texts: Sequence[str]) -> list[str]:
+    """The clauses of the texts that a Chinese punctuation mark ends (，。？！；), without the mark; a title
+    or an author line (no such mark) and a cut-off last line are not verse lines."""
+    _check_samples(texts)
+    return [m.group(1) for text in texts for m in _VERSE_LINE.finditer(text)]
+
+
+def verse_form(texts: Sequence[str]) -> float:
+    """Share of the verse lines with 5 or 7 characters (nan when there is no verse line)."""
+    lines = verse_lines(texts)
+    if not lines:
+        return math.nan
+    return sum(len(line) in VERSE_LENGTHS for line in lines) / len(lines)
+
+
 def text_sample_metrics(samples: Sequence[str], train_text: str) -> dict[str, float]:
     """All text sample metrics for one run. Needs at least two samples (for self-BLEU)."""
     return {
@@ -235,10 +257,11 @@ def _table(rows: dict, header: tuple[str, str]) -> str:
 
 
 _CSS = """
-body { font-family: sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; }
+body { font-family: "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "PingFang SC",
+       "Hiragino Sans GB", "Microsoft YaHei", sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; }
 table { border-collapse: collapse; margin-bottom: 1em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
-pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
+pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; font-family: inherit; }
 img { max-width: 100%; }
 """
 

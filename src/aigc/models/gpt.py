@@ -75,19 +75,33 @@ def load(directory: Path) -> GPT2LMHeadModel:
     return _with_kernel(GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, use_safetensors=True))
 
 
-def load_pretrained(directory: Path, eot_id: int) -> GPT2LMHeadModel:
-    """A local GPT-2 checkpoint for fine-tuning (`--init-from`); never downloads."""
+DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # not architecture: a fine-tuning run may set them
+
+
+def load_pretrained(directory: Path, eot_id: int, dropouts: dict[str, float] | None = None) -> GPT2LMHeadModel:
+    """A local GPT-2 checkpoint for fine-tuning (`--init-from`), with the dropout rates given (the checkpoint's
+    for the others); never downloads."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"--init-from: {directory} is not a Hugging Face model folder (no config.json)")
     try:
-        model = GPT2LMHeadModel.from_pretrained(directory, local_files_only=True)
+        model = GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, **(dropouts or {}))
     except (OSError, ValueError) as e:
         raise UserError(f"--init-from: cannot load a GPT-2 model from {directory}: {e}") from None
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, key, eot_id)
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     return _with_kernel(model)
+
+
+def select_embeddings(model: GPT2LMHeadModel, ids: list[int]) -> None:
+    """Make row i of the (tied) token embedding the checkpoint's row ids[i]: a fine-tuning run's own vocabulary
+    over a checkpoint's (`tokenizer.transfer_ids`)."""
+    rows = model.get_input_embeddings().weight.detach()[torch.tensor(ids)].clone()  # (V_new, n_embd)
+    model.resize_token_embeddings(len(ids), mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(rows)
+    model.config.vocab_size = len(ids)
 
 
 def config_of(model: GPT2LMHeadModel) -> GPTConfig:

@@ -5,7 +5,10 @@ model is a transformers `PreTrainedModel` + `GenerationMixin`, so `generate` run
 strategy (greedy, sampling, beam search, ...) on it exactly as on GPT-2. Its cache is the
 recurrent state (as transformers' RWKV keeps it, under the name `state`): the first generation step
 reads the prompt, every later one reads one token and the state, so a step costs the same at any
-length; beam search reorders the state with the beams (`_reorder_cache`).
+length; beam search reorders the state with the beams (`_reorder_cache`). transformers >= 5.24
+carries only a cache named `cache` from one step to the next (`state` is a deprecated name there),
+so the model carries its state itself (`_update_model_kwargs_for_generation`, as RWKV does); that
+works on every transformers version we support (4.50 and later).
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ class RNNLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, -1:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "state": state,
                 "use_cache": use_cache, "logits_to_keep": 1}
+
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        """The recurrent state goes on to the next step, whatever cache names transformers forwards."""
+        if outputs.get("state") is not None:
+            model_kwargs["state"] = outputs["state"]
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
 
     def _reorder_cache(self, state: tuple[torch.Tensor, ...], beam_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Beam search: the state of the beams kept, in their new order (batch is dimension 1)."""
