@@ -4,10 +4,10 @@ TOML files with sections, unknown keys, and the TOML round trip of every family'
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass
 
 import pytest
-import tomllib
 
 from aigc.config import DataConfig, TrainConfig, build, coerce, describe, option, parse_sets, read_toml, to_toml
 from aigc.errors import UserError
