@@ -27,7 +27,7 @@ from aigc.evaluate.images import (
     memorization,
     precision_recall,
 )
-from aigc.runs import cache_dir
+from aigc.store import cache_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

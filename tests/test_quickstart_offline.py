@@ -9,7 +9,8 @@ import pytest
 
 from aigc.data.tokenizer import TextTokenizer
 from aigc.quickstart import run
-from aigc.runs import list_runs, read_run, read_val, train
+from aigc.runs import read_val, train
+from aigc.store import list_runs, read_run
 from aigc.sample import GenerateSettings, generate, load_run
 from conftest import TINY_SETS, NetworkBlocked, make_poems
 

@@ -319,7 +319,7 @@ def _given(ctx: typer.Context, param: str) -> bool:
 def _is_image_run(run: str | None) -> bool:
     if run is None:
         return False
-    from aigc.runs import find_run, read_run
+    from aigc.store import find_run, read_run
 
     try:
         return read_run(find_run(run)).get("modality") == "image"
@@ -330,7 +330,7 @@ def _is_image_run(run: str | None) -> bool:
 def _is_series_run(run: str | None) -> bool:
     if run is None:
         return False
-    from aigc.runs import find_run, read_run
+    from aigc.store import find_run, read_run
 
     try:
         return read_run(find_run(run)).get("modality") == "series"
@@ -476,7 +476,7 @@ def runs(
 
       aigc runs poet --json
     """
-    from aigc.runs import find_run, list_runs, read_run, runs_dir, summary
+    from aigc.store import find_run, list_runs, read_run, runs_dir, summary
 
     if run is not None:
         run_dir = find_run(run)

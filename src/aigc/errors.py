@@ -1,4 +1,5 @@
-"""The one exception type a user sees as a clean one-line error."""
+"""The exceptions a user sees as a clean one-line error, typed by kind so that an interface can answer
+each the right way (the CLI prints one line and exits 1; a server picks the HTTP status)."""
 
 
 class UserError(Exception):
@@ -6,3 +7,15 @@ class UserError(Exception):
 
     The CLI prints ``error: <message>`` on one line and exits non-zero, with no traceback.
     """
+
+
+class BadRequest(UserError):
+    """A request that can never succeed as given: an out-of-range value, an option that does not apply."""
+
+
+class NotFound(UserError):
+    """A run, a file or a name that does not exist."""
+
+
+class Conflict(UserError):
+    """A request that clashes with what exists: a run name that is taken, a run that is still training."""

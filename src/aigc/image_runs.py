@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aigc import __version__
+from aigc import __version__, store
 from aigc.checkpoint import find_checkpoint, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.images import ImageData, load_images, make_grid, read_png_record, save_png, to_tensor, to_uint8
@@ -35,13 +35,13 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
     from aigc.train import Budget, ImageBatches, train_loop
 
     if resume:
-        run_dir = runs.runs_dir() / name
+        run_dir = store.runs_dir() / name
         if not (run_dir / "run.json").is_file():
-            raise UserError(f"--resume: no run named {name!r} in {runs.runs_dir()}")
+            raise UserError(f"--resume: no run named {name!r} in {store.runs_dir()}")
         if sets or config_file or val_data:
             raise UserError("--resume continues with the run's recorded configuration and data; "
                             "drop --set/--config/--val-data")
-        record = runs.read_run(run_dir)
+        record = store.read_run(run_dir)
         if record["family"] != family:
             raise UserError(f"run {name!r} is a {record['family']} run, not {family}")
         configs = build(runs.sections_for(family), read_toml(run_dir / "config.toml"), family=family)
@@ -52,7 +52,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         values.update(sets)
         configs = build(runs.sections_for(family), values, family=family)
         # several processes: one name for all, the main process alone writes the run (docs/runs.md)
-        final_dir = on_main(runs.claim_run_dir, family, data, name, overwrite)
+        final_dir = on_main(store.claim_run_dir, family, data, name, overwrite)
         train_set, val_set = load_image_split(data, val_data, configs["data"])
         if configs["data"].conditional and train_set.labels is None:
             raise UserError(f"--conditional needs class labels, and {data} has none (use class sub-folders)")
@@ -64,7 +64,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         except ValueError as e:
             raise UserError(f"{family}: {e}") from None
         record = {
-            "family": family, "modality": "image", "created": runs.now(), "aigc_version": __version__,
+            "family": family, "modality": "image", "created": store.now(), "aigc_version": __version__,
             "image_shape": list(image_shape), "num_classes": num_classes,
             "class_names": list(train_set.class_names) if train_set.class_names else None,
             "data": {"train": _describe(train_set, train_set.source),
@@ -75,7 +75,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
             write_json(staging / "run.json", record)
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
-        run_dir = on_main(runs.commit_run_dir, final_dir, write_files)
+        run_dir = on_main(store.commit_run_dir, final_dir, write_files)
 
     max_steps, max_minutes = budget
     record["budget"] = {"max_steps": max_steps, "max_minutes": max_minutes}
@@ -108,7 +108,7 @@ def train_images(fam: Family, family: str, data: str, *, val_data: str | None, n
         scores = score_images(best, batches) if family == "vae" else {"val_loss": fit["best_val_loss_periodic"]}
         metrics = {**scores, **{k: fit[k] for k in ("steps", "train_time_s", "train_loss",
                                                     "best_step", "images_per_s", "schedule_steps")}}
-        record.update(status="done", metrics=metrics, finished=runs.now(), dtype=fit["dtype"],
+        record.update(status="done", metrics=metrics, finished=store.now(), dtype=fit["dtype"],
                       compiled=fit["compiled"])
         write_json(run_dir / "run.json", record)
         _write_card(run_dir, record, configs)
@@ -144,8 +144,8 @@ def generate_images(run: str, *, n: int = 64, seed: int = 0, class_: str | None 
         raise UserError(f"-n must be in 1..{MAX_IMAGES}, got {n}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
-    run_dir = runs.find_run(run)
-    record = runs.read_run(run_dir)
+    run_dir = store.find_run(run)
+    record = store.read_run(run_dir)
     if record.get("modality") != "image":
         raise UserError(f"run {run_dir.name!r} is not an image run")
     label = _class_index(record, class_)
@@ -185,8 +185,8 @@ def regenerate(image: str, out: str | None = None) -> dict:
     if not path.is_file():
         raise UserError(f"no such file: {image}")
     rec = read_png_record(path)
-    run_dir = runs.find_run(rec["run"])
-    record = runs.read_run(run_dir)
+    run_dir = store.find_run(rec["run"])
+    record = store.read_run(run_dir)
     verify_manifest(run_dir)
     model = runs.family_of(record["family"]).load(run_dir).eval()
     pixels = _sample_one(model, rec)
@@ -274,7 +274,7 @@ def _describe(data: ImageData, source: str) -> dict:
 
 
 def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
-    from aigc.runs import card_header
+    from aigc.store import card_header
 
     m = record["metrics"]
     lines = [*card_header(record, "image-generation"), f"# {run_dir.name}", "",

@@ -10,13 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import re
-import shutil
 import sys
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -28,39 +23,21 @@ from aigc.data.text import Corpus, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char, transfer_ids
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import UserError
-from aigc.fsutil import atomic_write_text, read_json, write_json
+from aigc.fsutil import atomic_write_text, write_json
 from aigc.models import FAMILIES, Family, gpt
+from aigc.store import (
+    card_header,
+    claim_run_dir,
+    commit_run_dir,
+    now,
+    read_run,
+    runs_dir,
+    sha256_text,
+    valid_name,
+)
 
 LN2 = math.log(2)
 DEFAULT_MAX_MINUTES = 10.0  # the budget when neither --max-steps nor --max-minutes is given
-
-
-def aigc_home() -> Path:
-    return Path(os.environ.get("AIGC_HOME") or ".").resolve()
-
-
-def runs_dir() -> Path:
-    return aigc_home() / "runs"
-
-
-def cache_dir() -> Path:
-    return aigc_home() / "cache"
-
-
-def find_run(spec: str) -> Path:
-    """A run name (under $AIGC_HOME/runs) or a path to a run directory."""
-    path = Path(spec).expanduser()
-    if (path / "run.json").is_file():
-        return path.resolve()
-    named = runs_dir() / spec
-    if _valid_name(spec) and (named / "run.json").is_file():
-        return named
-    raise UserError(f"no such run: {spec!r} (not a run directory, and not a run name in {runs_dir()}; "
-                    f"see: aigc runs)")
-
-
-def read_run(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "run.json")
 
 
 def family_of(name: str) -> Family:
@@ -108,7 +85,7 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
     if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
         raise UserError(f"--max-minutes must be > 0, got {max_minutes}")
-    if name is not None and not _valid_name(name):
+    if name is not None and not valid_name(name):
         raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'")
 
     budget_minutes = max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES
@@ -293,56 +270,9 @@ def read_val(run_dir: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{run_dir}: val.jsonl is missing")
     docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-    if _sha(join_docs(docs)) != record["data"]["val"]["sha256"]:
+    if sha256_text(join_docs(docs)) != record["data"]["val"]["sha256"]:
         raise UserError(f"{run_dir}: val.jsonl does not match the sha256 recorded in run.json")
     return docs
-
-
-def list_runs() -> list[dict]:
-    out = []
-    root = runs_dir()
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if (path / "run.json").is_file():
-            out.append(summary(path))
-    return out
-
-
-def summary(run_dir: Path) -> dict:
-    record = read_run(run_dir)
-    metrics = record.get("metrics", {})
-    eval_path = Path(run_dir) / "eval.json"
-    return {"name": Path(run_dir).name, "path": str(Path(run_dir).resolve()), "family": record["family"],
-            "data": record["data"]["train"]["source"], "status": record.get("status"),
-            "created": record.get("created"), "steps": metrics.get("steps"),
-            "val_bpc": metrics.get("val_bpc"), "dtype": record.get("dtype"),
-            "evaluated": eval_path.is_file(), "score": _headline(record, eval_path)}
-
-
-HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eval.json, else run.json
-    "text": ("val_bpc",),
-    "image": ("fid", "val_nelbo", "val_loss"),
-    "series": ("mase", "sigma"),
-}
-
-
-def _headline(record: dict, eval_path: Path) -> dict | None:
-    """{"metric", "value"}: the first headline metric the run has (lower is better for all of them)."""
-    found = dict(record.get("metrics") or {})
-    if eval_path.is_file():
-        found.update(read_json(eval_path).get("metrics") or {})
-    for metric in HEADLINES.get(record.get("modality", "text"), ()):
-        if isinstance(found.get(metric), int | float):
-            return {"metric": metric, "value": found[metric]}
-    return None
-
-
-def card_header(record: dict, task: str, *, library: str = "aigc", metrics: tuple[str, ...] = ()) -> list[str]:
-    """The Hugging Face model-card metadata (YAML between --- lines) every run's README.md starts with."""
-    lines = ["---", "license: other", f"library_name: {library}", "tags:", "- aigc-studio", f"- {record['family']}",
-             f"- {task}", "datasets:", f"- {record['data']['train']['source']}"]
-    if metrics:
-        lines += ["metrics:", *(f"- {m}" for m in metrics)]
-    return [*lines, "---", ""]
 
 
 def write_model_card(run_dir: Path, record: dict, configs: dict) -> None:
@@ -424,48 +354,17 @@ def _build_model(fam: Family, family: str, configs: dict, tokenizer: TextTokeniz
     return model, info
 
 
-def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
-    """The run's final path; an existing run there is an error unless --overwrite."""
-    root = runs_dir()
-    if name is None:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).name or "data").strip("-") or "data"
-        name = f"{family}-{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = root / name
-    if run_dir.exists():
-        if not overwrite:
-            raise UserError(f"run {name!r} already exists in {root}: pass --overwrite to replace it "
-                            f"or --resume to continue it")
-        if not (run_dir / "run.json").is_file():
-            raise UserError(f"--overwrite: {run_dir} exists but is not a run directory; not deleting it")
-    return run_dir
-
-
-def commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
-    """Write the run's first files into a staging folder (`write_files(staging)`), then swap it into
-    place, replacing an old run only now, when the new one is known to be valid."""
-    staging = run_dir.parent / f".staging-{run_dir.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        write_files(staging)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        os.replace(staging, run_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return run_dir
-
-
 def _new_record(family: str, corpus: Corpus, train_docs: list[str], val_docs: list[str],
                 val_data: str | None, init_from: str | None) -> dict:
     return {
         "family": family, "modality": "text", "created": now(), "aigc_version": __version__,
         "init_from": str(Path(init_from).resolve()) if init_from else None,
         "data": {
-            "train": {"source": corpus.source, "corpus_sha256": corpus.sha256, "sha256": _sha(join_docs(train_docs)),
-                      "docs": len(train_docs), "chars": sum(len(d) for d in train_docs)},
+            "train": {"source": corpus.source, "corpus_sha256": corpus.sha256,
+                      "sha256": sha256_text(join_docs(train_docs)), "docs": len(train_docs),
+                      "chars": sum(len(d) for d in train_docs)},
             "val": {"source": "split" if val_data is None else _source_of(val_data), "file": "val.jsonl",
-                    "sha256": _sha(join_docs(val_docs)), "docs": len(val_docs),
+                    "sha256": sha256_text(join_docs(val_docs)), "docs": len(val_docs),
                     "chars": sum(len(d) for d in val_docs)},
         },
     }
@@ -480,17 +379,3 @@ def _source_of(spec: str) -> str:
     from aigc.data.text import CORPORA
 
     return spec if spec in CORPORA else str(Path(spec).expanduser().resolve())
-
-
-def _valid_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name))
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -95,7 +95,7 @@ def load_run(spec: str) -> LoadedModel:
     from aigc.checkpoint import verify_manifest
     from aigc.config import read_toml
     from aigc.models import FAMILIES
-    from aigc.runs import find_run, read_run
+    from aigc.store import find_run, read_run
 
     path = Path(spec).expanduser()
     if not (path / "run.json").is_file() and (path / "config.json").is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aigc import __version__
+from aigc import __version__, store
 from aigc.checkpoint import find_checkpoint, save_model_files, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data.series import NAMED_SERIES, Series, future_time, is_series_data, load_series
@@ -103,13 +103,13 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
                         f"is fitted in closed form")
     budget_minutes = max_minutes if (max_minutes or max_steps) else runs.DEFAULT_MAX_MINUTES
     if resume:
-        run_dir = runs.runs_dir() / name
+        run_dir = store.runs_dir() / name
         if not (run_dir / "run.json").is_file():
-            raise UserError(f"--resume: no run named {name!r} in {runs.runs_dir()}")
+            raise UserError(f"--resume: no run named {name!r} in {store.runs_dir()}")
         if sets or config_file:
             raise UserError("--resume continues with the run's recorded configuration and data; drop --set/--config "
                             "and the series flags (--column, --fill, ...)")
-        record = runs.read_run(run_dir)
+        record = store.read_run(run_dir)
         if record["family"] != family or record.get("modality") != "series":
             raise UserError(f"run {name!r} is a {record['family']} {record.get('modality')} run, not a {family} "
                             f"series run")
@@ -124,7 +124,7 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
         values.update(sets)
         configs = build(runs.sections_for(family, "series"), values, family=family)
         # several processes: one name for all, the main process alone writes the run (docs/runs.md)
-        final_dir = on_main(runs.claim_run_dir, family, data, name, overwrite)
+        final_dir = on_main(store.claim_run_dir, family, data, name, overwrite)
         series = load_series(data, configs["data"])
         if configs["data"].season and configs["data"].season >= len(series.values):
             raise UserError(f"season {configs['data'].season} is not shorter than the series "
@@ -140,7 +140,7 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
             rnn_split(series.values, configs)
             model = None
         fit_time = time.perf_counter() - t0
-        record = {"family": family, "modality": "series", "created": runs.now(), "aigc_version": __version__,
+        record = {"family": family, "modality": "series", "created": store.now(), "aigc_version": __version__,
                   "data": {"train": series.describe()}}
 
         def write_files(staging: Path) -> None:
@@ -148,7 +148,7 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
             write_series(staging, series)
 
-        run_dir = on_main(runs.commit_run_dir, final_dir, write_files)
+        run_dir = on_main(store.commit_run_dir, final_dir, write_files)
 
     record["budget"] = {"max_steps": max_steps, "max_minutes": budget_minutes if fam.trainer == "gradient" else None}
     record["status"] = "running"
@@ -170,7 +170,7 @@ def train_series(family: str, data: str, *, val_data: str | None, name: str | No
             "steps", "train_time_s", "train_loss", "best_step", "values_per_s", "schedule_steps")}}
 
     def finish() -> dict:  # the main process records; every process returns the metrics of its run
-        record.update(status="done", metrics=metrics, finished=runs.now())
+        record.update(status="done", metrics=metrics, finished=store.now())
         write_json(run_dir / "run.json", record)
         _write_card(run_dir, record, configs)
         return metrics
@@ -282,7 +282,7 @@ def read_series(run_dir: Path, record: dict) -> Series:
 
 def load_series_run(spec: str):
     """(run_dir, record, model, series) of a finished series run, its files verified."""
-    from aigc.runs import find_run, read_run
+    from aigc.store import find_run, read_run
 
     run_dir = find_run(spec)
     record = read_run(run_dir)
@@ -401,7 +401,7 @@ def fan_chart_png(series: Series, future: list, mean: np.ndarray, bands: dict, s
 
 
 def _write_card(run_dir: Path, record: dict, configs: dict) -> None:
-    from aigc.runs import card_header
+    from aigc.store import card_header
 
     m, d = record["metrics"], record["data"]["train"]
     if record["family"] == "ar":

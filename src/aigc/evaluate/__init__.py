@@ -21,8 +21,9 @@ def evaluate_run(spec: str, n: int | None = None) -> dict:
     the number of generated images scored (default EVAL_IMAGES, at most the held-out images)."""
     from aigc.data.text import join_docs
     from aigc.evaluate.text import text_sample_metrics, verse_form, verse_lines, write_report
-    from aigc.runs import LN2, find_run, n_scored_chars, read_run, read_val, trained_on
+    from aigc.runs import LN2, n_scored_chars, read_val, trained_on
     from aigc.sample import GenerateSettings, generate, load_run
+    from aigc.store import find_run, read_run
 
     run_dir = find_run(spec)
     record = read_run(run_dir)

@@ -166,7 +166,7 @@ def feature_net(
     train_seconds, stopped_early, train_sha256, cached (True when loaded), path, and test_accuracy
     or test_mse (None without ``test``).
     """
-    from aigc.runs import cache_dir  # lazy: aigc.runs imports the model registry
+    from aigc.store import cache_dir
 
     if train.n < 2:
         raise ValueError(f"a feature net needs at least 2 training images, got {train.n}")

@@ -1,0 +1,151 @@
+"""The run store: where runs live, and reading, listing, claiming and committing run directories.
+
+A run is a directory `$AIGC_HOME/runs/<name>/` (docs/runs.md) whose `run.json` is its record. This module
+is plain Python (no torch, transformers or diffusers), so that `aigc runs` and a server's model list start
+in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aigc.errors import Conflict, NotFound, UserError
+from aigc.fsutil import read_json, write_json
+
+RECORD = "run.json"
+HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eval.json, else run.json
+    "text": ("val_bpc",),
+    "image": ("fid", "val_nelbo", "val_loss"),
+    "series": ("mase", "sigma"),
+}
+
+
+def aigc_home() -> Path:
+    return Path(os.environ.get("AIGC_HOME") or ".").resolve()
+
+
+def runs_dir() -> Path:
+    return aigc_home() / "runs"
+
+
+def cache_dir() -> Path:
+    return aigc_home() / "cache"
+
+
+def valid_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name))
+
+
+def check_name(name: str | None) -> None:
+    if name is not None and not valid_name(name):
+        raise UserError(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-'")
+
+
+def is_run(path: Path) -> bool:
+    return (Path(path) / RECORD).is_file()
+
+
+def find_run(spec: str) -> Path:
+    """A run name (under $AIGC_HOME/runs) or a path to a run directory."""
+    path = Path(spec).expanduser()
+    if is_run(path):
+        return path.resolve()
+    named = runs_dir() / spec
+    if valid_name(spec) and is_run(named):
+        return named
+    raise NotFound(f"no such run: {spec!r} (not a run directory, and not a run name in {runs_dir()}; "
+                   f"see: aigc runs)")
+
+
+def read_run(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / RECORD)
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    write_json(Path(run_dir) / RECORD, record)
+
+
+def modality_of(record: dict) -> str:
+    return record.get("modality", "text")  # text runs made before the field existed have none
+
+
+def list_runs() -> list[dict]:
+    root = runs_dir()
+    return [summary(path) for path in (sorted(root.iterdir()) if root.is_dir() else []) if is_run(path)]
+
+
+def summary(run_dir: Path) -> dict:
+    record = read_run(run_dir)
+    metrics = record.get("metrics", {})
+    eval_path = Path(run_dir) / "eval.json"
+    return {"name": Path(run_dir).name, "path": str(Path(run_dir).resolve()), "family": record["family"],
+            "modality": modality_of(record), "data": record["data"]["train"]["source"],
+            "status": record.get("status"), "created": record.get("created"), "steps": metrics.get("steps"),
+            "val_bpc": metrics.get("val_bpc"), "dtype": record.get("dtype"), "evaluated": eval_path.is_file(),
+            "score": headline(record, eval_path), "init_from": record.get("init_from")}
+
+
+def headline(record: dict, eval_path: Path) -> dict | None:
+    """{"metric", "value"}: the first headline metric the run has (lower is better for all of them)."""
+    found = dict(record.get("metrics") or {})
+    if eval_path.is_file():
+        found.update(read_json(eval_path).get("metrics") or {})
+    for metric in HEADLINES.get(modality_of(record), ()):
+        if isinstance(found.get(metric), int | float):
+            return {"metric": metric, "value": found[metric]}
+    return None
+
+
+def card_header(record: dict, task: str, *, library: str = "aigc", metrics: tuple[str, ...] = ()) -> list[str]:
+    """The Hugging Face model-card metadata (YAML between --- lines) every run's README.md starts with."""
+    lines = ["---", "license: other", f"library_name: {library}", "tags:", "- aigc-studio", f"- {record['family']}",
+             f"- {task}", "datasets:", f"- {record['data']['train']['source']}"]
+    if metrics:
+        lines += ["metrics:", *(f"- {m}" for m in metrics)]
+    return [*lines, "---", ""]
+
+
+def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
+    """The run's final path; an existing run there is an error unless --overwrite."""
+    root = runs_dir()
+    if name is None:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).name or "data").strip("-") or "data"
+        name = f"{family}-{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = root / name
+    if run_dir.exists():
+        if not overwrite:
+            raise Conflict(f"run {name!r} already exists in {root}: pass --overwrite to replace it "
+                           f"or --resume to continue it")
+        if not is_run(run_dir):
+            raise Conflict(f"--overwrite: {run_dir} exists but is not a run directory; not deleting it")
+    return run_dir
+
+
+def commit_run_dir(run_dir: Path, write_files: Callable[[Path], None]) -> Path:
+    """Write the run's first files into a staging folder (`write_files(staging)`), then swap it into
+    place, replacing an old run only now, when the new one is known to be valid."""
+    staging = run_dir.parent / f".staging-{run_dir.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write_files(staging)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        os.replace(staging, run_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return run_dir
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
