@@ -102,12 +102,12 @@ def main() -> None:
 
     from aigc.config import build, read_toml
     from aigc.data.images import to_tensor
-    from aigc.evaluate import evaluate_image_run
     from aigc.evaluate.images import feature_net, floors, image_metrics
-    from aigc.image_runs import load_image_split
+    from aigc.modalities.image import load_image_split
     from aigc.models import FAMILIES as REGISTRY
-    from aigc.runs import read_run, sections_for
-    from aigc.runs import train as run_train
+    from aigc.service import evaluate, sections_for
+    from aigc.service import train as run_train
+    from aigc.store import read_run
     from aigc.train import Budget, ImageBatches, resolve_dtype, train_loop
 
     started = time.time()
@@ -133,7 +133,7 @@ def main() -> None:
                                  sets=sets)
         runs[family] = run_dir
         print(f"== {family}: scoring {n_eval} images", file=sys.stderr)
-        scored = evaluate_image_run(run_dir, read_run(run_dir), n=n_eval)["metrics"]
+        scored = evaluate(str(run_dir), {"n": n_eval})["metrics"]
         grid = sorted((run_dir / "samples").glob("step-*.png"))[-1]
         shutil.copyfile(grid, out_dir / f"images-{family}.png")
         result["families"][family] = {

@@ -29,9 +29,9 @@ from common import RESULTS, fmt, machine, matmul_peak, write_results
 from aigc.config import build
 from aigc.data.series import SeriesDataConfig, load_series
 from aigc.evaluate.series import ar_forecaster, backtest, first_origin, naive_forecaster, scores
+from aigc.modalities.series import fit_rnn, series_family
 from aigc.models.ar import AR, ARConfig
-from aigc.runs import sections_for
-from aigc.series_runs import fit_rnn, series_family
+from aigc.service import sections_for
 from aigc.train import Budget
 
 SERIES = {  # name -> data options

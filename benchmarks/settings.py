@@ -63,10 +63,10 @@ def main() -> None:
     os.environ["AIGC_HOME"] = str(Path(args.home).resolve())
     values, labels = SETTINGS[args.setting]
 
-    from aigc.evaluate import evaluate_image_run
     from aigc.models import FAMILIES
-    from aigc.runs import read_run
-    from aigc.runs import train as run_train
+    from aigc.service import evaluate
+    from aigc.service import train as run_train
+    from aigc.store import read_run
     from aigc.train import resolve_dtype
 
     started = time.time()
@@ -92,7 +92,7 @@ def main() -> None:
             rate_key = next(k for k in RATE_KEYS if k in metrics)
             record = read_run(run_dir)
             if score_name == "fid":
-                score = evaluate_image_run(run_dir, record, n=n_eval)["metrics"]["fid"]
+                score = evaluate(str(run_dir), {"n": n_eval})["metrics"]["fid"]
             else:
                 score = metrics[score_name]
             entry[label] = {"rate": metrics[rate_key], "steady_rate": steady_rate(run_dir),

@@ -153,9 +153,9 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from aigc.runs import read_run
-    from aigc.runs import train as run_train
     from aigc.sample import GenerateSettings, generate, load_run
+    from aigc.service import train as run_train
+    from aigc.store import read_run
 
     started = time.time()
     print("measuring matmul throughput...", file=sys.stderr)
@@ -184,8 +184,10 @@ def main() -> None:
         print(f"\n== {row} on {corpus}: {budget:g} min", file=sys.stderr)
         t0 = time.perf_counter()
         max_steps = 2000 if row == "nanogpt-recipe" else None  # the recipe's 2000 iterations, or the budget
-        run_dir, metrics = run_train(family, corpus, name=name, overwrite=True, max_minutes=budget,
-                                     max_steps=max_steps, sets=dict(sets))
+        closed_form = family == "ngram"  # fitted in closed form: no budget
+        run_dir, metrics = run_train(family, corpus, name=name, overwrite=True,
+                                     max_minutes=None if closed_form else budget, max_steps=max_steps,
+                                     sets=dict(sets))
         wall = time.perf_counter() - t0
         loaded = load_run(str(run_dir))
         length = min(100, (loaded.max_context or 10**6) - 2)  # nanoGPT's recipe has a context of 64

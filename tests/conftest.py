@@ -12,7 +12,7 @@ import torch
 
 from aigc.config import build
 from aigc.models import FAMILIES
-from aigc.runs import sections_for
+from aigc.service import sections_for
 
 TINY_SETS = {
     "ngram": {"max_order": "4"},

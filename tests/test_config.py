@@ -13,7 +13,7 @@ from aigc.config import DataConfig, TrainConfig, build, coerce, describe, option
 from aigc.errors import UserError
 from aigc.models import FAMILIES
 from aigc.models.gpt import GPTTrainConfig
-from aigc.runs import sections_for
+from aigc.service import sections_for
 
 
 @dataclass

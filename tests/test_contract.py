@@ -13,8 +13,8 @@ from aigc.checkpoint import save_model_files, verify_manifest
 from aigc.config import build
 from aigc.data.tokenizer import train_char
 from aigc.models import FAMILIES
-from aigc.runs import sections_for
 from aigc.sample import GenerateSettings, LoadedModel, generate
+from aigc.service import sections_for
 from aigc.train import lm_loss
 from conftest import make_model, make_poems
 

@@ -23,7 +23,7 @@ from aigc.models.dcgan import (
     generator_loss,
     truncated_normal,
 )
-from aigc.runs import train
+from aigc.service import train
 from aigc.train import Budget, ImageBatches, train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char, transfer_ids
 from aigc.errors import UserError
-from aigc.runs import load_split, train
+from aigc.modalities.text import load_split
 from aigc.sample import GenerateSettings, generate, load_run
+from aigc.service import train
 from conftest import TINY_SETS, make_poems
 
 MIXED = "床前明月光，疑是地上霜。\nHello, World! 42 tabs\tand  spaces 举头望明月"

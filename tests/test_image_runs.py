@@ -10,16 +10,29 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from aigc import service
 from aigc.cli import app
 from aigc.data.images import read_png_record
 from aigc.errors import UserError
-from aigc.image_runs import generate_images, regenerate
-from aigc.runs import train
+from aigc.service import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"z_dim": "4", "base_channels": "8", "batch_size": "16", "eval_interval": "5", "warmup_steps": "2",
         "dtype": "fp32", "log_interval": "5"}
+
+
+def generate_images(run: str, *, n: int = 1, seed: int = 0, class_: str | None = None, out: str | None = None,
+                    options: dict | None = None) -> dict:
+    """The service's generation and its files, as `aigc generate` makes them."""
+    generation = service.generate(run, {"n": n, "class_": class_, **(options or {})}, seed=seed)
+    files = service.save(generation, out)
+    return {"files": files, "grid": generation.extra.get("grid"), "settings": generation.record["settings"]}
+
+
+def regenerate(image: str, out: str | None = None) -> dict:
+    generation = service.regenerate_image(image)
+    return {"files": service.save(generation, out), "settings": generation.record["settings"]}
 
 
 def invoke(*args):
@@ -167,10 +180,8 @@ def test_sampling_options_the_family_does_not_declare_are_errors(digits_run):
 
 
 def test_eval_of_a_conditional_run_reports_per_class_fid_and_floors(digits_run):
-    from aigc.evaluate import evaluate_run
-
     run_dir, _ = digits_run
-    result = evaluate_run(str(run_dir))
+    result = service.evaluate(str(run_dir))
     m = result["metrics"]
     assert result["feature_net"]["kind"] == "classifier" and result["feature_net"]["test_accuracy"] > 0.8
     assert set(m["fid_per_class"]) == {str(c) for c in range(10)} or set(m["fid_per_class"]) == set(range(10))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aigc.runs import train
+from aigc.service import train
 from conftest import TINY_SETS
 
 pytestmark = pytest.mark.usefixtures("one_thread", "cpu_only")
@@ -81,7 +81,7 @@ def test_the_loss_of_a_batch_is_the_mean_over_its_halves_with_the_noise_sliced(f
     # batch (draw_noise) and sliced like it gives each half the noise it had in the whole
     from aigc.config import build
     from aigc.models import FAMILIES
-    from aigc.runs import sections_for
+    from aigc.service import sections_for
 
     fam = FAMILIES[family]
     sets = {k: v for k, v in DIFFUSION.items() if k in ("base_channels", "depth", "res_blocks", "attention",

@@ -16,7 +16,7 @@ from aigc.data.images import make_grid, to_uint8
 from aigc.evaluate.pictures import GIF_FRAMES, PICTURES, _slerp, save_gif, write_pictures
 from aigc.models import FAMILIES
 from aigc.models.diffusion import Diffusion, DiffusionConfig
-from aigc.runs import train
+from aigc.service import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,11 +14,11 @@ import torch
 from aigc.checkpoint import save_model_files, verify_manifest
 from aigc.config import build
 from aigc.evaluate.series import backtest, first_origin, ljung_box_p, naive_forecaster, scores
+from aigc.modalities.series import SeriesBatches, fit_rnn, series_families, series_family
 from aigc.models import FAMILIES
 from aigc.models.ar import normal_quantile
 from aigc.models.rnn_series import SeriesRNN, SeriesRNNConfig, modelled
-from aigc.runs import sections_for
-from aigc.series_runs import SeriesBatches, fit_rnn, series_families, series_family
+from aigc.service import sections_for
 from aigc.train import Budget
 from test_series_ar import simulate
 

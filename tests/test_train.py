@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from aigc.config import TrainConfig
 from aigc.data.tokenizer import train_char
 from aigc.errors import UserError
-from aigc.runs import train
 from aigc.sample import load_run
+from aigc.service import train
 from aigc.train import Budget, Interrupted, TextBatches, compile_unavailable, lm_loss, lr_at, stream_nll, train_loop
 from conftest import TINY_SETS, make_model, make_poems
 
@@ -122,7 +122,8 @@ def test_token_dropout_replaces_inputs_by_unk_and_keeps_the_targets():
 ], ids=["ngram", "bpe-token-dropout", "bpe-min-count"])
 def test_char_only_data_keys_are_refused_elsewhere(poems_file, family, sets, message):
     with pytest.raises(UserError, match=message):
-        train(family, str(poems_file), name="x", max_steps=1, sets={**TINY_SETS[family], **sets})
+        train(family, str(poems_file), name="x", max_steps=None if family == "ngram" else 1,
+              sets={**TINY_SETS[family], **sets})
 
 
 def test_learning_rate_schedule():

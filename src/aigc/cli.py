@@ -1,4 +1,7 @@
-"""The `aigc` command line (Typer). It only parses arguments and calls the library.
+"""The `aigc` command line (Typer). It only parses arguments, calls the service (aigc.service) and prints.
+
+The service (and with it torch, transformers and diffusers: seconds to import) is imported inside the
+commands that need it (`_service`), so that `aigc runs`, `aigc data list` and `--help` start at once.
 
 User errors print one line, `error: ...`, on stderr and exit 1 (usage errors exit 2, Ctrl-C 130),
 without a traceback; AIGC_DEBUG=1 shows the traceback.
@@ -9,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +19,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from aigc.errors import UserError
+from aigc.errors import Interrupted, UserError
 from aigc.fsutil import json_safe
 
 app = typer.Typer(help="AIGC Studio: train, sample and evaluate generative models on your own data.\n\n"
@@ -54,8 +56,6 @@ def user_errors(fn):
         except Exception as e:
             if os.environ.get("AIGC_DEBUG"):
                 raise
-            from aigc.train import Interrupted
-
             if isinstance(e, Interrupted):
                 _fail(str(e), 130)
             if isinstance(e, (ValueError, FloatingPointError, OSError)):
@@ -73,6 +73,13 @@ def _fail(message: str, code: int):
     raise typer.Exit(code)
 
 
+def _service():
+    """aigc.service, imported when a command needs it (it imports torch: see the module docstring)."""
+    from aigc import service
+
+    return service
+
+
 def _emit_json(obj: dict) -> None:
     print(json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, default=str))
 
@@ -85,22 +92,20 @@ class TrainCommand(TyperCommand):
         family = ctx.params.get("family")
         if family:
             from aigc.config import describe
-            from aigc.runs import sections_for
 
+            service = _service()
             try:
-                text = describe(sections_for(family))
+                text = describe(service.sections_for(family))
             except UserError as e:
                 text = str(e)
             with formatter.section(f"Configuration keys of {family} (--set key=value)"):
                 formatter.write_text("")
                 for line in text.splitlines():
                     formatter.write(f"  {line}\n")
-            from aigc.models import FAMILIES
-
-            if family in FAMILIES and FAMILIES[family].series is not None:  # e.g. rnn on a series
+            if family in service.FAMILIES and service.FAMILIES[family].series is not None:  # e.g. rnn on a series
                 with formatter.section(f"Configuration keys of {family} on a series (a named series or a .csv)"):
                     formatter.write_text("")
-                    for line in describe(sections_for(family, "series")).splitlines():
+                    for line in describe(service.sections_for(family, "series")).splitlines():
                         formatter.write(f"  {line}\n")
 
 
@@ -159,28 +164,17 @@ def train(
     """
     _quiet_libraries()
     from aigc.config import parse_sets
-    from aigc.runs import train as run_train
 
+    service = _service()
     sets = parse_sets(set_ or [])
-    if image_size is not None or conditional:
-        from aigc.runs import family_of
-
-        if family_of(family).modality != "image":
-            raise UserError(f"--{'image-size' if image_size is not None else 'conditional'} applies to image "
-                            f"families, not {family}")
-        if image_size is not None:
-            sets["image_size"] = str(image_size)
-        if conditional:
-            sets["conditional"] = "true"
+    sets.update(service.image_flag_sets(family, image_size, conditional))
     series_flags = {"order": order, "max_order": max_order, "column": column, "time_column": time_column,
                     "freq": freq, "fill": fill}
     if any(v is not None for v in series_flags.values()):
-        from aigc.series_runs import series_sets
-
-        sets.update(series_sets(family, data, {k: v for k, v in series_flags.items() if v is not None}))
-    run_dir, metrics = run_train(family, data, val_data=val_data, name=name, overwrite=overwrite,
-                                 resume=resume, max_minutes=max_minutes, max_steps=max_steps,
-                                 init_from=init_from, config_file=config, sets=sets)
+        sets.update(service.series_flag_sets(family, data, {k: v for k, v in series_flags.items() if v is not None}))
+    run_dir, metrics = service.train(family, data, val_data=val_data, name=name, overwrite=overwrite, resume=resume,
+                                     max_minutes=max_minutes, max_steps=max_steps, init_from=init_from,
+                                     config_file=config, sets=sets)
     from aigc.distributed import end_processes, is_main_process
 
     end_processes()
@@ -201,23 +195,22 @@ def train(
 @app.command()
 @user_errors
 def generate(
-    ctx: typer.Context,
     run: Annotated[str | None, typer.Argument(help="run name, run directory, or Hugging Face causal-LM folder")] = None,
-    prompt: Annotated[str, typer.Option(help="text to continue (default: a new document)")] = "",
-    n: Annotated[int, typer.Option("-n", help="number of samples")] = 1,
+    prompt: Annotated[str | None, typer.Option(help="text to continue (default: a new document)")] = None,
+    n: Annotated[int | None, typer.Option("-n", help="number of samples or images (default 1)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: a fresh one, echoed)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate at most")] = 100,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate at most (default 100)")] = None,
     temperature: Annotated[float | None, typer.Option(help="sampling temperature, default 0.8; 0 = greedy")] = None,
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = off)")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = off)")] = None,
     min_p: Annotated[float | None, typer.Option(help="drop tokens below min_p x the top probability")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats")] = 1.0,
-    num_beams: Annotated[int, typer.Option(help="beam search width (1 = no beam search)")] = 1,
-    no_repeat_ngram_size: Annotated[int, typer.Option(help="forbid repeating any n-gram of this size")] = 0,
+    repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats (default 1)")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="beam search width (default 1: no beam search)")] = None,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="forbid repeating any n-gram of this size")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="cut a sample before this string; repeatable")] = None,
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
-    out: Annotated[str | None, typer.Option(help="image runs: folder for the PNGs")] = None,
+    out: Annotated[str | None, typer.Option(help="image and series runs: folder for the files")] = None,
     from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
@@ -255,101 +248,40 @@ def generate(
     _quiet_libraries()
     if run is None and from_image is None:
         _fail("missing RUN: give a run name or directory, or --from-image FILE", 2)  # a usage error
-    if from_image is None and _is_series_run(run):
-        _generate_series(ctx, run, seed, out, json_out, horizon=horizon, paths=paths, level=level, noise=noise)
-        return
-    for flag in SERIES_ONLY:
-        if _given(ctx, flag):
-            raise UserError(f"--{flag} applies to series runs")
-    if from_image is not None or _is_image_run(run):
-        options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-                   "truncation": truncation}
-        _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options)
-        return
-    for flag in ("class_", "out", "sampler", "steps", "eta", "guidance_scale", "truncation"):
-        if _given(ctx, flag):
-            raise UserError(f"--{flag.rstrip('_').replace('_', '-')} applies to image runs")
-    from aigc.sample import GenerateSettings, load_run, print_stream, settings_dict
-    from aigc.sample import generate as run_generate
-
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    if num_beams > 1:
-        given = [f"--{k.replace('_', '-')}" for k, v in sampling.items() if v is not None]
-        if given:
-            raise UserError(f"{given[0]} does not apply to beam search (--num-beams {num_beams})")
-    defaults = GenerateSettings()
-    settings = GenerateSettings(
-        prompt=prompt, n=n, seed=secrets.randbelow(2**31) if seed is None else seed,
-        max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty, num_beams=num_beams,
-        no_repeat_ngram_size=no_repeat_ngram_size, stop=list(stop or []),
-        **{k: (getattr(defaults, k) if v is None else v) for k, v in sampling.items()},
-    ).validate()
-    loaded = load_run(run)
     if stream and json_out:
         raise UserError("--stream and --json exclude each other")
-    samples, stats = run_generate(loaded, settings, stream=print_stream if stream else None)
-    if json_out:
-        _emit_json({"run": str(loaded.path), "samples": samples, "settings": settings_dict(settings),
-                    "stats": stats})
-    elif stream:
-        print()
-        print(f"seed {settings.seed}, {stats['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    service = _service()
+    options = {"prompt": prompt, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
+               "top_k": top_k, "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
+               "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
+               "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
+               "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise}
+    options = {k: v for k, v in options.items() if v is not None}
+    if from_image is not None:
+        if run is not None or seed is not None or options:
+            raise UserError("--from-image takes the run, seed, class and sampler from the image's record: "
+                            "give no RUN, -n, --seed, --class or sampling option")
+        generation = service.regenerate_image(from_image)
     else:
-        for i, sample in enumerate(samples):
-            if len(samples) > 1:
-                print(f"--- sample {i + 1} (seed {settings.seed})")
-            print(sample)
-        print(f"seed {settings.seed}, {stats['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
-
-
-TEXT_ONLY = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "num_beams", "no_repeat_ngram_size", "stop", "stream")
-
-
-SERIES_ONLY = ("horizon", "paths", "level", "noise")
-
-
-def _given(ctx: typer.Context, param: str) -> bool:
-    """Was the option on the command line (not its default)? Compared by name: typer vendors its
-    own click, whose ParameterSource is not click's."""
-    source = ctx.get_parameter_source(param)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _is_image_run(run: str | None) -> bool:
-    if run is None:
-        return False
-    from aigc.store import find_run, read_run
-
-    try:
-        return read_run(find_run(run)).get("modality") == "image"
-    except UserError:
-        return False  # not a run: a Hugging Face folder, or an error that the text path reports
-
-
-def _is_series_run(run: str | None) -> bool:
-    if run is None:
-        return False
-    from aigc.store import find_run, read_run
-
-    try:
-        return read_run(find_run(run)).get("modality") == "series"
-    except UserError:
-        return False  # not a run: the text path reports it
-
-
-def _generate_series(ctx, run, seed, out, json_out, **options) -> None:
-    from aigc.series_runs import MAX_HORIZON, generate_series
-
-    for param in (*TEXT_ONLY, "n", "class_", "sampler", "steps", "eta", "guidance_scale", "truncation"):
-        if _given(ctx, param):
-            name = {"n": "-n (use --paths K)"}.get(param, "--" + param.rstrip("_").replace("_", "-"))
-            raise UserError(f"{name} does not apply to series runs")
-    if options["horizon"] is None:
-        raise UserError(f"series runs need --horizon H (1..{MAX_HORIZON}), the number of steps to forecast")
-    defaults = {"paths": 0, "level": 0.95, "noise": "gaussian"}
-    options = {k: defaults[k] if v is None and k in defaults else v for k, v in options.items()}
-    result = generate_series(run, seed=secrets.randbelow(2**31) if seed is None else seed, out=out, **options)
+        generation = service.generate(run, options, seed=seed, stream=print_stream if stream else None)
+    if generation.modality == "text":
+        _show_text(generation, stream, json_out)
+        return
+    files = service.save(generation, out)
+    if generation.modality == "image":
+        if json_out:
+            settings = generation.record["settings"]
+            _emit_json({"files": files, "grid": generation.extra.get("grid"), "settings": settings,
+                        **({"images_per_s": generation.record["images_per_s"]}
+                           if "images_per_s" in generation.record else {})})
+            return
+        for path in files:
+            print(path)
+        if generation.extra.get("grid"):
+            print(f"grid: {generation.extra['grid']}", file=sys.stderr)
+        return
+    result = {**generation.outputs, "files": files, "seconds": generation.record["seconds"],
+              "settings": generation.record["settings"]}
     if json_out:
         _emit_json(result)
         return
@@ -360,28 +292,26 @@ def _generate_series(ctx, run, seed, out, json_out, **options) -> None:
           f"{', '.join(result['files'])}", file=sys.stderr)
 
 
-def _generate_images(ctx, run, n, seed, class_, out, from_image, json_out, options) -> None:
-    from aigc.image_runs import generate_images, regenerate
+def print_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
-    for param in TEXT_ONLY:
-        if _given(ctx, param):
-            raise UserError(f"--{param.replace('_', '-')} applies to text runs, not images")
-    if from_image is not None:
-        if run is not None or _given(ctx, "n") or seed is not None or class_ is not None or any(
-                v is not None for v in options.values()):
-            raise UserError("--from-image takes the run, seed, class and sampler from the image's record: "
-                            "give no RUN, -n, --seed, --class or sampling option")
-        result = regenerate(from_image, out)
-    else:
-        result = generate_images(run, n=n, seed=secrets.randbelow(2**31) if seed is None else seed,
-                                 class_=class_, out=out, options=options)
+
+def _show_text(generation, stream: bool, json_out: bool) -> None:
+    record, samples = generation.record, generation.outputs
+    seed, rate = record["settings"]["seed"], record["stats"]["tokens_per_s"]
     if json_out:
-        _emit_json(result)
+        _emit_json({"run": record["run"], "samples": samples, "settings": record["settings"],
+                    "stats": record["stats"]})
+    elif stream:
+        print()
+        print(f"seed {seed}, {rate:.1f} tokens/s", file=sys.stderr)
     else:
-        for path in result["files"]:
-            print(path)
-        if result["grid"]:
-            print(f"grid: {result['grid']}", file=sys.stderr)
+        for i, sample in enumerate(samples):
+            if len(samples) > 1:
+                print(f"--- sample {i + 1} (seed {seed})")
+            print(sample)
+        print(f"seed {seed}, {rate:.1f} tokens/s", file=sys.stderr)
 
 
 @app.command("eval")
@@ -419,30 +349,18 @@ def eval_(
         raise UserError("give a RUN or --images FOLDER, not both")
     if run is None and images is None:
         _fail("missing RUN: give a run name or directory, or --images FOLDER --data DATASET", 2)  # a usage error
-    series = images is None and _is_series_run(run)
-    if not series and (horizon is not None or level is not None):
-        raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
-    if series:
-        for flag, value in (("--data", data), ("--out", out), ("-n", n)):
-            if value is not None:
-                raise UserError(f"{flag} does not apply to series runs")
-        from aigc.evaluate.series import evaluate_series_run
-
-        result = evaluate_series_run(run, horizon=1 if horizon is None else horizon,
-                                     level=0.95 if level is None else level)
-    elif images is None:
+    service = _service()
+    if images is None:
         for flag, value in (("--data", data), ("--out", out)):
             if value is not None:
                 raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
-        from aigc.evaluate import evaluate_run
-
-        result = evaluate_run(run, n)
+        result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level})
     else:
         if data is None:
             raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
-        from aigc.evaluate import EVAL_IMAGES, evaluate_image_folder
-
-        result = evaluate_image_folder(images, data, EVAL_IMAGES if n is None else n, out=out)
+        if horizon is not None or level is not None:
+            raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
+        result = service.evaluate_image_folder(images, data, n, out=out)
     if json_out:
         _emit_json(result)  # the same object as <run>/eval.json (or --out FILE)
         return
@@ -454,7 +372,7 @@ def eval_(
                    else f"test MSE {net['test_mse']:.4f}")
         print(f"{result['n']} images of {result['images']} against as many held-out images of {data}; "
               f"feature net: {net['kind']}, {quality}", file=sys.stderr)
-    elif series:
+    elif "naive" in result:  # a series run's back-test
         naive = result["naive"]
         print(f"naive forecast on the same origins: mae {naive['mae']:.4g}, mase {naive['mase']:.4f}; "
               f"picture: {result['picture']}", file=sys.stderr)

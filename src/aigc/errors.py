@@ -19,3 +19,11 @@ class NotFound(UserError):
 
 class Conflict(UserError):
     """A request that clashes with what exists: a run name that is taken, a run that is still training."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving a checkpoint (not a user error: the CLI exits 130)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+        self.step = step

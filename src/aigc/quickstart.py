@@ -3,8 +3,8 @@ poems, fine-tune it on the Tang poems, write a few poems, evaluate them against 
 same split, and say where the runs and the report are.
 
 How the defaults were chosen (measured, docs/quickstart.md): trained on the 27 k characters of tang300
-alone, a GPT either has not learned the language yet or recites its training poems (12.04 bits/char, novelty
-0.72), while the Kneser-Ney n-gram reaches 7.19. Pretraining on `fortunes-zh-notang` (fortunes-zh without
+alone, a GPT either has not learned the language yet or recites its training poems, scoring far worse than
+the Kneser-Ney n-gram. Pretraining on `fortunes-zh-notang` (fortunes-zh without
 the 191 documents that share a verse line with tang300: no leakage) and fine-tuning with dropout and token
 dropout for a few hundred steps beats the n-gram on the same validation split with the same vocabulary.
 Step budgets, not time budgets, so that every machine writes the same poems; eager, not torch.compile, so
@@ -16,9 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from aigc.evaluate import evaluate_run
-from aigc.runs import train
-from aigc.sample import GenerateSettings, generate, load_run
+from aigc import service
 
 PRETRAIN_DATA = "fortunes-zh-notang"
 PRETRAIN_STEPS = 1200  # ~3 minutes on 2 CPU cores
@@ -26,7 +24,7 @@ FINETUNE_STEPS = 300  # ~1 minute
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "n_positions")  # come from the checkpoint when fine-tuning
 PRETRAIN_ONLY = (*ARCHITECTURE, "min_char_count")  # the fine-tuned run's vocabulary is the n-gram's
 # 4 layers x 128, context 128; characters seen fewer than 3 times in the pretraining text share <unk>
-# (4,011 characters: a 4k-way output layer trains 1.6x faster than a 6k-way one here). Batch 16 x 128 beat
+# (a 4k-way output layer trains much faster than a 6k-way one, docs/quickstart.md). Batch 16 x 128 beat
 # 8 x 128 and 32 x 128 at equal time on held-out Tang poems.
 PRETRAIN_CONFIG = {
     "n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "128", "min_char_count": "3",
@@ -55,8 +53,8 @@ def run(*, data: str = "tang300", pretrain_data: str | None = PRETRAIN_DATA, pre
     steps = 4 if pretrain_data else 3
     if pretrain_data:
         say(f"1/{steps} pretraining a small GPT on {pretrain_data} ({pretrain_steps} steps)...")
-        pretrained, m = train("gpt", pretrain_data, name=f"{name}-pretrain", overwrite=True, max_steps=pretrain_steps,
-                              sets={**PRETRAIN_CONFIG, **sets})
+        pretrained, m = service.train("gpt", pretrain_data, name=f"{name}-pretrain", overwrite=True,
+                                      max_steps=pretrain_steps, sets={**PRETRAIN_CONFIG, **sets})
         say(f"    {pretrain_data}: {m['val_bpc']:.3f} bits per character on its held-out end")
     stage = 2 if pretrain_data else 1
     say(f"{stage}/{steps} fine-tuning it on {data} ({max_steps} steps)..." if pretrain_data
@@ -65,24 +63,23 @@ def run(*, data: str = "tang300", pretrain_data: str | None = PRETRAIN_DATA, pre
     tuned_sets = {**FINETUNE_CONFIG, **{k: v for k, v in sets.items() if k not in PRETRAIN_ONLY}}
     if pretrained is None:  # no pretraining: the same model, from scratch
         tuned_sets.update(architecture)
-    run_dir, metrics = train("gpt", data, name=name, overwrite=True, max_steps=max_steps,
+    run_dir, metrics = service.train("gpt", data, name=name, overwrite=True, max_steps=max_steps,
                              init_from=str(pretrained) if pretrained else None, sets=tuned_sets)
-    baseline_dir, baseline = train("ngram", data, name=f"{name}-ngram", overwrite=True)
+    baseline_dir, baseline = service.train("ngram", data, name=f"{name}-ngram", overwrite=True)
     say(f"    validation: {metrics['val_bpc']:.3f} bits per character; the n-gram baseline on the same split: "
         f"{baseline['val_bpc']:.3f}")
 
     say(f"{stage + 1}/{steps} writing poems (aigc generate):")
-    loaded = load_run(str(run_dir))
-    length = min(80, (loaded.max_context or 10**6) - 2)
+    length = min(80, (service.load(str(run_dir)).max_context or 10**6) - 2)
     for i, prompt in enumerate(PROMPTS):
-        samples, _ = generate(loaded, GenerateSettings(prompt=prompt, seed=i, max_new_tokens=length,
-                                                       temperature=0.8))
+        poem = service.generate(str(run_dir), {"prompt": prompt, "max_new_tokens": length, "temperature": 0.8},
+                                seed=i)
         say(f"--- poem {i + 1}" + (f" (prompt {prompt!r})" if prompt else ""))
-        say(samples[0].strip())
+        say(poem.outputs[0].strip())
 
     say(f"{stage + 2}/{steps} evaluating (aigc eval), the GPT and the n-gram...")
-    result = evaluate_run(str(run_dir))
-    result["baseline"] = evaluate_run(str(baseline_dir))
+    result = service.evaluate(str(run_dir))
+    result["baseline"] = service.evaluate(str(baseline_dir))
     say(comparison(result, result["baseline"]))
     copied = result["copying_measured_against"]
     say(f"    copying is measured against all {copied['chars']:,} characters the GPT was trained on "

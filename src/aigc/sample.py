@@ -4,6 +4,10 @@ Every text family is a `PreTrainedModel` + `GenerationMixin`, so the decoding co
 temperature, top-k, top-p, min-p, repetition penalty, no_repeat_ngram_size, beam search) mean
 the same for all of them. Stop strings are our own rule on the decoded text: transformers'
 `stop_strings` fails on vocabularies without the letters a-f, as every Chinese char vocabulary is.
+
+Sampling draws from a per-request `torch.Generator`, never the global RNG, so concurrent requests
+cannot race: transformers' sampling mode takes no generator, so we run its greedy mode with the
+sampling warpers and the draw as our own logits processors (see `sampling_processors`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    GenerationMixin,
+    LogitNormalization,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
+from aigc.checkpoint import verify_manifest
+from aigc.config import read_toml
 from aigc.data.tokenizer import TextTokenizer
 from aigc.errors import UserError
+from aigc.models import FAMILIES
+from aigc.store import find_run, read_run
+from aigc.train import stream_nll
 
 MAX_NEW_TOKENS_CAP = 4096
 
@@ -81,8 +107,6 @@ class LoadedModel:
         """Total NLL in nats of ids[1:] given what precedes, and the number of scored tokens."""
         if self.family == "ngram":
             return self.model.kn.nll(ids[1:], context=ids[:1]), len(ids) - 1
-        from aigc.train import stream_nll
-
         return stream_nll(self.model, ids, self.block_size)
 
     @property
@@ -92,11 +116,6 @@ class LoadedModel:
 
 def load_run(spec: str) -> LoadedModel:
     """A run name, a run directory, or a Hugging Face causal-LM folder."""
-    from aigc.checkpoint import verify_manifest
-    from aigc.config import read_toml
-    from aigc.models import FAMILIES
-    from aigc.store import find_run, read_run
-
     path = Path(spec).expanduser()
     if not (path / "run.json").is_file() and (path / "config.json").is_file():
         return _load_hf_folder(path)
@@ -112,8 +131,6 @@ def load_run(spec: str) -> LoadedModel:
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -185,11 +202,71 @@ def cut_at_stop(text: str, stops: list[str]) -> int:
     return min(hits) if hits else len(text)
 
 
+class DrawToken(LogitsProcessor):
+    """transformers' multinomial sampling step, on the request's own generator.
+
+    The same call as `GenerationMixin._sample` makes in sampling mode, `multinomial(softmax(scores), 1)`,
+    so a generator seeded with s draws the tokens the global RNG draws after `torch.manual_seed(s)`.
+    Every score but the drawn token's becomes -inf: greedy decoding then picks the drawn token.
+    """
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.nn.functional.softmax(scores, dim=-1)  # (B, V)
+        drawn = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+
+
+# Options of the model's generation config that `sampling_processors` applies itself. Unset for
+# greedy mode, which would warn about the warpers and apply watermarking and renormalisation again.
+_APPLIED_BY_US = {"top_h": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None,
+                  "watermarking_config": None, "renormalize_logits": False}
+
+
+def sampling_processors(s: GenerateSettings, model: GenerationMixin, generator: torch.Generator,
+                        ) -> LogitsProcessorList:
+    """The processors transformers' `_get_logits_processor` appends in sampling mode with one beam, in its
+    order, then the draw.
+
+    The settings give temperature, top-k, top-p and min-p; the model's generation config may add the
+    rest, as it did when transformers sampled. Repetition penalty and no_repeat_ngram_size are not
+    here: transformers builds them the same in greedy mode, ahead of these processors, as when sampling.
+    One beam keeps min_tokens_to_keep at transformers' 1.
+    """
+    config, device = model.generation_config, generator.device
+    processors = LogitsProcessorList()
+    if s.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(s.temperature))
+    if config.top_h is not None:
+        processors.append(TopHLogitsWarper(top_h=config.top_h))
+    if s.top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=s.top_k, min_tokens_to_keep=1))
+    if s.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=s.top_p, min_tokens_to_keep=1))
+    if s.min_p > 0:  # transformers skips only min_p=None; 0 has always meant off here
+        processors.append(MinPLogitsWarper(min_p=s.min_p, min_tokens_to_keep=1))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        processors.append(TypicalLogitsWarper(mass=config.typical_p, min_tokens_to_keep=1))
+    if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+        processors.append(EpsilonLogitsWarper(epsilon=config.epsilon_cutoff, min_tokens_to_keep=1))
+    if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+        processors.append(EtaLogitsWarper(epsilon=config.eta_cutoff, min_tokens_to_keep=1, device=device))
+    if config.watermarking_config is not None:
+        processors.append(config.watermarking_config.construct_processor(model.config.get_text_config().vocab_size,
+                                                                      device))
+    if config.renormalize_logits is True:
+        processors.append(LogitNormalization())
+    processors.append(DrawToken(generator))
+    return processors
+
+
 def generate(loaded: LoadedModel, settings: GenerateSettings, *, stream: Callable[[str], None] | None = None,
              ) -> tuple[list[str], dict]:
     """Generate `settings.n` samples. Each sample is the prompt followed by its continuation.
 
-    Returns the samples and a stats dict (generated tokens, seconds, tokens/s).
+    Returns the samples and a stats dict (generated tokens, seconds, tokens/s). Leaves the global RNG alone.
     """
     s = settings.validate()
     tok = loaded.tokenizer
@@ -201,29 +278,33 @@ def generate(loaded: LoadedModel, settings: GenerateSettings, *, stream: Callabl
     if stream is not None and (s.n > 1 or s.num_beams > 1):
         raise UserError("--stream works with one sample and no beam search (-n 1, --num-beams 1)")
     beams = s.num_beams > 1
-    greedy = s.temperature == 0 and not beams
+    sampling = s.temperature > 0 and not beams
+    device = _device(loaded.model)
     kwargs = {
         "max_new_tokens": s.max_new_tokens,
         "num_beams": s.num_beams,
-        "num_return_sequences": s.n,
+        # greedy mode refuses num_return_sequences > 1, so sampling passes the prompt n times instead:
+        # the same rows transformers' own expansion makes
+        "num_return_sequences": s.n if beams else 1,
         "repetition_penalty": s.repetition_penalty,
         "no_repeat_ngram_size": s.no_repeat_ngram_size,
-        "do_sample": not (greedy or beams),
+        "do_sample": False,  # sampling is our last logits processor, see `DrawToken`
         "eos_token_id": tok.eot_id,
         "pad_token_id": tok.eot_id,
+        # the sampling knobs go to `sampling_processors`, greedy and beam search ignore them: say so to transformers
+        "temperature": None, "top_k": None, "top_p": None, "min_p": None,
     }
-    if kwargs["do_sample"]:
-        kwargs.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p or None)
-    else:  # greedy and beam search ignore the sampling knobs; say so explicitly to transformers
-        kwargs.update(temperature=None, top_k=None, top_p=None, min_p=None)
+    if sampling:
+        kwargs.update(_APPLIED_BY_US)
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+        kwargs["logits_processor"] = sampling_processors(s, loaded.model, generator)
     if beams:
         kwargs["early_stopping"] = True
     if s.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tok, s.stop, len(prompt_ids))])
     if stream is not None:
         kwargs["streamer"] = TextStream(tok, s.stop, stream)
-    input_ids = torch.tensor([prompt_ids], device=_device(loaded.model))
-    torch.manual_seed(s.seed)
+    input_ids = torch.tensor([prompt_ids] * (s.n if sampling else 1), device=device)  # (n or 1, T)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)

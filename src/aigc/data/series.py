@@ -322,6 +322,13 @@ def future_time(last, freq: str | None, horizon: int) -> list:
     return _labels(dates)
 
 
+def time_axis(labels: list) -> list:
+    """Time labels as matplotlib x values: dates for ISO strings, the positions themselves otherwise."""
+    if labels and isinstance(labels[0], str):
+        return list(pd.to_datetime(labels))
+    return list(labels)
+
+
 def series_table() -> list[dict]:
     """The named series with what `aigc data list` shows."""
     rows = []

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from aigc.data.images import ImageData, to_tensor
 from aigc.fsutil import atomic_write_bytes, read_json, write_json
+from aigc.store import cache_dir
 
 FORMAT_VERSION = 2  # bump when the architecture or the training recipe changes: old caches are retrained
 BATCH_SIZE = 500  # images per forward pass when extracting features: bounds memory for any N
@@ -166,7 +167,6 @@ def feature_net(
     train_seconds, stopped_early, train_sha256, cached (True when loaded), path, and test_accuracy
     or test_mse (None without ``test``).
     """
-    from aigc.store import cache_dir
 
     if train.n < 2:
         raise ValueError(f"a feature net needs at least 2 training images, got {train.n}")

@@ -1,4 +1,5 @@
-"""`aigc eval` of a series run: a rolling-origin back-test, its metrics, and a picture.
+"""The back-test of a series model: a rolling-origin back-test, its metrics, and a picture (`aigc eval` of a
+series run, modalities/series.py).
 
 Rolling origin: with n values and horizon H the test window is the last W = max(H, ceil(n / 10))
 values, and the origins are o = T, ..., n - 1 with T = n - W. From origin o a model sees
@@ -27,14 +28,12 @@ from __future__ import annotations
 
 import io
 import math
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
+from aigc.data.series import time_axis
 from aigc.errors import UserError
-from aigc.fsutil import atomic_write_bytes, write_json
 from aigc.models.ar import AR, ARConfig, normal_quantile, required_length
 
 TEST_FRACTION = 0.1
@@ -117,72 +116,12 @@ def ar_forecaster(model: AR, x_train: np.ndarray, level: float) -> tuple[Forecas
     return forecast, p
 
 
-def evaluate_series_run(spec: str, *, horizon: int = 1, level: float = 0.95) -> dict:
-    """Back-test the run, score it and the naive reference, write eval.json and backtest.png."""
-    from aigc.config import build, read_toml
-    from aigc.runs import sections_for
-    from aigc.series_runs import MAX_HORIZON, fit_rnn, load_series_run, series_family
-
-    if not 1 <= horizon <= MAX_HORIZON:
-        raise UserError(f"--horizon must be in 1..{MAX_HORIZON}, got {horizon}")
-    if not 0 < level < 1:
-        raise UserError(f"--level must be in (0, 1), e.g. 0.95; got {level}")
-    run_dir, record, model, series = load_series_run(spec)
-    x, family = series.values, record["family"]
-    fam = series_family(family)
-    start = first_origin(len(x), horizon)
-    if start < 10:
-        raise UserError(f"{len(x)} values are too few to back-test at horizon {horizon}")
-
-    # 1. the forecasters, fitted on what precedes the first origin
-    if fam.trainer == "fit":
-        forecaster, order = ar_forecaster(model, x[:start], level)
-        refit, model_df, resid = f"at every origin, AR({order})", model.order, model.resid_
-    else:
-        from aigc.train import Budget
-
-        configs = build(sections_for(family, "series"), read_toml(run_dir / "config.toml"), family=family)
-        steps = record.get("metrics", {}).get("steps")
-        if not steps:
-            raise UserError(f"run {run_dir.name!r} records no training steps to repeat")
-        with tempfile.TemporaryDirectory(prefix=".backtest-", dir=run_dir) as work:
-            refitted, _ = fit_rnn(fam, configs, x[:start], Path(work), Budget(steps, None))
-
-        def forecaster(history: np.ndarray, h: int):
-            return refitted.predict(h, level, history=history)
-
-        refit, model_df, resid = f"once, on the values before the first origin ({steps} steps)", 0, model.resid
-
-    # 2. back-tests of the model and of the naive reference on the same origins
-    bt = backtest(x, horizon, forecaster, start)
-    naive_bt = backtest(x, horizon, naive_forecaster(x[:start], level), start)
-    metrics = scores(x, start, series.season, bt)
-    p_value, lag = ljung_box_p(resid, series.season, model_df)
-    metrics["ljung_box_p"] = p_value
-    by_h = [float(np.mean(np.abs(bt["actual"][bt["h"] == h] - bt["forecast"][bt["h"] == h])))
-            for h in range(1, horizon + 1)]
-    result = {
-        "run": str(run_dir), "metrics": metrics,
-        "naive": scores(x, start, series.season, naive_bt),
-        "backtest": {"horizon": horizon, "level": level, "first_origin": series.time[start], "origins": len(x) - start,
-                     "forecasts": len(bt["h"]), "season": series.season, "refit": refit, "ljung_box_lag": lag},
-        "mae_by_horizon": by_h,
-        "picture": str(run_dir / PICTURE),
-    }
-    atomic_write_bytes(run_dir / PICTURE, backtest_png(series, start, bt, resid, by_h, level, p_value,
-                                                      title=f"{run_dir.name}: {family} on {series.source}"))
-    write_json(run_dir / "eval.json", result)
-    return result
-
-
 def backtest_png(series, start: int, bt: dict, resid: np.ndarray, by_h: list[float], level: float,
                  p_value: float | None, *, title: str) -> bytes:
     """Three panels: one-step forecasts and intervals over the test window; MAE by horizon; the
     autocorrelation of the saved model's residuals with the +-1.96/sqrt(N) band."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from aigc.series_runs import time_axis
 
     n = len(series.values)
     fig = Figure(figsize=(10, 7.5), dpi=100)

@@ -32,6 +32,7 @@ class Family:
     compile_gain: bool = False  # compile=auto compiles the model (torch.compile) where it pays back, see train.py
     after_step: bool = False  # the loop calls model.after_step() after every optimizer step (EMA weights)
     sampler_options: tuple[str, ...] = ()  # image families: generate options beyond the seed and class
+    bound_score: bool = False  # image families: the loss is a bound, scored on the whole validation set (-ELBO)
     # alternating optimizer steps: one AdamW per phase over model.phase_parameters(phase); each training
     # step runs the phases in order, the loss of each being model(*batch, phase=phase)["loss"] (GANs)
     phases: tuple[str, ...] = ()
@@ -43,19 +44,19 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "ngram": Family("text", ngram.NGramConfig, "counts", ngram.NGramLM.load,
                     description="character n-gram, interpolated Kneser-Ney (the baseline)"),
-    # cpu_bf16, measured by benchmarks/settings.py (torch 2.13, 2 cores): text rnn trains 1.35-1.58x faster under
-    # bf16 autocast and reaches a lower bits/char at equal time; the series rnn (tiny batches) 0.69x
+    # cpu_bf16: measured by benchmarks/settings.py (benchmarks/results/dtype.md): the text rnn trains faster under
+    # bf16 autocast and reaches a lower bits/char at equal time; the series rnn (tiny batches) is slower
     "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build,
                   series=Family("series", rnn_series.SeriesRNNConfig, "gradient", rnn_series.load,
                                 rnn_series.build, cpu_bf16=False,
                                 description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
-    # compile_gain, measured by benchmarks/settings.py --setting compile (2 min per run, 2 cores): gpt 1.25x the
-    # tokens with its compiling included (1.34x once compiled; H100: 1.48x); rnn 0.98-1.11x, images 0.73-1.01x
+    # compile_gain: measured by benchmarks/settings.py --setting compile (benchmarks/results/compile.md): gpt trains
+    # more tokens in the same time compiled, compiling included; the rnn and the image families do not
     "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True, compile_gain=True,
                   train_config=gpt.GPTTrainConfig,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
-    "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build,
+    "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build, bound_score=True,
                   description="convolutional VAE, optionally class-conditional"),
     "dcgan": Family("image", dcgan.DCGANConfig, "gradient", dcgan.DCGAN.load, dcgan.build, after_step=True,
                     sampler_options=("truncation",), phases=dcgan.PHASES, train_config=dcgan.GANTrainConfig,

@@ -31,16 +31,15 @@ The seed leaves out the constant: 0.5 x 110 + 0.3 x 100 = 85, so 115 needs c = 3
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from aigc.config import config_from_record, option
+from aigc.models.files import load_config_and_weights, save_config_and_weights
 
 MAX_ORDER = 500
 CONFIG_FILE = "ar.json"
@@ -193,27 +192,20 @@ class AR:
 
     def save(self, directory: Path) -> None:
         """Write ar.json (config, c, sigma^2, fit info) and ar.safetensors (phi, residuals, series)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {"phi": self.phi_, "series": self.series_}
         if self.resid_ is not None:
             tensors["resid"] = self.resid_
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
-                  str(directory / WEIGHTS_FILE))
         record = {"config": dataclasses.asdict(self.config), "const": self.const_, "sigma2": self.sigma2_,
                   "info": self.info_}
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        save_config_and_weights(directory, CONFIG_FILE, record, WEIGHTS_FILE,
+                                {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
+                                framework="np")
 
     @classmethod
     def load(cls, directory: Path) -> AR:
-        directory = Path(directory)
-        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
-        for path in (weights, config_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no AR model at {directory}: {path.name} is missing")
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(weights))
-        model = cls(config_from_record(ARConfig, record["config"], config_path))
+        record, tensors = load_config_and_weights(directory, CONFIG_FILE, WEIGHTS_FILE, what="AR model",
+                                                  framework="np")
+        model = cls(config_from_record(ARConfig, record["config"], Path(directory) / CONFIG_FILE))
         model.const_, model.sigma2_, model.info_ = record["const"], record["sigma2"], record["info"]
         model.phi_, model.series_, model.resid_ = tensors["phi"], tensors["series"], tensors.get("resid")
         return model

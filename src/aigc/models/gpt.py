@@ -6,13 +6,13 @@ The model maths lives in transformers; this file only maps the project's config 
 
 Attention kernel: on a CPU every model made or loaded here uses transformers' "eager" attention
 (matmul, softmax, matmul) instead of its default "sdpa": under bf16 autocast PyTorch's fused CPU
-attention kernel has a slow backward pass, and the default 4 x 128 model trains 1.6x faster
-without it (42.6 k vs 26.6 k tokens/s, batch 32 x 128, 2 cores, benchmarks/gpt_step.py; fp32 and
-generation are within 5%). On a GPU it keeps sdpa. The choice is not saved with the weights: the
-same numbers either way. Dropout is 0 by default: on a CPU the dropout masks (`bernoulli_`) take
-about a third of a training step (0.1 makes it 1.8x slower), and a model this small underfits a
-corpus of a few MB rather than overfits it (nanoGPT's CPU recipe uses 0 too); raise it for a tiny
-corpus, as the quickstart does (docs/speed.md).
+attention kernel has a slow backward pass, and the default 4 x 128 model trains faster without it
+(benchmarks/gpt_step.py, benchmarks/results/gpt_step.md; fp32 and generation about the same). On a
+GPU it keeps sdpa. The choice is not saved with the weights: the same numbers either way. Dropout is
+0 by default: on a CPU the dropout masks (`bernoulli_`) take a large share of a training step
+(benchmarks/results/gpt_step.md), and a model this small underfits a corpus of a few MB rather than
+overfits it (nanoGPT's CPU recipe uses 0 too); raise it for a tiny corpus, as the quickstart does
+(docs/speed.md).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class GPTConfig:
 
 @dataclass
 class GPTTrainConfig(TrainConfig):
-    """TrainConfig with a higher peak learning rate: for the default 4 x 128 model, 3-minute runs on
-    fortunes (2 CPU cores, bf16) reached 2.58 bits/char at 1e-3, 2.46 at 2e-3 and 2.38 at 3e-3."""
+    """TrainConfig with a higher peak learning rate: for the default 4 x 128 model, 3-minute runs on fortunes
+    reached a lower bits/char at 3e-3 than at 1e-3 or 2e-3 (docs/speed.md)."""
 
     lr: float = option(3e-3, "peak learning rate (AdamW)", min=0.0, max=1.0, min_exclusive=True)
 

@@ -24,25 +24,23 @@ paths drawn at FORECAST_SEED, so forecasts do not depend on the user's seed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aigc.config import config_from_record, option
+from aigc.models.ar import NOISES, normal_quantile
+from aigc.models.files import load_config_and_weights, save_config_and_weights
+from aigc.models.rnn import CELLS
 
-CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CONFIG_FILE = "series_rnn.json"
 WEIGHTS_FILE = "series_rnn.safetensors"
 FORECAST_PATHS = 1000  # Monte Carlo paths behind forecasts and intervals beyond one step
 FORECAST_SEED = 0
-NOISES = ("gaussian", "bootstrap")
 
 
 @dataclass
@@ -159,9 +157,7 @@ class SeriesRNN(nn.Module):
     @torch.no_grad()
     def predict(self, horizon: int, level: float = 0.95, history=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(forecast, lower, upper), each (H,): exact at h = 1, Monte Carlo beyond (see the module doc)."""
-        if not 0 < level < 1:
-            raise ValueError(f"level must be in (0, 1), got {level}")
-        z_q = NormalDist().inv_cdf((1 + level) / 2)  # the half-width of a central level interval of N(0, 1)
+        z_q = normal_quantile(level)
         mean, lower, upper = np.empty(horizon), np.empty(horizon), np.empty(horizon)
         if horizon > 1:
             paths = self.sample(FORECAST_PATHS, horizon=horizon, seed=FORECAST_SEED, history=history)
@@ -189,27 +185,18 @@ class SeriesRNN(nn.Module):
     def save(self, directory: Path) -> None:
         """Write series_rnn.safetensors (weights, history, residuals) and series_rnn.json (config,
         window, standardisation)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         state["history"] = torch.as_tensor(np.ascontiguousarray(self.history, dtype=np.float64))
         state["resid"] = torch.as_tensor(np.ascontiguousarray(self.resid, dtype=np.float64))
-        save_file(state, directory / WEIGHTS_FILE)
         record = {"config": dataclasses.asdict(self.config), "context": self.context, "loc": self.loc,
                   "scale": self.scale}
-        (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        save_config_and_weights(directory, CONFIG_FILE, record, WEIGHTS_FILE, state)
 
     @classmethod
     def load(cls, directory: Path) -> SeriesRNN:
-        directory = Path(directory)
-        weights, config_path = directory / WEIGHTS_FILE, directory / CONFIG_FILE
-        for path in (weights, config_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no series RNN at {directory}: {path.name} is missing")
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        config = config_from_record(SeriesRNNConfig, record["config"], config_path)
+        record, state = load_config_and_weights(directory, CONFIG_FILE, WEIGHTS_FILE, what="series RNN")
+        config = config_from_record(SeriesRNNConfig, record["config"], Path(directory) / CONFIG_FILE)
         model = cls(config, context=record["context"], loc=record["loc"], scale=record["scale"])
-        state = load_file(weights)
         model.history, model.resid = state.pop("history").numpy(), state.pop("resid").numpy()
         model.load_state_dict(state)  # strict: a missing or extra tensor is an error
         return model.eval()

@@ -1,0 +1,67 @@
+"""The modality contract: the Protocol every modality module implements, and what its stages return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from aigc.models import Family
+
+
+@dataclass
+class Prepared:
+    """What a modality made of a training request before the run directory exists (or of a run to resume)."""
+
+    model: Any  # the model to train (None where `fit` builds it)
+    record: dict  # the modality's part of run.json (data sources and checksums, shapes, classes, ...)
+    state: Any = None  # whatever fit, finish and write_files need: tokenized text, image tensors, a series
+    write_files: Callable[[Path], None] | None = None  # files of a new run beside run.json and config.toml
+
+
+@dataclass
+class Generation:
+    """The outputs of one generation request and its record (enough to make them again)."""
+
+    modality: str
+    outputs: Any  # text: list of strings; image: list of (H, W, C) uint8 arrays; series: the forecast dict
+    record: dict  # run, settings (seed included), speed; image: one record per image
+    extra: dict = field(default_factory=dict)  # what an interface may show beside the outputs
+
+
+@runtime_checkable
+class Modality(Protocol):
+    """The stages of a run that differ by modality (every function takes what it needs, no hidden state)."""
+
+    NAME: str  # "text", "image", "series"
+    GENERATE_OPTIONS: tuple[str, ...]  # the generation options it takes beyond the seed
+    EVALUATE_OPTIONS: tuple[str, ...]  # the evaluation options it takes
+
+    def sections(self, fam: Family) -> dict[str, type]: ...  # configuration sections, e.g. model, data, train
+
+    def source_of(self, data: str) -> str: ...  # how a --data spec is recorded (name, or absolute path)
+
+    def check_request(self, family: str, fam: Family, data: str, val_data: str | None,
+                      init_from: str | None) -> None: ...  # what the modality refuses before anything is read
+
+    def prepare(self, family: str, fam: Family, data: str, val_data: str | None, init_from: str | None,
+                configs: dict, values: dict) -> Prepared: ...
+
+    def reload(self, family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared: ...
+
+    def fit(self, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, resume: bool) -> dict: ...
+
+    def finish(self, family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path,
+               fit: dict) -> dict: ...  # the metrics of the final weights (main process)
+
+    def card(self, run_dir: Path, record: dict, configs: dict) -> str: ...  # README.md of the run
+
+    def load(self, spec: str) -> Any: ...  # a finished run (or another folder the modality reads), verified
+
+    def generate(self, loaded: Any, options: dict, seed: int, stream: Callable[[str], None] | None
+                 ) -> Generation: ...
+
+    def save(self, generation: Generation, out_dir: Path) -> list[str]: ...  # files written
+
+    def evaluate(self, run_dir: Path, record: dict, options: dict) -> dict: ...  # writes eval.json

@@ -1,0 +1,308 @@
+"""The application service: what the CLI, the API and the studio call, so none of them holds logic the
+others lack.
+
+- `train`: the run lifecycle, written once for every modality: check the request, claim the run
+  directory, let the modality prepare data and model, commit the directory with the record and the
+  resolved configuration, train (or fit), mark a failure or an interruption, score, record, write the
+  model card. Everything that can fail on the user's input happens before the directory is touched: a
+  failed request leaves no half-made run and never destroys an existing one. Under torchrun the main
+  process alone writes (aigc.distributed).
+- `generate`: dispatch on the run's modality, with a fresh seed drawn when none is given; models are
+  loaded and verified once and kept (`ModelCache`), reloaded when the run's files change.
+- `evaluate`: the modality's evaluation of a run (`evaluate_image_folder` for a folder of images).
+
+Errors are typed (aigc.errors): BadRequest, NotFound, Conflict, all UserErrors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from aigc import __version__, store
+from aigc.config import build, read_toml, to_toml
+from aigc.data.series import is_series_data
+from aigc.distributed import is_main_process, on_main
+from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
+from aigc.fsutil import atomic_write_text
+from aigc.modalities import MODALITIES, Generation, Modality, image, series
+from aigc.models import FAMILIES, Family
+from aigc.train import Budget
+
+DEFAULT_MAX_MINUTES = 10.0  # the budget of a gradient-trained family when neither --max-steps nor --max-minutes
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise NotFound(f"unknown family {name!r} (choose from: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
+    """The modality a family trains in on `data`, and the family as that modality takes it: the data decides
+    for a family that also takes a numeric series (rnn on a .csv or a named series is a series model)."""
+    fam = family_of(family)
+    if fam.modality == "series" or (data is not None and is_series_data(data)):
+        return "series", series.series_family(family)  # an error for a family that takes no series
+    return fam.modality, fam
+
+
+def sections_for(family: str, modality: str | None = None) -> dict[str, type]:
+    """The configuration sections of a family; modality="series": those of its series variant."""
+    name, fam = modality_for(family)
+    if modality == "series" and name != "series":
+        name, fam = "series", series.series_family(family)
+    return MODALITIES[name].sections(fam)
+
+
+def series_flag_sets(family: str, data: str, flags: dict) -> dict[str, str]:
+    """`aigc train`'s series flags (--order, --column, ...) as configuration keys (an error where they do not apply)."""
+    return series.series_sets(family, data, flags)
+
+
+def image_flag_sets(family: str, image_size: int | None, conditional: bool) -> dict[str, str]:
+    """`aigc train --image-size N --conditional` as configuration keys (an error for a family that is not an image
+    family)."""
+    if image_size is None and not conditional:
+        return {}
+    if modality_for(family)[0] != "image":
+        raise BadRequest(f"--{'image-size' if image_size is not None else 'conditional'} applies to image "
+                         f"families, not {family}")
+    return {**({"image_size": str(image_size)} if image_size is not None else {}),
+            **({"conditional": "true"} if conditional else {})}
+
+
+def draw_seed(seed: int | None) -> int:
+    """The seed of a request: the one given, else a fresh one (reported back, so the result can be made again)."""
+    return secrets.randbelow(2**31) if seed is None else seed
+
+
+# ----------------------------------------------------------------------------------
+# training
+
+
+def train(family: str, data: str, *, val_data: str | None = None, name: str | None = None,
+          overwrite: bool = False, resume: bool = False, max_minutes: float | None = None,
+          max_steps: int | None = None, init_from: str | None = None, config_file: str | None = None,
+          sets: dict[str, str] | None = None) -> tuple[Path, dict]:
+    """Train (or fit) a new run, or resume one; returns the run directory and its final metrics."""
+    modality_name, fam = modality_for(family, data)
+    modality = MODALITIES[modality_name]
+    sets = sets or {}
+    if overwrite and resume:
+        raise BadRequest("--overwrite and --resume exclude each other")
+    if resume and not name:
+        raise BadRequest("--resume needs --name NAME of the run to continue")
+    if max_steps is not None and max_steps < 1:
+        raise BadRequest(f"--max-steps must be >= 1, got {max_steps}")
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise BadRequest(f"--max-minutes must be > 0, got {max_minutes}")
+    store.check_name(name)
+    if init_from and not fam.init_from:
+        raise BadRequest(f"--init-from does not apply to family {family} (only: "
+                         f"{', '.join(k for k, f in FAMILIES.items() if f.init_from)})")
+    modality.check_request(family, fam, data, val_data, init_from)
+    gradient = fam.trainer == "gradient"
+    if not gradient and (max_steps is not None or max_minutes is not None or resume):
+        raise BadRequest(f"--max-steps, --max-minutes and --resume apply to gradient-trained families; {family} "
+                         f"is fitted in closed form")
+    budget = Budget(max_steps, max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES) if gradient \
+        else None
+    if resume:
+        run_dir, record, configs, prepared = _resume(modality, family, fam, data, name, val_data, init_from,
+                                                     config_file, sets)
+    else:
+        values = dict(read_toml(Path(config_file))) if config_file else {}
+        values.update(sets)
+        configs = build(modality.sections(fam), values, family=family)
+        # several processes (torchrun): one name for all (the default has a timestamp); only the main process
+        # writes the run, the others compute the same data and model (docs/runs.md)
+        final_dir = on_main(store.claim_run_dir, family, data, name, overwrite)
+        prepared = modality.prepare(family, fam, data, val_data, init_from, configs, values)
+        record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
+                  **prepared.record}
+        header = {"family": family, "data": data, "aigc_version": __version__}
+
+        def write_files(staging: Path) -> None:
+            if prepared.write_files is not None:
+                prepared.write_files(staging)
+            store.write_record(staging, record)
+            atomic_write_text(staging / "config.toml", to_toml(configs, header))
+
+        run_dir = on_main(store.commit_run_dir, final_dir, write_files)
+    record["budget"] = {"max_steps": max_steps, "max_minutes": budget.max_minutes if budget else None}
+    record["status"] = "running"
+    on_main(store.write_record, run_dir, record)
+    with recording_failure(run_dir, record):
+        fit = modality.fit(fam, prepared, configs, run_dir, budget, resume)
+    if "dtype" in fit:
+        record.update(dtype=fit["dtype"], compiled=fit["compiled"])
+
+    def finish() -> dict:  # the main process scores and records; every process returns its metrics
+        metrics = modality.finish(family, fam, prepared, configs, run_dir, fit)
+        record.update(status="done", metrics=metrics, finished=store.now())
+        store.write_record(run_dir, record)
+        atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))
+        return metrics
+
+    return run_dir, on_main(finish)
+
+
+def _resume(modality: Modality, family: str, fam: Family, data: str, name: str, val_data: str | None,
+            init_from: str | None, config_file: str | None, sets: dict):
+    run_dir = store.runs_dir() / name
+    if not store.is_run(run_dir):
+        raise NotFound(f"--resume: no run named {name!r} in {store.runs_dir()}")
+    if sets or config_file or init_from or val_data:
+        raise BadRequest("--resume continues with the run's recorded configuration and data; "
+                         "drop --set/--config/--init-from/--val-data and the series flags (--column, --fill, ...)")
+    record = store.read_run(run_dir)
+    if store.modality_of(record) != modality.NAME:
+        raise Conflict(f"run {name!r} is a {record['family']} {store.modality_of(record)} run, not a {family} "
+                       f"{modality.NAME} run")
+    if record["family"] != family:
+        raise Conflict(f"run {name!r} is a {record['family']} run, not {family}")
+    if record["data"]["train"]["source"] != modality.source_of(data):
+        raise Conflict(f"run {name!r} was trained on {record['data']['train']['source']}, not {data}")
+    configs = build(modality.sections(fam), read_toml(run_dir / "config.toml"), family=family)
+    return run_dir, record, configs, modality.reload(family, fam, run_dir, record, configs)
+
+
+@contextlib.contextmanager
+def recording_failure(run_dir: Path, record: dict):
+    """Around training: an exception marks the run `interrupted` (Ctrl-C) or `failed` in run.json
+    (written by the main process), then goes on."""
+    try:
+        yield
+    except BaseException as e:
+        record["status"] = "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed"
+        if is_main_process():
+            store.write_record(run_dir, record)
+        raise
+
+
+# ----------------------------------------------------------------------------------
+# generation
+
+
+class ModelCache:
+    """Loaded models by run directory, each loaded and verified once; a run whose files changed since (a new
+    training, an overwrite) is loaded again. Thread-safe: a server's requests share it."""
+
+    def __init__(self):
+        self._models: dict[str, tuple[tuple, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, modality: Modality, path: Path) -> object:
+        key, signature = str(Path(path).resolve()), _signature(path)
+        with self._lock:
+            hit = self._models.get(key)
+            if hit is not None and hit[0] == signature:
+                return hit[1]
+        loaded = modality.load(str(path))  # outside the lock: a slow load does not hold up other runs
+        with self._lock:
+            self._models[key] = (signature, loaded)
+        return loaded
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+def _signature(path: Path) -> tuple:
+    """What changes when a run's weights change: the manifest (a run) or config.json (a Hugging Face folder)."""
+    for name in ("manifest.json", "config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            stat = f.stat()
+            return name, stat.st_mtime_ns, stat.st_size
+    return ()
+
+
+MODELS = ModelCache()
+
+
+def resolve(run: str) -> tuple[Path, Modality]:
+    """The directory of a run (or of a Hugging Face causal-LM folder, a text model) and its modality."""
+    path = Path(run).expanduser()
+    if not store.is_run(path) and (path / "config.json").is_file():
+        return path, MODALITIES["text"]
+    run_dir = store.find_run(run)
+    return run_dir, MODALITIES[store.modality_of(store.read_run(run_dir))]
+
+
+def load(run: str) -> object:
+    """The loaded model of a run, from the cache."""
+    run_dir, modality = resolve(run)
+    return MODELS.get(modality, run_dir)
+
+
+def generate(run: str, options: dict | None = None, *, seed: int | None = None,
+             stream: Callable[[str], None] | None = None) -> Generation:
+    """Generate from a run: options are the modality's (`Modality.GENERATE_OPTIONS`; None means the default);
+    one that belongs to another modality is an error that says which."""
+    run_dir, modality = resolve(run)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    check_options(modality, options, "GENERATE_OPTIONS")
+    if stream is not None and modality.NAME != "text":
+        raise BadRequest("--stream applies to text runs")
+    return modality.generate(MODELS.get(modality, run_dir), options, draw_seed(seed), stream)
+
+
+def check_options(modality: Modality, options: dict, kind: str) -> None:
+    """Every option given is one the modality takes (`kind`: GENERATE_OPTIONS or EVALUATE_OPTIONS); the error for
+    one that is not says which modality it belongs to."""
+    for key in options:
+        if key in getattr(modality, kind):
+            continue
+        flag = ("-" if len(key) == 1 else "--") + key.rstrip("_").replace("_", "-")
+        if modality.NAME == "series" and key == "n" and kind == "GENERATE_OPTIONS":
+            flag = "-n (use --paths K)"
+        owners = [name for name, m in MODALITIES.items() if key in getattr(m, kind)]
+        if not owners:
+            raise BadRequest(f"unknown option {key!r}")
+        raise BadRequest(f"{flag} does not apply to {modality.NAME} runs ({flag.split(' ')[0]} applies to "
+                         f"{' and '.join(owners)} runs)")
+
+
+def regenerate_image(path: str) -> Generation:
+    """An image again, from the generation record its PNG carries."""
+    return image.regenerate(path)
+
+
+def default_out_dir(generation: Generation) -> Path:
+    """Where `aigc generate` writes files when it is given no --out: inside the run."""
+    run_dir, settings = Path(generation.record["run"]), generation.record["settings"]
+    if generation.modality == "series":
+        return run_dir / "generated" / f"horizon-{settings['horizon']}-seed-{settings['seed']}"
+    if generation.modality == "image" and "source" in generation.extra:  # --from-image: beside the image
+        return Path(generation.extra["source"]).parent / "regenerated"
+    return run_dir / "generated" / f"seed-{settings['seed']}"
+
+
+def save(generation: Generation, out_dir: Path | None = None) -> list[str]:
+    """Write a generation's files (PNGs with their records, forecast CSV and fan chart, samples.jsonl)."""
+    return MODALITIES[generation.modality].save(generation, Path(out_dir) if out_dir else default_out_dir(generation))
+
+
+# ----------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(run: str, options: dict | None = None) -> dict:
+    """Evaluate a run (its modality's metrics) and write eval.json into it."""
+    run_dir = store.find_run(run)
+    record = store.read_run(run_dir)
+    modality = MODALITIES[store.modality_of(record)]
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    check_options(modality, options, "EVALUATE_OPTIONS")
+    return modality.evaluate(run_dir, record, options)
+
+
+def evaluate_image_folder(folder: str, data: str, n: int | None = None, *, out: str | None = None) -> dict:
+    """Score a folder of images against a data set's held-out images, as an image run is scored."""
+    return image.evaluate_folder(folder, data, image.EVAL_IMAGES if n is None else n, out=out)
