@@ -79,6 +79,38 @@ def aigc_home(tmp_path_factory, monkeypatch):
     return home
 
 
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a PostgreSQL database for the session: $AIGC_TEST_POSTGRES_URL, else a throwaway cluster
+    (tests/postgres.py) started here and deleted at the end. Skips, saying why, where none can start."""
+    from tests import postgres
+
+    try:
+        with postgres.server_url() as url:
+            yield url
+    except postgres.Unavailable as e:
+        pytest.skip(f"PostgreSQL unavailable: {e}")
+
+
+@pytest.fixture
+def postgres_database(postgres_url):
+    """A new, empty PostgreSQL database for one test (dropped after it): its URL."""
+    from tests import postgres
+
+    url = postgres.create_database(postgres_url)
+    yield url
+    postgres.drop_database(postgres_url, url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """The URL of an empty store database, once on SQLite (a file whose folder does not exist yet) and once on
+    PostgreSQL: the same test, the same migrations, on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'aigc.db'}"
+    return request.getfixturevalue("postgres_database")
+
+
 def make_poems(n_poems: int = 40, seed: int = 0) -> list[str]:
     """Five-character quatrains over a small Chinese alphabet, with a title line: a corpus whose
     shape (line length, punctuation) a tiny model can learn in a few steps."""

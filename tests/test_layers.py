@@ -14,12 +14,12 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # top to bottom: a module may import from its own layer and the layers below it
-    ("interfaces", ("aigc.cli", "aigc.__main__", "aigc.quickstart")),
+    ("interfaces", ("aigc.cli", "aigc.__main__", "aigc.quickstart", "aigc.server")),
     ("service", ("aigc.service",)),
     ("modalities", ("aigc.modalities",)),
     ("engines", ("aigc.train", "aigc.sample", "aigc.checkpoint", "aigc.distributed", "aigc.models", "aigc.data",
                  "aigc.evaluate")),
-    ("store", ("aigc.store",)),
+    ("store", ("aigc.store", "aigc.db")),
     ("base", ("aigc.config", "aigc.errors", "aigc.fsutil", "aigc")),
 ]
 # imports of the package's own modules inside functions, with the reason (a measured start-up cost)

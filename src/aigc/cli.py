@@ -223,6 +223,10 @@ def generate(
     level: Annotated[float | None, typer.Option(help="series runs: prediction-interval level (default 0.95)")] = None,
     noise: Annotated[str | None, typer.Option(help="series runs: gaussian (default) | bootstrap (resampled "
                                                    "residuals)")] = None,
+    message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
+                                                     "message is the prompt, as in the API's chat)")] = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help="do not record it in the store (aigc history)")
+                         ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Generate text, images, or series forecasts and sample paths from a trained run.
@@ -237,6 +241,8 @@ def generate(
 
       aigc generate poet --stop 。 --stream
 
+      aigc generate poet --message 床前明月光
+
       aigc generate my-vae -n 64 --seed 0 --out pictures/
 
       aigc generate my-gan -n 16 --truncation 1.5
@@ -250,7 +256,11 @@ def generate(
         _fail("missing RUN: give a run name or directory, or --from-image FILE", 2)  # a usage error
     if stream and json_out:
         raise UserError("--stream and --json exclude each other")
+    if message is not None and prompt is not None:
+        raise UserError("--message and --prompt exclude each other (a chat message is the prompt)")
     service = _service()
+    if message is not None:
+        prompt = service.chat_prompt([{"role": "user", "content": message}])
     options = {"prompt": prompt, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
                "top_k": top_k, "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
@@ -264,10 +274,17 @@ def generate(
         generation = service.regenerate_image(from_image)
     else:
         generation = service.generate(run, options, seed=seed, stream=print_stream if stream else None)
+    request = {"endpoint": "cli", "run": run, "from_image": from_image, "seed": seed, **options}
     if generation.modality == "text":
+        if message is not None:  # the reply alone, as chat answers
+            generation.outputs = [s[len(prompt):] for s in generation.outputs]
         _show_text(generation, stream, json_out)
+        if not no_record:
+            _record(service, generation, request)
         return
     files = service.save(generation, out)
+    if not no_record:
+        _record(service, generation, request, files)
     if generation.modality == "image":
         if json_out:
             settings = generation.record["settings"]
@@ -290,6 +307,14 @@ def generate(
         print(f"{row[0]!s:<20} {row[1]:>14.6g} {row[2]:>14.6g} {row[3]:>14.6g}")
     print(f"{result['level']:.0%} intervals; seed {result['settings']['seed']}; files: "
           f"{', '.join(result['files'])}", file=sys.stderr)
+
+
+def _record(service, generation, request: dict, files: list[str] | None = None) -> None:
+    from aigc.db import Store
+
+    with Store() as db:
+        ids = service.record(generation, db, source="cli", request=request, files=files)
+    print(f"recorded as {ids[0]}{f' .. {ids[-1]}' if len(ids) > 1 else ''} (aigc history)", file=sys.stderr)
 
 
 def print_stream(text: str) -> None:
@@ -539,6 +564,161 @@ def quickstart(
         raise UserError("--pretrain-steps and --max-steps must be >= 1")
     run(data=data, pretrain_data=None if pretrain_data == "none" else pretrain_data, pretrain_steps=pretrain_steps,
         max_steps=max_steps, name=name, sets=parse_sets(set_ or []))
+
+
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs an API key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    runs: Annotated[str | None, typer.Option(help="runs directory to serve (default $AIGC_HOME/runs)")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="NAME=DIR: also serve a local Hugging Face causal-LM "
+                                                         "folder as model NAME; repeatable")] = None,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the store (default $AIGC_DATABASE_URL, "
+                                                      "else sqlite:///$AIGC_HOME/aigc.db)")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body accepted (413 beyond)")] = 4.0,
+    rate_limit: Annotated[int, typer.Option(help="requests a minute per API key or client (0 = off; 429 beyond)")
+                          ] = 600,
+    max_queue: Annotated[int, typer.Option(help="generations waiting at most (503 with Retry-After beyond)")] = 32,
+    batching: Annotated[bool, typer.Option(help="decode concurrent text requests to one model together")] = True,
+    batch_size: Annotated[int, typer.Option(help="samples in one decoding batch at most")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits at most for more requests "
+                                                        "(5 ms without a new one ends the wait)")] = 50.0,
+):
+    """Serve every run (and --model folders) over HTTP: an OpenAI-compatible API, images and forecasts, the store
+    of generations and ratings (docs/serve.md).
+
+    Examples:
+
+      aigc serve
+
+      aigc serve --port 8080 --model gpt2=/models/gpt2
+
+      aigc keys create laptop && aigc serve --host 0.0.0.0
+    """
+    _quiet_libraries()
+    from aigc.server import parse_models
+    from aigc.server import serve as run_server
+    from aigc.server.app import ServerConfig
+    from aigc.store import runs_dir
+
+    if not max_body_mb > 0 or rate_limit < 0 or max_queue < 0:
+        raise UserError("--max-body-mb must be > 0, --rate-limit and --max-queue >= 0")
+    if not 1 <= batch_size <= 256 or not 0 <= batch_window_ms <= 1000:
+        raise UserError("--batch-size must be in 1..256 and --batch-window-ms in 0..1000")
+    root = Path(runs).expanduser().resolve() if runs else runs_dir()
+    if runs and not root.is_dir():
+        raise UserError(f"--runs {runs}: no such directory")
+    config = ServerConfig(runs=root, models=parse_models(model or []), database=database,
+                          max_body_bytes=int(max_body_mb * 2**20), rate_limit=rate_limit, max_queue=max_queue,
+                          batching=batching, batch_rows=batch_size, batch_window_ms=batch_window_ms)
+    run_server(config, host=host, port=port)
+
+
+keys_app = typer.Typer(help="API keys of `aigc serve` (stored hashed in the store).\n\nExamples:\n\n"
+                            "  aigc keys create laptop\n\n  aigc keys list\n\n  aigc keys revoke laptop",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+@user_errors
+def keys_create(name: Annotated[str, typer.Argument(help="a name for the key (who or what uses it)")]):
+    """Make an API key; it is printed once and stored only as a hash."""
+    from aigc.db import Store
+
+    with Store() as db:
+        row, secret = db.create_key(name)
+    print(secret)
+    print(f"key {row['name']!r} ({row['id']}): send it as Authorization: Bearer <key>; it is not shown again",
+          file=sys.stderr)
+
+
+@keys_app.command("list")
+@user_errors
+def keys_list(json_out: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False):
+    """The API keys (name, id, first characters, created, revoked)."""
+    from aigc.db import Store
+
+    with Store() as db:
+        rows = db.list_keys()
+    if json_out:
+        _emit_json({"keys": rows})
+        return
+    if not rows:
+        print("no API keys (aigc keys create NAME makes one)", file=sys.stderr)
+    for r in rows:
+        print(f"{r['name']:<24} {r['id']:<30} {r['prefix']}...  created {r['created']}"
+              f"{'  REVOKED ' + r['revoked'] if r['revoked'] else ''}")
+
+
+@keys_app.command("revoke")
+@user_errors
+def keys_revoke(name: Annotated[str, typer.Argument(help="the key's name or id")]):
+    """Revoke an API key: requests with it get 401 from now on."""
+    from aigc.db import Store
+
+    with Store() as db:
+        row = db.revoke_key(name)
+    print(f"revoked key {row['name']!r} ({row['id']})", file=sys.stderr)
+
+
+history_app = typer.Typer(help="Every generation recorded in the store, with its ratings.", invoke_without_command=True)
+app.add_typer(history_app, name="history")
+
+
+@history_app.callback()
+@user_errors
+def history(
+    ctx: typer.Context,
+    run: Annotated[str | None, typer.Option(help="only this run's generations")] = None,
+    rated: Annotated[bool, typer.Option("--rated", help="only rated generations")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many, newest first")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON on stdout")] = False,
+):
+    """List recorded generations, newest first.
+
+    Examples:
+
+      aigc history
+
+      aigc history --run poet --rated --json
+
+      aigc history export feedback.jsonl
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from aigc.db import Store
+
+    if limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    with Store() as db:
+        rows = db.list_generations(run=run, rated=True if rated else None, limit=limit)
+    if json_out:
+        _emit_json({"generations": rows})
+        return
+    if not rows:
+        print("no generations recorded yet", file=sys.stderr)
+    for r in rows:
+        score = sum(x["score"] for x in r["ratings"])
+        what = r["output"][0] if r["modality"] == "text" and r["output"] else (r["file"] or "")
+        what = str(what).replace("\n", " ")
+        print(f"{r['id']}  {r['created'][:19]}  {r['source']:<6} {r['run']:<24} "
+              f"{'rated ' + format(score, '+d') if r['ratings'] else 'unrated':<9} {what[:60]}")
+
+
+@history_app.command("export")
+@user_errors
+def history_export(
+    file: Annotated[str, typer.Argument(help="JSON lines file to write (replaced)")],
+    run: Annotated[str | None, typer.Option(help="only this run's generations")] = None,
+):
+    """Export generations with their ratings, one JSON object a line."""
+    from aigc.db import Store
+
+    with Store() as db:
+        count = db.export_jsonl(Path(file), run=run)
+    print(f"wrote {count} generations to {file}", file=sys.stderr)
 
 
 def main() -> None:

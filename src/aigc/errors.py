@@ -27,3 +27,7 @@ class Interrupted(Exception):
     def __init__(self, step: int):
         super().__init__(f"interrupted at step {step}; checkpoint saved, continue with --resume")
         self.step = step
+
+
+class Cancelled(Exception):
+    """Work stopped because whoever asked for it is gone (a server's client disconnected)."""

@@ -17,20 +17,25 @@ Errors are typed (aigc.errors): BadRequest, NotFound, Conflict, all UserErrors.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from aigc import __version__, store
 from aigc.config import build, read_toml, to_toml
+from aigc.data.images import save_png
 from aigc.data.series import is_series_data
+from aigc.db import Store, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
-from aigc.fsutil import atomic_write_text
+from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
+from aigc.sample import BATCHER
 from aigc.train import Budget
 
 DEFAULT_MAX_MINUTES = 10.0  # the budget of a gradient-trained family when neither --max-steps nor --max-minutes
@@ -242,15 +247,79 @@ def load(run: str) -> object:
 
 
 def generate(run: str, options: dict | None = None, *, seed: int | None = None,
-             stream: Callable[[str], None] | None = None) -> Generation:
+             stream: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
+             batch: bool = False) -> Generation:
     """Generate from a run: options are the modality's (`Modality.GENERATE_OPTIONS`; None means the default);
-    one that belongs to another modality is an error that says which."""
+    one that belongs to another modality is an error that says which. `cancel` set while it works: it stops
+    and raises errors.Cancelled. `batch`: share a decoding batch with the requests other threads make at the
+    same time, where the modality can (`Modality.BATCHES`); the outputs are the same. The time it took (model
+    loading and waiting for the batch included) is `extra["latency_s"]`."""
+    t0 = time.perf_counter()
     run_dir, modality = resolve(run)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     check_options(modality, options, "GENERATE_OPTIONS")
     if stream is not None and modality.NAME != "text":
         raise BadRequest("--stream applies to text runs")
-    return modality.generate(MODELS.get(modality, run_dir), options, draw_seed(seed), stream)
+    generation = modality.generate(MODELS.get(modality, run_dir), options, draw_seed(seed), stream, cancel,
+                                   batched=batch and modality.BATCHES)
+    generation.extra["latency_s"] = time.perf_counter() - t0
+    return generation
+
+
+def configure_batching(window_s: float, max_rows: int) -> None:
+    """How long a decoding batch waits at most for more requests after its first, and how many samples it takes."""
+    BATCHER.window_s, BATCHER.max_rows = window_s, max_rows
+
+
+def chat_prompt(messages: list[dict]) -> str:
+    """What a chat request asks of a model trained on plain text (it has no chat template): the last user
+    message is the prompt, and the reply is its continuation; system and earlier messages are not read."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise BadRequest("messages: give at least one message with role 'user' (its text is the prompt)")
+    return users[-1]["content"]
+
+
+def record(generation: Generation, db: Store, *, source: str, request: dict, files: list[str] | None = None,
+           key_id: str | None = None, ids: list[str] | None = None) -> list[str]:
+    """Store a generation (aigc.db): one row for text and series, one row per image (its PNG is written into
+    $AIGC_HOME/generations/ when `files` does not say where it already is). Returns the generation ids (`ids`:
+    drawn beforehand, e.g. for a stream whose chunks carry the id)."""
+    run_dir = Path(generation.record["run"])
+    common = {"run": run_dir.name, "run_path": str(run_dir), "run_sha256": weights_sha256(run_dir),
+              "modality": generation.modality, "latency_s": generation.extra.get("latency_s", 0.0),
+              "key_id": key_id, "source": source}
+    settings = generation.record["settings"]
+    if generation.modality == "image":
+        made = []
+        for i, (pixels, rec) in enumerate(zip(generation.outputs, generation.record["images"], strict=True)):
+            gen_id = ids[i] if ids else new_id("gen")
+            if files is None:
+                path = store.generations_dir() / f"{gen_id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_png(path, pixels, rec)
+            else:
+                path = Path(files[i])
+            made.append(db.add_generation(id=gen_id, request={**request, "index": i}, seed=rec["seed"],
+                                          family=rec["family"], file=str(path), output={"class": rec["class"]},
+                                          **common))
+        return made
+    stats = generation.record.get("stats", {})
+    output = generation.outputs if generation.modality == "text" else json_safe(generation.outputs)
+    family = generation.record.get("family") or settings.get("family")
+    return [db.add_generation(id=ids[0] if ids else None, request=request, seed=settings.get("seed"), family=family,
+                              output=output, file=files[0] if files else None,
+                              prompt_tokens=stats.get("prompt_tokens"),
+                              completion_tokens=stats.get("generated_tokens"), **common)]
+
+
+def weights_sha256(path: Path) -> str | None:
+    """The sha256 of what names a run's weights: its manifest (a run) or config.json (a Hugging Face folder)."""
+    for name in ("manifest.json", "config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            return hashlib.sha256(f.read_bytes()).hexdigest()
+    return None
 
 
 def check_options(modality: Modality, options: dict, kind: str) -> None:

@@ -38,6 +38,22 @@ def cache_dir() -> Path:
     return aigc_home() / "cache"
 
 
+def generations_dir() -> Path:
+    """Files of the generations the store (aigc.db) records: the PNGs of API image requests."""
+    return aigc_home() / "generations"
+
+
+def run_in(root: Path, name: str) -> Path:
+    """The run called `name` directly inside `root`, and nowhere else: no path, no '..', no symlink that
+    leads out of `root` (what a server resolves a model id with)."""
+    root = Path(root).resolve()
+    if valid_name(name):
+        path = (root / name).resolve()
+        if path.parent == root and is_run(path):
+            return path
+    raise NotFound(f"no such model: {name!r} (see GET /v1/models)")
+
+
 def valid_name(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name))
 
@@ -75,8 +91,8 @@ def modality_of(record: dict) -> str:
     return record.get("modality", "text")  # text runs made before the field existed have none
 
 
-def list_runs() -> list[dict]:
-    root = runs_dir()
+def list_runs(root: Path | None = None) -> list[dict]:
+    root = runs_dir() if root is None else Path(root)
     return [summary(path) for path in (sorted(root.iterdir()) if root.is_dir() else []) if is_run(path)]
 
 

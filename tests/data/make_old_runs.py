@@ -26,10 +26,10 @@ def main() -> None:
     import numpy as np
     from aigc.image_runs import generate_images
     from aigc.runs import train
+    from aigc.series_runs import generate_series
 
     import aigc
     from aigc.sample import GenerateSettings, generate, load_run
-    from aigc.series_runs import generate_series
 
     print(f"aigc from {aigc.__file__}", file=sys.stderr)
     data = home / "data"

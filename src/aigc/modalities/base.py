@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Modality(Protocol):
     """The stages of a run that differ by modality (every function takes what it needs, no hidden state)."""
 
     NAME: str  # "text", "image", "series"
+    BATCHES: bool  # whether `generate` takes batched=True (concurrent requests decoded together)
     GENERATE_OPTIONS: tuple[str, ...]  # the generation options it takes beyond the seed
     EVALUATE_OPTIONS: tuple[str, ...]  # the evaluation options it takes
 
@@ -59,8 +61,9 @@ class Modality(Protocol):
 
     def load(self, spec: str) -> Any: ...  # a finished run (or another folder the modality reads), verified
 
-    def generate(self, loaded: Any, options: dict, seed: int, stream: Callable[[str], None] | None
-                 ) -> Generation: ...
+    def generate(self, loaded: Any, options: dict, seed: int, stream: Callable[[str], None] | None,
+                 cancel: threading.Event | None = None, *, batched: bool = False
+                 ) -> Generation: ...  # cancel set: raise errors.Cancelled; batched: only where BATCHES
 
     def save(self, generation: Generation, out_dir: Path) -> list[str]: ...  # files written
 

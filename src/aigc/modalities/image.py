@@ -10,6 +10,7 @@ a user sees the model improve) and `pictures/` (the family's own pictures, docs/
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from aigc.data.images import (
     to_uint8,
 )
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, NotFound, UserError
+from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
 from aigc.evaluate.images import score_against_data
 from aigc.evaluate.pictures import write_pictures
 from aigc.fsutil import write_json
@@ -41,6 +42,7 @@ from aigc.store import card_header, find_run, read_run
 from aigc.train import ImageBatches, train_loop
 
 NAME = "image"
+BATCHES = False
 GENERATE_OPTIONS = ("n", "class_", "sampler", "steps", "eta", "guidance_scale", "truncation")
 EVALUATE_OPTIONS = ("n",)  # `aigc eval` options beyond the run
 GRID_SEED = 0  # training grids use fixed latents, so consecutive grids show the same samples improving
@@ -217,6 +219,8 @@ class LoadedImages:
         self.record = read_run(run_dir)
         if self.record.get("modality") != NAME:
             raise BadRequest(f"run {self.path.name!r} is not an image run")
+        if not (self.path / "manifest.json").is_file():
+            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
         verify_manifest(self.path)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()
@@ -226,8 +230,8 @@ def load(spec: str) -> LoadedImages:
     return LoadedImages(find_run(spec))
 
 
-def generate(loaded: LoadedImages, options: dict, seed: int, stream: Callable[[str], None] | None = None
-             ) -> Generation:
+def generate(loaded: LoadedImages, options: dict, seed: int, stream: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
     """n images; image i uses seed + i. `options`: n, class_ (a class name or index of a conditional run) and
     the family's declared sampling options (diffusion: sampler, steps, eta, guidance_scale; dcgan:
     truncation); an option the family does not declare is an error."""
@@ -245,6 +249,8 @@ def generate(loaded: LoadedImages, options: dict, seed: int, stream: Callable[[s
     images, records = [], []
     t0 = time.perf_counter()
     for i in range(n):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
         image_record = {"run": str(loaded.path), "family": record["family"], "seed": seed + i,
                         "sampler": options.get("sampler"), "steps": options.get("steps"), "eta": options.get("eta"),
                         "class": label, "guidance": options.get("guidance_scale"),

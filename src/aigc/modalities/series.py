@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ from aigc.store import card_header, find_run, read_run
 from aigc.train import Budget, train_loop
 
 NAME = "series"
+BATCHES = False
 GENERATE_OPTIONS = ("horizon", "paths", "level", "noise")
 EVALUATE_OPTIONS = ("horizon", "level")  # `aigc eval` options beyond the run
 GENERATE_DEFAULTS = {"paths": 0, "level": 0.95, "noise": "gaussian"}
@@ -324,8 +326,8 @@ def check_generate(horizon: int, paths: int, level: float, noise: str, seed: int
         raise BadRequest(f"--seed must be >= 0, got {seed}")
 
 
-def generate(loaded: LoadedSeries, options: dict, seed: int, stream: Callable[[str], None] | None = None
-             ) -> Generation:
+def generate(loaded: LoadedSeries, options: dict, seed: int, stream: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
     """The point forecast from the end of the series, its level interval, nested bands for the fan chart, and
     `paths` generated continuations (their own seeded generator)."""
     options = {**GENERATE_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}

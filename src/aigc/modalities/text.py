@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from aigc.store import card_header, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
 
 NAME = "text"
+BATCHES = True  # concurrent requests can share a decoding batch (generate(..., batched=True))
 GENERATE_OPTIONS = ("prompt", "n", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                     "num_beams", "no_repeat_ngram_size", "stop")
 EVALUATE_OPTIONS = ()  # `aigc eval` options beyond the run
@@ -311,10 +313,10 @@ def settings_of(options: dict, seed: int) -> GenerateSettings:
     return GenerateSettings(seed=seed, **options).validate()
 
 
-def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[str], None] | None = None
-             ) -> Generation:
+def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
     settings = settings_of(options, seed)
-    samples, stats = decode(loaded, settings, stream=stream)
+    samples, stats = decode(loaded, settings, stream=stream, cancel=cancel, batched=batched)
     return Generation(NAME, samples, {"run": str(loaded.path), "family": loaded.family,
                                       "settings": settings_dict(settings), "stats": stats})
 

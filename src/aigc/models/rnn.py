@@ -91,8 +91,11 @@ class RNNLM(PreTrainedModel, GenerationMixin):
                 logits_to_keep: int = 0, **kwargs) -> RNNLMOutput:
         # input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) during generation; with
         # `state` (from the previous call) the sequence continues from it, else from a zero state.
-        # Left padding (attention_mask 0) only occurs in batched prompts of equal length here:
-        # all rows share one prompt, so the mask is all ones and can be ignored.
+        # Left padding (attention_mask 0 before a row's first token, as batched prompts of different lengths
+        # have): each such row starts from the zero state at its first real token; its pad positions'
+        # logits are zeros.
+        if state is None and attention_mask is not None and not bool(attention_mask.all()):
+            return self._forward_left_padded(input_ids, attention_mask, use_cache, logits_to_keep)
         x = self.drop(self.wte(input_ids))  # (B, T, n_embd)
         if state is not None and self.config.cell != "lstm":
             (state,) = state
@@ -103,6 +106,23 @@ class RNNLM(PreTrainedModel, GenerationMixin):
         if not use_cache:
             return RNNLMOutput(logits=logits)
         return RNNLMOutput(logits=logits, state=last if isinstance(last, tuple) else (last,))
+
+    def _forward_left_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool | None,
+                             logits_to_keep: int) -> RNNLMOutput:
+        """Row by row over each row's unpadded tokens (what it would read alone), then stacked."""
+        outs = []
+        for row, keep in zip(input_ids, attention_mask.bool(), strict=True):
+            outs.append(self.forward(row[keep][None], use_cache=True))
+        length = input_ids.shape[1]
+        logits = input_ids.new_zeros((len(outs), length, self.config.vocab_size), dtype=outs[0].logits.dtype)
+        for b, out in enumerate(outs):
+            logits[b, length - out.logits.shape[1]:] = out.logits[0]
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        if not use_cache:
+            return RNNLMOutput(logits=logits)
+        state = tuple(torch.cat([out.state[i] for out in outs], dim=1) for i in range(len(outs[0].state)))
+        return RNNLMOutput(logits=logits, state=state)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, state=None,
                                       use_cache: bool | None = None, **kwargs) -> dict:

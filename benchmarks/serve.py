@@ -1,0 +1,216 @@
+"""Serving benchmark: a quickstart-sized gpt served for real by `aigc serve` (a subprocess on loopback),
+streamed completions of max_tokens 100 from 1, 4, 16 and 64 concurrent clients, with batching on and off;
+requests/s, tokens/s, p50/p99 latency and time to first token; against a bare loop of transformers
+`generate` calls on the same model at batch 1 and 16, measured in the same run.
+
+    python benchmarks/serve.py [--quick] [--out benchmarks/results]
+
+Targets at 16 clients (issue 14): the server's tokens/s speed-up from 1 to 16 clients >= 0.75x the bare
+batch-16 / batch-1 ratio; >= 4x the server with batching off; p99 latency <= 3x p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, ROOT, describe_machine, fmt, machine, write_results
+
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+PROMPT = "春眠不觉晓"  # every request the same length: the batch has no padding
+MAX_TOKENS = 100
+GPT = {"n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "256", "block_size": "128",
+       "batch_size": "8", "dtype": "fp32", "compile": "false", "warmup_steps": "1", "eval_interval": "1",
+       "eval_batches": "1"}
+
+
+def make_run(home: Path) -> str:
+    """The quickstart's gpt shape (4 layers x 128), trained one step: its speed is what is measured."""
+    from aigc.service import train
+
+    data = "tang300" if Path("/usr/share/games/fortunes/tang300").is_file() else None  # the Debian fortunes-zh
+    if data is None:
+        data = str(home / "poems.txt")
+        Path(data).write_text("\n%\n".join("春江花月夜，山水风云雨。" * 4 for _ in range(200)), encoding="utf-8")
+    train("gpt", data, name="served-gpt", max_steps=1, sets=GPT)
+    return "served-gpt"
+
+
+def bare_generate(run: str, batch: int, repeats: int) -> float:
+    """Tokens/s of transformers' `generate` (sampling, cache on, exactly MAX_TOKENS new tokens) in-process."""
+    from aigc import service
+
+    loaded = service.load(run)
+    ids = [loaded.tokenizer.eot_id] + loaded.tokenizer.encode(PROMPT)
+    prompt = torch.tensor([ids] * batch)
+    with torch.no_grad():
+        loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, max_new_tokens=8,
+                              pad_token_id=loaded.tokenizer.eot_id)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                  max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                  pad_token_id=loaded.tokenizer.eot_id)
+    return batch * MAX_TOKENS * repeats / (time.perf_counter() - t0)
+
+
+def start_server(home: Path, port: int, batching: bool) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "AIGC_HOME": str(home), "AIGC_DATABASE_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "aigc", "serve", "--port", str(port), "--rate-limit", "0",
+                             "--max-queue", "512", "--batching" if batching else "--no-batching"], env=env)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+async def one_request(client, url: str, run: str, seed: int) -> dict:
+    body = {"model": run, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "seed": seed, "temperature": 0.8,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as answer:
+        if answer.status_code != 200:
+            raise SystemExit(f"status {answer.status_code}: {await answer.aread()}")
+        async for line in answer.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices") and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - t0, "ttft": first if first is not None else math_nan(), "tokens": tokens}
+
+
+def math_nan() -> float:
+    return float("nan")
+
+
+async def load(url: str, run: str, clients: int, per_client: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def worker(c: int) -> list[dict]:
+            return [await one_request(client, url, run, seed=1000 * c + k) for k in range(per_client)]
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(worker(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    rows = [r for per in done for r in per]
+    latencies = sorted(r["latency"] for r in rows)
+    ttfts = sorted(r["ttft"] for r in rows)
+    return {"clients": clients, "requests": len(rows), "seconds": wall, "requests_per_s": len(rows) / wall,
+            "tokens_per_s": sum(r["tokens"] for r in rows) / wall, "latency_p50": quantile(latencies, 0.5),
+            "latency_p99": quantile(latencies, 0.99), "ttft_p50": quantile(ttfts, 0.5),
+            "ttft_p99": quantile(ttfts, 0.99)}
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 \
+        else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a couple of minutes)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--port", type=int, default=0, help="default: a free one")
+    args = parser.parse_args()
+    if not args.port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            args.port = s.getsockname()[1]
+    home = Path(tempfile.mkdtemp(prefix="aigc-serve-bench-"))
+    os.environ["AIGC_HOME"] = str(home)
+    run = make_run(home)
+    print("bare transformers generate at batch 1 and 16...", file=sys.stderr)
+    bare = {"batch_1": bare_generate(run, 1, 2 if args.quick else 4),
+            "batch_16": bare_generate(run, 16, 1 if args.quick else 2)}
+    bare["ratio"] = bare["batch_16"] / bare["batch_1"]
+    result = {"benchmark": "serve", "quick": args.quick, "machine": machine(), "max_tokens": MAX_TOKENS,
+              "bare_generate_tokens_per_s": bare, "rows": []}
+    for batching in (True, False):
+        proc = start_server(home, args.port, batching)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            asyncio.run(load(url, run, 1, 1))  # loads the model
+            for clients in (1, 4, 16, 64):
+                per_client = 1 if args.quick and clients >= 16 else (2 if clients >= 4 else 8)
+                print(f"batching {'on' if batching else 'off'}, {clients} clients...", file=sys.stderr)
+                row = {"batching": batching, **asyncio.run(load(url, run, clients, per_client))}
+                result["rows"].append(row)
+                print(f"  {row['tokens_per_s']:.0f} tokens/s, p50 {row['latency_p50']:.2f} s, "
+                      f"p99 {row['latency_p99']:.2f} s", file=sys.stderr)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    result["targets"] = targets(result)
+    write_results(args.out, "serve", result, markdown(result))
+    print(markdown(result))
+
+
+def targets(result: dict) -> dict:
+    by = {(r["batching"], r["clients"]): r for r in result["rows"]}
+    on16, on1, off16 = by[(True, 16)], by[(True, 1)], by[(False, 16)]
+    speedup = on16["tokens_per_s"] / on1["tokens_per_s"]
+    bare_ratio = result["bare_generate_tokens_per_s"]["ratio"]
+    return {
+        "speedup_1_to_16": speedup, "bare_ratio": bare_ratio, "speedup_vs_bare_ratio": speedup / bare_ratio,
+        "speedup_met": speedup >= 0.75 * bare_ratio,
+        "vs_batching_off": on16["tokens_per_s"] / off16["tokens_per_s"],
+        "vs_batching_off_met": on16["tokens_per_s"] >= 4 * off16["tokens_per_s"],
+        "p99_over_p50": on16["latency_p99"] / on16["latency_p50"],
+        "p99_met": on16["latency_p99"] <= 3 * on16["latency_p50"],
+        "server_1_client_vs_bare_batch_1": on1["tokens_per_s"] / result["bare_generate_tokens_per_s"]["batch_1"],
+    }
+
+
+def markdown(r: dict) -> str:
+    t, bare = r["targets"], r["bare_generate_tokens_per_s"]
+    lines = [
+        "# Serving: `aigc serve`, streamed completions of 100 tokens, a 4 x 128 gpt", "",
+        f"Machine: {describe_machine(r['machine'])}. Bare transformers `generate` in-process on the same model: "
+        f"{bare['batch_1']:.0f} tokens/s at batch 1, {bare['batch_16']:.0f} at batch 16 "
+        f"(ratio {bare['ratio']:.2f}x).", "",
+        "| batching | clients | requests | requests/s | tokens/s | latency p50 (s) | p99 (s) | first token p50 (s) "
+        "| p99 (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {'on' if row['batching'] else 'off'} | {row['clients']} | {row['requests']} | "
+                     f"{fmt(row['requests_per_s'])} | {row['tokens_per_s']:.0f} | {fmt(row['latency_p50'])} | "
+                     f"{fmt(row['latency_p99'])} | {fmt(row['ttft_p50'])} | {fmt(row['ttft_p99'])} |")
+    lines += [
+        "", "Targets at 16 clients:", "",
+        f"- tokens/s speed-up from 1 to 16 clients {t['speedup_1_to_16']:.2f}x vs the bare batch-16/batch-1 ratio "
+        f"{t['bare_ratio']:.2f}x: {t['speedup_vs_bare_ratio']:.2f} of it (target >= 0.75: "
+        f"{'met' if t['speedup_met'] else 'missed'})",
+        f"- batching on vs off: {t['vs_batching_off']:.2f}x (target >= 4: "
+        f"{'met' if t['vs_batching_off_met'] else 'missed'})",
+        f"- p99 / p50 latency {t['p99_over_p50']:.2f} (target <= 3: {'met' if t['p99_met'] else 'missed'})",
+        f"- the server at 1 client makes {t['server_1_client_vs_bare_batch_1']:.2f}x the bare batch-1 tokens/s",
+        ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

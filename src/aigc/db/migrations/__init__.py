@@ -1,0 +1,1 @@
+"""Alembic migrations of the store (docs/store.md). A package only so that setuptools ships the files."""

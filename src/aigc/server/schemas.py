@@ -1,0 +1,294 @@
+"""The API's request and response bodies (pydantic), in OpenAI's shapes plus our fields.
+
+Requests are strict: a value of the wrong type, NaN or infinity, an out-of-range number, and a field the
+endpoint does not take are all refused (400, see aigc.server.app), as OpenAI refuses them; our extra
+controls are declared fields, so the official client's `extra_body` reaches them. The ranges here are the
+API's caps; the modality checks the rest (aigc.sample.GenerateSettings.validate and the image and series
+modules), with the same messages as the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_SEED = 2**62  # image i of a request uses seed + i; torch takes seeds below 2**64
+MAX_N = 16  # completions and chat: samples per request
+MAX_IMAGES = 64  # images per request
+MAX_TOKENS = 4096  # = aigc.sample.MAX_NEW_TOKENS_CAP
+MAX_STOPS = 4
+MAX_PATHS = 1000  # series sample paths per request (= the CLI's cap)
+MIN_TEMPERATURE = 1e-6  # = aigc.sample.MIN_TEMPERATURE: below it logits / temperature overflow float32
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same request and seed, same output; "
+                                                          "omitted: a fresh seed, returned as `seed`")]
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data):
+        """A NUL character is refused before any work: the store (PostgreSQL text) cannot keep it."""
+        if _has_nul(data):
+            raise ValueError("text must not contain the NUL character (\\u0000)")
+        return data
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+class TextControls(Strict):
+    """What completions and chat share: OpenAI's sampling fields and our decoding extras."""
+
+    model: str = Field(min_length=1, max_length=256, description="a run name or a --model NAME (GET /v1/models)")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="tokens to generate at most (default 100)")
+    temperature: float | None = Field(None, ge=0, le=2, description=f"default 0.8; 0 = greedy; else at least "
+                                                                    f"{MIN_TEMPERATURE:g}")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (1 = off)")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="samples to return (default 1)")
+    stop: Stop | list[Stop] | None = Field(
+        None, max_length=MAX_STOPS, description=f"up to {MAX_STOPS} strings; each sample is cut before the first")
+    seed: Seed | None = None
+    stream: bool | None = Field(None, description="server-sent events, ending with `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    # OpenAI fields we take only at their neutral values (anything else: 400, saying what to use instead)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
+    # our extras (the client's extra_body)
+    top_k: int | None = Field(None, ge=0, le=1_000_000, description="keep the k most likely tokens (0 = off)")
+    min_p: float | None = Field(None, ge=0, lt=1, description="drop tokens below min_p x the top probability")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="> 1 discourages repeats")
+    num_beams: int | None = Field(None, ge=1, le=16, description="beam search width (1 = none)")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64, description="forbid repeating n-grams of this size")
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampling(cls, temperature: float | None) -> float | None:
+        if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+            raise PydanticCustomError("temperature_too_small", "use 0 for greedy decoding, or at least {least}",
+                                      {"least": f"{MIN_TEMPERATURE:g}"})
+        return temperature
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+
+
+class CompletionRequest(TextControls):
+    prompt: str | list[str] = Field("", description="the text to continue (one prompt per request)")
+    echo: bool | None = Field(None, description="return the prompt before each completion")
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = None
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)  # name, tool_calls, ... are kept
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatRequest(TextControls):
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="= max_tokens")
+
+
+class ImageRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = Field("", max_length=1000, description="conditional runs: a class name or index; else empty")
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="images (default 1)")
+    size: str | None = Field(None, max_length=32, description="WxH; must be the run's size")
+    response_format: Literal["url", "b64_json"] | None = Field(None, description="default url")
+    output_format: Literal["png"] | None = None
+    seed: Seed | None = None
+    user: str | None = Field(None, max_length=256)
+    # our extras: the family's sampling options (an option the family does not take: 400)
+    sampler: Literal["ddpm", "ddim", "dpm-solver"] | None = Field(None, description="diffusion")
+    steps: int | None = Field(None, ge=1, le=1000, description="diffusion: sampling steps (default 20)")
+    eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
+    truncation: float | None = Field(None, gt=0, le=100, description="dcgan: truncate latents to [-T, T]")
+
+
+class ForecastRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+    horizon: int = Field(ge=1, le=1000, description="steps to forecast")
+    level: float | None = Field(None, gt=0, lt=1, description="prediction-interval level (default 0.95)")
+    paths: int | None = Field(None, ge=0, le=MAX_PATHS, description="sample paths (default 0)")
+    noise: Literal["gaussian", "bootstrap"] | None = None
+    seed: Seed | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class RatingRequest(Strict):
+    score: int = Field(ge=-1, le=1, description="-1 bad, 0 neutral, +1 good")  # an int: a Literal takes true and 1.0
+    stars: int | None = Field(None, ge=1, le=5)
+    comment: str | None = Field(None, max_length=10_000)
+    index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    generating: int  # requests at work now
+    waiting: int  # requests queued behind them
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    modality: str
+    family: str
+    data: str | None = None
+    status: str | None = None
+    headline: dict | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    generation_id: str
+    seed: int
+    batch_rows: int = Field(1, description="samples decoded together with this one (batching)")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    generation_id: str
+    seed: int
+    batch_rows: int = Field(1, description="samples decoded together with this one (batching)")
+
+
+class ImageDatum(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+    generation_id: str
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    id: str  # the first image's generation id; each image has its own in `data`
+    created: int
+    data: list[ImageDatum]
+    generation_id: str
+    model: str
+
+
+class ForecastResponse(BaseModel):
+    id: str
+    object: Literal["forecast"] = "forecast"
+    created: int
+    model: str
+    generation_id: str
+    seed: int
+    forecast: dict
+
+
+class Generation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["generation"] = "generation"
+    created: str
+    run: str
+    modality: str
+    request: dict
+    ratings: list[dict]
+
+
+class GenerationList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Generation]
+    total: int
+
+
+class Rating(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["rating"] = "rating"
+    generation_id: str
+    score: int
+
+
+TextControls.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatRequest.model_rebuild()

@@ -1,0 +1,99 @@
+"""Batched decoding: requests with different prompts (lengths), settings, seeds, stops and lengths decoded
+together return what each returns alone; the rnn reads left-padded prompts as it reads them alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from aigc.config import build
+from aigc.data.tokenizer import train_char
+from aigc.errors import Cancelled, UserError
+from aigc.models import FAMILIES
+from aigc.sample import Ask, GenerateSettings, LoadedModel, generate_many
+from aigc.service import sections_for
+from conftest import TINY_SETS, make_model, make_poems
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    docs = make_poems(30)
+    tok = train_char(docs)
+    return tok, tok.encode_docs(docs)
+
+
+def tiny(family: str, vocab, **sets) -> LoadedModel:
+    tok, ids = vocab
+    if sets:
+        torch.manual_seed(0)
+        configs = build(sections_for(family), {**TINY_SETS[family], **sets}, family=family)
+        model = FAMILIES[family].build(configs["model"], tok.vocab_size, tok.eot_id)
+    else:
+        model = make_model(family, ids, tok)
+    return LoadedModel(model.eval(), tok, family, None, 16)
+
+
+@pytest.fixture(scope="module", params=["gpt", "rnn-gru", "rnn-lstm", "ngram"])
+def loaded(request, vocab):
+    if request.param == "rnn-lstm":
+        return tiny("rnn", vocab, cell="lstm", n_layer="2")
+    return tiny(request.param.split("-")[0], vocab)
+
+
+ASKS = [
+    GenerateSettings(prompt="春江花月夜", seed=1, temperature=1.0, max_new_tokens=12),
+    GenerateSettings(prompt="", seed=2, temperature=0.7, top_k=5, n=3, max_new_tokens=20),
+    GenerateSettings(prompt="山", temperature=0, max_new_tokens=8),
+    GenerateSettings(prompt="风云", seed=4, temperature=1.3, top_p=0.9, min_p=0.02, stop=["。", "，"],
+                     max_new_tokens=30),
+    GenerateSettings(prompt="明月光光", seed=5, temperature=1.0, repetition_penalty=1.5, no_repeat_ngram_size=2,
+                     max_new_tokens=16),
+]
+
+
+def test_a_request_decodes_the_same_alone_or_batched(loaded):
+    alone = [generate_many(loaded, [Ask(s)])[0] for s in ASKS]
+    together = generate_many(loaded, [Ask(s) for s in ASKS])
+    for one, batched, s in zip(alone, together, ASKS, strict=True):
+        assert batched[0] == one[0], s
+        assert batched[1]["finish_reasons"] == one[1]["finish_reasons"]
+        assert batched[1]["generated_tokens"] == one[1]["generated_tokens"]
+    assert together[0][1]["batch_rows"] == sum(s.n for s in ASKS)
+    assert all(len(t[0][0]) <= len(s.prompt) + s.max_new_tokens for t, s in zip(together, ASKS, strict=True))
+    assert "。" not in together[3][0][0][2:] and "，" not in together[3][0][0][2:]
+
+
+def test_each_request_streams_its_own_text(loaded):
+    pieces: dict[int, list[str]] = {0: [], 3: []}
+    asks = [Ask(s, stream=pieces[i].append if i in pieces else None) for i, s in enumerate(ASKS) if s.n == 1]
+    results = generate_many(loaded, asks)
+    assert ASKS[0].prompt + "".join(pieces[0]) == results[0][0][0]
+    assert ASKS[3].prompt + "".join(pieces[3]) == results[2][0][0]
+
+
+def test_one_bad_or_cancelled_request_fails_alone(loaded):
+    gone = threading.Event()
+    gone.set()
+    bad = GenerateSettings(prompt="x", num_beams=2, max_new_tokens=4)
+    results = generate_many(loaded, [Ask(ASKS[0]), Ask(ASKS[1], cancel=gone), Ask(bad.validate())])
+    assert isinstance(results[1], Cancelled) and isinstance(results[2], UserError)
+    assert results[0][0] == generate_many(loaded, [Ask(ASKS[0])])[0][0]
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_the_rnn_reads_a_left_padded_prompt_as_it_reads_it_alone(vocab, cell):
+    loaded = tiny("rnn", vocab, cell=cell, n_layer="2")
+    short, long_ = torch.tensor([[0, 5, 6]]), torch.tensor([[0, 7, 8, 9, 10, 11]])
+    padded = torch.tensor([[0, 0, 0, 0, 5, 6], [0, 7, 8, 9, 10, 11]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        both = loaded.model(padded, attention_mask=mask, use_cache=True)
+        alone = [loaded.model(x, use_cache=True) for x in (short, long_)]
+    torch.testing.assert_close(both.logits[0, -3:], alone[0].logits[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(both.logits[1], alone[1].logits[0], rtol=0, atol=1e-6)
+    for layer, (s_batched, s_short, s_long) in enumerate(zip(both.state, alone[0].state, alone[1].state,
+                                                             strict=True)):
+        torch.testing.assert_close(s_batched[:, 0], s_short[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
+        torch.testing.assert_close(s_batched[:, 1], s_long[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
