@@ -90,7 +90,7 @@ def sqlite_files(url: str) -> tuple[Path, Path]:
 
 
 def test_kill_9_mid_generation_loses_no_answered_row_and_the_database_opens(db_url, runs, tmp_path):
-    proc, url = start_server(tmp_path, "--runs", str(runs), "--database", db_url)
+    proc, url = start_server(tmp_path, "--runs", str(runs), "--database", db_url, "--rate-limit", "0")
     load = Load(url)
     try:
         for t in load.threads:

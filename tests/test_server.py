@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,13 +45,16 @@ def free_port() -> int:
 def start_server(home: Path, *args: str, timeout: float = 120) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "AIGC_HOME": str(home), "OMP_NUM_THREADS": "1", "AIGC_DATABASE_URL": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "aigc", "serve", "--port", str(port), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile()  # not a pipe: a server that logs much would block on a full one
+    # no rate limit unless a test sets one (a later --rate-limit wins): a fast machine could pass 600 a minute
+    proc = subprocess.Popen([sys.executable, "-m", "aigc", "serve", "--port", str(port), "--rate-limit", "0", *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited {proc.returncode}: {proc.stdout.read()}")
+            log.seek(0)
+            raise AssertionError(f"the server exited {proc.returncode}: {log.read().decode(errors='replace')}")
         try:
             if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
                 return proc, url
