@@ -393,7 +393,7 @@ def test_keys_rate_limit_and_sigterm(tmp_path, served):
 
         def ask(seed: int) -> None:
             answer = httpx.post(f"{url}/v1/completions", timeout=90, headers={"Authorization": f"Bearer {other}"},
-                                json={"model": "poet", "prompt": "", "max_tokens": 4096, "seed": seed,
+                                json={"model": "poet", "prompt": "", "max_tokens": 4096, "seed": seed, "n": 4,
                                       "temperature": 2.0})
             answers.append((answer.status_code, time.monotonic()))
 
