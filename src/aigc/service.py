@@ -218,14 +218,18 @@ class ModelCache:
             self._models.clear()
 
 
+def weights_file(path: Path) -> Path | None:
+    """The file that names a model's weights: a run's manifest, or a Hugging Face folder's config.json."""
+    return next((f for f in (Path(path) / "manifest.json", Path(path) / "config.json") if f.is_file()), None)
+
+
 def _signature(path: Path) -> tuple:
-    """What changes when a run's weights change: the manifest (a run) or config.json (a Hugging Face folder)."""
-    for name in ("manifest.json", "config.json"):
-        f = Path(path) / name
-        if f.is_file():
-            stat = f.stat()
-            return name, stat.st_mtime_ns, stat.st_size
-    return ()
+    """What changes when a run's weights change (their file's name, time and size)."""
+    f = weights_file(path)
+    if f is None:
+        return ()
+    stat = f.stat()
+    return f.name, stat.st_mtime_ns, stat.st_size
 
 
 MODELS = ModelCache()
@@ -314,12 +318,9 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
 
 
 def weights_sha256(path: Path) -> str | None:
-    """The sha256 of what names a run's weights: its manifest (a run) or config.json (a Hugging Face folder)."""
-    for name in ("manifest.json", "config.json"):
-        f = Path(path) / name
-        if f.is_file():
-            return hashlib.sha256(f.read_bytes()).hexdigest()
-    return None
+    """The sha256 of the file that names a model's weights (`weights_file`): what a generation was made with."""
+    f = weights_file(path)
+    return None if f is None else hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def check_options(modality: Modality, options: dict, kind: str) -> None:
