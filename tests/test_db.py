@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from contextlib import closing
 from datetime import UTC, datetime
 
@@ -24,10 +25,10 @@ from tests import postgres
 
 import aigc.db
 from aigc.db import Store, alembic_config, default_url, new_id
-from aigc.db.schema import VERSION_TABLE, metadata
+from aigc.db.schema import VERSION_TABLE, battles, metadata, votes
 from aigc.errors import BadRequest, Conflict, NotFound, UserError
 
-TABLES = {"api_keys", "generations", "ratings", "votes"}
+TABLES = {"api_keys", "battles", "generations", "ratings", "votes"}
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_the_migrations_build_exactly_the_tables_of_schema_py(store):
             c.exec_driver_sql("CREATE SCHEMA expected")
             metadata.create_all(c.execution_options(schema_translate_map={None: "expected"}))
         wanted = check_constraints(store.engine, "expected")
-    assert sum(map(len, wanted.values())) == 5  # ratings' three and votes' two: the oracle is not empty
+    assert sum(map(len, wanted.values())) == 6  # ratings' three, votes' two, battles' one: the oracle is not empty
     assert check_constraints(store.engine) == wanted
 
 
@@ -234,6 +235,7 @@ CHECKS = [  # (table, a row that breaks a CHECK constraint: "GEN" and "OTHER" ar
     ("ratings", {"generation_id": "GEN", "score": 1, "index": -1}, "ck_ratings_index"),
     ("votes", {"left_id": "GEN", "right_id": "OTHER", "winner": "draw"}, "ck_votes_winner"),
     ("votes", {"left_id": "GEN", "right_id": "GEN", "winner": "tie"}, "ck_votes_sides"),
+    ("battles", {"modality": "text", "left_id": "GEN", "right_id": "GEN"}, "ck_battles_sides"),
 ]
 
 
@@ -345,6 +347,161 @@ def test_votes_round_trip(store):
     assert store.list_votes() == [first, second]
     assert first == {**first, "left_id": a, "right_id": b, "winner": "left", "prompt": "春江", "key_id": None}
     assert first["id"].startswith("vote-")
+
+
+def test_votes_carry_their_runs_and_modality_and_filter_by_modality(store):
+    a, b = add(store), add(store, run="gpt-fortunes")
+    x = store.add_generation(run="dcgan-digits", modality="image", request={"class": 3})
+    y = store.add_generation(run="vae-digits", modality="image", request={"class": 3})
+    first = store.add_vote(a, b, "right")
+    battle = store.add_battle(modality="image", prompt="3", left_id=x, right_id=y)
+    second = store.vote_battle(battle["id"], "tie")["vote"]
+    rows = store.list_votes()
+    assert rows[0] == first == {**first, "left_run": "gpt-tang", "right_run": "gpt-fortunes", "modality": "text"}
+    assert rows[1] == {**second, "left_run": "dcgan-digits", "right_run": "vae-digits", "modality": "image"}
+    assert store.list_votes(modality="image") == rows[1:] and store.list_votes(modality="series") == []
+    with pytest.raises(BadRequest, match="modality 'audio'"):
+        store.list_votes(modality="audio")
+
+
+# ----------------------------------------------------------------------------------
+# arena battles
+
+
+def battle_sides(store: Store) -> tuple[str, str]:
+    return add(store, "春江"), add(store, "春江", run="gpt-fortunes")
+
+
+def new_battle(store: Store) -> dict:
+    left, right = battle_sides(store)
+    return store.add_battle(modality="text", prompt="春江", left_id=left, right_id=right)
+
+
+def count(store: Store, table: sa.Table) -> int:
+    with store.engine.connect() as c:
+        return c.scalar(sa.select(sa.func.count()).select_from(table))
+
+
+def test_a_battle_and_its_vote_round_trip(store):
+    key, _ = store.create_key("arena")
+    left, right = battle_sides(store)
+    row = store.add_battle(modality="text", prompt="春江", left_id=left, right_id=right, key_id=key["id"])
+    assert row["id"].startswith("battle-") and len(row["id"]) == 31
+    assert row == {"id": row["id"], "created": row["created"], "modality": "text", "prompt": "春江",
+                   "left_id": left, "right_id": right, "vote_id": None, "key_id": key["id"]}
+    battle = store.get_battle(row["id"])
+    assert battle == {**row, "left": store.get_generation(left), "right": store.get_generation(right), "vote": None}
+    assert battle["left"]["run"] == "gpt-tang" and battle["right"]["run"] == "gpt-fortunes"
+
+    voted = store.vote_battle(row["id"], "both_bad", key_id=key["id"])
+    vote = voted["vote"]
+    assert voted == {**battle, "vote_id": vote["id"], "vote": vote} == store.get_battle(row["id"])
+    assert vote == {"id": vote["id"], "created": vote["created"], "left_id": left, "right_id": right,
+                    "winner": "both_bad", "prompt": "春江", "key_id": key["id"]}
+    assert [v["id"] for v in store.list_votes()] == [vote["id"]]
+    json.dumps(voted)
+    untitled = store.add_battle(modality="text", prompt=None, left_id=right, right_id=left)  # no prompt, sides swapped
+    assert store.vote_battle(untitled["id"], "left")["vote"]["prompt"] is None
+
+
+def test_a_battle_refuses_unknown_ids_and_sides_that_do_not_match(store):
+    left, right = battle_sides(store)
+    same_run = add(store)
+    image = store.add_generation(run="dcgan-digits", modality="image", request={"class": 3})
+    refused = [
+        ({"left_id": left, "right_id": "gen-nope"}, NotFound, "no such generation: 'gen-nope'"),
+        ({"left_id": "gen-nope", "right_id": right}, NotFound, "no such generation: 'gen-nope'"),
+        ({"left_id": left, "right_id": right, "key_id": "key-nope"}, NotFound, "no such API key: 'key-nope'"),
+        ({"left_id": left, "right_id": left}, BadRequest, "two different generations"),
+        ({"left_id": left, "right_id": same_run}, BadRequest, "two different runs; both sides were made by run "
+                                                              "'gpt-tang'"),
+        ({"left_id": left, "right_id": image}, BadRequest, f"generation '{image}' is of modality 'image', not the "
+                                                           f"battle's 'text'"),
+        ({"left_id": left, "right_id": right, "modality": "audio"}, BadRequest, "modality 'audio'"),
+        ({"left_id": left, "right_id": right, "prompt": "x" * 10_001}, BadRequest, "at most 10,000"),
+        ({"left_id": left, "right_id": right, "prompt": "a\x00"}, BadRequest, "prompt: remove the NUL"),
+    ]
+    for fields, error, match in refused:
+        with pytest.raises(error, match=match):
+            store.add_battle(**{"modality": "text", "prompt": "春江", **fields})
+    battle = store.add_battle(modality="text", prompt="春江", left_id=left, right_id=right)
+    for call, error, match in [
+        (lambda: store.get_battle("battle-nope"), NotFound, "no such battle: 'battle-nope'"),
+        (lambda: store.vote_battle("battle-nope", "left"), NotFound, "no such battle: 'battle-nope'"),
+        (lambda: store.vote_battle(battle["id"], "draw"), BadRequest, "winner 'draw': use one of left, right"),
+        (lambda: store.vote_battle(battle["id"], "left", key_id="key-nope"), NotFound, "no such API key"),
+        (lambda: store.get_battle("battle-\x00"), BadRequest, "id: remove the NUL"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    assert count(store, battles) == 1 and store.list_votes() == []
+    assert store.get_battle(battle["id"])["vote"] is None
+
+
+def test_a_battle_takes_one_vote(store):
+    battle = new_battle(store)
+    first = store.vote_battle(battle["id"], "left")
+    with pytest.raises(Conflict, match=f"battle '{battle['id']}': this battle has a vote already"):
+        store.vote_battle(battle["id"], "right")
+    assert store.get_battle(battle["id"]) == first and count(store, votes) == 1
+
+
+def test_eight_voters_racing_on_one_battle_make_one_vote(store):
+    battle = new_battle(store)
+    barrier, outcomes = threading.Barrier(8), []
+
+    def vote(winner: str) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(store.vote_battle(battle["id"], winner)["vote"]["id"])
+        except Conflict as e:
+            outcomes.append(str(e))
+        except Exception as e:  # collected: the test asserts there is none
+            outcomes.append(repr(e))
+
+    threads = [threading.Thread(target=vote, args=(("left", "right")[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    winners = [o for o in outcomes if o.startswith("vote-")]
+    assert len(winners) == 1 and len(outcomes) == 8
+    assert sorted(set(outcomes) - set(winners)) == [f"battle '{battle['id']}': this battle has a vote already"]
+    assert [v["id"] for v in store.list_votes()] == winners == [store.get_battle(battle["id"])["vote_id"]]
+
+
+def test_a_vote_that_loses_the_race_after_its_check_is_rolled_back(store):
+    """Another voter links its vote while this one is between its check (vote_id null) and its UPDATE: the
+    conditional UPDATE changes no row, and this vote's row goes with the Conflict. On PostgreSQL the UPDATE
+    waits for the other's row lock; on SQLite, BEGIN IMMEDIATE waits for the other's transaction instead."""
+    battle = new_battle(store)
+    left, right = battle["left_id"], battle["right_id"]
+    outcome = []
+
+    def vote() -> None:
+        try:
+            outcome.append(store.vote_battle(battle["id"], "left"))
+        except Exception as e:  # collected: the test asserts what it is
+            outcome.append(e)
+
+    with store._writer.begin() as c:  # the other voter, mid-transaction
+        c.execute(votes.insert().values(id="vote-first", created=datetime.now(UTC), left_id=left, right_id=right,
+                                        winner="tie"))
+        c.execute(battles.update().where(battles.c.id == battle["id"]).values(vote_id="vote-first"))
+        thread = threading.Thread(target=vote)
+        thread.start()
+        deadline = time.monotonic() + 30
+        if store.engine.dialect.name == "postgresql":  # until its UPDATE waits for our row lock
+            with store.engine.connect() as watcher:
+                while not watcher.scalar(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                    assert time.monotonic() < deadline and thread.is_alive(), outcome
+                    time.sleep(0.01)
+        else:
+            time.sleep(0.2)
+    thread.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], Conflict), outcome
+    assert [v["id"] for v in store.list_votes()] == ["vote-first"]
+    assert store.get_battle(battle["id"])["vote"]["winner"] == "tie"
 
 
 ERRORS = [  # (method, arguments: "GEN" and "OTHER" are two generations, keywords, error, message)

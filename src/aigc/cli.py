@@ -577,6 +577,7 @@ def serve(
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the store (default $AIGC_DATABASE_URL, "
                                                       "else sqlite:///$AIGC_HOME/aigc.db)")] = None,
     max_body_mb: Annotated[float, typer.Option(help="largest request body accepted (413 beyond)")] = 4.0,
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload of data to train on (413 beyond)")] = 100.0,
     rate_limit: Annotated[int, typer.Option(help="requests a minute per API key or client (0 = off; 429 beyond)")
                           ] = 600,
     max_queue: Annotated[int, typer.Option(help="generations waiting at most (503 with Retry-After beyond)")] = 32,
@@ -595,24 +596,73 @@ def serve(
       aigc serve --port 8080 --model gpt2=/models/gpt2
 
       aigc keys create laptop && aigc serve --host 0.0.0.0
+
+    The web studio is at http://127.0.0.1:8000/ (`aigc studio` also opens it in the browser).
     """
+    _serve(host=host, port=port, runs=runs, model=model, database=database, max_body_mb=max_body_mb,
+           max_upload_mb=max_upload_mb, rate_limit=rate_limit, max_queue=max_queue, batching=batching,
+           batch_size=batch_size, batch_window_ms=batch_window_ms)
+
+
+@app.command()
+@user_errors
+def studio(
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    runs: Annotated[str | None, typer.Option(help="runs directory to serve (default $AIGC_HOME/runs)")] = None,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the store (default $AIGC_DATABASE_URL, "
+                                                      "else sqlite:///$AIGC_HOME/aigc.db)")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="largest upload of data to train on (413 beyond)")] = 100.0,
+    browser: Annotated[bool, typer.Option(help="open the studio in the web browser")] = True,
+    run: Annotated[str | None, typer.Option(help="open the studio on this run's Generate page")] = None,
+):
+    """The web studio: `aigc serve` on loopback, opening http://127.0.0.1:PORT/ in the browser (docs/studio.md).
+
+    Examples:
+
+      aigc studio
+
+      aigc studio --port 8080 --no-browser
+
+      aigc studio --run poet
+    """
+    from urllib.parse import quote
+
+    page = f"#/generate?model={quote(run)}" if run else ""
+    _serve(host="127.0.0.1", port=port, runs=runs, model=None, database=database, max_upload_mb=max_upload_mb,
+           open_browser=browser, page=page)
+
+
+def _serve(*, host: str, port: int, runs: str | None, model: list[str] | None, database: str | None,
+           max_body_mb: float = 4.0, max_upload_mb: float = 100.0, rate_limit: int = 600, max_queue: int = 32,
+           batching: bool = True, batch_size: int = 16, batch_window_ms: float = 50.0,
+           open_browser: bool = False, page: str = "") -> None:
     _quiet_libraries()
     from aigc.server import parse_models
     from aigc.server import serve as run_server
     from aigc.server.app import ServerConfig
     from aigc.store import runs_dir
 
-    if not max_body_mb > 0 or rate_limit < 0 or max_queue < 0:
-        raise UserError("--max-body-mb must be > 0, --rate-limit and --max-queue >= 0")
+    if not max_body_mb > 0 or not max_upload_mb > 0 or rate_limit < 0 or max_queue < 0:
+        raise UserError("--max-body-mb and --max-upload-mb must be > 0, --rate-limit and --max-queue >= 0")
     if not 1 <= batch_size <= 256 or not 0 <= batch_window_ms <= 1000:
         raise UserError("--batch-size must be in 1..256 and --batch-window-ms in 0..1000")
     root = Path(runs).expanduser().resolve() if runs else runs_dir()
     if runs and not root.is_dir():
         raise UserError(f"--runs {runs}: no such directory")
     config = ServerConfig(runs=root, models=parse_models(model or []), database=database,
-                          max_body_bytes=int(max_body_mb * 2**20), rate_limit=rate_limit, max_queue=max_queue,
-                          batching=batching, batch_rows=batch_size, batch_window_ms=batch_window_ms)
-    run_server(config, host=host, port=port)
+                          max_body_bytes=int(max_body_mb * 2**20), max_upload_bytes=int(max_upload_mb * 2**20),
+                          rate_limit=rate_limit, max_queue=max_queue, batching=batching, batch_rows=batch_size,
+                          batch_window_ms=batch_window_ms)
+    run_server(config, host=host, port=port,
+               on_started=(lambda url: _open_browser(url + page)) if open_browser else None)
+
+
+def _open_browser(url: str) -> None:
+    import webbrowser
+
+    print(f"the studio: {url}", file=sys.stderr, flush=True)
+    if not webbrowser.open(url):
+        print(f"open {url} in your browser", file=sys.stderr, flush=True)
 
 
 keys_app = typer.Typer(help="API keys of `aigc serve` (stored hashed in the store).\n\nExamples:\n\n"

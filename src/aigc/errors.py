@@ -21,6 +21,10 @@ class Conflict(UserError):
     """A request that clashes with what exists: a run name that is taken, a run that is still training."""
 
 
+class TooLarge(UserError):
+    """An upload or a request body over the size the server accepts (a server answers 413)."""
+
+
 class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving a checkpoint (not a user error: the CLI exits 130)."""
 

@@ -42,6 +42,9 @@ FINETUNE_CONFIG = {
 PROMPTS = ("", "", "春", "月")
 
 
+STUDIO_COMMAND = ".venv/bin/aigc studio"  # what the main job ends by printing (from the project's folder)
+
+
 def run(*, data: str = "tang300", pretrain_data: str | None = PRETRAIN_DATA, pretrain_steps: int = PRETRAIN_STEPS,
         max_steps: int = FINETUNE_STEPS, name: str = "quickstart", sets: dict[str, str] | None = None) -> dict:
     """The main job; `sets` apply to both stages (architecture keys to the pretraining only). Returns the final
@@ -87,6 +90,7 @@ def run(*, data: str = "tang300", pretrain_data: str | None = PRETRAIN_DATA, pre
     say(f"done in {time.perf_counter() - t0:.0f} s")
     say(f"run:    {run_dir}")
     say(f"report: {run_dir / 'report.html'}")
+    say(f"studio: {STUDIO_COMMAND} --run {run_dir.name}    (the web studio on this run, in your browser)")
     sys.stdout.flush()
     return result
 

@@ -17,7 +17,9 @@ Errors are typed (aigc.errors): BadRequest, NotFound, Conflict, all UserErrors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import math
 import secrets
 import threading
@@ -27,15 +29,16 @@ from pathlib import Path
 
 from aigc import __version__, store
 from aigc.config import build, read_toml, to_toml
-from aigc.data.images import save_png
-from aigc.data.series import is_series_data
+from aigc.data.images import NAMED_IMAGES, named_installed, save_png
+from aigc.data.series import NAMED_SERIES, is_series_data
+from aigc.data.text import CORPORA, corpus_installed
 from aigc.db import Store, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
-from aigc.sample import BATCHER
+from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
 
 DEFAULT_MAX_MINUTES = 10.0  # the budget of a gradient-trained family when neither --max-steps nor --max-minutes
@@ -337,6 +340,35 @@ def check_options(modality: Modality, options: dict, kind: str) -> None:
             raise BadRequest(f"unknown option {key!r}")
         raise BadRequest(f"{flag} does not apply to {modality.NAME} runs ({flag.split(' ')[0]} applies to "
                          f"{' and '.join(owners)} runs)")
+
+
+def generation_defaults(run: str) -> dict:
+    """The value each generation option of a run takes when a request leaves it out (what an interface shows
+    as the default): text from GenerateSettings, an image family's from its `sample` keywords, a series' from
+    the series modality."""
+    run_dir, modality = resolve(run)
+    if modality.NAME == "text":
+        fields = dataclasses.fields(GenerateSettings)
+        return {f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"}
+    if modality.NAME == "series":
+        return dict(series.GENERATE_DEFAULTS)
+    fam = FAMILIES[store.read_run(run_dir)["family"]]
+    model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
+    keywords = inspect.signature(model_class.sample).parameters if model_class is not None else {}
+    return {"n": 1, **{name: keywords[name].default for name in fam.sampler_options
+                       if name in keywords and keywords[name].default is not inspect.Parameter.empty}}
+
+
+def datasets() -> list[dict]:
+    """The named data sets, each with its modality, a description and whether it is installed here (a missing
+    one says which package provides it)."""
+    rows = [{"name": name, "modality": "text", "description": c.description, "package": c.package,
+             "installed": corpus_installed(name)} for name, c in CORPORA.items()]
+    rows += [{"name": name, "modality": "image", "description": d.description, "package": d.package,
+              "installed": named_installed(name)} for name, d in NAMED_IMAGES.items()]
+    rows += [{"name": name, "modality": "series", "description": d.description, "package": "statsmodels",
+              "installed": True} for name, d in NAMED_SERIES.items()]
+    return rows
 
 
 def regenerate_image(path: str) -> Generation:

@@ -226,10 +226,19 @@ def read_png_record(path: Path) -> dict:
 # ---- named data sets ------------------------------------------------------------------------------
 
 
+def named_installed(name: str) -> bool:
+    """Whether a named image data set is on this machine (digits ship with scikit-learn)."""
+    return name != "fashion-mnist" or (_fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file()
+
+
+def _fashion_mnist_dir() -> Path:
+    # Tests (and unusual installs) point this elsewhere.
+    return Path(os.environ.get("AIGC_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
+
+
 def _load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     named = NAMED_IMAGES["fashion-mnist"]
-    # Tests (and unusual installs) point this elsewhere.
-    directory = Path(os.environ.get("AIGC_FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
+    directory = _fashion_mnist_dir()
     prefix = "train" if split == "train" else "t10k"
     files = [directory / f"{prefix}-images-idx3-ubyte.gz", directory / f"{prefix}-labels-idx1-ubyte.gz"]
     for file in files:

@@ -219,6 +219,13 @@ def _fortunes_dir() -> Path:
     return Path(os.environ.get("AIGC_FORTUNES_DIR") or "/usr/share/games/fortunes")
 
 
+def corpus_installed(name: str) -> bool:
+    """Whether the files of a named corpus are on this machine (without reading them)."""
+    corpus = CORPORA[name]
+    names = (_ENTRY_FILES[corpus.name],) if corpus.name in _ENTRY_FILES else FORTUNES_FILES
+    return all((_fortunes_dir() / n).is_file() for n in names)
+
+
 def _load_named(corpus: NamedCorpus) -> list[str]:
     directory = _fortunes_dir()
     names = (

@@ -1,6 +1,6 @@
-"""The store of every generation, rating, pairwise vote and API key (docs/store.md): one SQL database, SQLite at
-$AIGC_HOME/aigc.db unless AIGC_DATABASE_URL names another, its schema built and upgraded by the Alembic
-migrations in migrations/ whenever a Store is opened.
+"""The store of every generation, rating, pairwise vote, arena battle and API key (docs/store.md): one SQL
+database, SQLite at $AIGC_HOME/aigc.db unless AIGC_DATABASE_URL names another, its schema built and upgraded by
+the Alembic migrations in migrations/ whenever a Store is opened.
 
 Plain Python (no torch, numpy or pandas), so that a server's key check and `aigc history` start fast. Rows come
 back as plain dicts, JSON-serialisable, with times as ISO-8601 strings in UTC.
@@ -23,7 +23,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from aigc.db.schema import MODALITIES, SOURCES, VERSION_TABLE, WINNERS, api_keys, generations, ratings, votes
+from aigc.db.schema import MODALITIES, SOURCES, VERSION_TABLE, WINNERS, api_keys, battles, generations, ratings, votes
 from aigc.errors import BadRequest, Conflict, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.store import aigc_home, valid_name
@@ -246,10 +246,7 @@ class Store:
     def get_generation(self, id: str) -> dict:
         _no_nul(id=id)
         with self.engine.connect() as connection:
-            row = connection.execute(sa.select(generations).where(generations.c.id == id)).mappings().first()
-            if row is None:
-                raise NotFound(f"no such generation: {id!r}")
-            return {**_plain(row), "ratings": self._ratings_of(connection, [id])[id]}
+            return self._generation(connection, id)
 
     def list_generations(self, *, run: str | None = None, modality: str | None = None, rated: bool | None = None,
                          query: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
@@ -317,6 +314,7 @@ class Store:
 
     def add_vote(self, left_id: str, right_id: str, winner: str, *, prompt: str | None = None,
                  key_id: str | None = None) -> dict:
+        """A vote on two generations; its row as list_votes returns it (with both sides' runs)."""
         _one_of("winner", winner, WINNERS)
         if left_id == right_id:
             raise BadRequest(f"a vote compares two different generations; both sides are {left_id!r}")
@@ -325,20 +323,89 @@ class Store:
         row = {"id": new_id("vote"), "created": _now(), "left_id": left_id, "right_id": right_id, "winner": winner,
                "prompt": prompt, "key_id": key_id}
         with self._writer.begin() as connection:
-            found = set(connection.scalars(sa.select(generations.c.id)
-                                           .where(generations.c.id.in_([left_id, right_id]))))
-            for side in (left_id, right_id):
-                if side not in found:
-                    raise NotFound(f"no such generation: {side!r}")
+            sides = self._sides(connection, left_id, right_id)
             self._check_key_id(connection, key_id)
             connection.execute(votes.insert().values(row))
+        return {**_plain(row), "left_run": sides[left_id]["run"], "right_run": sides[right_id]["run"],
+                "modality": sides[left_id]["modality"]}
+
+    def list_votes(self, modality: str | None = None) -> list[dict]:
+        """Every vote (of `modality`, when given), oldest first (the order a rating system such as Elo replays
+        them in), each with `left_run` and `right_run`, the runs of its two sides, and `modality`, its left
+        side's (a battle's two sides share one; aigc.evaluate.arena.leaderboard reads these rows)."""
+        left, right = generations.alias("left_side"), generations.alias("right_side")
+        select = (sa.select(votes, left.c.run.label("left_run"), right.c.run.label("right_run"),
+                            left.c.modality.label("modality"))
+                  .join(left, votes.c.left_id == left.c.id).join(right, votes.c.right_id == right.c.id)
+                  .order_by(votes.c.created, votes.c.id))
+        if modality is not None:
+            _one_of("modality", modality, MODALITIES)
+            select = select.where(left.c.modality == modality)
+        with self.engine.connect() as connection:
+            rows = connection.execute(select).mappings().all()
+        return [_plain(r) for r in rows]
+
+    # ------------------------------------------------------------------------------
+    # arena battles
+
+    def add_battle(self, *, modality: str, prompt: str | None, left_id: str, right_id: str,
+                   key_id: str | None = None) -> dict:
+        """A battle between two generations of `modality` made by two different runs, not yet voted on; its
+        row. The web arena shows the two sides without their runs, then records the vote with vote_battle."""
+        _one_of("modality", modality, MODALITIES)
+        if left_id == right_id:
+            raise BadRequest(f"a battle compares two different generations; both sides are {left_id!r}")
+        _text("prompt", prompt)
+        _no_nul(left_id=left_id, right_id=right_id, prompt=prompt, key_id=key_id)
+        row = {"id": new_id("battle"), "created": _now(), "modality": modality, "prompt": prompt,
+               "left_id": left_id, "right_id": right_id, "vote_id": None, "key_id": key_id}
+        with self._writer.begin() as connection:
+            sides = self._sides(connection, left_id, right_id)
+            for side in (left_id, right_id):
+                if sides[side]["modality"] != modality:
+                    raise BadRequest(f"generation {side!r} is of modality {sides[side]['modality']!r}, not the "
+                                     f"battle's {modality!r}: both sides must be of the battle's modality")
+            if sides[left_id]["run"] == sides[right_id]["run"]:
+                raise BadRequest(f"a battle is between two different runs; both sides were made by run "
+                                 f"{sides[left_id]['run']!r}")
+            self._check_key_id(connection, key_id)
+            connection.execute(battles.insert().values(row))
         return _plain(row)
 
-    def list_votes(self) -> list[dict]:
-        """Every vote, oldest first (the order a rating system such as Elo replays them in)."""
+    def get_battle(self, id: str) -> dict:
+        """The battle's row, with "left" and "right" (its generations, as get_generation returns them) and
+        "vote" (its vote's row, or None before the vote)."""
+        _no_nul(id=id)
         with self.engine.connect() as connection:
-            rows = connection.execute(sa.select(votes).order_by(votes.c.created, votes.c.id)).mappings().all()
-        return [_plain(r) for r in rows]
+            return self._battle(connection, id)
+
+    def vote_battle(self, battle_id: str, winner: str, *, key_id: str | None = None) -> dict:
+        """Record the one vote on a battle (a votes row with the battle's sides and prompt) and link it to the
+        battle, in one transaction; returns the battle as get_battle does. A second vote is a Conflict, however
+        close the race."""
+        _one_of("winner", winner, WINNERS)
+        _no_nul(battle_id=battle_id, key_id=key_id)
+        voted = Conflict(f"battle {battle_id!r}: this battle has a vote already")
+        with self._writer.begin() as connection:
+            battle = connection.execute(sa.select(battles).where(battles.c.id == battle_id)).mappings().first()
+            if battle is None:
+                raise NotFound(f"no such battle: {battle_id!r}")
+            if battle["vote_id"] is not None:
+                raise voted
+            self._check_key_id(connection, key_id)
+            vote = {"id": new_id("vote"), "created": _now(), "left_id": battle["left_id"],
+                    "right_id": battle["right_id"], "winner": winner, "prompt": battle["prompt"], "key_id": key_id}
+            connection.execute(votes.insert().values(vote))
+            # Conditional, because on PostgreSQL two transactions can both have read a null vote_id above: the
+            # second UPDATE waits for the first to commit, then finds vote_id set and changes no row, and the
+            # Conflict rolls its vote back. (On SQLite, BEGIN IMMEDIATE runs them one after the other, and the
+            # second stops at the check above.)
+            linked = connection.execute(battles.update()
+                                        .where(battles.c.id == battle_id, battles.c.vote_id.is_(None))
+                                        .values(vote_id=vote["id"]))
+            if linked.rowcount != 1:
+                raise voted
+            return self._battle(connection, battle_id)
 
     # ------------------------------------------------------------------------------
     # API keys
@@ -404,6 +471,33 @@ class Store:
 
     # ------------------------------------------------------------------------------
     # helpers
+
+    def _generation(self, connection: sa.Connection, id: str) -> dict:
+        row = connection.execute(sa.select(generations).where(generations.c.id == id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no such generation: {id!r}")
+        return {**_plain(row), "ratings": self._ratings_of(connection, [id])[id]}
+
+    def _battle(self, connection: sa.Connection, id: str) -> dict:
+        row = connection.execute(sa.select(battles).where(battles.c.id == id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no such battle: {id!r}")
+        vote = None
+        if row["vote_id"] is not None:
+            vote = _plain(connection.execute(sa.select(votes).where(votes.c.id == row["vote_id"])).mappings().one())
+        return {**_plain(row), "left": self._generation(connection, row["left_id"]),
+                "right": self._generation(connection, row["right_id"]), "vote": vote}
+
+    @staticmethod
+    def _sides(connection: sa.Connection, left_id: str, right_id: str) -> dict[str, Mapping]:
+        """The run and modality of each side of a vote or a battle, by id; NotFound for a missing one."""
+        found = {r["id"]: r for r in connection.execute(
+            sa.select(generations.c.id, generations.c.run, generations.c.modality)
+            .where(generations.c.id.in_([left_id, right_id]))).mappings()}
+        for side in (left_id, right_id):
+            if side not in found:
+                raise NotFound(f"no such generation: {side!r}")
+        return found
 
     @staticmethod
     def _ratings_of(connection: sa.Connection, ids: list[str]) -> dict[str, list[dict]]:

@@ -86,3 +86,16 @@ votes = sa.Table(
     sa.CheckConstraint("winner IN ('left', 'right', 'tie', 'both_bad')", name="winner"),
     sa.CheckConstraint("left_id <> right_id", name="sides"),
 )
+
+battles = sa.Table(
+    "battles", metadata,  # an arena battle: two runs' anonymous answers to one prompt, and the vote on them
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("created", TIME, nullable=False),
+    sa.Column("modality", sa.String(16), nullable=False),  # both sides' modality
+    sa.Column("prompt", sa.Text, nullable=True),  # what both sides answered; copied into the vote
+    sa.Column("left_id", ID, sa.ForeignKey("generations.id"), nullable=False),
+    sa.Column("right_id", ID, sa.ForeignKey("generations.id"), nullable=False),
+    sa.Column("vote_id", ID, sa.ForeignKey("votes.id"), nullable=True, unique=True),  # null until voted on
+    sa.Column("key_id", ID, sa.ForeignKey("api_keys.id"), nullable=True),  # the API key that opened it
+    sa.CheckConstraint("left_id <> right_id", name="sides"),
+)

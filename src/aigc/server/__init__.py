@@ -49,8 +49,9 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
     return models
 
 
-def serve(config, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until SIGTERM or Ctrl-C. A host other than loopback needs an API key (aigc keys create)."""
+def serve(config, host: str = "127.0.0.1", port: int = 8000, on_started=None) -> None:
+    """Serve until SIGTERM or Ctrl-C. A host other than loopback needs an API key (aigc keys create).
+    `on_started(url)` runs a second after the server starts (`aigc studio` opens the browser there)."""
     if not 1 <= port <= 65535:
         raise BadRequest(f"--port must be in 1..65535, got {port}")
     clash = sorted(name for name in config.models if (Path(config.runs) / name / "run.json").is_file())
@@ -60,9 +61,12 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000) -> None:
         raise UserError(f"refusing to serve on {host} without an API key: anyone who can reach it could use it. "
                         f"Create one with `aigc keys create NAME` (clients send Authorization: Bearer <key>), "
                         f"or serve on 127.0.0.1")
-    app = BodyLimit(create_app(config), config.max_body_bytes)
-    print(f"serving {config.runs} on http://{host}:{port}/v1 (API docs: http://{host}:{port}/docs; "
-          f"Ctrl-C stops)", file=sys.stderr, flush=True)
+    app = BodyLimit(create_app(config), config.max_body_bytes, streamed=("/v1/uploads",))
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {config.runs} on http://{shown}:{port}/v1 (API docs: http://{shown}:{port}/docs; "
+          f"the studio: http://{shown}:{port}/; Ctrl-C stops)", file=sys.stderr, flush=True)
+    if on_started is not None:
+        threading.Timer(1.0, on_started, args=(f"http://{shown}:{port}/",)).start()
     _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                            timeout_graceful_shutdown=SHUTDOWN_SECONDS)).run()
 

@@ -26,15 +26,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi_offline import FastAPIOffline  # /docs with Swagger UI from the wheel, not a CDN
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc import __version__, service, store
+from aigc import __version__, service, store, studio
 from aigc.db import Store, new_id
-from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
+from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, TooLarge, UserError
 from aigc.fsutil import json_safe
-from aigc.server import schemas
+from aigc.server import schemas, workbench
 from aigc.server.limits import ApiError, RateLimit, WorkQueue, error_body
 
 log = logging.getLogger("aigc.server")
-STATUS_OF = {BadRequest: 400, NotFound: 404, Conflict: 409}
+STATUS_OF = {BadRequest: 400, NotFound: 404, Conflict: 409, TooLarge: 413}
 ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text} for status, text in {
     400: "invalid request", 401: "missing or wrong API key", 404: "no such model or generation",
     409: "the run is not ready (still training)", 413: "request body over the cap", 429: "rate limit",
@@ -53,6 +53,7 @@ class ServerConfig:
     models: dict[str, Path] = dataclasses.field(default_factory=dict)  # --model NAME=DIR: Hugging Face folders
     database: str | None = None  # None: aigc.db.default_url()
     max_body_bytes: int = 4 * 2**20
+    max_upload_bytes: int = 100 * 2**20  # POST /v1/uploads (data to train on), streamed to disk
     rate_limit: int = 600  # requests a minute per key (or client address); 0 = off
     max_queue: int = 32  # generations waiting beyond those at work; then 503
     batching: bool = True  # concurrent text requests to one model share a decoding batch
@@ -108,10 +109,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise _wrong_modality(model, modality)
         return path
 
+    def source(request: Request) -> str:
+        """What made a generation: the studio's pages say so in a header; everything else is the API."""
+        return "studio" if request.headers.get("x-aigc-source") == "studio" else "api"
+
     async def start(request: Request, work: Callable, kind: str = "other") -> Job:
         queue = queues[kind]
         await queue.acquire()
         return Job(asyncio.get_running_loop(), work, queue, request, executor)
+
+    workbench.install(app, workbench.Context(db=db, config=config, caller=caller, model_path=model_path,
+                                             start=start, source=source))
+    studio.mount(app)
 
     @app.get("/health", response_model=schemas.Health, summary="liveness and load, for a load balancer (no key)")
     def health():
@@ -173,7 +182,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         def work(emit, cancel):
             generation = service.generate(str(path), options, seed=body.seed, stream=emit if streaming else None,
                                           cancel=cancel, batch=config.batching)
-            service.record(generation, db, source="api", request=requested, key_id=key_id, ids=[gen_id])
+            service.record(generation, db, source=source(request), request=requested, key_id=key_id, ids=[gen_id])
             return gen_id, generation
 
         job = await start(request, work, "text")
@@ -212,7 +221,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         def work(emit, cancel):
             generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
-            return service.record(generation, db, source="api", request=requested, key_id=key_id), generation
+            return service.record(generation, db, source=source(request), request=requested, key_id=key_id), generation
 
         ids, generation = await (await start(request, work)).result()
         data = []
@@ -235,11 +244,11 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         def work(emit, cancel):
             generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
-            [gen_id] = service.record(generation, db, source="api", request=requested, key_id=key_id)
+            [gen_id] = service.record(generation, db, source=source(request), request=requested, key_id=key_id)
             return gen_id, generation
 
         gen_id, generation = await (await start(request, work)).result()
-        forecast = {k: v for k, v in json_safe(generation.outputs).items() if k != "run"}
+        forecast = workbench.forecast_of(generation)
         return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": body.model,
                 "seed": generation.record["settings"]["seed"], "forecast": forecast}
 

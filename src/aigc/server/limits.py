@@ -39,14 +39,17 @@ class BodyLimit:
     """The outermost ASGI layer: a request body over `max_bytes` is answered 413 (read and thrown away in
     chunks, so a client that sends it whole gets the answer); a body within it is passed on. An exception
     that escapes the app after its 500 was sent (Starlette re-raises it for the server's log) ends here:
-    uvicorn would otherwise close the connection under the answer."""
+    uvicorn would otherwise close the connection under the answer. Bodies to `streamed` paths (uploads, with a
+    cap of their own) pass through as they come, unbuffered."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, streamed: tuple[str, ...] = ()):
+        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["path"] in self.streamed:
+            return await self._forward(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and not length.isdigit():
             return await _send_error(send, 400, "Content-Length is not a number")
@@ -74,6 +77,9 @@ class BodyLimit:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()  # afterwards: the client's disconnect
 
+        return await self._forward(scope, replay, send)
+
+    async def _forward(self, scope, receive, send):
         started = False
 
         async def watched_send(message):
@@ -82,7 +88,7 @@ class BodyLimit:
             await send(message)
 
         try:
-            return await self.app(scope, replay, watched_send)
+            return await self.app(scope, receive, watched_send)
         except Exception:  # noqa: BLE001 - logged by the app's 500 handler
             if not started:
                 await _send_error(send, 500, "internal error")

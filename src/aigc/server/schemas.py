@@ -152,6 +152,39 @@ class RatingRequest(Strict):
     index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
 
 
+ARENA_MODALITIES = ("text", "image")
+FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "ar"]  # = aigc.models.FAMILIES
+
+
+class TrainingRequest(Strict):
+    family: FAMILY_NAMES
+    data: str = Field(min_length=1, max_length=256, description="a named data set (GET /v1/datasets) or an "
+                                                                "upload's id (POST /v1/uploads)")
+    name: str | None = Field(None, min_length=1, max_length=128, description="the run's name (default: "
+                                                                            "FAMILY-DATA-TIMESTAMP)")
+    preset: Literal["quick", "good"] | None = Field(None, description="quick = 2 minutes, good = 10")
+    minutes: float | None = Field(None, gt=0, le=600, description="training-time budget (default: quick)")
+    conditional: bool | None = Field(None, description="image families: the class-conditional variant")
+    sets: dict[str, str] | None = Field(None, max_length=64, description="configuration keys (aigc train --set)")
+
+
+class EvaluationRequest(Strict):
+    model: str = Field(min_length=1, max_length=256)
+
+
+class BattleRequest(Strict):
+    modality: Literal["text", "image"] = "text"
+    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image: the "
+                                                                  "class both draw (conditional runs)")
+    seed: Seed | None = None
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=2, max_length=2, description="the two runs (default: drawn at random)")
+
+
+class VoteRequest(Strict):
+    winner: Literal["left", "right", "tie", "both_bad"]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -1,0 +1,643 @@
+// AIGC Studio's pages: plain JavaScript over the /v1 API (docs/studio.md). Every action is an API call that
+// any application can make too; the pages only ask, show and explain.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const state = {models: [], key: localStorage.getItem("aigc.key") || ""};
+let uid = 0;
+
+// ------------------------------------------------------------------ elements
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
+  return el;
+}
+
+function field(labelKey, control, help) {  // a control with its label and a place for its error
+  const id = control.id || (control.id = `f${++uid}`);
+  const error = h("span", {class: "error", id: `${id}-error`, role: "alert"});
+  control.setAttribute("aria-describedby", `${id}-error`);
+  return h("div", {class: "field"}, h("label", {for: id, text: t(labelKey)}), control,
+           help ? h("span", {class: "help", text: help}) : null, error);
+}
+
+function showError(control, message) {
+  const box = document.getElementById(`${control.id}-error`);
+  if (box) box.textContent = message || "";
+}
+
+function toast(message) {
+  const box = $("#toast");
+  box.textContent = message;
+  box.style.display = "block";
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { box.style.display = "none"; }, 3500);
+}
+
+function fmt(v) {
+  if (typeof v !== "number") return v === null || v === undefined ? "—" : String(v);
+  return Math.abs(v) >= 100 ? v.toFixed(1) : v.toFixed(3);
+}
+
+// ------------------------------------------------------------------ the API
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const err = (body && body.error) || {};
+    super(err.message || `HTTP ${status}`);
+    this.status = status;
+    this.param = err.param;
+  }
+}
+
+function headers(json = true) {
+  const out = {"X-AIGC-Source": "studio"};
+  if (json) out["Content-Type"] = "application/json";
+  if (state.key) out.Authorization = `Bearer ${state.key}`;
+  return out;
+}
+
+async function api(path, options = {}) {
+  const init = {method: options.method || (options.body !== undefined ? "POST" : "GET"),
+                headers: headers(!options.raw), signal: options.signal};
+  if (options.body !== undefined) init.body = options.raw ? options.body : JSON.stringify(options.body);
+  if (options.raw && options.body) init.headers["Content-Type"] = "application/octet-stream";
+  const response = await fetch(path, init);
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    if (response.status === 401) toast(t("needkey"));
+    throw new ApiError(response.status, body);
+  }
+  return body;
+}
+
+// a streamed completion: POST with fetch (EventSource cannot POST), read `data:` events as they come
+async function stream(path, body, onText, signal) {
+  const response = await fetch(path, {method: "POST", headers: headers(), body: JSON.stringify({...body, stream: true}),
+                                      signal});
+  if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => null));
+  const reader = response.body.getReader(), decoder = new TextDecoder();
+  let buffer = "", id = null;
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut).replace(/^data: /, "");
+      buffer = buffer.slice(cut + 2);
+      if (line === "[DONE]") return id;
+      const event = JSON.parse(line);
+      if (event.error) throw new ApiError(500, event);
+      id = event.generation_id || id;
+      for (const choice of event.choices || []) onText(choice.text || (choice.delta && choice.delta.content) || "");
+    }
+  }
+  return id;
+}
+
+async function models(force = false) {
+  if (force || !state.models.length) state.models = (await api("/v1/models")).data;
+  return state.models;
+}
+
+// ------------------------------------------------------------------ shared pieces
+
+function rating(generationId, index) {  // thumbs up / down and a comment, for any stored result
+  const comment = h("input", {type: "text", "aria-label": t("rate.comment"), placeholder: t("rate.comment")});
+  const note = h("span", {class: "ok", role: "status"});
+  const send = score => async () => {
+    try {
+      await api(`/v1/generations/${generationId}/ratings`,
+                {body: {score, comment: comment.value || null, ...(index !== undefined ? {index} : {})}});
+      note.textContent = t("rate.saved");
+    } catch (e) { note.textContent = e.message; note.className = "error"; }
+  };
+  return h("div", {class: "rate", "data-generation": generationId},
+           h("button", {type: "button", onclick: send(1), title: t("rate.up")}, `✓ ${t("rate.up")}`),
+           h("button", {type: "button", onclick: send(-1), title: t("rate.down")}, `✗ ${t("rate.down")}`),
+           comment, note);
+}
+
+function modelSelect(list, labelKey = "model") {
+  const select = h("select", {}, list.map(m => h("option", {value: m.id, text: `${m.id} (${m.family}, ${m.modality})`})));
+  return [select, field(labelKey, select)];
+}
+
+function curveChart(curves, opts = {}) {  // curves: [{name, curve: [{step, loss, val_loss}]}]
+  const series = [];
+  curves.forEach((c, i) => {
+    const color = PALETTE[i % PALETTE.length];
+    series.push({name: `${c.name} loss`, color, points: c.curve.filter(r => r.loss !== undefined).map(r => [r.step, r.loss])});
+    series.push({name: `${c.name} val`, color, dash: "4 3",
+                 points: c.curve.filter(r => r.val_loss !== undefined).map(r => [r.step, r.val_loss])});
+  });
+  const legend = h("div", {class: "legend"}, curves.map((c, i) => h("span", {},
+    h("i", {style: `background:${PALETTE[i % PALETTE.length]}`}), c.name)), h("span", {text: t("curve.legend")}));
+  return h("div", {}, lineChart(series, {xlabel: t("curve.step"), ylabel: t("curve.loss"), ...opts}), legend);
+}
+
+function imageGrid(urls, ids) {
+  return h("div", {class: "grid"}, urls.map((url, i) => h("figure", {},
+    h("img", {src: url, alt: t("image.alt", {i: i + 1})}), ids ? rating(ids[i]) : null)));
+}
+
+function headline(score) {
+  return score ? `${score.metric} ${fmt(score.value)}` : t("models.noscore");
+}
+
+// ------------------------------------------------------------------ pages
+
+const pages = {};
+
+pages.models = async main => {
+  main.append(h("h1", {text: t("nav.models")}));
+  const list = await models(true);
+  if (!list.length) { main.append(h("p", {text: t("models.none")})); return; }
+  const cards = h("div", {class: "cards"});
+  main.append(cards);
+  for (const m of list) {
+    const body = h("div", {class: "preview", text: t("loading")});
+    const card = h("article", {class: "card", "data-model": m.id},
+      h("h2", {text: m.id}),
+      h("div", {class: "meta", text: `${m.family} · ${m.modality} · ${m.data || ""} · ${m.status || ""}`}),
+      h("p", {}, h("strong", {text: headline(m.headline)})), body);
+    cards.append(card);
+    if (m.family === "hf") { body.textContent = ""; continue; }
+    api(`/v1/models/${m.id}/details`).then(d => {
+      body.textContent = "";
+      if (d.baseline) body.append(h("p", {class: "meta", text: d.baseline.run
+        ? t("models.baseline", {run: d.baseline.run, value: fmt(d.baseline.val_bpc)}) : d.baseline.hint}));
+      if (d.curve.length) body.append(curveChart([{name: m.id, curve: d.curve}], {width: 300, height: 150}));
+      const links = h("p", {}, h("a", {href: `#/generate?model=${encodeURIComponent(m.id)}`, text: t("models.use")}));
+      if (d.report) links.append(" · ", h("a", {href: `/v1/models/${m.id}/files/report.html`, target: "_blank",
+                                                 text: t("models.report")}));
+      body.append(links);
+      if (m.status === "done") return api(`/v1/models/${m.id}/preview`).then(p => body.append(showOutputs(p)));
+    }).catch(e => { body.append(h("p", {class: "error", text: e.message})); });
+  }
+};
+
+function showOutputs(p) {  // a preview or a battle side: texts, images or a forecast
+  if (p.texts) return h("div", {}, p.texts.map(text => h("div", {class: "output", text: (p.prompt || "") + text})));
+  if (p.images) return imageGrid(p.images);
+  if (p.forecast) return fanChart(p.forecast, {width: 300, height: 160});
+  return h("span");
+}
+
+pages.generate = async (main, params) => {
+  main.append(h("h1", {text: t("nav.generate")}));
+  const list = (await models()).filter(m => m.status === "done");
+  if (!list.length) { main.append(h("p", {text: t("models.none")})); return; }
+  const [select, selectField] = modelSelect(list);
+  if (params.get("model")) select.value = params.get("model");
+  const form = h("form", {class: "generate"}), out = h("section", {"aria-live": "polite"});
+  main.append(selectField, form, out);
+  const build = async () => {
+    form.textContent = ""; out.textContent = "";
+    const spec = await api(`/v1/models/${select.value}/controls`);
+    buildGenerateForm(form, out, spec);
+  };
+  select.addEventListener("change", build);
+  await build();
+};
+
+function controlInput(c) {  // an input made from the API's declaration of the field (range, default, help)
+  let input;
+  if (c.type === "choice") {
+    input = h("select", {}, c.choices.map(v => h("option", {value: v, text: v})));
+    if (c.default !== null && c.default !== undefined) input.value = c.default;
+  } else {
+    input = h("input", {type: "number", step: c.type === "integer" ? 1 : "any",
+                        min: c.minimum ?? c.exclusiveMinimum, max: c.maximum ?? c.exclusiveMaximum,
+                        value: c.default ?? ""});
+  }
+  input.name = c.name;
+  input.dataset.type = c.type;
+  return input;
+}
+
+function readControls(form, controls) {
+  const body = {};
+  for (const c of controls) {
+    const input = form.elements[c.name];
+    showError(input, "");
+    if (input.value === "") continue;
+    body[c.name] = c.type === "integer" ? parseInt(input.value, 10) : c.type === "number" ? parseFloat(input.value)
+      : input.value;
+  }
+  return body;
+}
+
+function placeError(form, e) {  // an API error next to the field it names, else at the top of the form
+  const input = e.param && form.elements[e.param.split(".")[0]];
+  if (input) showError(input, e.message);
+  else showError($(".form-error", form) || form, e.message);
+  const box = $(".form-error-box", form);
+  if (box && !input) box.textContent = e.message;
+}
+
+function buildGenerateForm(form, out, spec) {
+  const basic = h("div", {class: "row"}), advanced = h("div", {class: "row"});
+  let prompt = null, classPick = null;
+  if (spec.modality === "text") {
+    prompt = h("textarea", {name: "prompt"});
+    form.append(field("gen.prompt", prompt, t("gen.prompthelp")));
+  }
+  if (spec.modality === "image" && spec.classes) {
+    classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
+    form.append(field("gen.class", classPick));
+  }
+  for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c), c.help));
+  const seed = h("input", {type: "number", name: "seed", min: 0, step: 1});
+  advanced.append(field("opt.seed", seed, t("gen.seedhelp")));
+  form.append(basic, h("details", {}, h("summary", {text: t("gen.advanced")}), advanced));
+  const go = h("button", {type: "submit", class: "primary", text: t("gen.go")});
+  const stop = h("button", {type: "button", text: t("gen.stop"), disabled: true});
+  form.append(h("div", {class: "row"}, go, stop), h("p", {class: "error form-error-box", role: "alert"}));
+  let controller = null;
+  stop.addEventListener("click", () => controller && controller.abort());
+  form.onsubmit = async event => {
+    event.preventDefault();
+    $(".form-error-box", form).textContent = "";
+    const body = {model: spec.model, ...readControls(form, spec.controls)};
+    if (seed.value !== "") body.seed = parseInt(seed.value, 10);
+    go.disabled = true;
+    out.textContent = "";
+    try {
+      if (spec.modality === "text") {
+        body.prompt = prompt.value;
+        const box = h("div", {class: "output", "data-testid": "text-output"}, h("strong", {text: prompt.value}));
+        out.append(box);
+        controller = new AbortController();
+        stop.disabled = false;
+        if ((body.n || 1) > 1) {
+          const made = await api("/v1/completions", {body, signal: controller.signal});
+          box.remove();
+          made.choices.forEach((c, i) => out.append(h("div", {class: "output", "data-testid": "text-output"},
+            h("strong", {text: prompt.value}), c.text), rating(made.generation_id, i)));
+        } else {
+          const id = await stream("/v1/completions", body, text => box.append(text), controller.signal);
+          out.append(rating(id));
+        }
+      } else if (spec.modality === "image") {
+        body.prompt = classPick ? classPick.value : "";
+        const made = await api("/v1/images/generations", {body});
+        out.append(imageGrid(made.data.map(d => d.url), made.data.map(d => d.generation_id)));
+      } else {
+        const made = await api("/v1/forecasts", {body});
+        out.append(fanChart(made.forecast, {width: 640, height: 280}), rating(made.generation_id));
+        out.append(h("p", {class: "meta", text: t("gen.seedwas", {seed: made.seed})}));
+      }
+    } catch (e) {
+      if (e.name === "AbortError") out.append(h("p", {class: "meta", text: t("gen.stopped")}));
+      else placeError(form, e);
+    } finally {
+      go.disabled = false; stop.disabled = true; controller = null;
+    }
+  };
+}
+
+pages.history = async main => {
+  main.append(h("h1", {text: t("nav.history")}));
+  const query = h("input", {type: "search", name: "q"});
+  const model = h("select", {name: "model"}, h("option", {value: "", text: t("all")}),
+                  (await models()).map(m => h("option", {value: m.id, text: m.id})));
+  const modality = h("select", {name: "modality"}, ["", "text", "image", "series"].map(v =>
+    h("option", {value: v, text: v ? t(`modality.${v}`) : t("all")})));
+  const rated = h("select", {name: "rated"}, [["", t("all")], ["true", t("hist.rated")], ["false", t("hist.unrated")]]
+    .map(([v, label]) => h("option", {value: v, text: label})));
+  const form = h("form", {class: "row", role: "search"}, field("hist.search", query), field("model", model),
+                 field("hist.modality", modality), field("hist.rating", rated),
+                 h("button", {type: "submit", class: "primary", text: t("hist.find")}));
+  const table = h("div"), detail = h("section", {"aria-live": "polite"});
+  main.append(form, table, detail);
+  const load = async () => {
+    const params = new URLSearchParams({limit: 50});
+    for (const [k, el] of [["q", query], ["model", model], ["modality", modality], ["rated", rated]])
+      if (el.value) params.set(k, el.value);
+    const found = await api(`/v1/generations?${params}`);
+    table.textContent = "";
+    table.append(h("p", {class: "meta", text: t("hist.count", {n: found.total})}), h("table", {},
+      h("thead", {}, h("tr", {}, ["hist.when", "model", "hist.modality", "hist.source", "hist.what", "hist.rating"]
+        .map(k => h("th", {text: t(k)})))),
+      h("tbody", {}, found.data.map(g => h("tr", {},
+        h("td", {}, h("button", {type: "button", class: "open", onclick: () => openGeneration(detail, g.id),
+                                 text: g.created.replace("T", " ").slice(0, 19)})),
+        h("td", {text: g.run}), h("td", {text: t(`modality.${g.modality}`)}), h("td", {text: g.source}),
+        h("td", {text: summary(g)}), h("td", {text: g.ratings.map(r => r.score > 0 ? "✓" : r.score < 0 ? "✗" : "·").join("")}))))));
+  };
+  form.onsubmit = e => { e.preventDefault(); load().catch(err => toast(err.message)); };
+  await load();
+};
+
+function summary(g) {
+  if (g.modality === "text") return ((g.output || [])[0] || "").slice(0, 60);
+  if (g.modality === "image") return `${t("modality.image")} ${g.output && g.output.class !== null ? g.output.class : ""}`;
+  return `${t("modality.series")} h=${g.request.horizon}`;
+}
+
+function outputOf(g) {
+  if (g.modality === "text") return h("div", {}, (g.output || []).map(text => h("div", {class: "output", text})));
+  if (g.modality === "image") return imageGrid([`/v1/generations/${g.id}/file`]);
+  return fanChart(g.output, {width: 560, height: 240});
+}
+
+async function openGeneration(box, id) {
+  const g = await api(`/v1/generations/${id}`);
+  box.textContent = "";
+  box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), rating(g.id));
+  const again = h("div", {"data-testid": "regenerated"});
+  try {
+    const replay = await api(`/v1/generations/${id}/replay`);
+    const copy = text => () => navigator.clipboard.writeText(text).then(() => toast(t("copied")), () => toast(text));
+    box.append(h("h2", {text: t("hist.again")}),
+      h("p", {}, h("button", {type: "button", class: "primary", text: t("hist.regenerate"), onclick: async () => {
+        again.textContent = t("loading");
+        const made = await api(replay.endpoint, {body: {...replay.body, ...(g.modality === "text" ? {n: 1} : {})}});
+        again.textContent = "";
+        again.append(regenerated(g, made));
+      }})), again,
+      h("p", {}, t("hist.cli")), h("pre", {text: replay.cli}), h("button", {type: "button", onclick: copy(replay.cli), text: t("copy")}),
+      h("p", {}, t("hist.curl")), h("pre", {text: replay.curl}), h("button", {type: "button", onclick: copy(replay.curl), text: t("copy")}));
+  } catch (e) { box.append(h("p", {class: "meta", text: e.message})); }
+  const blob = new Blob([JSON.stringify(g, null, 2)], {type: "application/json"});
+  box.append(h("p", {}, h("a", {href: URL.createObjectURL(blob), download: `${g.id}.json`, text: t("hist.download")}),
+             g.file ? [" · ", h("a", {href: `/v1/generations/${g.id}/file`, download: `${g.id}.png`, text: "PNG"})] : null),
+             h("details", {}, h("summary", {text: t("hist.record")}), h("pre", {text: JSON.stringify(g, null, 2)})));
+}
+
+function regenerated(g, made) {  // the result made again, and whether it is the same as the stored one
+  let same, shown;
+  if (g.modality === "text") {
+    const text = made.choices[0].text, stored = (g.output || [])[0] || "";
+    same = stored.endsWith(text) && text.length > 0 || stored === text;
+    shown = h("div", {class: "output", text});
+  } else if (g.modality === "image") {
+    const url = `data:image/png;base64,${made.data[0].b64_json}`;
+    shown = imageGrid([url]);
+    same = null;
+    comparePixels(url, `/v1/generations/${g.id}/file`).then(ok => { verdict.textContent = ok ? t("hist.same") : t("hist.differs"); });
+  } else {
+    same = JSON.stringify(made.forecast.forecast) === JSON.stringify(g.output.forecast);
+    shown = fanChart(made.forecast, {width: 560, height: 240});
+  }
+  const verdict = h("p", {class: "ok", "data-testid": "same", text: same === null ? "…" : same ? t("hist.same") : t("hist.differs")});
+  return h("div", {}, shown, verdict);
+}
+
+async function comparePixels(a, b) {
+  const read = url => new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => {
+      const c = document.createElement("canvas");
+      c.width = img.width; c.height = img.height;
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      resolve(ctx.getImageData(0, 0, c.width, c.height).data.join(","));
+    };
+    img.onerror = reject;
+    img.src = url;
+  });
+  const [x, y] = await Promise.all([read(a), read(b)]);
+  return x === y;
+}
+
+pages.arena = async main => {
+  main.append(h("h1", {text: t("nav.arena")}), h("p", {class: "meta", text: t("arena.intro")}));
+  const modality = h("select", {name: "modality"}, ["text", "image"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const prompt = h("input", {type: "text", name: "prompt", size: 40});
+  const form = h("form", {class: "row"}, field("hist.modality", modality), field("arena.prompt", prompt, t("arena.prompthelp")),
+                 h("button", {type: "submit", class: "primary", text: t("arena.go")}));
+  const error = h("p", {class: "error", role: "alert"}), battle = h("section", {"aria-live": "polite"});
+  const board = h("section");
+  main.append(form, error, battle, h("h2", {text: t("arena.board")}), board);
+  const showBoard = async () => {
+    const lb = await api(`/v1/arena/leaderboard?modality=${modality.value}`);
+    board.textContent = "";
+    if (!lb.data.length) { board.append(h("p", {text: t("arena.novotes")})); return; }
+    board.append(h("p", {class: "meta", text: t("arena.explain", {n: lb.votes})}), h("table", {"data-testid": "leaderboard"},
+      h("thead", {}, h("tr", {}, ["arena.rank", "model", "arena.rating", "arena.ci", "arena.votes", "arena.metric"]
+        .map(k => h("th", {text: t(k)})))),
+      h("tbody", {}, lb.data.map(r => h("tr", {}, h("td", {text: r.rank}), h("td", {text: r.run}),
+        h("td", {text: r.rating.toFixed(0)}), h("td", {text: `${r.lower.toFixed(0)} – ${r.upper.toFixed(0)}`}),
+        h("td", {text: r.votes}), h("td", {text: headline(r.metric)}))))));
+  };
+  modality.addEventListener("change", () => showBoard().catch(e => toast(e.message)));
+  form.onsubmit = async event => {
+    event.preventDefault();
+    error.textContent = ""; battle.textContent = t("loading");
+    try {
+      const b = await api("/v1/arena/battles", {body: {modality: modality.value, prompt: prompt.value || null}});
+      battle.textContent = "";
+      const sides = h("div", {class: "sides"}, ["left", "right"].map(side => h("div", {class: "card", "data-side": side},
+        h("h2", {text: t(`arena.${side}`)}), showOutputs({...b[side], prompt: b.prompt || ""}), h("p", {class: "who"}))));
+      const buttons = h("div", {class: "row"}, ["left", "right", "tie", "both_bad"].map(w =>
+        h("button", {type: "button", class: "vote", "data-winner": w, text: t(`arena.${w}`), onclick: async () => {
+          const done = await api(`/v1/arena/battles/${b.id}/vote`, {body: {winner: w}});
+          buttons.querySelectorAll("button").forEach(x => { x.disabled = true; });
+          for (const side of ["left", "right"])
+            $(`[data-side=${side}] .who`, sides).textContent = t("arena.was", {run: done[side].run, family: done[side].family});
+          await showBoard();
+        }})));
+      battle.append(sides, buttons);
+    } catch (e) { battle.textContent = ""; error.textContent = e.message; }
+  };
+  await showBoard();
+};
+
+const FAMILIES = {text: ["ngram", "rnn", "gpt"], image: ["vae", "dcgan", "diffusion"], series: ["ar", "rnn"]};
+
+pages.train = async main => {
+  main.append(h("h1", {text: t("nav.train")}));
+  const sets = await api("/v1/datasets");
+  const kind = h("select", {name: "kind"}, ["text", "image", "series"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const file = h("input", {type: "file", name: "file"});
+  const uploadBtn = h("button", {type: "button", text: t("train.upload")});
+  const data = h("select", {name: "data"}), family = h("select", {name: "family"});
+  const preset = h("select", {name: "preset"}, ["quick", "good", "custom"].map(v => h("option", {value: v, text: t(`train.${v}`)})));
+  const minutes = h("input", {type: "number", name: "minutes", min: 0.05, max: 600, step: "any", value: 2});
+  const name = h("input", {type: "text", name: "name", pattern: "[A-Za-z0-9][A-Za-z0-9._-]*"});
+  const conditional = h("input", {type: "checkbox", name: "conditional"});
+  const start = h("button", {type: "submit", class: "primary", text: t("train.start")});
+  const formError = h("p", {class: "error", role: "alert"});
+  const uploaded = [...sets.uploads];
+  const fill = () => {
+    const m = kind.value, upKind = m === "image" ? "images" : m;
+    data.textContent = "";
+    for (const u of uploaded.filter(u => u.kind === upKind))
+      data.append(h("option", {value: u.id, text: `${t("train.yours")}: ${u.filename}`}));
+    for (const d of sets.data.filter(d => d.modality === m))
+      data.append(h("option", {value: d.name, disabled: !d.installed,
+                               text: `${d.name}${d.installed ? "" : ` (${t("train.missing", {pkg: d.package})})`}`}));
+    family.textContent = "";
+    for (const f of FAMILIES[m]) family.append(h("option", {value: f, text: f}));
+    conditional.closest(".field").style.display = m === "image" ? "" : "none";
+  };
+  const form = h("form", {},
+    h("div", {class: "row"}, field("train.kind", kind), field("train.file", file, t("train.filehelp")), uploadBtn),
+    h("div", {class: "row"}, field("train.data", data), field("train.family", family), field("train.preset", preset),
+      field("train.minutes", minutes), field("train.name", name, t("train.namehelp")), field("train.conditional", conditional)),
+    start, formError);
+  const jobsBox = h("section");
+  main.append(form, h("h2", {text: t("train.jobs")}), jobsBox);
+  fill();
+  kind.addEventListener("change", fill);
+  preset.addEventListener("change", () => { minutes.disabled = preset.value !== "custom"; });
+  minutes.disabled = true;
+  uploadBtn.addEventListener("click", async () => {
+    showError(file, "");
+    if (!file.files.length) { showError(file, t("train.nofile")); return; }
+    const f = file.files[0], upKind = kind.value === "image" ? "images" : kind.value;
+    uploadBtn.disabled = true;
+    try {
+      const u = await api(`/v1/uploads?kind=${upKind}&filename=${encodeURIComponent(f.name)}`, {body: f, raw: true});
+      uploaded.unshift(u);
+      fill();
+      data.value = u.id;
+      toast(t("train.uploaded", {name: f.name}));
+    } catch (e) { showError(file, e.message); } finally { uploadBtn.disabled = false; }
+  });
+  form.onsubmit = async event => {
+    event.preventDefault();
+    formError.textContent = "";
+    [data, family, minutes, name].forEach(x => showError(x, ""));
+    const body = {family: family.value, data: data.value};
+    if (preset.value === "custom") body.minutes = parseFloat(minutes.value); else body.preset = preset.value;
+    if (name.value) body.name = name.value;
+    if (kind.value === "image") body.conditional = conditional.checked;
+    try {
+      await api("/v1/training", {body});
+      await showJobs(jobsBox);
+    } catch (e) {
+      const target = {name, data, family, minutes, preset}[e.param];
+      if (target) showError(target, e.message); else formError.textContent = e.message;
+    }
+  };
+  await showJobs(jobsBox);
+};
+
+async function showJobs(box) {
+  const list = (await api("/v1/jobs")).data;
+  box.textContent = "";
+  if (!list.length) { box.append(h("p", {text: t("train.nojobs")})); return; }
+  for (const job of list.slice(0, 20)) box.append(jobCard(job));
+}
+
+function jobCard(job) {
+  const bar = h("div", {class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
+                        "aria-label": t("train.progress")}, h("div"));
+  const status = h("p", {class: "status"}), chart = h("div"), actions = h("div", {class: "row"});
+  const card = h("article", {class: "card", "data-job": job.id, "data-run": job.run},
+                 h("h2", {text: `${job.kind === "eval" ? t("train.evaljob") : t("train.trainjob")}: ${job.run}`}),
+                 bar, status, chart, actions);
+  const render = j => {
+    const pct = Math.round(100 * (j.progress || (j.status === "done" ? 1 : 0)));
+    bar.firstChild.style.width = `${pct}%`;
+    bar.setAttribute("aria-valuenow", pct);
+    card.dataset.status = j.status;
+    const eta = j.eta_s !== null && j.eta_s !== undefined && j.status === "running" ? ` · ${t("train.eta")} ${Math.ceil(j.eta_s)} s` : "";
+    const step = j.step ? ` · ${t("curve.step")} ${j.step}${j.steps_goal ? `/${j.steps_goal}` : ""}` : "";
+    status.textContent = `${t(`status.${j.status}`)} · ${pct}%${step}${eta}`;
+    if (j.error) status.append(h("span", {class: "error", text: ` ${j.error}`}));
+    if (j.curve && j.curve.length) { chart.textContent = ""; chart.append(curveChart([{name: j.run, curve: j.curve}], {width: 380, height: 160})); }
+    actions.textContent = "";
+    if (j.status === "running") actions.append(h("button", {type: "button", text: t("train.stop"), onclick: async () => {
+      render(await api(`/v1/jobs/${j.id}/stop`, {method: "POST", body: {}}));
+    }}));
+    if (j.status === "done" && j.kind === "train") actions.append(h("button", {type: "button", class: "evaluate", text: t("train.evaluate"),
+      onclick: async () => {
+        const e = await api("/v1/evaluations", {body: {model: j.run}});
+        card.after(jobCard(e));
+      }}));
+    if (j.status === "done" && j.kind === "eval") actions.append(h("a", {href: `/v1/models/${j.run}/files/report.html`,
+      target: "_blank", text: t("models.report")}), h("a", {href: `#/compare?models=${j.run}`, text: t("nav.compare")}));
+    if (j.status === "done") actions.append(h("a", {href: `#/generate?model=${encodeURIComponent(j.run)}`, text: t("models.use")}));
+  };
+  render(job);
+  if (job.status === "running") {
+    const timer = setInterval(async () => {
+      if (!card.isConnected) { clearInterval(timer); return; }
+      try {
+        const j = await api(`/v1/jobs/${job.id}`);
+        render(j);
+        if (j.status !== "running") { clearInterval(timer); state.models = []; }
+      } catch (e) { clearInterval(timer); }
+    }, 1000);
+  }
+  return card;
+}
+
+pages.compare = async (main, params) => {
+  main.append(h("h1", {text: t("nav.compare")}), h("p", {class: "meta", text: t("compare.intro")}));
+  const list = (await models(true)).filter(m => m.family !== "hf");
+  const chosen = new Set((params.get("models") || "").split(",").filter(Boolean));
+  const boxes = h("fieldset", {}, h("legend", {text: t("compare.pick")}), list.map(m => {
+    const box = h("input", {type: "checkbox", value: m.id, id: `cmp-${m.id}`, checked: chosen.has(m.id)});
+    return h("label", {for: box.id, style: "margin-right:1rem"}, box, ` ${m.id}`);
+  }));
+  const go = h("button", {type: "button", class: "primary", text: t("compare.go")});
+  const error = h("p", {class: "error", role: "alert"}), out = h("section");
+  main.append(boxes, go, error, out);
+  go.addEventListener("click", async () => {
+    const names = [...boxes.querySelectorAll("input:checked")].map(b => b.value);
+    error.textContent = ""; out.textContent = "";
+    if (names.length < 2 || names.length > 4) { error.textContent = t("compare.count"); return; }
+    const details = await Promise.all(names.map(n => api(`/v1/models/${n}/details`)));
+    const keys = [...new Set(details.flatMap(d => Object.keys({...d.metrics, ...(d.eval || {})})))]
+      .filter(k => details.some(d => typeof ({...d.metrics, ...(d.eval || {})})[k] === "number")).sort();
+    out.append(h("table", {"data-testid": "compare"}, h("thead", {}, h("tr", {}, h("th", {text: t("compare.metric")}),
+      names.map(n => h("th", {text: n})))), h("tbody", {}, keys.map(k => h("tr", {}, h("td", {text: k}),
+      details.map(d => h("td", {text: fmt(({...d.metrics, ...(d.eval || {})})[k])})))))));
+    out.append(h("p", {class: "meta", text: t("compare.split")}));
+    out.append(h("h2", {text: t("compare.curves")}), curveChart(details.map((d, i) => ({name: names[i], curve: d.curve})), {width: 640, height: 260}));
+    const samples = h("div", {class: "sides", style: `grid-template-columns: repeat(${names.length}, 1fr)`});
+    out.append(h("h2", {text: t("compare.samples")}), samples);
+    for (const n of names) {
+      const cell = h("div", {class: "card"}, h("h2", {text: n}), t("loading"));
+      samples.append(cell);
+      api(`/v1/models/${n}/preview`).then(p => { cell.lastChild.remove(); cell.append(showOutputs(p)); })
+        .catch(e => { cell.append(h("p", {class: "error", text: e.message})); });
+    }
+  });
+  if (chosen.size >= 2) go.click();
+};
+
+// ------------------------------------------------------------------ routing and start
+
+async function route() {
+  const [path, query] = (location.hash.replace(/^#\/?/, "") || "models").split("?");
+  const page = pages[path] ? path : "models";
+  // a fresh view per visit: what a page still fetches for an earlier visit lands in its own, detached view
+  const main = h("div", {class: "view"});
+  $("#main").replaceChildren(main);
+  document.querySelectorAll("#nav a").forEach(a => a.toggleAttribute("aria-current", a.dataset.page === page));
+  document.querySelectorAll("#nav a[aria-current]").forEach(a => a.setAttribute("aria-current", "page"));
+  document.title = `${t(`nav.${page}`)} · AIGC Studio`;
+  try {
+    await pages[page](main, new URLSearchParams(query || ""));
+  } catch (e) {
+    main.append(h("p", {class: "error", role: "alert", text: e.message}));
+  }
+}
+
+function start() {
+  const lang = $("#lang");
+  lang.value = currentLanguage();
+  lang.addEventListener("change", () => { setLanguage(lang.value); route(); });
+  const key = $("#apikey");
+  key.value = state.key;
+  key.addEventListener("change", () => { state.key = key.value.trim(); localStorage.setItem("aigc.key", state.key); route(); });
+  setLanguage(lang.value);
+  window.addEventListener("hashchange", route);
+  route();
+}
+
+start();

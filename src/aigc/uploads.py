@@ -1,0 +1,339 @@
+"""Data a person uploads from a browser: a text file, a zip of images, or a CSV series.
+
+An upload arrives in chunks (`Upload.begin`, `.write` ..., `.finish`) into a hidden folder under
+`$AIGC_HOME/uploads/`; `finish` checks that the data can be trained on, as `aigc train` would read it, and
+only then moves the folder into place as `uploads/<id>/` with its record `upload.json`. A refused upload
+leaves nothing behind. The record's `data` is the path to pass to `aigc train --data` (or to
+`aigc.jobs.start_training(data=...)`).
+
+Plain Python at import (no torch, no pandas): the image and CSV checks import what they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import time
+import unicodedata
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from aigc import store
+from aigc.data.images import IMAGE_EXTENSIONS, load_images
+from aigc.data.text import load_corpus
+from aigc.errors import BadRequest, NotFound, TooLarge, UserError
+from aigc.fsutil import fsync_dir, read_json, write_json
+
+KINDS = ("text", "images", "series")
+RECORD = "upload.json"
+MIN_TEXT_CHARS = 200  # less text than this is too little to train on (and to split off a validation part)
+MIN_SERIES_ROWS = 24  # two years of monthly values: the least a series model and its back-test can use
+ZIP_RATIO = 10  # a zip that unpacks to more than 10x the upload limit is refused (a zip bomb)
+PARTIAL_MAX_AGE_S = 24 * 3600  # hidden partial folders older than this (a server that crashed) are swept
+_ID = re.compile(r"upl-[0-9a-f]{20}")
+_PARTIAL = ".partial-"
+_RAW = "upload.part"
+_IMAGE_NAMES = "PNG, JPEG, GIF, BMP, WebP"
+
+
+def uploads_dir() -> Path:
+    return store.aigc_home() / "uploads"
+
+
+class Upload:
+    """One file arriving in chunks: `Upload.begin(...)`, `.write(chunk)` for each chunk, then `.finish()` (or
+    `.abort()`). Not shared between threads: one request writes one upload."""
+
+    def __init__(self, id: str, kind: str, filename: str, max_bytes: int, folder: Path):
+        self.id = id
+        self.kind = kind
+        self.filename = filename  # the base name the browser sent, sanitised
+        self.max_bytes = max_bytes
+        self.folder = folder  # the hidden partial folder; uploads_dir()/<id> once finished
+        self.bytes = 0
+        self._sha256 = hashlib.sha256()
+        self._file = None
+        self._open = True
+
+    @classmethod
+    def begin(cls, kind: str, filename: str, max_bytes: int) -> Upload:
+        if kind not in KINDS:
+            raise BadRequest(f"unknown upload kind {kind!r}: choose from {', '.join(KINDS)}")
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise BadRequest(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+        root = uploads_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        _sweep_partials(root)
+        upload_id = _new_id("upl")
+        folder = root / f"{_PARTIAL}{upload_id}"
+        folder.mkdir()
+        upload = cls(upload_id, kind, base_name(filename), max_bytes, folder)
+        upload._file = open(folder / _RAW, "wb")  # closed by finish or abort
+        return upload
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk; past `max_bytes` in all, the upload is deleted and TooLarge raised."""
+        self._check_open()
+        self.bytes += len(chunk)
+        if self.bytes > self.max_bytes:
+            self.abort()
+            raise TooLarge(f"the file is larger than the upload limit of {_mb(self.max_bytes)} MB; whoever runs the "
+                           f"server can raise it with: aigc serve --max-upload-mb N")
+        self._file.write(chunk)
+        self._sha256.update(chunk)
+
+    def abort(self) -> None:
+        """Delete everything written so far (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+        self._open = False
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self) -> dict:
+        """Check the data, then move it into place as uploads_dir()/<id>/; returns the record (upload.json).
+        A check that fails deletes everything and raises BadRequest saying what is wrong."""
+        self._check_open()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._open = False
+        final = uploads_dir() / self.id
+        try:
+            if self.bytes == 0:
+                raise BadRequest("the file is empty")
+            check = {"text": _lay_out_text, "images": _lay_out_images, "series": _lay_out_series}[self.kind]
+            data_name, summary = check(self)
+            record = {"id": self.id, "kind": self.kind, "filename": self.filename, "bytes": self.bytes,
+                      "sha256": self._sha256.hexdigest(), "created": store.now(), "data": str(final / data_name),
+                      "summary": summary}
+            write_json(self.folder / RECORD, record)
+            os.replace(self.folder, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        return record
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError(f"upload {self.id} is already finished or aborted")
+
+
+def get_upload(upload_id: str) -> dict:
+    """The record of a finished upload (NotFound for an id that is not one: nothing outside uploads_dir() is read)."""
+    path = uploads_dir() / upload_id / RECORD if isinstance(upload_id, str) and _ID.fullmatch(upload_id) else None
+    if path is None or not path.is_file():
+        raise NotFound(f"no such upload: {upload_id!r}")
+    return read_json(path)
+
+
+def list_uploads() -> list[dict]:
+    """The records of every finished upload, newest first."""
+    root = uploads_dir()
+    if not root.is_dir():
+        return []
+    records = [read_json(p / RECORD) for p in root.iterdir() if _ID.fullmatch(p.name) and (p / RECORD).is_file()]
+    return sorted(records, key=lambda r: (r["created"], r["id"]), reverse=True)
+
+
+def base_name(filename: str) -> str:
+    """The last part of a browser's file name, without folders, control characters or leading dots."""
+    name = re.split(r"[/\\]", filename or "")[-1]
+    name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
+    return name.strip().lstrip(".").strip()[:200] or "upload"
+
+
+# ----------------------------------------------------------------------------------
+# the checks, one per kind: each lays the data out inside the upload's folder and returns
+# (the name of the data inside the folder, the summary)
+
+
+def _lay_out_text(upload: Upload) -> tuple[str, dict]:
+    raw = upload.folder / _RAW
+    _check_text_bytes(raw.read_bytes(), "text (UTF-8)")
+    # the suffix tells load_corpus (and `aigc train`) how to read it: .jsonl, else plain or fortune text
+    suffix = Path(upload.filename).suffix.lower()
+    name = _safe_stem(upload.filename, "text") + (suffix if suffix in (".txt", ".jsonl") else ".txt")
+    os.replace(raw, upload.folder / name)
+    try:
+        corpus = load_corpus(str(upload.folder / name))
+    except UserError as e:
+        raise BadRequest(_plain(str(e), upload.folder, name)) from None
+    if corpus.n_chars < MIN_TEXT_CHARS:
+        raise BadRequest(f"too little text to train on: {corpus.n_chars} characters; upload at least "
+                         f"{MIN_TEXT_CHARS}")
+    return name, {"characters": corpus.n_chars, "documents": len(corpus.docs)}
+
+
+def _lay_out_series(upload: Upload) -> tuple[str, dict]:
+    import pandas as pd
+
+    raw = upload.folder / _RAW
+    _check_text_bytes(raw.read_bytes(), "a CSV file (UTF-8 text)")
+    name = _safe_stem(upload.filename, "series") + ".csv"  # .csv: what makes `aigc train` read a series
+    path = upload.folder / name
+    os.replace(raw, path)
+    try:
+        # as aigc.data.series reads it: blank lines are rows of missing values
+        frame = pd.read_csv(path, skip_blank_lines=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        reason = _plain(str(e).splitlines()[0], upload.folder, name)
+        raise BadRequest(f"this is not a CSV file that can be read: {reason}") from None
+    numeric, missing = [], {}
+    for column in frame.columns:
+        values = frame[column]
+        present = values.notna() & (values.astype(str).str.strip() != "")
+        if present.any() and pd.to_numeric(values[present], errors="coerce").notna().all():
+            numeric.append(str(column))
+            if (~present).any():
+                missing[str(column)] = int((~present).sum())
+    if not numeric:
+        raise BadRequest(f"no numeric column in the CSV (columns: {', '.join(map(str, frame.columns))})")
+    if len(frame) < MIN_SERIES_ROWS:
+        raise BadRequest(f"too few rows: {len(frame)}; a series needs at least {MIN_SERIES_ROWS}")
+    return name, {"rows": len(frame), "columns": numeric, "missing": missing}
+
+
+def _lay_out_images(upload: Upload) -> tuple[str, dict]:
+    raw = upload.folder / _RAW
+    name = _safe_stem(upload.filename, "images")
+    name = "images" if name in (RECORD, _RAW) else name
+    out = upload.folder / name
+    try:
+        archive = zipfile.ZipFile(raw)
+    except (zipfile.BadZipFile, OSError):
+        raise BadRequest("this is not a zip file: upload a .zip of images") from None
+    with archive:
+        members = _image_members(archive, upload.max_bytes, IMAGE_EXTENSIONS)
+        _extract(archive, members, out, upload.max_bytes)
+    raw.unlink()
+    _check_image_files(out)
+    try:
+        data = load_images(str(out))
+    except UserError as e:
+        raise BadRequest(_plain(str(e), out, "the zip")) from None
+    summary = {"images": data.n, "classes": list(data.class_names or ()), "size": [data.width, data.height],
+               "channels": data.channels}
+    if data.class_names:  # load_images: every sub-folder of the zip's top is a class
+        counts = [int((data.labels == i).sum()) for i in range(data.num_classes)]
+        summary["class_counts"] = dict(zip(data.class_names, counts, strict=True))
+    return name, summary
+
+
+def _check_image_files(out: Path) -> None:
+    """Every file unpacked is an image PIL can open, and all have one size (what load_images needs), said in
+    words a person who made the zip understands."""
+    from PIL import Image
+
+    sizes = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        try:
+            with Image.open(path) as img:
+                sizes[path.relative_to(out).as_posix()] = img.size
+        except (OSError, SyntaxError, ValueError):
+            sizes[path.relative_to(out).as_posix()] = None
+    broken = [rel for rel, size in sizes.items() if size is None]
+    if len(broken) == len(sizes):
+        raise BadRequest(f"no images in the zip ({_IMAGE_NAMES})")
+    if broken:
+        others = f" (nor are {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise BadRequest(f"{broken[0]} in the zip is not an image that can be opened{others}: remove or replace it")
+    first, first_size = next(iter(sizes.items()))
+    for rel, size in sizes.items():
+        if size != first_size:
+            raise BadRequest(f"the images differ in size: {first} is {first_size[0]}x{first_size[1]} but {rel} is "
+                             f"{size[0]}x{size[1]}; resize them all to one size")
+
+
+def _image_members(archive: zipfile.ZipFile, max_bytes: int, extensions: tuple[str, ...]
+                   ) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The zip's image files and where each goes, after refusing paths that lead outside the folder, a zip that
+    unpacks to more than ZIP_RATIO x max_bytes, and encrypted files. One folder that holds everything (how
+    most zips are made) is unwrapped, so that its sub-folders are the classes."""
+    infos = archive.infolist()
+    for info in infos:
+        parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+        if info.filename.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", info.filename) or ".." in parts:
+            raise BadRequest(f"the zip holds a path that leads outside its folder ({info.filename}): refusing it")
+    unpacked = sum(info.file_size for info in infos)
+    if unpacked > ZIP_RATIO * max_bytes:
+        raise BadRequest(f"the zip unpacks to {_mb(unpacked)} MB, more than {ZIP_RATIO} times the upload limit "
+                         f"({_mb(max_bytes)} MB): refusing it")
+    members = []
+    for info in infos:
+        path = PurePosixPath(info.filename.replace("\\", "/"))
+        hidden = any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+        if info.is_dir() or hidden or path.suffix.lower() not in extensions:
+            continue
+        if info.flag_bits & 0x1:
+            raise BadRequest(f"the zip is password-protected ({info.filename}): upload a zip without a password")
+        members.append((info, path))
+    if not members:
+        raise BadRequest(f"no images in the zip ({_IMAGE_NAMES})")
+    tops = {path.parts[0] for _, path in members}
+    if len(tops) == 1 and all(len(path.parts) > 1 for _, path in members):
+        members = [(info, PurePosixPath(*path.parts[1:])) for info, path in members]
+    return members
+
+
+def _extract(archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, PurePosixPath]], out: Path,
+             max_bytes: int) -> None:
+    """Write the members below `out`, counting the bytes really unpacked (a zip's sizes can lie)."""
+    budget = ZIP_RATIO * max_bytes
+    out.mkdir()
+    for info, rel in members:
+        target = out.joinpath(*rel.parts)
+        if not target.resolve().is_relative_to(out.resolve()):
+            raise BadRequest(f"the zip holds a path that leads outside its folder ({info.filename}): refusing it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with archive.open(info) as src, open(target, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    budget -= len(block)
+                    if budget < 0:
+                        raise BadRequest(f"the zip unpacks to more than {ZIP_RATIO} times the upload limit "
+                                         f"({_mb(max_bytes)} MB): refusing it")
+                    dst.write(block)
+        except (zipfile.BadZipFile, NotImplementedError, EOFError, OSError, RuntimeError) as e:
+            raise BadRequest(f"the zip is damaged or uses an unsupported compression ({info.filename}: {e})") from None
+
+
+def _check_text_bytes(data: bytes, what: str) -> None:
+    if b"\x00" in data:
+        raise BadRequest(f"this looks like a binary file, not {what}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"this looks like a binary file, not {what}") from None
+
+
+def _plain(message: str, folder: Path, name: str) -> str:
+    """A loader's message without the server's paths: the upload's folder becomes `name`."""
+    return message.replace(f"{folder}{os.sep}", "").replace(str(folder), name)
+
+
+def _safe_stem(filename: str, default: str) -> str:
+    """The file name's stem in letters, digits, '.', '_' and '-' (a run's default name is made of it)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(filename).stem).strip("-.")
+    return stem[:100] or default
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.3g}"
+
+
+def _new_id(prefix: str) -> str:
+    """prefix-<20 hex digits>: the time in microseconds, then random (ids sort by creation)."""
+    return f"{prefix}-{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
+
+
+def _sweep_partials(root: Path) -> None:
+    for path in root.glob(f"{_PARTIAL}*"):
+        try:
+            if time.time() - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass
