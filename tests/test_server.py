@@ -94,9 +94,11 @@ def train_runs(home: Path, names: tuple[str, ...] = ("poet", "digits", "sun")) -
             service.train(family, str(poems) if data == "poems" else data, name=name, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Three runs (an n-gram poet, a conditional VAE on digits, an AR on sunspots) and a server over them."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request, tmp_path_factory):
+    """Three runs (an n-gram poet, a conditional VAE on digits, an AR on sunspots) and a server over them, its
+    store in SQLite, then in PostgreSQL (every test of the module runs on both; PostgreSQL skips, saying why,
+    where no server can start)."""
     from tests.conftest import make_poems
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -109,9 +111,17 @@ def served(tmp_path_factory):
     train_char(make_poems()).save(folder)
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(folder)
-    proc, url = start_server(home, "--model", f"tiny={folder}")
-    yield {"home": home, "url": url, "proc": proc, "folder": folder}
+    database = None
+    if request.param == "postgresql":
+        from tests import postgres
+
+        server = request.getfixturevalue("postgres_url")
+        database = postgres.create_database(server)
+    proc, url = start_server(home, "--model", f"tiny={folder}", *(["--database", database] if database else []))
+    yield {"home": home, "url": url, "proc": proc, "folder": folder, "database": database}
     stop_server(proc)
+    if database:
+        postgres.drop_database(server, database)
 
 
 @pytest.fixture

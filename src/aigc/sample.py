@@ -482,7 +482,12 @@ class Rows:
         for k, procs in enumerate(self.processors):
             if procs:
                 sl = self.slices[k]
-                scores[sl] = procs(input_ids[sl, self.pads[k]:], scores[sl])
+                ids, part = input_ids[sl, self.pads[k]:], scores[sl]
+                # each processor called as LogitsProcessorList would call it, without the list's per-call
+                # inspect.signature of every processor (a third of a 16-row step's time, measured)
+                for processor in procs:
+                    part = processor(ids, part)
+                scores[sl] = part
         return scores
 
     def done(self, input_ids: torch.Tensor) -> torch.Tensor:
