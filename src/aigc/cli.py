@@ -194,6 +194,60 @@ def train(
 
 @app.command()
 @user_errors
+def sweep(
+    family: Annotated[str, typer.Option(help="the family whose settings are searched (ngram, rnn, gpt, vae, "
+                                             "dcgan, diffusion, ar)")],
+    data: Annotated[str, typer.Option(help="a named data set or a file or folder, as for aigc train")],
+    trials: Annotated[int, typer.Option(help="trials this process runs (1..1000); workers add theirs")],
+    budget_minutes: Annotated[float | None, typer.Option(help="training time of each trial, in (0, 600]; "
+                                                              "gradient-trained families only")] = None,
+    space: Annotated[str | None, typer.Option(help="a TOML file of the search space: [key] low/high/log "
+                                                   "or choices; key = value fixes a setting")] = None,
+    name: Annotated[str | None, typer.Option(help="the study (default sweep-FAMILY-DATA); its runs are "
+                                                  "NAME-t000, ...")] = None,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the study's database (default: the "
+                                                     "store's, $AIGC_DATABASE_URL or sqlite:///$AIGC_HOME/aigc.db)")
+                       ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the TPE sampler (give each worker its own)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+):
+    """Search a family's settings for the lowest validation metric with Optuna (TPE, median pruning); every
+    trial is an ordinary run, the best one is marked in its run.json (docs/sweep.md).
+
+    Examples:
+
+      aigc sweep --family ngram --data tang300 --trials 7
+
+      aigc sweep --family gpt --data tang300 --trials 20 --budget-minutes 2
+
+      aigc sweep --family rnn --data poems.txt --trials 10 --budget-minutes 1 --space space.toml
+
+      aigc sweep --family gpt --data tang300 --trials 10 --budget-minutes 2 --storage postgresql+psycopg://db/aigc
+
+    Another process or machine with the same --name and --storage joins the same study.
+    """
+    _quiet_libraries()
+    from aigc import sweep as sweeps
+
+    result = sweeps.run_sweep(family=family, data=data, trials=trials, budget_minutes=budget_minutes,
+                              space=sweeps.load_space(space) if space is not None else None, name=name,
+                              storage=storage, seed=seed, progress=functools.partial(print, file=sys.stderr,
+                                                                                     flush=True))
+    if json_out:
+        _emit_json(result)
+        return
+    best = result["best"]
+    if best is None:
+        print(f"study {result['study']}: no trial completed yet", file=sys.stderr)
+        return
+    params = " ".join(f"{k}={v}" for k, v in best["params"].items())
+    print(f"best: trial #{best['number']} {result['objective']} {best['value']:.4f} ({params}) of "
+          f"{len(result['trials'])} trials in study {result['study']}", file=sys.stderr)
+    print(best["run"])
+
+
+@app.command()
+@user_errors
 def generate(
     run: Annotated[str | None, typer.Argument(help="run name, run directory, or Hugging Face causal-LM folder")] = None,
     prompt: Annotated[str | None, typer.Option(help="text to continue (default: a new document)")] = None,
