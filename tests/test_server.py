@@ -78,6 +78,8 @@ RECIPES = {  # name -> (family, data, training arguments) of the tiny runs the s
     "digits": ("vae", "digits", {"max_steps": 10, "sets": TINY_VAE}),
     "plain": ("vae", "digits", {"max_steps": 10, "sets": {**TINY_VAE, "conditional": "false"}}),
     "sun": ("ar", "sunspots", {}),
+    "poet3": ("ngram", "poems", {"sets": {"max_order": "3"}}),  # a second text run (the arena needs two)
+    "digits2": ("vae", "digits", {"max_steps": 10, "sets": TINY_VAE}),  # a second conditional image run
 }
 
 

@@ -22,7 +22,6 @@ from urllib.parse import urlparse
 import pytest
 from tests.test_server import start_server, stop_server, train_runs
 
-from aigc import service
 from aigc.db import Store
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -39,10 +38,7 @@ TIMEOUT_MS = 90_000
 def studio(tmp_path_factory):
     """Runs: two text n-grams (the arena needs two), a conditional VAE on digits, an AR on sunspots; a server."""
     home = tmp_path_factory.mktemp("studio")
-    train_runs(home, ("poet", "digits", "sun"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGC_HOME", str(home))
-        service.train("ngram", str(home / "poems.txt"), name="poet3", sets={"max_order": "3"})
+    train_runs(home, ("poet", "poet3", "digits", "sun"))
     proc, url = start_server(home, "--max-upload-mb", "5")
     yield home, url
     stop_server(proc)

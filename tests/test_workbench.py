@@ -13,9 +13,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from tests.test_server import TINY_VAE, start_server, stop_server, train_runs
+from tests.test_server import start_server, stop_server, train_runs
 
-from aigc import service
 from aigc.server import schemas
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("workbench")
-    train_runs(home, ("poet", "digits", "sun"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIGC_HOME", str(home))
-        service.train("ngram", str(home / "poems.txt"), name="poet3", sets={"max_order": "3"})
-        service.train("vae", "digits", name="digits2", max_steps=10, sets=TINY_VAE)
+    train_runs(home, ("poet", "poet3", "digits", "digits2", "sun"))
     proc, url = start_server(home, "--max-upload-mb", "1")
     with httpx.Client(base_url=url, timeout=120) as client:
         yield home, client
