@@ -160,7 +160,8 @@ def main() -> None:
         try:
             asyncio.run(load(url, run, 1, 1))  # loads the model
             for clients in (1, 4, 16, 64):
-                per_client = 1 if args.quick and clients >= 16 else (2 if clients >= 4 else 8)
+                # several requests per client: continuous batching's steady state, not one batch's start
+                per_client = 1 if args.quick and clients >= 16 else (2 if clients >= 64 else 4 if clients >= 4 else 8)
                 print(f"batching {'on' if batching else 'off'}, {clients} clients...", file=sys.stderr)
                 row = {"batching": batching, **asyncio.run(load(url, run, clients, per_client))}
                 result["rows"].append(row)

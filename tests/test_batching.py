@@ -12,7 +12,7 @@ from aigc.config import build
 from aigc.data.tokenizer import train_char
 from aigc.errors import Cancelled, UserError
 from aigc.models import FAMILIES
-from aigc.sample import Ask, GenerateSettings, LoadedModel, generate_many
+from aigc.sample import Ask, Decoder, GenerateSettings, LoadedModel, generate_many
 from aigc.service import sections_for
 from conftest import TINY_SETS, make_model, make_poems
 
@@ -97,3 +97,72 @@ def test_the_rnn_reads_a_left_padded_prompt_as_it_reads_it_alone(vocab, cell):
                                                              strict=True)):
         torch.testing.assert_close(s_batched[:, 0], s_short[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
         torch.testing.assert_close(s_batched[:, 1], s_long[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
+
+
+@pytest.mark.parametrize("knobs", [{"temperature": 0.8}, {"temperature": 0.9, "top_k": 5},
+                                   {"temperature": 1.2, "top_p": 0.9}, {"temperature": 0.0, "repetition_penalty": 1.3}],
+                         ids=["temperature", "top-k", "top-p", "greedy"])
+def test_our_decode_step_draws_what_transformers_generate_draws(loaded, knobs):
+    """The oracle: transformers' own sampling (global RNG after `torch.manual_seed(seed)`), or its greedy search."""
+    s = GenerateSettings(prompt="春江", seed=7, n=2 if knobs["temperature"] else 1, max_new_tokens=15, **knobs)
+    ours = generate_many(loaded, [Ask(s.validate())])[0][0]
+    tok = loaded.tokenizer
+    ids = torch.tensor([[tok.eot_id] + tok.encode(s.prompt)] * s.n)
+    torch.manual_seed(s.seed)
+    with torch.no_grad():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=s.temperature > 0,
+                                    temperature=s.temperature or None, top_k=s.top_k, top_p=s.top_p,
+                                    repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens,
+                                    eos_token_id=tok.eot_id, pad_token_id=tok.eot_id)
+    theirs = []
+    for row in out[:, ids.shape[1]:].tolist():
+        row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+        theirs.append(s.prompt + tok.decode_text(row))
+    assert ours == theirs
+
+
+def _decode(decoder: Decoder) -> tuple[dict, list[int]]:
+    """Step a decoder until it is idle: each tag's outcome, and the rows of every step."""
+    outcomes, rows = {}, []
+    while not decoder.idle:
+        rows.append(decoder.rows)
+        outcomes.update(decoder.step())
+    return outcomes, rows
+
+
+def test_a_request_that_joins_a_running_batch_decodes_as_it_does_alone(loaded):
+    """Continuous batching: requests join between steps and leave when done, and each still decodes alone's text."""
+    alone = [generate_many(loaded, [Ask(s)])[0] for s in ASKS]
+    decoder = Decoder(loaded)
+    assert decoder.admit([(0, Ask(ASKS[0])), (1, Ask(ASKS[1]))]) == []
+    outcomes = {}
+    for _ in range(3):
+        outcomes.update(decoder.step())
+    running = [r.tag for r in decoder.requests]
+    assert running, "both first requests ended within 3 tokens: pick other seeds"
+    decoder.admit([(k, Ask(ASKS[k])) for k in (2, 3, 4)])
+    later, rows = _decode(decoder)
+    outcomes.update(later)
+    assert rows[0] == sum(ASKS[k].n for k in [*running, 2, 3, 4])
+    assert rows == sorted(rows, reverse=True) and rows[-1] < rows[0]  # finished requests left at once
+    for k, s in enumerate(ASKS):
+        assert outcomes[k][0] == alone[k][0], s
+        assert outcomes[k][1]["finish_reasons"] == alone[k][1]["finish_reasons"]
+
+
+def test_a_finished_request_takes_its_cached_positions_with_it(vocab):
+    """gpt's key/value cache keeps only the positions some row still reads: a long prompt that finished leaves
+    the cache as wide as the rows that remain."""
+    loaded = tiny("gpt", vocab)
+    decoder = Decoder(loaded)
+    long_prompt = GenerateSettings(prompt="春江潮水连海平海上", temperature=0, max_new_tokens=2)
+    short_prompt = GenerateSettings(prompt="月", seed=1, temperature=1.0, max_new_tokens=12)
+    decoder.admit([("long", Ask(long_prompt)), ("short", Ask(short_prompt))])
+    finished = {}
+    while "long" not in finished:
+        finished.update(decoder.step())
+    if "short" in finished:
+        pytest.skip("the short request ended first: pick another seed")
+    [short] = decoder.requests
+    assert decoder.memory.mask.shape[1] == short.ids.shape[1] < len(long_prompt.prompt) + 1
+    assert bool(decoder.memory.mask.all())

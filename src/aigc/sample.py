@@ -1,17 +1,21 @@
-"""Load a run (or any Hugging Face causal-LM folder) and generate text with transformers' `generate`.
+"""Load a run (or any Hugging Face causal-LM folder) and generate text.
 
 Every text family is a `PreTrainedModel` + `GenerationMixin`, so the decoding controls (greedy,
 temperature, top-k, top-p, min-p, repetition penalty, no_repeat_ngram_size, beam search) mean
-the same for all of them. Stop strings are our own rule on the decoded text: transformers'
-`stop_strings` fails on vocabularies without the letters a-f, as every Chinese char vocabulary is.
+the same for all of them: they are transformers' own logits processors. Stop strings are our own rule
+on the decoded text: transformers' `stop_strings` fails on vocabularies without the letters a-f, as
+every Chinese char vocabulary is.
 
-Sampling draws from a per-request `torch.Generator`, never the global RNG, so concurrent requests
-cannot race: transformers' sampling mode takes no generator, so we run its greedy mode with the
-sampling warpers and the draw as our own logits processors (see `sampling_processors`).
+Sampling and greedy decoding run in our own decode step (`Decoder`), which transformers' `generate`
+cannot be: it takes one length and one stop list per batch, samples on the global RNG, and keeps a
+batch's rows until the longest ends. Each request draws from its own `torch.Generator` (the same draw
+as transformers' sampling after `torch.manual_seed`, see `DrawToken`), stops on its own, and leaves
+the batch when done while new requests join (continuous batching). Beam search is transformers' own.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import threading
@@ -29,7 +33,6 @@ from transformers import (
     EtaLogitsWarper,
     GenerationMixin,
     LogitNormalization,
-    LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
@@ -42,6 +45,7 @@ from transformers import (
     TopPLogitsWarper,
     TypicalLogitsWarper,
 )
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aigc.checkpoint import verify_manifest
 from aigc.config import read_toml
@@ -164,8 +168,9 @@ class StopOnStrings(StoppingCriteria):
 
 
 class TextStream:
-    """A transformers streamer that writes text as it is generated, holding back what could still
-    turn out to be the start of a stop string, and nothing after a stop string."""
+    """Writes text as it is generated, holding back what could still turn out to be the start of a stop
+    string, and nothing after a stop string. `add` takes a token from our decoder; `put` and `end` are
+    transformers' streamer interface (the first `put` carries the prompt)."""
 
     def __init__(self, tokenizer: TextTokenizer, stops: list[str], write: Callable[[str], None]):
         self.tokenizer, self.stops, self.write = tokenizer, stops, write
@@ -174,8 +179,12 @@ class TextStream:
         self.prompt_seen = False
         self.stopped = False
 
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        self._flush(final=False)
+
     def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
+        if not self.prompt_seen:
             self.prompt_seen = True
             return
         self.ids.extend(value.flatten().tolist())
@@ -219,40 +228,42 @@ def cut_at_stop(text: str, stops: list[str]) -> int:
     return min(hits) if hits else len(text)
 
 
-class DrawToken(LogitsProcessor):
+class DrawToken:
     """transformers' multinomial sampling step, on the request's own generator.
 
     The same call as `GenerationMixin._sample` makes in sampling mode, `multinomial(softmax(scores), 1)`,
     so a generator seeded with s draws the tokens the global RNG draws after `torch.manual_seed(s)`.
-    Every score but the drawn token's becomes -inf: greedy decoding then picks the drawn token.
+    `noise` + `pick` are the same draw split in two, as PyTorch computes a one-sample multinomial
+    (argmax of probs / Exponential(1) noise), so that the rows of many requests are picked in one call
+    (checked against `multinomial` by tests/test_batching.py).
     """
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.nn.functional.softmax(scores, dim=-1)  # (B, V)
-        drawn = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (B, 1)
-        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, V) processed scores -> (B,) drawn tokens."""
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]
+
+    def noise(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        return torch.empty((rows, vocab), device=device).exponential_(1, generator=self.generator)
+
+    @staticmethod
+    def pick(scores: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (torch.nn.functional.softmax(scores, dim=-1) / noise).argmax(-1)
 
 
-# Options of the model's generation config that `sampling_processors` applies itself. Unset for
-# greedy mode, which would warn about the warpers and apply watermarking and renormalisation again.
-_APPLIED_BY_US = {"top_h": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None,
-                  "watermarking_config": None, "renormalize_logits": False}
-
-
-def sampling_processors(s: GenerateSettings, model: GenerationMixin, generator: torch.Generator,
-                        ) -> LogitsProcessorList:
-    """The processors transformers' `_get_logits_processor` appends in sampling mode with one beam, in its
-    order, then the draw.
+def sampling_processors(s: GenerateSettings, model: GenerationMixin, device: torch.device) -> LogitsProcessorList:
+    """The warpers transformers' `_get_logits_processor` appends in sampling mode with one beam, in its order
+    (the draw, `DrawToken`, comes after them).
 
     The settings give temperature, top-k, top-p and min-p; the model's generation config may add the
     rest, as it did when transformers sampled. Repetition penalty and no_repeat_ngram_size are not
     here: transformers builds them the same in greedy mode, ahead of these processors, as when sampling.
     One beam keeps min_tokens_to_keep at transformers' 1.
     """
-    config, device = model.generation_config, generator.device
+    config = model.generation_config
     processors = LogitsProcessorList()
     if s.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(s.temperature))
@@ -275,7 +286,6 @@ def sampling_processors(s: GenerateSettings, model: GenerationMixin, generator: 
                                                                       device))
     if config.renormalize_logits is True:
         processors.append(LogitNormalization())
-    processors.append(DrawToken(generator))
     return processors
 
 
@@ -323,65 +333,310 @@ def prompt_ids_of(loaded: LoadedModel, s: GenerateSettings) -> list[int]:
 
 def generate_many(loaded: LoadedModel, asks: list[Ask]) -> list[tuple[list[str], dict] | BaseException]:
     """Decode several sampling or greedy requests together, one row per sample, each request with its own
-    generator, processors, stop strings, length and stream, in one `generate` call. Prompts of different
-    lengths are left-padded (the mask keeps the pads out of every model's history). Returns, per request,
-    its (samples, stats) or the exception it alone failed with (a bad prompt, its cancel event); a request's
-    results do not depend on what else shares its batch, up to the float rounding of a padded forward.
+    generator, processors, stop strings, length and stream (a `Decoder` with every request admitted at once).
+    Returns, per request, its (samples, stats) or the exception it alone failed with (a bad prompt, its cancel
+    event); a request's results do not depend on what else shares its batch, up to the float rounding of a
+    padded forward.
     """
+    decoder = Decoder(loaded)
     results: list = [None] * len(asks)
-    live, prompts = [], []
-    for i, ask in enumerate(asks):
-        try:
-            if ask.settings.num_beams > 1:
-                raise UserError("beam search does not share a batch")
-            prompts.append(prompt_ids_of(loaded, ask.settings))
-            live.append(i)
-        except UserError as e:
-            results[i] = e
-    if not live:
-        return results
-    tok, device = loaded.tokenizer, _device(loaded.model)
-    width = max(len(p) for p in prompts)
-    rows = Rows(loaded, [asks[i] for i in live], prompts, width, device)
-    input_ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p, n in zip(prompts, rows.counts, strict=True)
-                              for _ in range(n)], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, n in zip(prompts, rows.counts, strict=True)
-                         for _ in range(n)], device=device)
-    kwargs = {"max_new_tokens": max(asks[i].settings.max_new_tokens for i in live), "num_beams": 1,
-              "do_sample": False, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id,
-              "repetition_penalty": None, "no_repeat_ngram_size": None,
-              "temperature": None, "top_k": None, "top_p": None, "min_p": None, **_APPLIED_BY_US,
-              "logits_processor": LogitsProcessorList([_Process(rows)]),
-              "stopping_criteria": StoppingCriteriaList([_Stop(rows)])}
-    if any(asks[i].stream is not None for i in live):
-        kwargs["streamer"] = rows
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = loaded.model.generate(input_ids, attention_mask=mask, **kwargs)
-    seconds = time.perf_counter() - t0
-    for k, i in enumerate(live):
-        if rows.failed[k] is not None:
-            results[i] = rows.failed[k]
-            continue
-        s = asks[i].settings
-        samples, reasons, n_tokens = [], [], 0
-        for row in out[rows.slices[k], width:].tolist():
-            sample, reason, used = _finish_row(tok, s, row[: s.max_new_tokens])
-            samples.append(sample)
-            reasons.append(reason)
-            n_tokens += used
-        results[i] = (samples, {"prompt_tokens": len(prompts[k]), "generated_tokens": n_tokens,
-                                "finish_reasons": reasons, "batch_rows": int(input_ids.shape[0]), "seconds": seconds,
-                                "tokens_per_s": n_tokens / seconds if seconds > 0 else math.nan})
+    finished = decoder.admit(list(enumerate(asks)))
+    while not decoder.idle:
+        finished += decoder.step()
+    for i, outcome in finished:
+        results[i] = outcome
     return results
 
 
+class _Memory:
+    """What the model remembers of the batch's rows, all but each row's newest token, in one of three kinds:
+    "kv" (transformers' key/value cache, rows right-aligned, left padding masked), "state" (the rnn's recurrent
+    state: no positions, so rows of any length sit side by side) or "none" (a model without a cache, as the
+    n-gram, re-reads every row's whole sequence each step). Rows join (`join`) and leave (`keep`) between steps:
+    continuous batching."""
+
+    def __init__(self, model: torch.nn.Module, family: str, device: torch.device):
+        self.model, self.device = model, device
+        self.kind = "state" if family == "rnn" else "none" if family == "ngram" else "kv"
+        self.cache: DynamicCache | tuple[torch.Tensor, ...] | None = None
+        self.mask: torch.Tensor | None = None  # kv: (B, L) 1 where a cached position is a real token
+        self.positions: torch.Tensor | None = None  # kv: (B,) the position of each row's next token
+        # transformers 5.24 renamed the cache argument and output `past_key_values` to `cache`
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, dict]:
+        """The next-token logits (B, V) of new rows, and their memory, to `join`."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        if self.kind == "kv":
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self.cache_name: DynamicCache(config=self.model.config)})
+            cache = out[self.cache_name]
+            if all(type(layer) is DynamicLayer for layer in cache.layers):
+                return out.logits[:, -1].float(), {"cache": cache, "mask": mask, "positions": mask.sum(-1)}
+            self.kind = "none"  # sliding windows and other caches: re-read instead (slower, the same tokens)
+        if self.kind == "state":
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].float(), {"cache": out.state}
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float(), {}
+
+    def join(self, part: dict) -> None:
+        if self.kind == "state":
+            self.cache = part["cache"] if self.cache is None else \
+                tuple(torch.cat([a, b], dim=1) for a, b in zip(self.cache, part["cache"], strict=True))
+        elif self.kind == "kv" and self.cache is None:
+            self.cache, self.mask, self.positions = part["cache"], part["mask"], part["positions"]
+        elif self.kind == "kv":
+            width = max(self.mask.shape[1], part["mask"].shape[1])
+            for mine, theirs in zip(self.cache.layers, part["cache"].layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+                mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+            self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(part["mask"], width, 1)])
+            self.positions = torch.cat([self.positions, part["positions"]])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only these rows stay (indices, in order); positions no row still reads are dropped."""
+        if self.kind == "state":
+            self.cache = tuple(s.index_select(1, rows) for s in self.cache)
+        elif self.kind == "kv":
+            self.mask, self.positions = self.mask[rows], self.positions[rows]
+            start = int(self.mask.any(0).int().argmax()) if len(rows) else self.mask.shape[1]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
+            self.mask = self.mask[:, start:]
+
+    def step(self, tokens: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+        """Each row's newest token (B,) in; the next-token logits (B, V) out. `rows`: the rows' whole
+        sequences, for a model without a cache."""
+        if self.kind == "kv":
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=1)
+            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions[:, None],
+                             use_cache=True, **{self.cache_name: self.cache})
+            self.cache, self.positions = out[self.cache_name], self.positions + 1
+        elif self.kind == "state":
+            out = self.model(input_ids=tokens[:, None], state=self.cache, use_cache=True, logits_to_keep=1)
+            self.cache = out.state
+        else:
+            width = max(len(r) for r in rows)
+            ids = torch.stack([_pad_left(r, width, 0) for r in rows])
+            mask = torch.stack([_pad_left(torch.ones_like(r), width, 0) for r in rows])
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """x with zeros before it along `dim`, to `width`."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+@dataclass
+class _Request:
+    """A request being decoded: its rows' sequences (prompt + generated, no padding), its logits processors
+    (repetition penalty, no-repeat n-grams, then the sampling warpers, in the order transformers applies them),
+    its draw on its own generator (None: greedy), its stream, which rows have ended, and when it started.
+    `temperature`: set when a temperature is all it applies before the draw (the common case), which the
+    decoder then applies to many requests' rows at once."""
+
+    tag: object
+    ask: Ask
+    prompt: list[int]
+    buffer: torch.Tensor  # (n, prompt + max_new_tokens): the rows' tokens so far, then room for the rest
+    processors: list
+    draw: DrawToken | None
+    temperature: float | None
+    stream: TextStream | None
+    ended: list[bool]
+    lengths: list[int]  # tokens each row generated before its end (an end of document not counted)
+    started: float
+    width: int = 0  # tokens in the buffer so far
+    most_rows: int = 0
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.buffer[:, : self.width]
+
+    @property
+    def generated(self) -> int:
+        return self.width - len(self.prompt)
+
+
+class Decoder:
+    """Our own decode step around the model, for sampling and greedy decoding: a batch of rows that requests
+    join (`admit`) and leave when they finish, each step (`step`) one token per row. Each request draws on its
+    own generator and stops on its own (end of document, its length, its stop strings, its cancel event); a
+    finished request's rows leave at once and a new request's rows join at the next step, so no row rides along
+    to the longest, and a request decodes what it decodes alone (its rows see only their own tokens; a padded
+    forward differs in float rounding only). A row of a request that ended before its request's other rows gets
+    end-of-document tokens, as transformers pads it, so the request draws as it would alone."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded, self.tok = loaded, loaded.tokenizer
+        self.device = _device(loaded.model)
+        self.memory = _Memory(loaded.model, loaded.family, self.device)
+        self.requests: list[_Request] = []
+        self.logits: torch.Tensor | None = None  # (rows, V): the next-token logits of every row, in request order
+
+    @property
+    def rows(self) -> int:
+        return sum(r.buffer.shape[0] for r in self.requests)
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+    def admit(self, tagged: list[tuple[object, Ask]]) -> list[tuple[object, BaseException]]:
+        """Start these requests (prefill their prompts; they decode from the next step). Returns those that
+        failed at once (a bad prompt), with their error."""
+        failed, new = [], []
+        for tag, ask in tagged:
+            try:
+                if ask.settings.num_beams > 1:
+                    raise UserError("beam search does not share a batch")
+                new.append(self._request(tag, ask, prompt_ids_of(self.loaded, ask.settings)))
+            except UserError as e:
+                failed.append((tag, e))
+        if not new:
+            return failed
+        prompts = [r.prompt for r in new for _ in range(r.buffer.shape[0])]
+        try:
+            with torch.no_grad():
+                logits, part = self.memory.prefill(prompts)
+            self.memory.join(part)
+        except BaseException as e:  # noqa: BLE001 - the new requests fail; the running ones go on
+            return failed + [(r.tag, e) for r in new]
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.requests += new
+        return failed
+
+    def _request(self, tag: object, ask: Ask, prompt: list[int]) -> _Request:
+        s, procs, draw = ask.settings, [], None
+        if s.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+        if s.no_repeat_ngram_size > 0:
+            procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
+        if s.temperature > 0:
+            procs.extend(sampling_processors(s, self.loaded.model, self.device))
+            draw = DrawToken(torch.Generator(device=self.device).manual_seed(s.seed))
+        temperature = None
+        if draw is not None and all(isinstance(p, TemperatureLogitsWarper) for p in procs):
+            temperature, procs = s.temperature, []  # applied by `step` (x / 1.0 is x: the same as none)
+        stream = TextStream(self.tok, s.stop, ask.stream) if ask.stream is not None else None
+        buffer = torch.full((s.n, len(prompt) + s.max_new_tokens), self.tok.eot_id, device=self.device)
+        buffer[:, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        return _Request(tag, ask, prompt, buffer, procs, draw, temperature, stream, [False] * s.n, [0] * s.n,
+                        time.perf_counter(), width=len(prompt))
+
+    def _choose(self) -> torch.Tensor:
+        """(rows,) each row's next token. The requests that only apply a temperature before the draw are drawn
+        together: one division, one softmax and one pick over all their rows, with each request's own noise."""
+        logits, vocab = self.logits, self.logits.shape[1]
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
+        together, temperatures, noise = [], [], []
+        start = 0
+        for r in self.requests:
+            n = r.buffer.shape[0]
+            if r.temperature is not None:
+                together.extend(range(start, start + n))
+                temperatures.extend([r.temperature] * n)
+                noise.append(r.draw.noise(n, vocab, self.device))
+            else:
+                scores, ids = logits[start:start + n], r.ids
+                for processor in r.processors:  # as LogitsProcessorList calls them, without its per-call inspect
+                    scores = processor(ids, scores)
+                tokens[start:start + n] = scores.argmax(-1) if r.draw is None else r.draw(scores)
+            start += n
+        if together:
+            rows = torch.tensor(together, device=self.device)
+            scaled = logits[rows] / torch.tensor(temperatures, device=self.device)[:, None]
+            tokens[rows] = DrawToken.pick(scaled, torch.cat(noise))
+        return tokens
+
+    def step(self) -> list[tuple[object, tuple[list[str], dict] | BaseException]]:
+        """One token for every row; returns the requests that finished, with their outcome."""
+        rows, eot = self.rows, self.tok.eot_id
+        tokens = self._choose()
+        chosen, finished, keep, staying = tokens.tolist(), [], [], []
+        start = 0
+        for r in self.requests:
+            n = r.buffer.shape[0]
+            mine = chosen[start:start + n]
+            if any(r.ended):
+                mine = [eot if ended else token for token, ended in zip(mine, r.ended, strict=True)]
+                tokens[start:start + n] = torch.tensor(mine, device=self.device)
+            r.buffer[:, r.width] = tokens[start:start + n]
+            r.width += 1
+            r.most_rows = max(r.most_rows, rows)
+            outcome = self._advance(r, mine)
+            if outcome is None:
+                staying.append(r)
+                keep.extend(range(start, start + n))
+            else:
+                finished.append((r.tag, outcome))
+            start += n
+        self.requests, self.logits = staying, None
+        if not staying:
+            self.memory = _Memory(self.loaded.model, self.loaded.family, self.device)
+            return finished
+        with torch.no_grad():
+            if finished:
+                kept = torch.tensor(keep, dtype=torch.long, device=self.device)
+                self.memory.keep(kept)
+                tokens = tokens[kept]
+            self.logits = self.memory.step(tokens, [row for r in staying for row in r.ids])
+        return finished
+
+    def _advance(self, r: _Request, tokens: list[int]) -> tuple[list[str], dict] | BaseException | None:
+        """Note a step's tokens for a request: its outcome when it has finished, else None."""
+        s, eot = r.ask.settings, self.tok.eot_id
+        if r.ask.cancel is not None and r.ask.cancel.is_set():
+            return Cancelled("generation cancelled")
+        for b, token in enumerate(tokens):
+            if r.ended[b]:
+                continue
+            if token == eot:
+                r.ended[b] = True
+                continue
+            r.lengths[b] += 1
+            if r.lengths[b] >= s.max_new_tokens or (s.stop and any(
+                    stop in self.tok.decode_text(r.buffer[b, len(r.prompt):r.width].tolist()) for stop in s.stop)):
+                r.ended[b] = True
+        try:
+            if r.stream is not None and tokens[0] != eot:
+                r.stream.add(tokens[0])
+            if not all(r.ended) and r.generated < s.max_new_tokens:
+                return None
+            if r.stream is not None:
+                r.stream.end()
+        except BaseException as e:  # noqa: BLE001 - a stream's failure (its client left) ends its request only
+            return e if isinstance(e, Cancelled) else Cancelled(f"stream failed: {e}")
+        samples, reasons = [], []
+        for row in r.buffer[:, len(r.prompt):r.width].tolist():
+            sample, reason, _ = _finish_row(self.tok, s, row)
+            samples.append(sample)
+            reasons.append(reason)
+        seconds = time.perf_counter() - r.started
+        n_tokens = sum(r.lengths)
+        return samples, {"prompt_tokens": len(r.prompt), "generated_tokens": n_tokens, "finish_reasons": reasons,
+                         "batch_rows": r.most_rows, "seconds": seconds,
+                         "tokens_per_s": n_tokens / seconds if seconds > 0 else math.nan}
+
+
 class Batcher:
-    """Requests from several threads to one model, decoded together: after the first request arrives the
-    decoding thread collects until `QUIET_S` pass without a new one (a lone request waits only that), or
-    `window_s` in all, or `max_rows` rows are waiting; then it takes every waiting request for the same model,
-    oldest first, up to `max_rows` rows (samples), into one `generate_many` call; requests for other models
-    wait their turn. One batch at a time per process (a batch already uses every core)."""
+    """Requests from several threads to one model, decoded together with continuous batching: while a `Decoder`
+    runs, every request waiting for its model joins at the next step, up to `max_rows` rows (samples); a
+    finished request leaves at once. When the decoder is idle, the decoding thread collects after the first
+    request until `QUIET_S` pass without a new one (a lone request waits only that), or `window_s` in all, or
+    `max_rows` rows wait. Requests for another model wait their turn: once the oldest waiting request is for
+    another model, the running batch takes no more and drains. One batch at a time per process (a batch already
+    uses every core)."""
 
     QUIET_S = 0.005
 
@@ -408,32 +663,53 @@ class Batcher:
 
     def _decode_forever(self) -> None:
         while True:
-            with self._cond:
-                while not self._waiting:
-                    self._cond.wait()
-                deadline = time.monotonic() + self.window_s
-                while sum(item[1].settings.n for item in self._waiting) < self.max_rows:  # let the others come in
-                    seen, left = self._arrived, deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(min(self.QUIET_S, left))
-                    if self._arrived == seen:
-                        break
-            with self._cond:
-                model, batch, rows = self._waiting[0][0], [], 0
-                for item in list(self._waiting):
-                    n = item[1].settings.n
-                    if item[0] is model and (not batch or rows + n <= self.max_rows):
-                        batch.append(item)
-                        rows += n
-                        self._waiting.remove(item)
-            try:
-                results = generate_many(model, [ask for _, ask, _, _ in batch])
-            except BaseException as e:  # noqa: BLE001 - every request of the batch gets the failure
-                results = [e] * len(batch)
-            for (_, _, done, result), outcome in zip(batch, results, strict=True):
-                result.append(outcome)
-                done.set()
+            self._collect()
+            decoder = Decoder(self._waiting[0][0])
+            while True:
+                try:
+                    outcomes = decoder.admit(self._take(decoder))
+                    if not decoder.idle:
+                        outcomes += decoder.step()
+                except BaseException as e:  # noqa: BLE001 - every request of the batch gets the failure
+                    outcomes = [(r.tag, e) for r in decoder.requests]
+                    decoder = Decoder(decoder.loaded)  # a fresh memory: the failed step may have left it half-done
+                for (done, result), outcome in outcomes:
+                    result.append(outcome)
+                    done.set()
+                if decoder.idle and not self._waiting_for(decoder.loaded):
+                    break
+
+    def _collect(self) -> None:
+        """Wait for a request, then let the others that come with it in."""
+        with self._cond:
+            while not self._waiting:
+                self._cond.wait()
+            deadline = time.monotonic() + self.window_s
+            while sum(item[1].settings.n for item in self._waiting) < self.max_rows:
+                seen, left = self._arrived, deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(self.QUIET_S, left))
+                if self._arrived == seen:
+                    break
+
+    def _take(self, decoder: Decoder) -> list[tuple[tuple[threading.Event, list], Ask]]:
+        """The waiting requests for the decoder's model that fit, oldest first, stopping at one for another model
+        (a lone request over the cap starts an idle decoder)."""
+        taken, rows = [], decoder.rows
+        with self._cond:
+            while self._waiting and self._waiting[0][0] is decoder.loaded:
+                loaded, ask, done, result = self._waiting[0]
+                if rows and rows + ask.settings.n > self.max_rows:
+                    break
+                taken.append(((done, result), ask))
+                rows += ask.settings.n
+                self._waiting.pop(0)
+        return taken
+
+    def _waiting_for(self, loaded: LoadedModel) -> bool:
+        with self._cond:
+            return bool(self._waiting) and self._waiting[0][0] is loaded
 
 
 BATCHER = Batcher()  # `aigc serve` sets its window and row cap
@@ -449,96 +725,6 @@ def _finish_row(tok: TextTokenizer, s: GenerateSettings, row: list[int]) -> tupl
     cut = cut_at_stop(text, s.stop)
     reason = "stop" if ended or cut < len(text) or len(row) < s.max_new_tokens else "length"
     return s.prompt + text[:cut], reason, len(row)
-
-
-class Rows:
-    """The per-request parts of a batched `generate`: each request's rows get its own logits processors
-    (repetition penalty, no-repeat n-grams, then the sampling warpers and the draw on its own generator, in
-    the order transformers applies them alone), its own stops (length, stop strings, cancel) and its own
-    stream. Each request sees its rows without its left padding, as it would alone."""
-
-    def __init__(self, loaded: LoadedModel, asks: list[Ask], prompts: list[list[int]], width: int,
-                 device: torch.device):
-        self.tok, self.asks, self.width = loaded.tokenizer, asks, width
-        self.counts = [ask.settings.n for ask in asks]
-        starts = np.cumsum([0, *self.counts])
-        self.slices = [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
-        self.pads = [width - len(p) for p in prompts]
-        self.failed: list[BaseException | None] = [None] * len(asks)
-        self.processors = []
-        for ask in asks:
-            s, procs = ask.settings, LogitsProcessorList()
-            if s.repetition_penalty != 1.0:
-                procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
-            if s.no_repeat_ngram_size > 0:
-                procs.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
-            if s.temperature > 0:
-                procs.extend(sampling_processors(s, loaded.model, torch.Generator(device=device).manual_seed(s.seed)))
-            self.processors.append(procs)
-        self.streams = [TextStream(self.tok, ask.settings.stop, ask.stream) if ask.stream else None for ask in asks]
-
-    def process(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """(B, V) scores of the next token, each request's rows through its own processors."""
-        for k, procs in enumerate(self.processors):
-            if procs:
-                sl = self.slices[k]
-                ids, part = input_ids[sl, self.pads[k]:], scores[sl]
-                # each processor called as LogitsProcessorList would call it, without the list's per-call
-                # inspect.signature of every processor (a third of a 16-row step's time, measured)
-                for processor in procs:
-                    part = processor(ids, part)
-                scores[sl] = part
-        return scores
-
-    def done(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """As a stopping criterion: per row, whether its request is finished with it."""
-        generated = input_ids.shape[1] - self.width
-        flags = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for k, ask in enumerate(self.asks):
-            s, sl = ask.settings, self.slices[k]
-            if generated >= s.max_new_tokens or self.failed[k] is not None \
-                    or (ask.cancel is not None and ask.cancel.is_set()):
-                if ask.cancel is not None and ask.cancel.is_set() and self.failed[k] is None:
-                    self.failed[k] = Cancelled("generation cancelled")
-                flags[sl] = True
-            elif s.stop:
-                flags[sl] = torch.tensor([any(stop in self.tok.decode_text(row[self.width:].tolist())
-                                              for stop in s.stop) for row in input_ids[sl]], device=input_ids.device)
-        return flags
-
-    # as a streamer: the first call carries the prompts (each TextStream skips it), then a token per row and step
-    def put(self, value: torch.Tensor) -> None:
-        for k, stream in enumerate(self.streams):
-            if stream is None or self.failed[k] is not None:
-                continue
-            try:
-                stream.put(value[self.slices[k]])
-            except BaseException as e:  # noqa: BLE001 - a stream's failure (its client left) ends its rows only
-                self.failed[k] = e if isinstance(e, Cancelled) else Cancelled(f"stream failed: {e}")
-
-    def end(self) -> None:
-        for k, stream in enumerate(self.streams):
-            if stream is not None and self.failed[k] is None:
-                try:
-                    stream.end()
-                except BaseException as e:  # noqa: BLE001
-                    self.failed[k] = e if isinstance(e, Cancelled) else Cancelled(f"stream failed: {e}")
-
-
-class _Process(LogitsProcessor):
-    def __init__(self, rows: Rows):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.rows.process(input_ids, scores)
-
-
-class _Stop(StoppingCriteria):
-    def __init__(self, rows: Rows):
-        self.rows = rows
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.rows.done(input_ids)
 
 
 def _beam_search(loaded: LoadedModel, s: GenerateSettings, cancel: threading.Event | None) -> tuple[list[str], dict]:
