@@ -398,12 +398,12 @@ class _Memory:
             self.positions = torch.cat([self.positions, part["positions"]])
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Only these rows stay (indices, in order); positions no row still reads are dropped."""
+        """Only these rows stay (indices, in order, at least one); positions no row still reads are dropped."""
         if self.kind == "state":
             self.cache = tuple(s.index_select(1, rows) for s in self.cache)
         elif self.kind == "kv":
             self.mask, self.positions = self.mask[rows], self.positions[rows]
-            start = int(self.mask.any(0).int().argmax()) if len(rows) else self.mask.shape[1]
+            start = int(self.mask.any(0).int().argmax())  # the first position some row still reads
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
             self.mask = self.mask[:, start:]
