@@ -51,5 +51,9 @@ def test_old_image_runs_generate_the_same_pixels(old_runs, name):
 @pytest.mark.parametrize("name", ["ar", "rnn-series"])
 def test_old_series_runs_forecast_the_same(old_runs, name):
     result = service.generate(name, {"horizon": 5, "paths": 2}, seed=4).outputs
+    # AR is statsmodels' float64 arithmetic: bitwise. The GRU's float32 kernels take another path on a CPU without
+    # AVX-512 (a CI machine gave a relative difference of 8e-9): the same to 1e-6, far below a wrong load's error.
+    rtol = 0.0 if name == "ar" else 1e-6
     for key in ("forecast", "lower", "upper", "paths"):
-        np.testing.assert_array_equal(np.asarray(result[key]), np.asarray(EXPECTED[name][key]), err_msg=key)
+        np.testing.assert_allclose(np.asarray(result[key]), np.asarray(EXPECTED[name][key]), rtol=rtol, atol=0.0,
+                                   err_msg=key)
