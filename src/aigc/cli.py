@@ -248,6 +248,52 @@ def sweep(
 
 @app.command()
 @user_errors
+def optimize(
+    run: Annotated[str, typer.Argument(help="the run to improve (a name or a run directory)")],
+    from_feedback: Annotated[bool, typer.Option("--from-feedback", help="learn from the ratings and arena votes "
+                                                                        "stored for RUN (required)")] = False,
+    method: Annotated[str, typer.Option(help="sft: fine-tune on liked outputs; dpo: on preference pairs; "
+                                             "rerank: a reward model for best-of-n")] = "sft",
+    name: Annotated[str | None, typer.Option(help="the new run's name (default: RUN-METHOD)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (default 100)")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="training-time budget instead of steps")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value: a [train] key (lr, batch_size, ...) "
+                                                                 "or beta, best_of, l2; repeatable")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+):
+    """Make a new run from RUN and people's feedback on it; the last line printed is the new run's directory.
+
+    The new run records its parent, the method and the exact feedback used (aigc runs NEW --json). See
+    docs/optimize.md.
+
+    Examples:
+
+      aigc optimize poet --from-feedback --method sft
+
+      aigc optimize poet --from-feedback --method dpo --set beta=0.2 --max-steps 200
+
+      aigc optimize poet --from-feedback --method rerank --name poet-picky
+    """
+    if not from_feedback:
+        raise UserError("aigc optimize learns from feedback so far: pass --from-feedback (a sweep over settings "
+                        "is aigc sweep)")
+    _quiet_libraries()
+    from aigc.config import parse_sets
+
+    run_dir, metrics = _service().optimize(run, method, name=name, overwrite=overwrite, max_steps=max_steps,
+                                           max_minutes=max_minutes, sets=parse_sets(set_ or []))
+    if json_out:
+        _emit_json({"run_dir": str(run_dir), "metrics": metrics})
+        return
+    shown = {k: v for k, v in metrics.items() if k in ("parent_val_bpc", "val_bpc", "steps", "reward_accuracy")}
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()),
+          file=sys.stderr)
+    print(run_dir)
+
+
+@app.command()
+@user_errors
 def generate(
     run: Annotated[str | None, typer.Argument(help="run name, run directory, or Hugging Face causal-LM folder")] = None,
     prompt: Annotated[str | None, typer.Option(help="text to continue (default: a new document)")] = None,
@@ -486,6 +532,11 @@ def runs(
         else:
             for key in ("name", "path", "family", "data", "status", "created", "steps", "val_bpc", "dtype"):
                 print(f"{key:>10}  {detail[key]}")
+            made = detail["record"].get("optimize")
+            if made:  # a run of aigc optimize: its lineage
+                fed = made["feedback"]
+                print(f"{'parent':>10}  {made['parent']} (--method {made['method']}; {fed['liked']} liked, "
+                      f"{fed['disliked']} disliked, {fed['pairs']} pairs; feedback sha256 {fed['sha256'][:16]})")
             for key, value in detail.get("eval", {}).items():
                 print(f"{key:>16}  {value}")
         return
@@ -499,8 +550,9 @@ def runs(
     print(f"{'name':<36} {'family':<9} {'status':<11} {'steps':>6} {'score':>18}  data")
     for r in rows:
         score = f"{r['score']['metric']} {r['score']['value']:.4f}" if r["score"] else "-"
+        parent = f"  <- {r['parent']} ({r['method']})" if r["parent"] else ""
         print(f"{r['name']:<36} {r['family']:<9} {str(r['status']):<11} {str(r['steps'] or 0):>6} {score:>18}  "
-              f"{r['data']}")
+              f"{r['data']}{parent}")
 
 
 @data_app.command("list")

@@ -76,6 +76,16 @@ class TrainConfig:
                                   "a GPU, else trains eager", choices=("auto", "true", "false"))
 
 
+@dataclass
+class OptimizeConfig:
+    """`aigc optimize` keys beyond [train] (docs/optimize.md)."""
+
+    beta: float = option(0.1, "dpo: how strongly the new run is held near the parent (DPO's beta; larger: "
+                              "nearer)", min=0.0, max=100.0, min_exclusive=True)
+    best_of: int = option(4, "rerank: candidates drawn per sample, the reward model keeps the best", min=1, max=64)
+    l2: float = option(0.01, "rerank: L2 penalty of the reward model", min=0.0, max=100.0)
+
+
 def fields_of(config_type: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_type)}
 
@@ -146,10 +156,10 @@ def read_toml(path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
         if isinstance(value, dict):
-            if key not in ("model", "data", "train", "run"):
+            if key not in ("model", "data", "train", "run", "optimize"):
                 raise UserError(f"{path}: unknown section [{key}] (sections: model, data, train)")
-            if key == "run":
-                continue  # written by the run directory for people to read; not configuration
+            if key in ("run", "optimize"):
+                continue  # written by the run directory for people to read (an optimized run's is in run.json)
             flat.update(value)
         else:
             flat[key] = value

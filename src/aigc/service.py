@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aigc import __version__, store
-from aigc.config import build, read_toml, to_toml
+from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, save_png
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
@@ -142,22 +142,31 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
         run_dir = on_main(store.commit_run_dir, final_dir, write_files)
-    record["budget"] = {"max_steps": max_steps, "max_minutes": budget.max_minutes if budget else None}
+    return run_dir, _fit_and_finish(modality, family, fam, prepared, configs, run_dir, record, budget, resume,
+                                    lambda: modality.fit(fam, prepared, configs, run_dir, budget, resume))
+
+
+def _fit_and_finish(modality: Modality, family: str, fam: Family, prepared, configs: dict, run_dir: Path,
+                    record: dict, budget: Budget | None, resume: bool, fit: Callable[[], dict]) -> dict:
+    """The second half of a run's life, the same for `train` and `optimize`: mark it running, `fit()`, mark a
+    failure or an interruption, score, record, write the model card."""
+    record["budget"] = {"max_steps": budget.max_steps if budget else None,
+                        "max_minutes": budget.max_minutes if budget else None}
     record["status"] = "running"
     on_main(store.write_record, run_dir, record)
     with recording_failure(run_dir, record):
-        fit = modality.fit(fam, prepared, configs, run_dir, budget, resume)
-    if "dtype" in fit:
-        record.update(dtype=fit["dtype"], compiled=fit["compiled"])
+        fitted = fit()
+    if "dtype" in fitted:
+        record.update(dtype=fitted["dtype"], compiled=fitted["compiled"])
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
-        metrics = modality.finish(family, fam, prepared, configs, run_dir, fit)
+        metrics = modality.finish(family, fam, prepared, configs, run_dir, fitted)
         record.update(status="done", metrics=metrics, finished=store.now())
         store.write_record(run_dir, record)
         atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))
         return metrics
 
-    return run_dir, on_main(finish)
+    return on_main(finish)
 
 
 def _resume(modality: Modality, family: str, fam: Family, data: str, name: str, val_data: str | None,
@@ -169,6 +178,9 @@ def _resume(modality: Modality, family: str, fam: Family, data: str, name: str, 
         raise BadRequest("--resume continues with the run's recorded configuration and data; "
                          "drop --set/--config/--init-from/--val-data and the series flags (--column, --fill, ...)")
     record = store.read_run(run_dir)
+    if "optimize" in record:
+        raise Conflict(f"run {name!r} was made by aigc optimize from {record['optimize']['parent']}: make it "
+                       f"again with aigc optimize (--resume continues runs of aigc train)")
     if store.modality_of(record) != modality.NAME:
         raise Conflict(f"run {name!r} is a {record['family']} {store.modality_of(record)} run, not a {family} "
                        f"{modality.NAME} run")
@@ -191,6 +203,73 @@ def recording_failure(run_dir: Path, record: dict):
         if is_main_process():
             store.write_record(run_dir, record)
         raise
+
+
+# ----------------------------------------------------------------------------------
+# optimization: from people's feedback to a new run (docs/optimize.md)
+
+OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
+OPTIMIZE_STEPS = 100  # the budget of sft and dpo when neither --max-steps nor --max-minutes is given
+
+
+def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
+             max_steps: int | None = None, max_minutes: float | None = None, sets: dict[str, str] | None = None,
+             db: Store | None = None) -> tuple[Path, dict]:
+    """A new run made from `run` and the ratings and arena votes stored for it (`method`: sft, dpo or rerank).
+    It records its parent, the method and the exact feedback used (ids and a sha256); returns its directory and
+    metrics. Everything that can fail on the request (an unknown method, no feedback to learn from, a bad key)
+    fails before the new run's directory is touched."""
+    from aigc.optimize import feedback as fb
+    from aigc.optimize import text as optimize_text
+
+    if method not in OPTIMIZE_METHODS:
+        raise BadRequest(f"unknown --method {method!r} (choose from: {', '.join(OPTIMIZE_METHODS)})")
+    if max_steps is not None and max_steps < 1:
+        raise BadRequest(f"--max-steps must be >= 1, got {max_steps}")
+    if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
+        raise BadRequest(f"--max-minutes must be > 0, got {max_minutes}")
+    store.check_name(name)
+    parent_dir = store.find_run(run)
+    parent = store.read_run(parent_dir)
+    family, modality_name = parent["family"], store.modality_of(parent)
+    if parent.get("status") != "done":
+        raise Conflict(f"run {parent_dir.name!r} is {parent.get('status')}: optimize a finished run")
+    if modality_name != "text":
+        raise BadRequest(f"aigc optimize takes text runs so far; {parent_dir.name!r} is a {modality_name} run "
+                         f"(docs/optimize.md says what is planned)")
+    fam = FAMILIES[family]
+    if method != "rerank" and fam.trainer != "gradient":
+        raise BadRequest(f"--method {method} fine-tunes a gradient-trained family; {family} is counted: use "
+                         f"--method rerank")
+    with contextlib.ExitStack() as stack:
+        if db is None:
+            db = stack.enter_context(Store())
+        feedback = fb.collect(db, parent_dir.name)
+    fb.require(feedback, method)
+    modality = MODALITIES["text"]
+    values = {**read_toml(parent_dir / "config.toml"), **optimize_text.TRAIN_DEFAULTS, **(sets or {})}
+    configs = build({**modality.sections(fam), "optimize": OptimizeConfig}, values, family=family)
+    final_dir = store.claim_run_dir(family, parent_dir.name, name or f"{parent_dir.name}-{method}", overwrite)
+    prepared = optimize_text.prepare(fam, parent_dir, parent, configs, feedback, method)
+    record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
+              "data": parent["data"], "init_from": str(parent_dir.resolve()),
+              "optimize": {"parent": parent_dir.name, "parent_path": str(parent_dir.resolve()),
+                           "parent_sha256": weights_sha256(parent_dir), "method": method,
+                           "feedback": feedback.snapshot()}}
+    header = {"family": family, "data": parent["data"]["train"]["source"], "aigc_version": __version__,
+              "optimized_from": parent_dir.name, "method": method}
+
+    def write_files(staging: Path) -> None:
+        prepared.write_files(staging)
+        store.write_record(staging, record)
+        atomic_write_text(staging / "config.toml", to_toml(configs, header))
+
+    run_dir = store.commit_run_dir(final_dir, write_files)
+    budget = None
+    if method != "rerank":
+        budget = Budget(max_steps or (None if max_minutes else OPTIMIZE_STEPS), max_minutes)
+    return run_dir, _fit_and_finish(modality, family, fam, prepared, configs, run_dir, record, budget, False,
+                                    lambda: optimize_text.fit(fam, prepared, configs, run_dir, budget))
 
 
 # ----------------------------------------------------------------------------------

@@ -104,7 +104,9 @@ def summary(run_dir: Path) -> dict:
             "modality": modality_of(record), "data": record["data"]["train"]["source"],
             "status": record.get("status"), "created": record.get("created"), "steps": metrics.get("steps"),
             "val_bpc": metrics.get("val_bpc"), "dtype": record.get("dtype"), "evaluated": eval_path.is_file(),
-            "score": headline(record, eval_path), "init_from": record.get("init_from")}
+            "score": headline(record, eval_path), "init_from": record.get("init_from"),
+            "parent": (record.get("optimize") or {}).get("parent"),
+            "method": (record.get("optimize") or {}).get("method")}
 
 
 def headline(record: dict, eval_path: Path) -> dict | None:

@@ -178,6 +178,14 @@ def _window_batch(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def val_windows(val: torch.Tensor, block_size: int, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+    """Fixed, evenly spaced (x, y) windows of a validation token stream: at most n_batches of `batch` each."""
+    if len(val) < block_size + 2:  # tiny validation split: one shorter window
+        return [(val[None, :-1], val[None, 1:])]
+    starts = torch.linspace(0, len(val) - block_size - 2, n_batches * batch).long()
+    return [_window_batch(val, starts[i:i + batch], block_size) for i in range(0, len(starts), batch)]
+
+
 @runtime_checkable
 class Batches(Protocol):
     """What `train_loop` trains on, one implementation per modality: TextBatches, ImageBatches and the
@@ -234,10 +242,7 @@ class TextBatches:
         return x, y
 
     def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
-        if len(self.val) < self.block_size + 2:  # tiny validation split: one shorter window
-            return [(self.val[None, :-1], self.val[None, 1:])]
-        starts = torch.linspace(0, len(self.val) - self.block_size - 2, n_batches * batch).long()
-        return [_window_batch(self.val, starts[i:i + batch], self.block_size) for i in range(0, len(starts), batch)]
+        return val_windows(self.val, self.block_size, n_batches, batch)
 
     def noise(self, model, n: int, device: torch.device) -> None:
         return None  # the loss draws no noise (dropout aside)

@@ -150,7 +150,9 @@ def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, r
 def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
     metrics = score_validation(run_dir, prepared.state["val_ids"], prepared.state["chars"])
     metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
-                                                          "tokens_per_s", "schedule_steps", "order")})
+                                                          "tokens_per_s", "pairs_per_s", "schedule_steps", "order")})
+    if "parent_val_bpc" in prepared.state:  # a run of aigc optimize: the language before, beside after
+        metrics["parent_val_bpc"] = prepared.state["parent_val_bpc"]
     return metrics
 
 
@@ -177,6 +179,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
              f"(perplexity {m.get('perplexity', float('nan')):.2f})",
              f"- steps: {m.get('steps')}, training time: {m.get('train_time_s', 0):.0f} s, "
              f"dtype: {record.get('dtype', 'fp32')}" + (", torch.compile" if record.get("compiled") else ""),
+             *lineage(record),
              "", "## Configuration", "", "```toml",
              to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} --prompt '...'", f"aigc eval {run_dir}", "```", ""]
@@ -189,6 +192,23 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
               "A small model trained on a small corpus: it imitates surface form and copies phrases "
               "from its training text (see `aigc eval`, novelty and longest copy).", ""]
     return "\n".join(lines)
+
+
+def lineage(record: dict) -> list[str]:
+    """The model card's lines on the run a run of aigc optimize was made from, and the feedback it learned from."""
+    made = record.get("optimize")
+    if not made:
+        return []
+    fed, m = made["feedback"], record.get("metrics", {})
+    lines = ["", "## Lineage", "",
+             f"Made by `aigc optimize {made['parent']} --from-feedback --method {made['method']}` from "
+             f"{fed['liked']} liked and {fed['disliked']} disliked outputs and {fed['pairs']} preference pairs "
+             f"({len(fed['rating_ids'])} ratings, {len(fed['vote_ids'])} arena votes; feedback sha256 "
+             f"`{fed['sha256'][:16]}`)."]
+    if "parent_val_bpc" in m:
+        lines.append(f"Bits per character on the same validation split: {m['parent_val_bpc']:.4f} before, "
+                     f"{m.get('val_bpc', float('nan')):.4f} after.")
+    return lines
 
 
 def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str | None) -> TextTokenizer:

@@ -54,10 +54,13 @@ class RNNLMConfig(PretrainedConfig):
 @dataclass
 class RNNLMOutput(ModelOutput):
     """logits (B, T, V); state: the recurrent state after the last token, a tuple of (n_layer, B, n_hidden)
-    tensors (h for rnn and gru, h and c for lstm), returned when use_cache."""
+    tensors (h for rnn and gru, h and c for lstm), returned when use_cache; hidden_states: `(h,)`, the last
+    layer's outputs (B, T, n_hidden) at every position (all T, whatever logits_to_keep) before the output
+    layer's dropout, returned when output_hidden_states (left padded rows: zeros at the pad positions)."""
 
     logits: torch.Tensor | None = None
     state: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class RNNLM(PreTrainedModel, GenerationMixin):
@@ -88,41 +91,52 @@ class RNNLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 state: tuple[torch.Tensor, ...] | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> RNNLMOutput:
+                logits_to_keep: int = 0, output_hidden_states: bool | None = None, **kwargs) -> RNNLMOutput:
         # input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) during generation; with
         # `state` (from the previous call) the sequence continues from it, else from a zero state.
         # Left padding (attention_mask 0 before a row's first token, as batched prompts of different lengths
         # have): each such row starts from the zero state at its first real token; its pad positions'
         # logits are zeros.
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if state is None and attention_mask is not None and not bool(attention_mask.all()):
-            return self._forward_left_padded(input_ids, attention_mask, use_cache, logits_to_keep)
+            return self._forward_left_padded(input_ids, attention_mask, use_cache, logits_to_keep,
+                                             output_hidden_states)
         x = self.drop(self.wte(input_ids))  # (B, T, n_embd)
         if state is not None and self.config.cell != "lstm":
             (state,) = state
         h, last = self.core(x, state)  # (B, T, n_hidden)
+        hidden_states = (h,) if output_hidden_states else None
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self.drop(h))  # (B, T', V)
         if not use_cache:
-            return RNNLMOutput(logits=logits)
-        return RNNLMOutput(logits=logits, state=last if isinstance(last, tuple) else (last,))
+            return RNNLMOutput(logits=logits, hidden_states=hidden_states)
+        return RNNLMOutput(logits=logits, state=last if isinstance(last, tuple) else (last,),
+                           hidden_states=hidden_states)
 
     def _forward_left_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool | None,
-                             logits_to_keep: int) -> RNNLMOutput:
+                             logits_to_keep: int, output_hidden_states: bool) -> RNNLMOutput:
         """Row by row over each row's unpadded tokens (what it would read alone), then stacked."""
         outs = []
         for row, keep in zip(input_ids, attention_mask.bool(), strict=True):
-            outs.append(self.forward(row[keep][None], use_cache=True))
+            outs.append(self.forward(row[keep][None], use_cache=True, output_hidden_states=output_hidden_states))
         length = input_ids.shape[1]
         logits = input_ids.new_zeros((len(outs), length, self.config.vocab_size), dtype=outs[0].logits.dtype)
         for b, out in enumerate(outs):
             logits[b, length - out.logits.shape[1]:] = out.logits[0]
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
+        hidden_states = None
+        if output_hidden_states:
+            h = input_ids.new_zeros((len(outs), length, self.config.n_hidden), dtype=outs[0].logits.dtype)
+            for b, out in enumerate(outs):
+                h[b, length - out.hidden_states[0].shape[1]:] = out.hidden_states[0][0]
+            hidden_states = (h,)
         if not use_cache:
-            return RNNLMOutput(logits=logits)
+            return RNNLMOutput(logits=logits, hidden_states=hidden_states)
         state = tuple(torch.cat([out.state[i] for out in outs], dim=1) for i in range(len(outs[0].state)))
-        return RNNLMOutput(logits=logits, state=state)
+        return RNNLMOutput(logits=logits, state=state, hidden_states=hidden_states)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask=None, state=None,
                                       use_cache: bool | None = None, **kwargs) -> dict:

@@ -1,0 +1,135 @@
+"""People's feedback on a run, read from the store as what `aigc optimize` learns from: rated outputs and
+preference pairs, with the exact snapshot used (ids and a hash), so a run made from it records its lineage.
+
+Plain Python (no torch): `aigc optimize --dry-run` style checks and the server read it without loading a model.
+
+What counts (docs/optimize.md):
+- an output's verdict is the sum of its ratings' scores (+1 good, -1 bad; a neutral rating with stars counts
+  +1 for 4-5 stars and -1 for 1-2): liked when above 0, with that sum as its weight, disliked when below;
+- a rating without `index` on a generation of several outputs rates each of them;
+- pairs: every arena vote with a winner (left or right; ties and "both bad" say nothing about order) whose two
+  sides are text and one of them this run's, and, per prompt, every liked output of the run against every
+  disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from aigc.db import Store
+from aigc.errors import BadRequest
+
+MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
+
+
+@dataclass(frozen=True)
+class Rated:
+    """One output of the run and the verdict of its ratings."""
+
+    generation_id: str
+    index: int  # which of the generation's outputs
+    prompt: str
+    text: str  # the full text: the prompt and its continuation
+    score: int  # the sum of the ratings' scores (see the module docstring)
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str  # full texts, both starting with the prompt
+    rejected: str
+    source: str  # "vote" or "ratings"
+
+
+@dataclass
+class Feedback:
+    run: str
+    rated: list[Rated] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
+    rating_ids: list[str] = field(default_factory=list)
+    vote_ids: list[str] = field(default_factory=list)
+
+    @property
+    def liked(self) -> list[Rated]:
+        return [r for r in self.rated if r.score > 0]
+
+    @property
+    def disliked(self) -> list[Rated]:
+        return [r for r in self.rated if r.score < 0]
+
+    def snapshot(self) -> dict:
+        """What a run made from this feedback records: the ids of the ratings and votes read and a sha256 over
+        everything learned from (texts, scores, pairs), so the same store gives the same hash."""
+        content = {"rated": [[r.generation_id, r.index, r.prompt, r.text, r.score] for r in self.rated],
+                   "pairs": [[p.prompt, p.chosen, p.rejected, p.source] for p in self.pairs]}
+        digest = hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+        return {"run": self.run, "rating_ids": sorted(self.rating_ids), "vote_ids": sorted(self.vote_ids),
+                "sha256": digest, "liked": len(self.liked), "disliked": len(self.disliked), "pairs": len(self.pairs)}
+
+
+def _verdict(rating: dict) -> int:
+    if rating["score"] or rating.get("stars") is None:
+        return rating["score"]
+    return 1 if rating["stars"] >= 4 else -1 if rating["stars"] <= 2 else 0
+
+
+def _texts(generation: dict) -> list[str]:
+    output = generation.get("output")
+    return [t for t in output if isinstance(t, str)] if isinstance(output, list) else []
+
+
+def collect(db: Store, run: str) -> Feedback:
+    """The text feedback stored for `run` (its name), oldest generation first."""
+    feedback = Feedback(run)
+    generations = sorted(db.list_generations(run=run, modality="text", limit=10**9),
+                         key=lambda g: (g["created"], g["id"]))
+    for gen in generations:
+        texts, prompt = _texts(gen), gen["request"].get("prompt") or ""
+        scores: dict[int, int] = {}
+        for rating in gen["ratings"]:
+            feedback.rating_ids.append(rating["id"])
+            for index in ([rating["index"]] if rating["index"] is not None else range(len(texts))):
+                scores[index] = scores.get(index, 0) + _verdict(rating)
+        for index, score in sorted(scores.items()):
+            if index < len(texts) and texts[index].startswith(prompt):
+                feedback.rated.append(Rated(gen["id"], index, prompt, texts[index], score))
+    by_prompt: dict[str, list[Rated]] = {}
+    for r in feedback.rated:
+        by_prompt.setdefault(r.prompt, []).append(r)
+    for prompt, rated in by_prompt.items():
+        good = sorted((r for r in rated if r.score > 0), key=lambda r: -r.score)
+        bad = sorted((r for r in rated if r.score < 0), key=lambda r: r.score)
+        pairs = [(g, b) for g in good for b in bad]
+        pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
+        feedback.pairs += [Pair(prompt, g.text, b.text, "ratings") for g, b in pairs[:MAX_PAIRS_PER_PROMPT]]
+    for vote in db.list_votes("text"):
+        if run not in (vote["left_run"], vote["right_run"]) or vote["winner"] not in ("left", "right"):
+            continue
+        left, right = db.get_generation(vote["left_id"]), db.get_generation(vote["right_id"])
+        prompt = vote.get("prompt") or left["request"].get("prompt") or ""
+        sides = [_texts(left)[:1], _texts(right)[:1]]
+        if not all(sides) or not all(s[0].startswith(prompt) for s in sides):
+            continue
+        chosen, rejected = (sides[0][0], sides[1][0]) if vote["winner"] == "left" else (sides[1][0], sides[0][0])
+        feedback.vote_ids.append(vote["id"])
+        feedback.pairs.append(Pair(prompt, chosen, rejected, "vote"))
+    return feedback
+
+
+def require(feedback: Feedback, method: str) -> None:
+    """A clear error when the feedback gives `method` nothing to learn from."""
+    hint = f"rate outputs of {feedback.run} (in the studio, or POST /v1/generations/ID/ratings)"
+    if method == "sft" and not feedback.liked:
+        raise BadRequest(f"--method sft learns from liked outputs, and run {feedback.run!r} has none "
+                         f"({len(feedback.rated)} rated): {hint} good")
+    if method == "dpo" and not feedback.pairs:
+        raise BadRequest(f"--method dpo learns from pairs (an arena vote, or a liked and a disliked output of the "
+                         f"same prompt), and run {feedback.run!r} has none ({len(feedback.liked)} liked, "
+                         f"{len(feedback.disliked)} disliked): {hint}, good and bad for the same prompt, or vote "
+                         f"in the arena")
+    if method == "rerank" and not (feedback.pairs or (feedback.liked and feedback.disliked)):
+        raise BadRequest(f"--method rerank needs liked and disliked outputs (or arena votes) of run "
+                         f"{feedback.run!r}; it has {len(feedback.liked)} liked and {len(feedback.disliked)} "
+                         f"disliked: {hint}")

@@ -1,0 +1,227 @@
+"""A small reward model learned from people's ratings of a text run, for best-of-n reranking: draw n * k
+candidates, score them, keep the best of each group of k.
+
+The reward is a logistic model on features the run itself computes (`features`): the mean of its last hidden
+layer over the completion's positions (gpt, rnn, hf), or, for the n-gram (which has no hidden states), a hashed
+bag of the completion's characters. It is fitted (`fit`) to liked / disliked outputs (logistic loss) and to
+preference pairs (Bradley-Terry loss), so a run's own reading of a text is what separates the liked from the
+disliked; there is no second model to train or to load.
+
+    score(x) = w . (x - mean) / std + b        # the logit of "liked"
+    loss = mean_labelled BCE(score, y) + mean_pairs -log sigmoid(score(chosen) - score(rejected)) + l2 ||w||^2
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from aigc.errors import BadRequest, UserError
+from aigc.fsutil import atomic_write_bytes, atomic_write_text
+
+NGRAM_DIM = 512  # hashed buckets of the n-gram family's character features
+BATCH_SIZE = 32  # texts per forward pass in `features`
+
+
+def feature_kind(loaded) -> str:
+    """What `features` computes for this run, as recorded in reward.json: "hidden:<family>" or "chars:512"."""
+    return f"chars:{NGRAM_DIM}" if loaded.family == "ngram" else f"hidden:{loaded.family}"
+
+
+def features(loaded, prompts: list[str], texts: list[str]) -> torch.Tensor:
+    """(N, D) float32 features of N generated texts (each the full text: its prompt, then the completion), as
+    the run itself reads them.
+
+    gpt, rnn, hf: the mean of the model's last hidden layer (D = n_embd or n_hidden) over the completion's
+    positions (over all positions when the completion is empty), the ids being EOT + prompt + completion cut
+    on the left to the model's context, as generation reads them; the prompt's positions are left out of the
+    mean, but they still shape the completion's states. Eval mode, no grad, in the model's own dtype and
+    returned as fp32, batched with right padding (causal models: padding after a row never reaches its earlier
+    positions). n-gram: an L1-normalised bag (D = 512) of the completion's (or, when empty, the whole text's)
+    character unigrams and bigrams hashed with crc32.
+    """
+    if len(prompts) != len(texts) or not texts:
+        raise BadRequest(f"{len(prompts)} prompts for {len(texts)} texts: give one prompt per text, at least one")
+    for prompt, text in zip(prompts, texts, strict=True):
+        if not text.startswith(prompt):
+            raise BadRequest(f"text {text[:40]!r} does not start with its prompt {prompt[:40]!r}")
+    if loaded.family == "ngram":
+        return torch.stack([_char_bag(text[len(prompt):] or text) for prompt, text in zip(prompts, texts, strict=True)])
+    rows = [_encode(loaded, prompt, text) for prompt, text in zip(prompts, texts, strict=True)]
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([_hidden_means(loaded, rows[i:i + BATCH_SIZE]) for i in range(0, len(rows), BATCH_SIZE)])
+    finally:
+        model.train(was_training)
+
+
+def _encode(loaded, prompt: str, text: str) -> tuple[list[int], int]:
+    """ids = EOT + prompt + completion, cut on the left to the context, and the first position of the mean."""
+    tokenizer = loaded.tokenizer
+    head = [tokenizer.eot_id, *tokenizer.encode(prompt)]
+    tail = tokenizer.encode(text[len(prompt):])
+    context = loaded.max_context or loaded.block_size
+    cut = max(0, len(head) + len(tail) - context)
+    start = max(0, len(head) - cut) if tail else 0
+    return (head + tail)[cut:], start
+
+
+def _hidden_means(loaded, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+    """(B, D) masked means of the last hidden layer for one batch of (ids, start) rows, right padded."""
+    device = next(loaded.model.parameters()).device
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), loaded.tokenizer.eot_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    in_mean = torch.zeros((len(rows), length))  # 1 at the positions the mean runs over
+    for b, (ids, start) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        in_mean[b, start:len(ids)] = 1.0
+    if loaded.family == "rnn":
+        # No mask: the rnn reads a mask with zeros as left padding; right padding never reaches earlier states.
+        out = loaded.model(input_ids=input_ids.to(device), output_hidden_states=True)
+    else:
+        out = loaded.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           output_hidden_states=True)
+    h = out.hidden_states[-1].float().cpu()  # (B, T, D)
+    return (h * in_mean[..., None]).sum(1) / in_mean.sum(1, keepdim=True)
+
+
+def _char_bag(text: str) -> torch.Tensor:
+    """(NGRAM_DIM,) counts of the text's characters and character pairs in crc32 buckets, divided by their sum."""
+    bag = torch.zeros(NGRAM_DIM)
+    for gram in [*text, *(text[i:i + 2] for i in range(len(text) - 1))]:
+        bag[zlib.crc32(gram.encode("utf-8")) % NGRAM_DIM] += 1.0
+    return bag / bag.sum().clamp_min(1.0)
+
+
+@dataclass
+class Reward:
+    """A fitted reward: the logit of "liked" is weight . (x - mean) / std + bias."""
+
+    weight: torch.Tensor  # (D,) float32, on standardised features
+    bias: float
+    mean: torch.Tensor  # (D,) float32, of the features it was fitted on
+    std: torch.Tensor  # (D,) float32, of the same, clamped to >= 1e-6
+    info: dict  # n_liked, n_disliked, n_pairs, l2, train_accuracy, pair_accuracy, features, dim
+
+    def score(self, X: torch.Tensor) -> torch.Tensor:
+        """(N, D) features -> (N,) logits of "liked"."""
+        if X.ndim != 2 or X.shape[1] != len(self.weight):
+            raise BadRequest(f"features of shape {tuple(X.shape)}: this reward reads (N, {len(self.weight)})")
+        return ((X.float() - self.mean) / self.std) @ self.weight + self.bias
+
+    def save(self, directory: Path) -> None:
+        """reward.safetensors (weight, bias, mean, std) and reward.json (info), each written atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64),
+                   "mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        atomic_write_bytes(directory / "reward.safetensors", safetensors_bytes(tensors))
+        atomic_write_text(directory / "reward.json", json.dumps(self.info, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Reward:
+        directory = Path(directory)
+        for name in ("reward.safetensors", "reward.json"):
+            if not (directory / name).is_file():
+                raise UserError(f"{directory}: no {name}; fit a reward model there first")
+        try:
+            tensors = load_file(directory / "reward.safetensors")
+            info = json.loads((directory / "reward.json").read_text(encoding="utf-8"))
+            weight, bias, mean, std = (tensors[k] for k in ("weight", "bias", "mean", "std"))
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise UserError(f"{directory}: malformed reward model ({e}); fit it again") from None
+        dim = len(weight) if weight.ndim == 1 else -1
+        if not isinstance(info, dict) or bias.numel() != 1 or dim < 0 or mean.shape != (dim,) or std.shape != (dim,):
+            raise UserError(f"{directory}: malformed reward model (inconsistent shapes or info); fit it again")
+        return cls(weight=weight, bias=float(bias.item()), mean=mean, std=std, info=info)
+
+
+def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int]] | None = None, *,
+        l2: float = 1e-2, steps: int = 300, seed: int = 0, kind: str | None = None) -> Reward:
+    """Fit a reward to rows of X: labels (N,) 1.0 liked / 0.0 disliked (or None), pairs (chosen_row,
+    rejected_row). The objective (module docstring) is convex; L-BFGS minimises it full batch, in float64,
+    from zero weights, so the fit is deterministic (`seed` is accepted for the common signature: nothing is
+    drawn). kind: what the features are (`feature_kind`), recorded in info.
+    """
+    if X.ndim != 2 or len(X) == 0:
+        raise BadRequest(f"features of shape {tuple(X.shape)}: need (N, D) with N >= 1")
+    pairs = list(pairs or [])
+    n = len(X)
+    if labels is not None:
+        labels = labels.to(torch.float64).flatten()
+        if len(labels) != n or not bool(((labels == 0) | (labels == 1)).all()):
+            raise BadRequest(f"labels must be {n} values of 1.0 (liked) or 0.0 (disliked), one per row")
+    for chosen, rejected in pairs:
+        if not (0 <= chosen < n and 0 <= rejected < n):
+            raise BadRequest(f"pair ({chosen}, {rejected}) indexes outside the {n} rows")
+    n_liked = int(labels.sum()) if labels is not None else 0
+    n_disliked = len(labels) - n_liked if labels is not None else 0
+    if not pairs and n_liked + n_disliked == 0:
+        raise BadRequest("nothing to learn from: no ratings and no preference pairs; rate at least one output "
+                         "liked and one disliked, or give one preference pair")
+    if not pairs and (n_liked == 0 or n_disliked == 0):
+        which = "liked" if n_disliked == 0 else "disliked"
+        raise BadRequest(f"the ratings are all {which} and there are no preference pairs: a reward needs at "
+                         "least one liked and one disliked output, or one preference pair")
+
+    # 1. Standardise with the training rows' statistics.
+    X64 = X.to(torch.float64)
+    mean = X64.mean(0)
+    std = X64.std(0, unbiased=False).clamp_min(1e-6)
+    Z = (X64 - mean) / std  # (N, D)
+    chosen = torch.tensor([c for c, _ in pairs], dtype=torch.long)
+    rejected = torch.tensor([r for _, r in pairs], dtype=torch.long)
+
+    # 2. Minimise the objective with L-BFGS (strong Wolfe line search), full batch.
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        s = Z @ w + b  # (N,)
+        loss = l2 * w.dot(w)
+        if labels is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(s, labels)
+        if pairs:
+            loss = loss - F.logsigmoid(s[chosen] - s[rejected]).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+    # 3. Keep float32 weights and record how well they separate what they were fitted on.
+    reward = Reward(weight=w.detach().float(), bias=float(b.detach()), mean=mean.float(), std=std.float(),
+                    info={})
+    s = reward.score(X)
+    train_accuracy = float(((s > 0).double() == labels).double().mean()) if labels is not None else None
+    pair_accuracy = float((s[chosen] > s[rejected]).double().mean()) if pairs else None
+    reward.info = {"n_liked": n_liked, "n_disliked": n_disliked, "n_pairs": len(pairs), "l2": l2,
+                   "train_accuracy": train_accuracy, "pair_accuracy": pair_accuracy, "features": kind,
+                   "dim": X.shape[1]}
+    return reward
+
+
+def best_of(scores: torch.Tensor, n: int, k: int) -> list[int]:
+    """Scores of n * k candidates, n groups of k consecutive ones -> per group, the index (into the n * k) of its
+    highest score, the first of equal ones."""
+    if n < 1 or k < 1 or scores.ndim != 1 or len(scores) != n * k:
+        raise BadRequest(f"{tuple(scores.shape)} scores for {n} groups of {k}: need a 1-D tensor of n * k = {n * k}")
+    if not bool(torch.isfinite(scores).all()):
+        raise BadRequest("scores must be finite to rank candidates")
+    best = scores.reshape(n, k).argmax(dim=1)  # torch: the first maximal index on ties
+    return [g * k + int(i) for g, i in enumerate(best)]
