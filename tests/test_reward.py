@@ -126,7 +126,7 @@ PROMPTS = ["春江", "山", "《诗1》\n白云", "月"]
 TEXTS = ["春江花月夜", "山水风云雨雪天地人心日长秋", "《诗1》\n白云明光，", "月"]  # the last: an empty completion
 
 
-@pytest.mark.parametrize("family,dim", [("gpt", 16), ("rnn", 32), ("ngram", NGRAM_DIM)])
+@pytest.mark.parametrize("family,dim", [("gpt", 16 + 16), ("rnn", 16 + 32), ("ngram", NGRAM_DIM)])
 def test_features_shape_and_padding_does_not_leak(vocab, family, dim):
     loaded = tiny(family, vocab)
     batch = features(loaded, PROMPTS, TEXTS)
@@ -136,7 +136,7 @@ def test_features_shape_and_padding_does_not_leak(vocab, family, dim):
         torch.testing.assert_close(alone[0], batch[i], atol=1e-5, rtol=0)
 
 
-def test_rnn_features_are_the_mean_of_its_core_outputs_over_the_completion(vocab):
+def test_rnn_features_are_the_means_of_its_embeddings_and_core_outputs_over_the_completion(vocab):
     loaded = tiny("rnn", vocab)
     tok = loaded.tokenizer
     prompts = ["春", "山", "月"]
@@ -148,8 +148,10 @@ def test_rnn_features_are_the_mean_of_its_core_outputs_over_the_completion(vocab
         ids = (head + tail)[-16:]
         start = max(0, len(head) - (len(head) + len(tail) - len(ids))) if tail else 0
         with torch.no_grad():
-            h, _ = loaded.model.core(loaded.model.wte(torch.tensor([ids])))  # (1, T, n_hidden)
-        torch.testing.assert_close(got[row], h[0, start:].mean(0), atol=1e-6, rtol=0)
+            x = loaded.model.wte(torch.tensor([ids]))  # (1, T, n_embd)
+            h, _ = loaded.model.core(x)  # (1, T, n_hidden)
+        torch.testing.assert_close(got[row], torch.cat([x[0, start:].mean(0), h[0, start:].mean(0)]), atol=1e-6,
+                                   rtol=0)
 
 
 def test_gpt_features_read_the_prompt_but_average_the_completion(vocab):
@@ -159,8 +161,10 @@ def test_gpt_features_read_the_prompt_but_average_the_completion(vocab):
     tok = loaded.tokenizer
     ids = torch.tensor([[tok.eot_id, *tok.encode("春江花月夜")]])
     with torch.no_grad():
-        h = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]  # (T, n_embd)
-    torch.testing.assert_close(a, h[3:].mean(0), atol=1e-6, rtol=0)  # EOT, 春, 江 left out
+        states = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states
+    first, last = states[0][0], states[-1][0]  # (T, n_embd): the embeddings and the last layer
+    # EOT, 春, 江 left out of the means
+    torch.testing.assert_close(a, torch.cat([first[3:].mean(0), last[3:].mean(0)]), atol=1e-6, rtol=0)
 
 
 def test_ngram_features_are_hashed_character_counts(vocab):
@@ -198,8 +202,9 @@ def test_rnn_output_hidden_states_leave_logits_unchanged(vocab, cell):
     assert plain.hidden_states is None and padded.hidden_states is None
     assert torch.equal(plain.logits, with_h.logits)
     assert all(torch.equal(s, t) for s, t in zip(plain.state, with_h.state, strict=True))
-    assert torch.equal(with_h.hidden_states[0], h)
+    assert torch.equal(with_h.hidden_states[0], model.wte(ids)) and torch.equal(with_h.hidden_states[-1], h)
     assert torch.equal(padded.logits, padded_h.logits)
-    assert padded_h.hidden_states[0].shape == (3, 7, 8)
-    torch.testing.assert_close(padded_h.hidden_states[0][1, 3:], alone.hidden_states[0][0])
-    assert torch.equal(padded_h.hidden_states[0][1, :3], torch.zeros(3, 8))
+    assert [t.shape for t in padded_h.hidden_states] == [(3, 7, 4), (3, 7, 8)]
+    for mine, its in zip(padded_h.hidden_states, alone.hidden_states, strict=True):
+        torch.testing.assert_close(mine[1, 3:], its[0])
+        assert torch.equal(mine[1, :3], torch.zeros_like(mine[1, :3]))

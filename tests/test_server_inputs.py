@@ -134,7 +134,9 @@ CASES = [
     ("logprobs true", "POST", C, {"model": "poet", "logprobs": True}, None, 400),
     ("logprobs 5", "POST", C, {"model": "poet", "logprobs": 5}, None, 400),
     ("logit_bias", "POST", C, {"model": "poet", "logit_bias": {"42": 5}}, None, 400),
-    ("best_of 2", "POST", C, {"model": "poet", "best_of": 2}, None, 400),
+    ("best_of 2 without a reward model", "POST", C, {"model": "poet", "best_of": 2}, None, 400),
+    ("best_of 65", "POST", C, {"model": "poet", "best_of": 65}, None, 400),
+    ("best_of 1 (valid)", "POST", C, {"model": "poet", "best_of": 1, "max_tokens": 4}, None, 200),
     ("suffix", "POST", C, {"model": "poet", "suffix": "。"}, None, 400),
     # images
     ("unknown class", "POST", IMG, {"model": "digits", "prompt": "sneaker"}, None, 400),

@@ -29,8 +29,10 @@ from aigc.server.limits import BodyLimit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# OpenAI fields taken at their neutral value only, and best_of (> 1 needs a run with a reward model)
 NEUTRAL_ONLY = ("frequency_penalty", "presence_penalty", "logprobs", "logit_bias", "best_of", "suffix")
-VAE_REFUSES = ("sampler", "steps", "eta", "guidance_scale", "truncation", "size")  # diffusion / dcgan options
+VAE_REFUSES = ("sampler", "steps", "eta", "guidance_scale", "truncation", "size",  # diffusion / dcgan options
+               "best_of")  # > 1: the tiny VAE has no reward model
 GEN_ID = "gen-" + "5c" * 12  # an image generation the fixture stores (so its file and ratings can be reached)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]

@@ -325,6 +325,9 @@ def generate(
                                                    "residuals)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
+    best_of: Annotated[int | None, typer.Option(help="text and image runs with a reward model (aigc optimize "
+                                                     "--method rerank): keep the best of N candidates per output "
+                                                     "(default: the run's own; 1 = off)")] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not record it in the store (aigc history)")
                          ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
@@ -350,6 +353,8 @@ def generate(
       aigc generate --from-image pictures/007.png
 
       aigc generate my-ar --horizon 24 --paths 5 --level 0.9 --seed 0 --json
+
+      aigc generate poet-rerank --prompt 月 --best-of 8
     """
     _quiet_libraries()
     if run is None and from_image is None:
@@ -365,7 +370,8 @@ def generate(
                "top_k": top_k, "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
-               "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise}
+               "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
+               "best_of": best_of}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:

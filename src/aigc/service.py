@@ -38,6 +38,8 @@ from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
+from aigc.optimize import OPTIMIZERS, judge, rerank
+from aigc.optimize import feedback as fb
 from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
 
@@ -142,14 +144,16 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
             atomic_write_text(staging / "config.toml", to_toml(configs, header))
 
         run_dir = on_main(store.commit_run_dir, final_dir, write_files)
-    return run_dir, _fit_and_finish(modality, family, fam, prepared, configs, run_dir, record, budget, resume,
-                                    lambda: modality.fit(fam, prepared, configs, run_dir, budget, resume))
+    return run_dir, _fit_and_finish(modality, run_dir, record, configs, budget,
+                                    lambda: modality.fit(fam, prepared, configs, run_dir, budget, resume),
+                                    lambda fitted: modality.finish(family, fam, prepared, configs, run_dir, fitted))
 
 
-def _fit_and_finish(modality: Modality, family: str, fam: Family, prepared, configs: dict, run_dir: Path,
-                    record: dict, budget: Budget | None, resume: bool, fit: Callable[[], dict]) -> dict:
+def _fit_and_finish(modality: Modality, run_dir: Path, record: dict, configs: dict, budget: Budget | None,
+                    fit: Callable[[], dict], score: Callable[[dict], dict]) -> dict:
     """The second half of a run's life, the same for `train` and `optimize`: mark it running, `fit()`, mark a
-    failure or an interruption, score, record, write the model card."""
+    failure or an interruption, `score(fitted)` (the metrics of the final weights), record, write the model
+    card."""
     record["budget"] = {"max_steps": budget.max_steps if budget else None,
                         "max_minutes": budget.max_minutes if budget else None}
     record["status"] = "running"
@@ -160,7 +164,7 @@ def _fit_and_finish(modality: Modality, family: str, fam: Family, prepared, conf
         record.update(dtype=fitted["dtype"], compiled=fitted["compiled"])
 
     def finish() -> dict:  # the main process scores and records; every process returns its metrics
-        metrics = modality.finish(family, fam, prepared, configs, run_dir, fitted)
+        metrics = score(fitted)
         record.update(status="done", metrics=metrics, finished=store.now())
         store.write_record(run_dir, record)
         atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))
@@ -216,27 +220,31 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
              max_steps: int | None = None, max_minutes: float | None = None, sets: dict[str, str] | None = None,
              db: Store | None = None) -> tuple[Path, dict]:
     """A new run made from `run` and the ratings and arena votes stored for it (`method`: sft, dpo or rerank).
-    It records its parent, the method and the exact feedback used (ids and a sha256); returns its directory and
-    metrics. Everything that can fail on the request (an unknown method, no feedback to learn from, a bad key)
-    fails before the new run's directory is touched."""
-    from aigc.optimize import feedback as fb
-    from aigc.optimize import text as optimize_text
-
+    It records its parent, the method and the exact feedback used (ids and a sha256), and its metrics show before
+    and after (aigc.optimize.judge); returns its directory and metrics. Everything that can fail on the request
+    (an unknown method, no feedback to learn from, a bad key) fails before the new run's directory is touched."""
     if method not in OPTIMIZE_METHODS:
         raise BadRequest(f"unknown --method {method!r} (choose from: {', '.join(OPTIMIZE_METHODS)})")
     if max_steps is not None and max_steps < 1:
         raise BadRequest(f"--max-steps must be >= 1, got {max_steps}")
     if max_minutes is not None and not (max_minutes > 0 and math.isfinite(max_minutes)):
         raise BadRequest(f"--max-minutes must be > 0, got {max_minutes}")
+    if method == "rerank" and (max_steps is not None or max_minutes is not None):
+        raise BadRequest("--max-steps and --max-minutes apply to sft and dpo (rerank trains no weights)")
     store.check_name(name)
     parent_dir = store.find_run(run)
     parent = store.read_run(parent_dir)
     family, modality_name = parent["family"], store.modality_of(parent)
     if parent.get("status") != "done":
         raise Conflict(f"run {parent_dir.name!r} is {parent.get('status')}: optimize a finished run")
-    if modality_name != "text":
-        raise BadRequest(f"aigc optimize takes text runs so far; {parent_dir.name!r} is a {modality_name} run "
-                         f"(docs/optimize.md says what is planned)")
+    if modality_name not in OPTIMIZERS:
+        raise BadRequest(f"aigc optimize takes text and image runs; {parent_dir.name!r} is a {modality_name} run")
+    optimizer = OPTIMIZERS[modality_name]
+    if method not in optimizer.METHODS:
+        takes = " and ".join(m for m, o in OPTIMIZERS.items() if method in o.METHODS)
+        article = "an" if modality_name == "image" else "a"
+        raise BadRequest(f"--method {method} takes {takes} runs; {parent_dir.name!r} is {article} {modality_name} "
+                         f"run (use: {', '.join(optimizer.METHODS)})")
     fam = FAMILIES[family]
     if method != "rerank" and fam.trainer != "gradient":
         raise BadRequest(f"--method {method} fine-tunes a gradient-trained family; {family} is counted: use "
@@ -244,15 +252,18 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     with contextlib.ExitStack() as stack:
         if db is None:
             db = stack.enter_context(Store())
-        feedback = fb.collect(db, parent_dir.name)
+        feedback = fb.collect(db, parent_dir.name, modality_name)
     fb.require(feedback, method)
-    modality = MODALITIES["text"]
-    values = {**read_toml(parent_dir / "config.toml"), **optimize_text.TRAIN_DEFAULTS, **(sets or {})}
-    configs = build({**modality.sections(fam), "optimize": OptimizeConfig}, values, family=family)
+    modality = MODALITIES[modality_name]
+    sections = {**modality.sections(fam), "optimize": OptimizeConfig}
+    values = {**read_toml(parent_dir / "config.toml"), **(optimizer.TRAIN_DEFAULTS if "train" in sections else {}),
+              **(sets or {})}
+    configs = build(sections, values, family=family)
     final_dir = store.claim_run_dir(family, parent_dir.name, name or f"{parent_dir.name}-{method}", overwrite)
-    prepared = optimize_text.prepare(fam, parent_dir, parent, configs, feedback, method)
+    prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method)
     record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
-              "data": parent["data"], "init_from": str(parent_dir.resolve()),
+              **{k: v for k, v in parent.items() if k in ("data", "image_shape", "num_classes", "class_names")},
+              "init_from": str(parent_dir.resolve()),
               "optimize": {"parent": parent_dir.name, "parent_path": str(parent_dir.resolve()),
                            "parent_sha256": weights_sha256(parent_dir), "method": method,
                            "feedback": feedback.snapshot()}}
@@ -268,8 +279,18 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     budget = None
     if method != "rerank":
         budget = Budget(max_steps or (None if max_minutes else OPTIMIZE_STEPS), max_minutes)
-    return run_dir, _fit_and_finish(modality, family, fam, prepared, configs, run_dir, record, budget, False,
-                                    lambda: optimize_text.fit(fam, prepared, configs, run_dir, budget))
+    _fit_and_finish(modality, run_dir, record, configs, budget,
+                    lambda: optimizer.fit(fam, prepared, configs, run_dir, budget, method),
+                    lambda fitted: optimizer.finish(family, fam, prepared, configs, run_dir, fitted, method))
+
+    # before and after: the judged share of liked fresh outputs (the regular metric is in the metrics already)
+    with recording_failure(run_dir, record):
+        judged = judge.compare(modality, parent_dir, run_dir, feedback, configs["optimize"],
+                               prepared.state.get("reward"))
+    record["metrics"].update(judged)
+    store.write_record(run_dir, record)
+    atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))
+    return run_dir, record["metrics"]
 
 
 # ----------------------------------------------------------------------------------
@@ -336,18 +357,33 @@ def generate(run: str, options: dict | None = None, *, seed: int | None = None,
              stream: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
              batch: bool = False) -> Generation:
     """Generate from a run: options are the modality's (`Modality.GENERATE_OPTIONS`; None means the default);
-    one that belongs to another modality is an error that says which. `cancel` set while it works: it stops
-    and raises errors.Cancelled. `batch`: share a decoding batch with the requests other threads make at the
+    one that belongs to another modality is an error that says which. `best_of` k (text and images): each output
+    is the best of k candidates by the run's reward model (aigc.optimize.rerank); a run made by `aigc optimize
+    --method rerank` uses its own k unless asked otherwise, best_of 1 turns it off. `cancel` set while it works: it
+    stops and raises errors.Cancelled. `batch`: share a decoding batch with the requests other threads make at the
     same time, where the modality can (`Modality.BATCHES`); the outputs are the same. The time it took (model
     loading and waiting for the batch included) is `extra["latency_s"]`."""
     t0 = time.perf_counter()
     run_dir, modality = resolve(run)
     options = {k: v for k, v in (options or {}).items() if v is not None}
+    best_of = options.pop("best_of", None)
     check_options(modality, options, "GENERATE_OPTIONS")
     if stream is not None and modality.NAME != "text":
         raise BadRequest("--stream applies to text runs")
-    generation = modality.generate(MODELS.get(modality, run_dir), options, draw_seed(seed), stream, cancel,
-                                   batched=batch and modality.BATCHES)
+    reward = rerank.reward_of(run_dir) if store.is_run(run_dir) else None
+    if best_of is not None:
+        rerank.check_best_of(best_of)
+        if reward is None and best_of > 1:
+            raise BadRequest(f"--best-of needs a reward model, and {run_dir.name} has none: make a run with one by "
+                             f"aigc optimize {run_dir.name} --from-feedback --method rerank")
+    k = best_of if best_of is not None else reward.info.get("best_of", 1) if reward is not None else 1
+    loaded = MODELS.get(modality, run_dir)
+    if k > 1:
+        generation = rerank.generate_best_of(modality, loaded, options, draw_seed(seed), k, reward, stream, cancel,
+                                             batched=batch and modality.BATCHES)
+    else:
+        generation = modality.generate(loaded, options, draw_seed(seed), stream, cancel,
+                                       batched=batch and modality.BATCHES)
     generation.extra["latency_s"] = time.perf_counter() - t0
     return generation
 

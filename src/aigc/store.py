@@ -129,6 +129,35 @@ def card_header(record: dict, task: str, *, library: str = "aigc", metrics: tupl
     return [*lines, "---", ""]
 
 
+def lineage(record: dict) -> list[str]:
+    """The model card's lines on the run a run of aigc optimize was made from, the feedback it learned from, and
+    before and after: the regular metric on the same validation split, and the judged share of liked outputs."""
+    made = record.get("optimize")
+    if not made:
+        return []
+    fed, m = made["feedback"], record.get("metrics", {})
+    lines = ["", "## Lineage", "",
+             f"Made by `aigc optimize {made['parent']} --from-feedback --method {made['method']}` from "
+             f"{fed['liked']} liked and {fed['disliked']} disliked outputs and {fed['pairs']} preference pairs "
+             f"({len(fed['rating_ids'])} ratings, {len(fed['vote_ids'])} arena votes; feedback sha256 "
+             f"`{fed['sha256'][:16]}`).", ""]
+    if "parent_val_bpc" in m:
+        lines.append(f"- bits per character on the same validation split: {m['parent_val_bpc']:.4f} before, "
+                     f"{m.get('val_bpc', float('nan')):.4f} after")
+    if "fid_before" in m:
+        lines.append(f"- FID against the same held-out images ({m['fid_images']} each): {m['fid_before']:.2f} "
+                     f"before, {m['fid_after']:.2f} after")
+    if "liked_share_before" in m:
+        (lo0, hi0), (lo1, hi1) = m["liked_share_before_ci95"], m["liked_share_after_ci95"]
+        accuracy = m.get("judge_heldout_accuracy")
+        lines.append(f"- liked, as the reward model fitted on this feedback judges {m['judged_samples']} fresh "
+                     f"outputs: {m['liked_share_before']:.1%} before [{lo0:.1%}, {hi0:.1%}], "
+                     f"{m['liked_share_after']:.1%} after [{lo1:.1%}, {hi1:.1%}] (95% intervals; the judge's "
+                     f"accuracy on held-out ratings: " + ("not measured, too few" if accuracy is None else
+                                                          f"{accuracy:.1%} of {m['judge_heldout_n']}") + ")")
+    return lines
+
+
 def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
     """The run's final path; an existing run there is an error unless --overwrite."""
     root = runs_dir()

@@ -223,6 +223,14 @@ def read_png_record(path: Path) -> dict:
     return record
 
 
+def read_png(path: Path, channels: int) -> np.ndarray:
+    """The pixels of one image file as (H, W, channels) uint8, at its own size (1 channel: gray, 3: RGB)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    size = _peek(Path(path))[1]
+    return _decode(Path(path), "L" if channels == 1 else "RGB", size)
+
+
 # ---- named data sets ------------------------------------------------------------------------------
 
 

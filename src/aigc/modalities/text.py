@@ -32,7 +32,7 @@ from aigc.modalities.base import Generation, Prepared
 from aigc.models import FAMILIES, Family, gpt, ngram
 from aigc.sample import GenerateSettings, LoadedModel, load_run, settings_dict
 from aigc.sample import generate as decode
-from aigc.store import card_header, read_run, sha256_text
+from aigc.store import card_header, lineage, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
 
 NAME = "text"
@@ -192,23 +192,6 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
               "A small model trained on a small corpus: it imitates surface form and copies phrases "
               "from its training text (see `aigc eval`, novelty and longest copy).", ""]
     return "\n".join(lines)
-
-
-def lineage(record: dict) -> list[str]:
-    """The model card's lines on the run a run of aigc optimize was made from, and the feedback it learned from."""
-    made = record.get("optimize")
-    if not made:
-        return []
-    fed, m = made["feedback"], record.get("metrics", {})
-    lines = ["", "## Lineage", "",
-             f"Made by `aigc optimize {made['parent']} --from-feedback --method {made['method']}` from "
-             f"{fed['liked']} liked and {fed['disliked']} disliked outputs and {fed['pairs']} preference pairs "
-             f"({len(fed['rating_ids'])} ratings, {len(fed['vote_ids'])} arena votes; feedback sha256 "
-             f"`{fed['sha256'][:16]}`)."]
-    if "parent_val_bpc" in m:
-        lines.append(f"Bits per character on the same validation split: {m['parent_val_bpc']:.4f} before, "
-                     f"{m.get('val_bpc', float('nan')):.4f} after.")
-    return lines
 
 
 def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str | None) -> TextTokenizer:

@@ -54,9 +54,10 @@ class RNNLMConfig(PretrainedConfig):
 @dataclass
 class RNNLMOutput(ModelOutput):
     """logits (B, T, V); state: the recurrent state after the last token, a tuple of (n_layer, B, n_hidden)
-    tensors (h for rnn and gru, h and c for lstm), returned when use_cache; hidden_states: `(h,)`, the last
-    layer's outputs (B, T, n_hidden) at every position (all T, whatever logits_to_keep) before the output
-    layer's dropout, returned when output_hidden_states (left padded rows: zeros at the pad positions)."""
+    tensors (h for rnn and gru, h and c for lstm), returned when use_cache; hidden_states: `(x, h)`, as
+    transformers orders them: the embeddings (B, T, n_embd) and the last layer's outputs (B, T, n_hidden) at every
+    position (all T, whatever logits_to_keep) before the output layer's dropout, returned when
+    output_hidden_states (left padded rows: zeros at the pad positions)."""
 
     logits: torch.Tensor | None = None
     state: tuple[torch.Tensor, ...] | None = None
@@ -106,7 +107,7 @@ class RNNLM(PreTrainedModel, GenerationMixin):
         if state is not None and self.config.cell != "lstm":
             (state,) = state
         h, last = self.core(x, state)  # (B, T, n_hidden)
-        hidden_states = (h,) if output_hidden_states else None
+        hidden_states = (x, h) if output_hidden_states else None
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self.drop(h))  # (B, T', V)
@@ -129,10 +130,13 @@ class RNNLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, -logits_to_keep:]
         hidden_states = None
         if output_hidden_states:
-            h = input_ids.new_zeros((len(outs), length, self.config.n_hidden), dtype=outs[0].logits.dtype)
-            for b, out in enumerate(outs):
-                h[b, length - out.hidden_states[0].shape[1]:] = out.hidden_states[0][0]
-            hidden_states = (h,)
+            hidden_states = []
+            for i, width in enumerate((self.config.n_embd, self.config.n_hidden)):
+                h = input_ids.new_zeros((len(outs), length, width), dtype=outs[0].logits.dtype)
+                for b, out in enumerate(outs):
+                    h[b, length - out.hidden_states[i].shape[1]:] = out.hidden_states[i][0]
+                hidden_states.append(h)
+            hidden_states = tuple(hidden_states)
         if not use_cache:
             return RNNLMOutput(logits=logits, hidden_states=hidden_states)
         state = tuple(torch.cat([out.state[i] for out in outs], dim=1) for i in range(len(outs[0].state)))

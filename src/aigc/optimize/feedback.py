@@ -1,15 +1,19 @@
 """People's feedback on a run, read from the store as what `aigc optimize` learns from: rated outputs and
 preference pairs, with the exact snapshot used (ids and a hash), so a run made from it records its lineage.
 
-Plain Python (no torch): `aigc optimize --dry-run` style checks and the server read it without loading a model.
+Plain Python (no torch): the checks of a request run before any model is loaded.
 
 What counts (docs/optimize.md):
 - an output's verdict is the sum of its ratings' scores (+1 good, -1 bad; a neutral rating with stars counts
   +1 for 4-5 stars and -1 for 1-2): liked when above 0, with that sum as its weight, disliked when below;
 - a rating without `index` on a generation of several outputs rates each of them;
 - pairs: every arena vote with a winner (left or right; ties and "both bad" say nothing about order) whose two
-  sides are text and one of them this run's, and, per prompt, every liked output of the run against every
-  disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
+  sides are of the run's modality and one of them this run's, and, per prompt, every liked output of the run
+  against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
+
+An output is a text (the prompt and its continuation) or an image (the path of its PNG, as the store keeps it);
+an image's "prompt" is its class (the class index as a string; "" for an unconditional run), so images pair
+within a class as texts pair within a prompt.
 """
 
 from __future__ import annotations
@@ -30,15 +34,15 @@ class Rated:
 
     generation_id: str
     index: int  # which of the generation's outputs
-    prompt: str
-    text: str  # the full text: the prompt and its continuation
+    prompt: str  # text: the prompt; image: the class index ("" unconditional)
+    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path
     score: int  # the sum of the ratings' scores (see the module docstring)
 
 
 @dataclass(frozen=True)
 class Pair:
     prompt: str
-    chosen: str  # full texts, both starting with the prompt
+    chosen: str  # outputs: full texts, both starting with the prompt, or PNG paths
     rejected: str
     source: str  # "vote" or "ratings"
 
@@ -46,6 +50,7 @@ class Pair:
 @dataclass
 class Feedback:
     run: str
+    modality: str = "text"  # "text" or "image"
     rated: list[Rated] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     rating_ids: list[str] = field(default_factory=list)
@@ -62,7 +67,7 @@ class Feedback:
     def snapshot(self) -> dict:
         """What a run made from this feedback records: the ids of the ratings and votes read and a sha256 over
         everything learned from (texts, scores, pairs), so the same store gives the same hash."""
-        content = {"rated": [[r.generation_id, r.index, r.prompt, r.text, r.score] for r in self.rated],
+        content = {"rated": [[r.generation_id, r.index, r.prompt, r.output, r.score] for r in self.rated],
                    "pairs": [[p.prompt, p.chosen, p.rejected, p.source] for p in self.pairs]}
         digest = hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
         return {"run": self.run, "rating_ids": sorted(self.rating_ids), "vote_ids": sorted(self.vote_ids),
@@ -75,26 +80,43 @@ def _verdict(rating: dict) -> int:
     return 1 if rating["stars"] >= 4 else -1 if rating["stars"] <= 2 else 0
 
 
-def _texts(generation: dict) -> list[str]:
+def _outputs(generation: dict) -> list[str]:
+    """A generation's outputs as feedback reads them: its texts, or its image's PNG path (one image a row)."""
+    if generation["modality"] == "image":
+        return [generation["file"]] if generation.get("file") else []
     output = generation.get("output")
     return [t for t in output if isinstance(t, str)] if isinstance(output, list) else []
 
 
-def collect(db: Store, run: str) -> Feedback:
-    """The text feedback stored for `run` (its name), oldest generation first."""
-    feedback = Feedback(run)
-    generations = sorted(db.list_generations(run=run, modality="text", limit=10**9),
+def _prompt(generation: dict) -> str:
+    if generation["modality"] == "image":
+        label = (generation.get("output") or {}).get("class")
+        return "" if label is None else str(label)
+    return generation["request"].get("prompt") or ""
+
+
+def _fits(modality: str, prompt: str, output: str) -> bool:
+    """A text output continues its prompt (a chat reply stored without it does not); an image has its file."""
+    return output.startswith(prompt) if modality == "text" else bool(output)
+
+
+def collect(db: Store, run: str, modality: str = "text") -> Feedback:
+    """The feedback stored for `run` (its name) on its outputs of `modality`, oldest generation first."""
+    if modality not in ("text", "image"):
+        raise BadRequest(f"feedback is read for text and image runs, not {modality} runs")
+    feedback = Feedback(run, modality)
+    generations = sorted(db.list_generations(run=run, modality=modality, limit=10**9),
                          key=lambda g: (g["created"], g["id"]))
     for gen in generations:
-        texts, prompt = _texts(gen), gen["request"].get("prompt") or ""
+        outputs, prompt = _outputs(gen), _prompt(gen)
         scores: dict[int, int] = {}
         for rating in gen["ratings"]:
             feedback.rating_ids.append(rating["id"])
-            for index in ([rating["index"]] if rating["index"] is not None else range(len(texts))):
+            for index in ([rating["index"]] if rating["index"] is not None else range(len(outputs))):
                 scores[index] = scores.get(index, 0) + _verdict(rating)
         for index, score in sorted(scores.items()):
-            if index < len(texts) and texts[index].startswith(prompt):
-                feedback.rated.append(Rated(gen["id"], index, prompt, texts[index], score))
+            if index < len(outputs) and _fits(modality, prompt, outputs[index]):
+                feedback.rated.append(Rated(gen["id"], index, prompt, outputs[index], score))
     by_prompt: dict[str, list[Rated]] = {}
     for r in feedback.rated:
         by_prompt.setdefault(r.prompt, []).append(r)
@@ -103,14 +125,14 @@ def collect(db: Store, run: str) -> Feedback:
         bad = sorted((r for r in rated if r.score < 0), key=lambda r: r.score)
         pairs = [(g, b) for g in good for b in bad]
         pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
-        feedback.pairs += [Pair(prompt, g.text, b.text, "ratings") for g, b in pairs[:MAX_PAIRS_PER_PROMPT]]
-    for vote in db.list_votes("text"):
+        feedback.pairs += [Pair(prompt, g.output, b.output, "ratings") for g, b in pairs[:MAX_PAIRS_PER_PROMPT]]
+    for vote in db.list_votes(modality):
         if run not in (vote["left_run"], vote["right_run"]) or vote["winner"] not in ("left", "right"):
             continue
         left, right = db.get_generation(vote["left_id"]), db.get_generation(vote["right_id"])
-        prompt = vote.get("prompt") or left["request"].get("prompt") or ""
-        sides = [_texts(left)[:1], _texts(right)[:1]]
-        if not all(sides) or not all(s[0].startswith(prompt) for s in sides):
+        prompt = (vote.get("prompt") or _prompt(left)) if modality == "text" else _prompt(left)
+        sides = [_outputs(left)[:1], _outputs(right)[:1]]
+        if not all(sides) or not all(_fits(modality, prompt, s[0]) for s in sides):
             continue
         chosen, rejected = (sides[0][0], sides[1][0]) if vote["winner"] == "left" else (sides[1][0], sides[0][0])
         feedback.vote_ids.append(vote["id"])
@@ -120,7 +142,7 @@ def collect(db: Store, run: str) -> Feedback:
 
 def require(feedback: Feedback, method: str) -> None:
     """A clear error when the feedback gives `method` nothing to learn from."""
-    hint = f"rate outputs of {feedback.run} (in the studio, or POST /v1/generations/ID/ratings)"
+    hint = f"rate {feedback.modality} outputs of {feedback.run} (in the studio, or POST /v1/generations/ID/ratings)"
     if method == "sft" and not feedback.liked:
         raise BadRequest(f"--method sft learns from liked outputs, and run {feedback.run!r} has none "
                          f"({len(feedback.rated)} rated): {hint} good")

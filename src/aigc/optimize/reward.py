@@ -1,11 +1,12 @@
 """A small reward model learned from people's ratings of a text run, for best-of-n reranking: draw n * k
 candidates, score them, keep the best of each group of k.
 
-The reward is a logistic model on features the run itself computes (`features`): the mean of its last hidden
-layer over the completion's positions (gpt, rnn, hf), or, for the n-gram (which has no hidden states), a hashed
-bag of the completion's characters. It is fitted (`fit`) to liked / disliked outputs (logistic loss) and to
-preference pairs (Bradley-Terry loss), so a run's own reading of a text is what separates the liked from the
-disliked; there is no second model to train or to load.
+The reward is a logistic model on features the run itself computes (`features`): the means of its embeddings
+(what was written) and of its last hidden layer (how the model read it) over the completion's positions (gpt,
+rnn, hf), or, for the n-gram (which has no hidden states), a hashed bag of the completion's characters. It is
+fitted (`fit`) to liked / disliked outputs (logistic loss) and to preference pairs (Bradley-Terry loss), so a
+run's own reading of a text is what separates the liked from the disliked; there is no second model to train or
+to load.
 
     score(x) = w . (x - mean) / std + b        # the logit of "liked"
     loss = mean_labelled BCE(score, y) + mean_pairs -log sigmoid(score(chosen) - score(rejected)) + l2 ||w||^2
@@ -40,12 +41,14 @@ def features(loaded, prompts: list[str], texts: list[str]) -> torch.Tensor:
     """(N, D) float32 features of N generated texts (each the full text: its prompt, then the completion), as
     the run itself reads them.
 
-    gpt, rnn, hf: the mean of the model's last hidden layer (D = n_embd or n_hidden) over the completion's
-    positions (over all positions when the completion is empty), the ids being EOT + prompt + completion cut
-    on the left to the model's context, as generation reads them; the prompt's positions are left out of the
-    mean, but they still shape the completion's states. Eval mode, no grad, in the model's own dtype and
-    returned as fp32, batched with right padding (causal models: padding after a row never reaches its earlier
-    positions). n-gram: an L1-normalised bag (D = 512) of the completion's (or, when empty, the whole text's)
+    gpt, rnn, hf: the means of the model's first and last hidden states, its embeddings and its last layer's
+    outputs (D = 2 n_embd for gpt, n_embd + n_hidden for the rnn), over the completion's positions (over all
+    positions when the completion is empty; measured: the embeddings' mean, a bag of the tokens written that the
+    last layer alone blurs, lifted a tiny rnn's best-of-4 from no gain to a clear one), the ids being EOT +
+    prompt + completion cut on the left to the model's context, as generation reads them; the prompt's positions
+    are left out of the mean, but they still shape the completion's states. Eval mode, no grad, in the model's own
+    dtype and returned as fp32, batched with right padding (causal models: padding after a row never reaches its
+    earlier positions). n-gram: an L1-normalised bag (D = 512) of the completion's (or, when empty, the whole text's)
     character unigrams and bigrams hashed with crc32.
     """
     if len(prompts) != len(texts) or not texts:
@@ -78,7 +81,8 @@ def _encode(loaded, prompt: str, text: str) -> tuple[list[int], int]:
 
 
 def _hidden_means(loaded, rows: list[tuple[list[int], int]]) -> torch.Tensor:
-    """(B, D) masked means of the last hidden layer for one batch of (ids, start) rows, right padded."""
+    """(B, D) masked means of the embeddings and of the last hidden layer for one batch of (ids, start) rows, right
+    padded."""
     device = next(loaded.model.parameters()).device
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), loaded.tokenizer.eot_id, dtype=torch.long)
@@ -94,8 +98,11 @@ def _hidden_means(loaded, rows: list[tuple[list[int], int]]) -> torch.Tensor:
     else:
         out = loaded.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                            output_hidden_states=True)
-    h = out.hidden_states[-1].float().cpu()  # (B, T, D)
-    return (h * in_mean[..., None]).sum(1) / in_mean.sum(1, keepdim=True)
+    means = []
+    for h in (out.hidden_states[0], out.hidden_states[-1]):  # the embeddings and the last layer, (B, T, D_i)
+        h = h.float().cpu()
+        means.append((h * in_mean[..., None]).sum(1) / in_mean.sum(1, keepdim=True))
+    return torch.cat(means, dim=1)  # (B, D_0 + D_last)
 
 
 def _char_bag(text: str) -> torch.Tensor:
@@ -151,8 +158,8 @@ class Reward:
 
 def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int]] | None = None, *,
         l2: float = 1e-2, steps: int = 300, seed: int = 0, kind: str | None = None) -> Reward:
-    """Fit a reward to rows of X: labels (N,) 1.0 liked / 0.0 disliked (or None), pairs (chosen_row,
-    rejected_row). The objective (module docstring) is convex; L-BFGS minimises it full batch, in float64,
+    """Fit a reward to rows of X: labels (N,) 1.0 liked / 0.0 disliked / NaN unrated (or None), pairs
+    (chosen_row, rejected_row). The objective (module docstring) is convex; L-BFGS minimises it full batch, in float64,
     from zero weights, so the fit is deterministic (`seed` is accepted for the common signature: nothing is
     drawn). kind: what the features are (`feature_kind`), recorded in info.
     """
@@ -160,15 +167,18 @@ def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int
         raise BadRequest(f"features of shape {tuple(X.shape)}: need (N, D) with N >= 1")
     pairs = list(pairs or [])
     n = len(X)
+    labelled = None
     if labels is not None:
         labels = labels.to(torch.float64).flatten()
-        if len(labels) != n or not bool(((labels == 0) | (labels == 1)).all()):
-            raise BadRequest(f"labels must be {n} values of 1.0 (liked) or 0.0 (disliked), one per row")
+        labelled = ~torch.isnan(labels)  # NaN: a row that only a pair speaks of
+        if len(labels) != n or not bool(((labels == 0) | (labels == 1) | ~labelled).all()):
+            raise BadRequest(f"labels must be {n} values of 1.0 (liked), 0.0 (disliked) or NaN (unrated), one "
+                             f"per row")
     for chosen, rejected in pairs:
         if not (0 <= chosen < n and 0 <= rejected < n):
             raise BadRequest(f"pair ({chosen}, {rejected}) indexes outside the {n} rows")
-    n_liked = int(labels.sum()) if labels is not None else 0
-    n_disliked = len(labels) - n_liked if labels is not None else 0
+    n_liked = int((labels[labelled] == 1).sum()) if labels is not None else 0
+    n_disliked = int((labels[labelled] == 0).sum()) if labels is not None else 0
     if not pairs and n_liked + n_disliked == 0:
         raise BadRequest("nothing to learn from: no ratings and no preference pairs; rate at least one output "
                          "liked and one disliked, or give one preference pair")
@@ -195,8 +205,8 @@ def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int
         optimizer.zero_grad()
         s = Z @ w + b  # (N,)
         loss = l2 * w.dot(w)
-        if labels is not None:
-            loss = loss + F.binary_cross_entropy_with_logits(s, labels)
+        if n_liked + n_disliked:
+            loss = loss + F.binary_cross_entropy_with_logits(s[labelled], labels[labelled])
         if pairs:
             loss = loss - F.logsigmoid(s[chosen] - s[rejected]).mean()
         loss.backward()
@@ -208,7 +218,9 @@ def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int
     reward = Reward(weight=w.detach().float(), bias=float(b.detach()), mean=mean.float(), std=std.float(),
                     info={})
     s = reward.score(X)
-    train_accuracy = float(((s > 0).double() == labels).double().mean()) if labels is not None else None
+    train_accuracy = None
+    if n_liked + n_disliked:
+        train_accuracy = float(((s[labelled] > 0).double() == labels[labelled]).double().mean())
     pair_accuracy = float((s[chosen] > s[rejected]).double().mean()) if pairs else None
     reward.info = {"n_liked": n_liked, "n_disliked": n_disliked, "n_pairs": len(pairs), "l2": l2,
                    "train_accuracy": train_accuracy, "pair_accuracy": pair_accuracy, "features": kind,

@@ -26,9 +26,12 @@ import torch.nn.functional as F
 from aigc.checkpoint import verify_manifest
 from aigc.data.tokenizer import TextTokenizer
 from aigc.errors import BadRequest
+from aigc.modalities import text as text_modality
 from aigc.modalities.base import Prepared
 from aigc.modalities.text import n_scored_chars, read_val
+from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
+from aigc.sample import load_run
 from aigc.train import LN2, lm_loss, train_loop, val_windows
 
 
@@ -153,6 +156,7 @@ class PairBatches(_Validation):
 # ----------------------------------------------------------------------------------
 # a new run from a parent and its feedback
 
+METHODS = ("sft", "dpo", "rerank")
 TRAIN_DEFAULTS = {"lr": 1e-4, "warmup_steps": 10, "eval_interval": 25, "keep_best": False, "compile": "false"}
 # what an optimized run trains with unless --set says otherwise (the parent's other [train] keys are kept):
 # a small learning rate for a short fine-tune, and the last weights, not those of the best validation loss
@@ -160,30 +164,41 @@ TRAIN_DEFAULTS = {"lr": 1e-4, "warmup_steps": 10, "eval_interval": 25, "keep_bes
 
 
 def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str) -> Prepared:
-    """The parent's model and tokenizer, its validation split, and the batches of `method`."""
+    """The parent's model and tokenizer, its validation split, and what `method` learns: the batches of sft or
+    dpo, or (rerank) a reward model fitted on the parent's features of the rated outputs."""
     tokenizer = TextTokenizer.load(parent_dir)
     val_docs = read_val(parent_dir)
     val_ids = tokenizer.encode_docs(val_docs)
     chars = n_scored_chars(val_docs)
-    block = configs["train"].block_size
+    block = configs["train"].block_size if "train" in configs else 0
     per_token = chars / max(1, len(val_ids) - 1)
     verify_manifest(parent_dir)
-    model = fam.load(parent_dir)
-    if method == "sft":
-        liked = feedback.liked
-        examples = [encode_example(tokenizer, r.prompt, r.text, block + 1) for r in liked]
-        batches = _checked(LikedBatches, examples, [float(r.score) for r in liked], val_ids, block, per_token)
+    state = {"tokenizer": tokenizer, "val_ids": val_ids, "chars": chars,
+             "parent_val_bpc": parent.get("metrics", {}).get("val_bpc")}
+    if method == "rerank":
+        state["reward"] = rerank.fit_for_run("text", load_run(str(parent_dir)), feedback, configs["optimize"])
+        model, extra_files = None, rerank.reward_run_files(parent_dir, state["reward"])
     else:
-        pairs = [(encode_example(tokenizer, p.prompt, p.chosen, block + 1),
-                  encode_example(tokenizer, p.prompt, p.rejected, block + 1)) for p in feedback.pairs]
-        batches = _checked(PairBatches, pairs, model, val_ids, block, per_token, configs["optimize"].beta)
+        model = fam.load(parent_dir)
+        extra_files = None
+        if method == "sft":
+            liked = feedback.liked
+            examples = [encode_example(tokenizer, r.prompt, r.output, block + 1) for r in liked]
+            state["batches"] = _checked(LikedBatches, examples, [float(r.score) for r in liked], val_ids, block,
+                                        per_token)
+        else:
+            pairs = [(encode_example(tokenizer, p.prompt, p.chosen, block + 1),
+                      encode_example(tokenizer, p.prompt, p.rejected, block + 1)) for p in feedback.pairs]
+            state["batches"] = _checked(PairBatches, pairs, model, val_ids, block, per_token,
+                                        configs["optimize"].beta)
 
     def write_files(staging: Path) -> None:
         tokenizer.save(staging)
         shutil.copy2(parent_dir / "val.jsonl", staging / "val.jsonl")
+        if extra_files is not None:
+            extra_files(staging)
 
-    return Prepared(model, {}, {"tokenizer": tokenizer, "val_ids": val_ids, "chars": chars, "batches": batches,
-                                "parent_val_bpc": parent.get("metrics", {}).get("val_bpc")}, write_files)
+    return Prepared(model, {}, state, write_files)
 
 
 def _checked(batches_type, *args):
@@ -193,6 +208,13 @@ def _checked(batches_type, *args):
         raise BadRequest(str(e)) from None
 
 
-def fit(fam, prepared: Prepared, configs: dict, run_dir: Path, budget) -> dict:
+def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, fitted: dict, method: str) -> dict:
+    """The new run's metrics on the parent's validation split, as any text run's (the parent's beside them)."""
+    return text_modality.finish(family, fam, prepared, configs, run_dir, fitted)
+
+
+def fit(fam, prepared: Prepared, configs: dict, run_dir: Path, budget, method: str) -> dict:
+    if method == "rerank":
+        return rerank.fitted(prepared.state["reward"])
     return train_loop(prepared.model, prepared.state["batches"], configs["train"], run_dir, budget,
                       cpu_bf16=fam.cpu_bf16, compile_gain=False)

@@ -155,8 +155,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             if len(body.prompt) != 1:
                 raise ApiError(400, "one prompt per request (send a string)", param="prompt")
             body.prompt = body.prompt[0]
-        if body.best_of not in (None, 1) or body.suffix:
-            raise ApiError(400, "best_of and suffix are not supported", param="best_of" if body.best_of else "suffix")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported (a model continues its prompt; it does not fill in)",
+                           param="suffix")
         return await _text(request, body, body.prompt, body.max_tokens, key_id, chat=False, echo=bool(body.echo))
 
     @app.post("/v1/chat/completions", response_model=schemas.ChatCompletion, summary="answer the last user message",
@@ -175,7 +176,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         options = {"prompt": prompt, "n": body.n, "max_new_tokens": max_tokens, "temperature": body.temperature,
                    "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
                    "repetition_penalty": body.repetition_penalty, "num_beams": body.num_beams,
-                   "no_repeat_ngram_size": body.no_repeat_ngram_size, "stop": stops or None}
+                   "no_repeat_ngram_size": body.no_repeat_ngram_size, "stop": stops or None, "best_of": body.best_of}
         requested = {"endpoint": "chat" if chat else "completions", **body.model_dump(exclude_none=True)}
         streaming, gen_id = bool(body.stream), new_id("gen")
 
@@ -216,7 +217,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise ApiError(400, f"model {body.model!r} is conditional: send a class as the prompt "
                                 f"(one of: {', '.join(names)})", param="prompt")
         options = {"n": body.n or 1, "class_": class_, "sampler": body.sampler, "steps": body.steps,
-                   "eta": body.eta, "guidance_scale": body.guidance_scale, "truncation": body.truncation}
+                   "eta": body.eta, "guidance_scale": body.guidance_scale, "truncation": body.truncation,
+                   "best_of": body.best_of}
         requested = {"endpoint": "images", **body.model_dump(exclude_none=True)}
 
         def work(emit, cancel):

@@ -20,6 +20,9 @@ MAX_IMAGES = 64  # images per request
 MAX_TOKENS = 4096  # = aigc.sample.MAX_NEW_TOKENS_CAP
 MAX_STOPS = 4
 MAX_PATHS = 1000  # series sample paths per request (= the CLI's cap)
+MAX_BEST_OF = 64  # = aigc.optimize.rerank.MAX_BEST_OF
+BEST_OF = ("ours, not OpenAI's: each output is the best of this many candidates by the run's reward model (a run "
+           "made by aigc optimize --method rerank; default: its own, 1 = off); a stream gets the text in one piece")
 MIN_TEMPERATURE = 1e-6  # = aigc.sample.MIN_TEMPERATURE: below it logits / temperature overflow float32
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="same request and seed, same output; "
@@ -76,6 +79,7 @@ class TextControls(Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="> 1 discourages repeats")
     num_beams: int | None = Field(None, ge=1, le=16, description="beam search width (1 = none)")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=64, description="forbid repeating n-grams of this size")
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
 
     @field_validator("temperature")
     @classmethod
@@ -93,7 +97,6 @@ class StreamOptions(Strict):
 class CompletionRequest(TextControls):
     prompt: str | list[str] = Field("", description="the text to continue (one prompt per request)")
     echo: bool | None = Field(None, description="return the prompt before each completion")
-    best_of: int | None = Field(None, ge=1, le=1)
     suffix: str | None = None
 
 
@@ -133,6 +136,7 @@ class ImageRequest(Strict):
     eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
     guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
     truncation: float | None = Field(None, gt=0, le=100, description="dcgan: truncate latents to [-T, T]")
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
 
 
 class ForecastRequest(Strict):

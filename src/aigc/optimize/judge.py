@@ -1,0 +1,100 @@
+"""Before and after: what an optimized run's report shows beside its regular metric (bits per character, FID on
+the same validation split): the share of fresh outputs that people would like, judged by a reward model fitted on
+their feedback, for the parent and for the new run. The share is the mean of the judge's probability of "liked"
+over the outputs (a logistic fit is calibrated on what it was fitted to, where counting outputs over a threshold
+of one half is not: with few liked outputs it counts almost none).
+
+The judge is one reward (aigc.optimize.reward) on the parent's features, so both sides are read by the same eyes:
+for a rerank run it is the run's own reward (then "after" is best-of-k by that same reward, and the share says
+how often it finds an output it likes; the held-out accuracy says how far to trust it); for sft and dpo it is
+fitted on the same feedback and not kept. Fresh outputs: `eval_samples` of each, drawn with seeds no request is
+likely to have used (FRESH_SEED + i), for the feedback's prompts (text, the most rated first, at most
+MAX_PROMPTS) or classes (images of a conditional run), in equal shares.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from aigc.errors import BadRequest
+from aigc.optimize import rerank
+from aigc.optimize.feedback import Feedback
+
+FRESH_SEED = 1_000_003
+MAX_PROMPTS = 8
+Z95 = 1.959964
+
+
+def expected_share(probabilities: torch.Tensor) -> tuple[float, list[float]]:
+    """The expected share of liked outputs, the mean of each output's probability of being liked, and its 95%
+    interval over the outputs drawn (mean +- 1.96 standard errors, within [0, 1])."""
+    p = probabilities.double()
+    mean = float(p.mean())
+    half = Z95 * float(p.std(unbiased=True)) / math.sqrt(len(p)) if len(p) > 1 else 1.0
+    return mean, [max(0.0, mean - half), min(1.0, mean + half)]
+
+
+def prompts_of(feedback: Feedback) -> list[str]:
+    """The prompts (text) or classes (images; "" unconditional) fresh outputs are drawn for."""
+    counts = Counter(r.prompt for r in feedback.rated) + Counter(p.prompt for p in feedback.pairs)
+    return [prompt for prompt, _ in counts.most_common(MAX_PROMPTS)] or [""]
+
+
+def max_new_tokens_of(feedback: Feedback) -> int:
+    """As long as the longest rated continuation (in characters: a bound on its tokens), 8 to 100."""
+    lengths = [len(r.output) - len(r.prompt) for r in feedback.rated]
+    return min(100, max(8, max(lengths, default=100)))
+
+
+def draw(modality, loaded, prompt: str, n: int, seed: int, max_new_tokens: int, reward=None, best_of: int = 1):
+    """n fresh outputs of a loaded run for one prompt or class (best-of-k by `reward` when k > 1)."""
+    if modality.NAME == "text":
+        options = {"prompt": prompt, "n": n, "max_new_tokens": max_new_tokens}
+    else:
+        options = {"n": n, "class_": prompt or None}
+    if best_of > 1:
+        return rerank.generate_best_of(modality, loaded, options, seed, best_of, reward).outputs
+    return modality.generate(loaded, options, seed, None).outputs
+
+
+def compare(modality, parent_dir: Path, run_dir: Path, feedback: Feedback, cfg, reward=None) -> dict:
+    """The before-and-after metrics of a new run made from `parent_dir` (module docstring); `reward`: the run's
+    own (a rerank run), else a judge is fitted on the parent. eval_samples 0: none."""
+    if cfg.eval_samples == 0:
+        return {}
+    parent, child = modality.load(str(parent_dir)), modality.load(str(run_dir))
+    judge_reward = reward if reward is not None else rerank.fit_for_run(modality.NAME, parent, feedback, cfg)
+    return before_after(modality, parent, child, feedback, judge_reward, n_samples=cfg.eval_samples,
+                        child_reward=reward)
+
+
+def before_after(modality, parent, child, feedback: Feedback, judge_reward, *, n_samples: int,
+                 child_reward=None) -> dict:
+    """The judged share of liked outputs, parent vs child, with 95% intervals; `parent` and `child` are loaded
+    runs; `child_reward` with its best_of: the child generates best-of-k (a rerank run)."""
+    if n_samples < 1:
+        raise BadRequest(f"eval_samples must be >= 1, got {n_samples}")
+    prompts = prompts_of(feedback)
+    per_prompt = [n_samples // len(prompts) + (i < n_samples % len(prompts)) for i in range(len(prompts))]
+    max_new = max_new_tokens_of(feedback)
+    k = child_reward.info.get("best_of", 1) if child_reward is not None else 1
+    out = {}
+    for side, loaded, reward, best_of in (("before", parent, None, 1), ("after", child, child_reward, k)):
+        probabilities = []
+        for i, (prompt, n) in enumerate(zip(prompts, per_prompt, strict=True)):
+            if n == 0:
+                continue
+            outputs = draw(modality, loaded, prompt, n, FRESH_SEED + 1000 * i, max_new, reward, best_of)
+            scores = judge_reward.score(rerank.features_of(modality.NAME, parent, [prompt] * n, outputs))
+            probabilities.append(torch.sigmoid(scores))
+        share, interval = expected_share(torch.cat(probabilities))
+        out[f"liked_share_{side}"], out[f"liked_share_{side}_ci95"] = share, interval
+    info = judge_reward.info
+    out.update(judged_samples=n_samples, judged_prompts=len(prompts), judge_train_accuracy=info.get("train_accuracy"),
+               judge_pair_accuracy=info.get("pair_accuracy"), judge_heldout_accuracy=info.get("heldout_accuracy"),
+               judge_heldout_n=info.get("heldout_n"))
+    return out

@@ -1,0 +1,226 @@
+"""Best-of-n reranking with a reward model learned from people's ratings: `aigc optimize --method rerank` fits
+it, `aigc generate --best-of N` (the API's `best_of`, the studio's switch) uses it.
+
+A reward reads features that the run itself, or its evaluation, computes (`features_of`):
+- text: the run's own embeddings and last hidden layer over the completion (aigc.optimize.reward.features);
+- images: the penultimate layer of the evaluation's feature net, the classifier (or autoencoder) that `aigc eval`
+  trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0).
+
+Best of k: a request for n outputs draws n * k candidates with its seed (text: one request of n * k samples;
+images: seeds seed .. seed + n * k - 1), scores each, and keeps the highest of each consecutive group of k. The
+same request and seed give the same outputs; an image kept carries its own seed, so its PNG makes it again alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aigc.checkpoint import MANIFEST
+from aigc.config import build, read_toml
+from aigc.data.images import read_png, to_tensor
+from aigc.errors import BadRequest, UserError
+from aigc.evaluate.images import feature_net
+from aigc.fsutil import read_json
+from aigc.modalities.base import Generation
+from aigc.modalities.image import recorded_split, sections
+from aigc.optimize import reward as rewards
+from aigc.optimize.feedback import Feedback
+
+REWARD_FILES = ("reward.safetensors", "reward.json")
+MAX_BEST_OF = 64
+HELD_OUT_SHARE = 0.2  # of the rated outputs, to measure the reward's accuracy on outputs it never saw
+MIN_HELD_OUT = 10  # rated outputs needed before a held-out accuracy is measured
+
+
+# ----------------------------------------------------------------------------------
+# features
+
+
+def features_of(modality: str, loaded, prompts: list[str], outputs: list) -> torch.Tensor:
+    """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt) or uint8
+    (H, W, C) images (prompts are ignored)."""
+    if modality == "text":
+        return rewards.features(loaded, prompts, outputs)
+    if modality == "image":
+        return image_features(loaded, outputs)
+    raise BadRequest(f"best-of-n reranking takes text and image runs, not {modality} runs")
+
+
+_NETS: dict[tuple[str, str], torch.nn.Module] = {}
+_NETS_LOCK = threading.Lock()
+
+
+def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
+    """The evaluation feature net's features (N, F) of an image run's images, the net trained on (or loaded from
+    the cache for) the run's training split."""
+    key = (str(loaded.path), loaded.record["data"]["train"]["sha256"])
+    with _NETS_LOCK:
+        net = _NETS.get(key)
+    if net is None:
+        configs = build(sections(loaded.family), read_toml(loaded.path / "config.toml"),
+                        family=loaded.record["family"])
+        train, _ = recorded_split(loaded.path, loaded.record, configs["data"])
+        net, _ = feature_net(train, seed=0)
+        with _NETS_LOCK:
+            _NETS[key] = net
+    x = to_tensor(np.stack(images))
+    with torch.no_grad():
+        return torch.cat([net.features(x[i:i + 500]) for i in range(0, len(x), 500)]).float()
+
+
+# ----------------------------------------------------------------------------------
+# fitting a reward on a run's feedback
+
+
+def fit_from_feedback(modality: str, loaded, feedback: Feedback, *, l2: float) -> rewards.Reward:
+    """A reward fitted to every rated output and preference pair of `feedback`, on features of `loaded` (the
+    run the feedback is about). Its info also holds the accuracy on held-out rated outputs (a fit on the others)
+    where there are enough of them."""
+    outputs, prompts, row_of = [], [], {}
+    for prompt, output in [(r.prompt, r.output) for r in feedback.rated] + \
+            [(p.prompt, side) for p in feedback.pairs for side in (p.chosen, p.rejected)]:
+        if (prompt, output) not in row_of:
+            row_of[prompt, output] = len(outputs)
+            prompts.append(prompt)
+            outputs.append(output)
+    X = features_of(modality, loaded, prompts, _contents(modality, loaded, outputs))
+    labels = torch.full((len(outputs),), float("nan"), dtype=torch.float64)
+    rated = [r for r in feedback.rated if r.score != 0]
+    for r in rated:
+        labels[row_of[r.prompt, r.output]] = 1.0 if r.score > 0 else 0.0
+    pairs = [(row_of[p.prompt, p.chosen], row_of[p.prompt, p.rejected]) for p in feedback.pairs]
+    kind = rewards.feature_kind(loaded) if modality == "text" else "evaluation-features"
+    reward = rewards.fit(X, labels, pairs, l2=l2, kind=kind)
+
+    # accuracy on rated outputs the reward did not see: a fit on the others (each output held out or not by a hash of
+    # its generation and index, so the same feedback holds out the same outputs)
+    held = [r for r in rated if zlib.crc32(f"{r.generation_id}:{r.index}".encode()) % 100 < HELD_OUT_SHARE * 100]
+    reward.info["heldout_accuracy"] = reward.info["heldout_n"] = None
+    if len(held) >= MIN_HELD_OUT:
+        held_rows = {row_of[r.prompt, r.output] for r in held}
+        train_labels = labels.clone()
+        train_labels[list(held_rows)] = float("nan")
+        train_pairs = [(c, r) for c, r in pairs if c not in held_rows and r not in held_rows]
+        try:
+            partial = rewards.fit(X, train_labels, train_pairs, l2=l2, kind=kind)
+        except BadRequest:  # the rest is all liked or all disliked: no accuracy to measure
+            return reward
+        rows = sorted(held_rows)
+        right = (partial.score(X[rows]) > 0).double() == labels[rows]
+        reward.info.update(heldout_accuracy=float(right.double().mean()), heldout_n=len(rows))
+    return reward
+
+
+def fit_for_run(modality: str, loaded, feedback: Feedback, cfg) -> rewards.Reward:
+    """The reward of a new rerank run: fitted on `loaded` (the parent) with the [optimize] keys of `cfg` (l2, and
+    best_of, the k its generations use unless a request says otherwise)."""
+    t0 = time.perf_counter()
+    reward = fit_from_feedback(modality, loaded, feedback, l2=cfg.l2)
+    reward.info.update(best_of=cfg.best_of, fit_seconds=time.perf_counter() - t0)
+    return reward
+
+
+def reward_run_files(parent_dir: Path, reward: rewards.Reward) -> Callable[[Path], None]:
+    """What a rerank run holds beside its record: the parent's model files, unchanged, and the reward."""
+
+    def write(staging: Path) -> None:
+        manifest = Path(parent_dir) / MANIFEST
+        for name in [*read_json(manifest)["files"], MANIFEST]:
+            shutil.copy2(Path(parent_dir) / name, staging / name)
+        reward.save(staging)
+
+    return write
+
+
+def fitted(reward: rewards.Reward) -> dict:
+    """A rerank run's "training": the reward's fit."""
+    return {"steps": 0, "train_time_s": reward.info["fit_seconds"]}
+
+
+def _contents(modality: str, loaded, outputs: list[str]) -> list:
+    """What features read: texts as they are; images' PNG files as (H, W, C) uint8 arrays of the run's shape."""
+    if modality == "text":
+        return outputs
+    channels, height, width = loaded.record["image_shape"]
+    images = []
+    for path in outputs:
+        if not Path(path).is_file():
+            raise UserError(f"a rated image is missing: {path} (the store keeps the path of each generated PNG)")
+        image = read_png(Path(path), channels)
+        if image.shape != (height, width, channels):
+            raise UserError(f"{path}: a {image.shape[1]}x{image.shape[0]} image, and run {loaded.path.name} makes "
+                            f"{width}x{height}")
+        images.append(image)
+    return images
+
+
+# ----------------------------------------------------------------------------------
+# the reward of a run, and generation with it
+
+_REWARDS: dict[str, tuple[tuple, rewards.Reward]] = {}
+_REWARDS_LOCK = threading.Lock()
+
+
+def reward_of(run_dir: Path) -> rewards.Reward | None:
+    """The reward model a run holds (a run made by `aigc optimize --method rerank`), None for a run without one;
+    loaded once and again when its file changes."""
+    path = Path(run_dir) / REWARD_FILES[0]
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    signature = (stat.st_mtime_ns, stat.st_size)
+    with _REWARDS_LOCK:
+        hit = _REWARDS.get(str(path))
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    loaded = rewards.Reward.load(run_dir)
+    with _REWARDS_LOCK:
+        _REWARDS[str(path)] = (signature, loaded)
+    return loaded
+
+
+def check_best_of(best_of: int) -> None:
+    if not (isinstance(best_of, int) and 1 <= best_of <= MAX_BEST_OF):
+        raise BadRequest(f"--best-of must be in 1..{MAX_BEST_OF}, got {best_of}")
+
+
+def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward: rewards.Reward,
+                     stream: Callable[[str], None] | None = None, cancel: threading.Event | None = None, *,
+                     batched: bool = False) -> Generation:
+    """n outputs, each the best by `reward` of k candidates (module docstring). A text stream gets the chosen
+    continuation in one piece once the candidates are scored."""
+    name = modality.NAME
+    n = options.get("n") or (1 if name == "text" else 64)
+    if name == "text" and (options.get("num_beams") or 1) > 1:
+        raise BadRequest(f"--best-of {k} draws candidates by sampling: it does not apply to beam search "
+                         f"(--num-beams); pass --best-of 1 to search the beams of this run")
+    if name == "text" and options.get("temperature") == 0:
+        raise BadRequest(f"--best-of {k} with --temperature 0 would score {k} identical candidates: sample with a "
+                         f"temperature > 0, or pass --best-of 1")
+    candidates = modality.generate(loaded, {**options, "n": n * k}, seed, None, cancel, batched=batched)
+    prompt = options.get("prompt") or ""
+    X = features_of(name, loaded, [prompt] * (n * k), candidates.outputs)
+    scores = reward.score(X)
+    chosen = rewards.best_of(scores, n, k)
+    outputs = [candidates.outputs[i] for i in chosen]
+    record = dict(candidates.record)
+    record["settings"] = {**record["settings"], "n": n, "best_of": k}
+    record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
+                        "features": reward.info.get("features")}
+    if name == "text":
+        stats = dict(record["stats"])
+        stats["finish_reasons"] = [stats["finish_reasons"][i] for i in chosen]
+        record["stats"] = stats  # generated_tokens stays every candidate's: what was computed
+        if stream is not None:
+            stream(outputs[0][len(prompt):])
+    else:
+        record["images"] = [{**record["images"][i], "best_of": k} for i in chosen]
+    return Generation(name, outputs, record, dict(candidates.extra))
