@@ -1,6 +1,7 @@
-"""Training and evaluation as separate processes, so that a server stays responsive while they work.
+"""Training, optimization and evaluation as separate processes, so that a server stays responsive while they work.
 
-A job is `python -m aigc train --json ...` or `python -m aigc eval RUN --json`, started with AIGC_HOME = the
+A job is `python -m aigc train --json ...`, `python -m aigc optimize RUN --from-feedback ... --json` or
+`python -m aigc eval RUN --json`, started with AIGC_HOME = the
 current home, in a session of its own, its output in log files. Everything about it is on disk, so that a page
 can be left and reopened and a restarted server still knows it:
 
@@ -39,8 +40,10 @@ import psutil
 
 import aigc
 from aigc import store
+from aigc.db import Store
 from aigc.errors import BadRequest, Conflict, NotFound
 from aigc.fsutil import read_json, write_json
+from aigc.optimize import feedback
 
 RECORD = "job.json"
 MAX_MINUTES = 600.0  # the longest time budget a job may ask for
@@ -108,14 +111,54 @@ def start_evaluation(run: str) -> dict:
     return _start("eval", run, ["eval", run, "--json"], check)
 
 
+def start_optimization(run: str, method: str, *, name: str | None = None, max_steps: int | None = None,
+                       sets: dict | None = None, database: str | None = None) -> dict:
+    """Start `aigc optimize RUN --from-feedback --method METHOD --json` (a new run from a finished run and the
+    feedback stored for it, docs/optimize.md); returns the job (get_job). `name`: default RUN-METHOD; `database`:
+    the store's URL (default: aigc.db's), which the child reads the feedback from. A method that the run's feedback
+    gives nothing to learn from is a BadRequest here, before any process starts."""
+    if not isinstance(run, str) or not store.valid_name(run) or not store.is_run(store.runs_dir() / run):
+        raise NotFound(f"no such run: {run!r}")
+    if method not in ("sft", "dpo", "rerank"):
+        raise BadRequest(f"unknown method {method!r} (choose from: sft, dpo, rerank)")
+    name = f"{run}-{method}" if name is None else name
+    if not isinstance(name, str) or not store.valid_name(name):
+        raise BadRequest(f"invalid run name {name!r}: use letters, digits, '.', '_' and '-' (at most 128, "
+                         f"starting with a letter or digit)")
+    if max_steps is not None and not (isinstance(max_steps, int) and not isinstance(max_steps, bool)
+                                      and max_steps >= 1):
+        raise BadRequest(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    args = ["optimize", run, "--from-feedback", f"--method={method}", f"--name={name}", "--json"]
+    if max_steps is not None:
+        args.append(f"--max-steps={max_steps}")
+    for key, value in (sets or {}).items():
+        if not isinstance(key, str) or not _SET_KEY.fullmatch(key):
+            raise BadRequest(f"invalid configuration key {key!r}")
+        args.append(f"--set={key}={_set_value(value)}")
+
+    def check() -> None:
+        record = store.read_run(store.runs_dir() / run)
+        if record.get("status") != "done":
+            raise Conflict(f"run {run!r} is {record.get('status') or 'not finished'}: only a finished (done) run "
+                           f"can be optimized")
+        _check_new_run(name)
+        modality = store.modality_of(record)
+        if modality in ("text", "image"):  # others: the child says what it takes
+            with Store(database) as db:
+                feedback.require(feedback.collect(db, run, modality), method)
+
+    return _start("optimize", name, args, check, {"AIGC_DATABASE_URL": database} if database else None)
+
+
 def default_name(family: str, data: str) -> str:
     """FAMILY-DATA-TIMESTAMP, the name `aigc train` gives a run without --name (store.claim_run_dir)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).name or "data").strip("-") or "data"
     return f"{family}-{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _start(kind: str, run: str, args: list[str], check) -> dict:
-    """Claim the run's lock, `check()` what must hold, start the child; the lock is released when it ends."""
+def _start(kind: str, run: str, args: list[str], check, env: dict[str, str] | None = None) -> dict:
+    """Claim the run's lock, `check()` what must hold, start the child (`env`: beside this process's); the lock is
+    released when it ends."""
     job_id = f"job-{time.time_ns() // 1000:014x}{secrets.token_hex(3)}"
     folder = jobs_dir() / job_id
     _lock(run, job_id, kind)
@@ -126,7 +169,8 @@ def _start(kind: str, run: str, args: list[str], check) -> dict:
         folder.mkdir(parents=True)
         argv = [sys.executable, "-m", "aigc", *args]
         with open(folder / "stdout.log", "wb") as out, open(folder / "stderr.log", "wb") as err:
-            child = subprocess.Popen(argv, cwd=home, env=_child_env(home), stdin=subprocess.DEVNULL, stdout=out,
+            child = subprocess.Popen(argv, cwd=home, env={**_child_env(home), **(env or {})}, stdin=subprocess.DEVNULL,
+                                     stdout=out,
                                      stderr=err, start_new_session=True)
     except BaseException:
         _unlock(run, job_id)
@@ -258,7 +302,7 @@ def get_job(job_id: str) -> dict:
             "wall_s": max(0.0, ended - _parse_time(job["started"])),
             "result": _result(folder) if status == "done" else None,
             "error": _error(folder, job["returncode"]) if status == "failed" else None}
-    if job["kind"] == "train":
+    if job["kind"] in ("train", "optimize"):  # both train a run whose metrics.jsonl shows the progress
         view.update(_progress(job, status))
     else:
         view.update(progress=1.0 if status == "done" else None, eta_s=0.0 if status == "done" else None)
@@ -343,7 +387,8 @@ def _status(job: dict, folder: Path) -> str:
     if code is not None:
         return "failed"
     run_dir = store.runs_dir() / job["run"]
-    if job["kind"] == "train" and store.is_run(run_dir) and store.read_run(run_dir).get("status") == "interrupted":
+    if job["kind"] in ("train", "optimize") and store.is_run(run_dir) and \
+            store.read_run(run_dir).get("status") == "interrupted":
         return "interrupted"
     error = _error(folder, None)
     return "interrupted" if error and error.startswith("interrupted") else "failed"

@@ -38,8 +38,10 @@ from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
-from aigc.optimize import OPTIMIZERS, judge, rerank
 from aigc.optimize import feedback as fb
+from aigc.optimize import image as optimize_image
+from aigc.optimize import judge, rerank
+from aigc.optimize import text as optimize_text
 from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
 
@@ -213,6 +215,7 @@ def recording_failure(run_dir: Path, record: dict):
 # optimization: from people's feedback to a new run (docs/optimize.md)
 
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, prepare, fit, finish
 OPTIMIZE_STEPS = 100  # the budget of sft and dpo when neither --max-steps nor --max-minutes is given
 
 

@@ -172,6 +172,17 @@ class TrainingRequest(Strict):
     sets: dict[str, str] | None = Field(None, max_length=64, description="configuration keys (aigc train --set)")
 
 
+class OptimizationRequest(Strict):
+    model: str = Field(min_length=1, max_length=256, description="the finished run to improve")
+    method: Literal["sft", "dpo", "rerank"] = Field(description="sft: fine-tune on liked outputs; dpo: on preference "
+                                                                "pairs (text); rerank: a reward model for best-of-n")
+    name: str | None = Field(None, min_length=1, max_length=128, description="the new run's name (default: "
+                                                                            "MODEL-METHOD)")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="sft and dpo: optimizer steps (default 100)")
+    sets: dict[str, str] | None = Field(None, max_length=64, description="[train] and [optimize] keys (aigc optimize "
+                                                                         "--set)")
+
+
 class EvaluationRequest(Strict):
     model: str = Field(min_length=1, max_length=256)
 

@@ -184,6 +184,14 @@ def install(app: FastAPI, ctx: Context) -> None:
         return jobs.start_training(family=body.family, data=data, name=body.name, minutes=minutes,
                                    sets=body.sets or None, conditional=bool(body.conditional))
 
+    @app.post("/v1/optimizations", summary="a new run from a run and the feedback stored for it (aigc optimize, a "
+                                           "separate process); returns the job")
+    def start_optimization(body: schemas.OptimizationRequest, key_id: str | None = Depends(ctx.caller)):
+        check_runs_dir()
+        run_dir(body.model)
+        return jobs.start_optimization(body.model, body.method, name=body.name, max_steps=body.max_steps,
+                                       sets=body.sets or None, database=ctx.db.url)
+
     @app.post("/v1/evaluations", summary="evaluate a run (a separate process); returns the job")
     def start_evaluation(body: schemas.EvaluationRequest, key_id: str | None = Depends(ctx.caller)):
         check_runs_dir()
