@@ -169,6 +169,8 @@ CASES = [
     ("an unknown generation", "GET", "/v1/generations/gen-0000", None, None, 404),
     ("file of an unknown generation", "GET", "/v1/generations/gen-0000/file", None, None, 404),
     ("file of a text generation", "GET", "/v1/generations/{gen}/file", None, None, 404),
+    ("an unknown sweep", "GET", "/v1/sweeps/nope", None, None, 404),
+    ("sweeps (valid, none yet)", "GET", "/v1/sweeps", None, None, 200),
     ("a generation (valid)", "GET", "/v1/generations/{gen}", None, None, 200),
     # bodies that are not a JSON object
     ("bad JSON", "POST", C, b"{", None, 400),
@@ -271,6 +273,7 @@ def test_the_messages_say_what_to_do(server):
     assert message("frequency_penalty 0.5").startswith("frequency_penalty is not supported: use repetition_penalty")
     assert message("empty body").startswith("the body is empty")
     assert message("a JSON array").startswith("the body must be a JSON object")
+    assert message("an unknown sweep") == "no sweep named 'nope' (see GET /v1/sweeps; start one with aigc sweep)"
 
 
 def test_after_the_catalogue_the_server_serves_and_lists_only_what_it_serves(server):

@@ -233,7 +233,7 @@ def test_chinese_labels_keyboard_and_no_outside_requests(studio, browser):
     page = context.new_page()
     seen = []
     page.on("request", lambda r: seen.append(r.url))
-    for where in ("models", "generate", "history", "arena", "train", "compare"):
+    for where in ("models", "generate", "history", "arena", "train", "sweeps", "compare"):
         visit(page, url, where)
         # every control has a label (or an aria-label)
         unlabeled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
@@ -241,7 +241,12 @@ def test_chinese_labels_keyboard_and_no_outside_requests(studio, browser):
             .map(e => e.outerHTML)""")
         assert unlabeled == [], where
     nav = page.locator("#nav a").all_inner_texts()
-    assert nav == ["模型", "生成", "历史", "竞技场", "训练", "比较"]
+    assert nav == ["模型", "生成", "历史", "竞技场", "训练", "扫参", "比较"]
+    # no sweep yet: the Sweeps page says how to start one
+    visit(page, url, "sweeps")
+    command = page.get_by_test_id("sweep-command")
+    playwright.expect(command).to_have_text("aigc sweep --family ngram --data tang300 --trials 7")
+    playwright.expect(page.locator("main")).to_contain_text("还没有扫参")
     visit(page, url, "compare")
     page.get_by_label("poet", exact=True).check()
     page.get_by_label("poet3").check()

@@ -31,6 +31,9 @@ def asked() -> set[str]:
     keys |= {f"nav.{p}" for p in re.findall(r"^pages\.(\w+) =", app, flags=re.M)}
     keys |= {f"arena.{w}" for w in ("left", "right", *schemas.VoteRequest.model_fields["winner"].annotation.__args__)}
     keys |= {f"train.{p}" for p in (*workbench.PRESETS, "custom")}
+    # every quoted "namespace.word" of a namespace the pages use (e.g. the later keys of a list of table headers)
+    namespaces = {k.split(".")[0] for k in keys if "." in k}
+    keys |= {k for k in re.findall(r'"([a-z]+\.[a-z_]+)"', app) if k.split(".")[0] in namespaces}
     return keys
 
 
@@ -46,9 +49,10 @@ def test_every_word_the_pages_ask_for_exists_in_both_languages():
 
 def test_the_navigation_names_every_place_in_both_languages():
     source = (STATIC / "i18n.js").read_text(encoding="utf-8")
-    names_of = {"en": "Models Generate History Arena Train Compare", "zh": "模型 生成 历史 竞技场 训练 比较"}
+    names_of = {"en": "Models Generate History Arena Train Sweeps Compare",
+                "zh": "模型 生成 历史 竞技场 训练 扫参 比较"}
     for lang, names in names_of.items():
-        for page, name in zip(("models", "generate", "history", "arena", "train", "compare"), names.split(),
+        for page, name in zip(("models", "generate", "history", "arena", "train", "sweeps", "compare"), names.split(),
                               strict=True):
             assert re.search(rf'"nav\.{page}": "{name}"', source), (lang, page)
 

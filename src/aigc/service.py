@@ -10,6 +10,7 @@ others lack.
 - `generate`: dispatch on the run's modality, with a fresh seed drawn when none is given; models are
   loaded and verified once and kept (`ModelCache`), reloaded when the run's files change.
 - `evaluate`: the modality's evaluation of a run (`evaluate_image_folder` for a folder of images).
+- `sweeps`, `sweep`: the studies of `aigc sweep` as the store's database holds them (aigc.studies).
 
 Errors are typed (aigc.errors): BadRequest, NotFound, Conflict, all UserErrors.
 """
@@ -27,12 +28,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aigc import __version__, store
+from aigc import __version__, store, studies
 from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, save_png
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
-from aigc.db import Store, new_id
+from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
 from aigc.fsutil import atomic_write_text, json_safe
@@ -526,3 +527,21 @@ def evaluate(run: str, options: dict | None = None) -> dict:
 def evaluate_image_folder(folder: str, data: str, n: int | None = None, *, out: str | None = None) -> dict:
     """Score a folder of images against a data set's held-out images, as an image run is scored."""
     return image.evaluate_folder(folder, data, image.EVAL_IMAGES if n is None else n, out=out)
+
+
+# ----------------------------------------------------------------------------------
+# sweeps (aigc.sweep runs them; aigc.studies reads them)
+
+
+def sweeps(url: str | None = None, runs: Path | None = None) -> list[dict]:
+    """Every sweep in the database `url` (default: the store's), the newest first: {name, family, data, objective,
+    budget_minutes, trials, states (trial counts by state), best ({number, value, params, run, here}), started,
+    last}. `here`: whether the run is in `runs` (default: $AIGC_HOME/runs)."""
+    return studies.list_sweeps(url or default_url(), store.runs_dir() if runs is None else Path(runs))
+
+
+def sweep(name: str, url: str | None = None, runs: Path | None = None) -> dict:
+    """One sweep (NotFound for a name no `aigc sweep` made): as in `sweeps`, and every trial ({number, state, value,
+    params, run, here, status, error, best, duration_s, started}), the search space, the parameters' importances
+    and the `aigc sweep` command that adds trials to it."""
+    return studies.describe_sweep(name, url or default_url(), store.runs_dir() if runs is None else Path(runs))

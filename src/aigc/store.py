@@ -109,6 +109,36 @@ def summary(run_dir: Path) -> dict:
             "method": (record.get("optimize") or {}).get("method")}
 
 
+def lineage(record: dict, root: Path) -> dict:
+    """Where a run came from, as a page shows it; each part None where it does not apply:
+    - optimized: made by `aigc optimize` from a parent ({parent, method, liked, disliked, pairs, sha256});
+    - continued: trained from another model's weights, `--init-from` ({path, run}: run is the name where that
+      folder is a run in `root`); an optimized run's init_from is its parent, said once, under optimized;
+    - sweep: a trial of `aigc sweep` ({study, trial, best}).
+    A run named (`parent`, `run`) comes with `here`: whether `root` serves it, so a page links only those."""
+    made = record.get("optimize")
+    optimized = None
+    if made:
+        fed = made.get("feedback") or {}
+        optimized = {"parent": made.get("parent"), "here": _served(root, made.get("parent")),
+                     "method": made.get("method"), **{k: fed.get(k) for k in ("liked", "disliked", "pairs", "sha256")}}
+    continued = None
+    if record.get("init_from") and not made:
+        path = Path(record["init_from"])
+        inside = path.parent.resolve() == Path(root).resolve() and _served(root, path.name)
+        continued = {"path": str(path), "run": path.name if inside else None, "here": inside}
+    sweep = record.get("sweep")
+    return {"optimized": optimized, "continued": continued,
+            "sweep": {k: sweep.get(k) for k in ("study", "trial", "best")} if sweep else None}
+
+
+def _served(root: Path, name: str | None) -> bool:
+    try:
+        return bool(name) and run_in(root, name) is not None
+    except NotFound:
+        return False
+
+
 def headline(record: dict, eval_path: Path) -> dict | None:
     """{"metric", "value"}: the first headline metric the run has (lower is better for all of them)."""
     found = dict(record.get("metrics") or {})
@@ -129,7 +159,7 @@ def card_header(record: dict, task: str, *, library: str = "aigc", metrics: tupl
     return [*lines, "---", ""]
 
 
-def lineage(record: dict) -> list[str]:
+def card_lineage(record: dict) -> list[str]:
     """The model card's lines on the run a run of aigc optimize was made from, the feedback it learned from, and
     before and after: the regular metric on the same validation split, and the judged share of liked outputs."""
     made = record.get("optimize")

@@ -44,6 +44,7 @@ from aigc.db import BUSY_TIMEOUT_S, default_url
 from aigc.errors import BadRequest, Conflict, NotFound, UserError
 from aigc.modalities import MODALITIES
 from aigc.service import modality_for
+from aigc.studies import best_trial, importance, trial_row
 
 MAX_TRIALS = 1000  # trials one `aigc sweep` runs at most
 MAX_BUDGET_MINUTES = jobs.MAX_MINUTES  # the time budget of one trial at most
@@ -258,7 +259,7 @@ def run_sweep(*, family: str, data: str, trials: int, budget_minutes: float | No
     study.optimize(_Objective(plan), n_trials=trials, catch=(TrialFailed,),
                    callbacks=[_Progress(plan, trials, progress)])
     best = mark_best(study)
-    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     return {"study": plan.study, "storage": sa.make_url(url).render_as_string(hide_password=True),
             "family": plan.family, "objective": plan.objective, "trials": rows, "best": best,
             "importance": importance(study)}
@@ -469,8 +470,7 @@ def mark_best(study: optuna.Study) -> dict | None:
     """Write {study, trial, best} into the run.json of every finished trial whose run is here (a worker on
     another machine has its runs in its own AIGC_HOME); returns the best trial's row, None before any completes."""
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda t: (t.value, t.number)) if complete else None
+    best = best_trial(trials)
     for t in trials:
         run = t.user_attrs.get("run")
         if t.state == TrialState.RUNNING or not run:  # a running trial's child still writes its run.json
@@ -481,25 +481,4 @@ def mark_best(study: optuna.Study) -> dict | None:
             record["sweep"] = {"study": study.study_name, "trial": t.number, "best": best is not None and
                                t.number == best.number}
             store.write_record(run_dir, record)
-    return None if best is None else {**_row(best), "metrics": best.user_attrs.get("metrics")}
-
-
-def importance(study: optuna.Study) -> dict[str, float] | None:
-    """Optuna's parameter importances (fANOVA), once two trials are complete and some parameter took two values;
-    None before, or where Optuna cannot compute them."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        return None
-    keys = {k for t in complete for k in t.params}
-    if not any(len({repr(t.params.get(k)) for t in complete}) >= 2 for k in keys):
-        return None
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (ValueError, RuntimeError):  # e.g. trials of different search spaces, or all values equal
-        return None
-
-
-def _row(t: FrozenTrial) -> dict:
-    return {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": dict(t.params),
-            "run": t.user_attrs.get("run"), "status": t.user_attrs.get("status"),
-            "error": t.user_attrs.get("error")}
+    return None if best is None else {**trial_row(best), "metrics": best.user_attrs.get("metrics")}

@@ -38,7 +38,7 @@ from aigc.evaluate.pictures import write_pictures
 from aigc.fsutil import write_json
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import FAMILIES, Family
-from aigc.store import card_header, find_run, lineage, read_run
+from aigc.store import card_header, card_lineage, find_run, read_run
 from aigc.train import ImageBatches, train_loop
 
 NAME = "image"
@@ -152,7 +152,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
              f"A `{record['family']}` image model trained by AIGC Studio {__version__} on "
              f"`{record['data']['train']['source']}` ({record['data']['train']['images']:,} images of "
              f"{' x '.join(map(str, record['image_shape']))}).", "",
-             "## Validation", "", score, f"- steps: {m['steps']}", *lineage(record), "",
+             "## Validation", "", score, f"- steps: {m['steps']}", *card_lineage(record), "",
              "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} -n 64", "```", ""]
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from aigc.modalities.base import Generation, Prepared
 from aigc.models import FAMILIES, Family, gpt, ngram
 from aigc.sample import GenerateSettings, LoadedModel, load_run, settings_dict
 from aigc.sample import generate as decode
-from aigc.store import card_header, lineage, read_run, sha256_text
+from aigc.store import card_header, card_lineage, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
 
 NAME = "text"
@@ -179,7 +179,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
              f"(perplexity {m.get('perplexity', float('nan')):.2f})",
              f"- steps: {m.get('steps')}, training time: {m.get('train_time_s', 0):.0f} s, "
              f"dtype: {record.get('dtype', 'fp32')}" + (", torch.compile" if record.get("compiled") else ""),
-             *lineage(record),
+             *card_lineage(record),
              "", "## Configuration", "", "```toml",
              to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} --prompt '...'", f"aigc eval {run_dir}", "```", ""]

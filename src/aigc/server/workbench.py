@@ -1,6 +1,7 @@
 """The studio's actions as /v1 endpoints, for the web studio and any application alike (docs/studio.md): a
-model's generation controls, details and preview; the named data sets and uploads; training and evaluation
-jobs; the arena (battles, votes, the leaderboard); how to make a stored generation again.
+model's generation controls, details (with its lineage) and preview; the named data sets and uploads; training and
+evaluation jobs; the arena (battles, votes, the leaderboard); sweeps (their trials, importances, best); how to make a
+stored generation again.
 
 Every route is a thin front on the service layer (aigc.service, aigc.uploads, aigc.jobs, aigc.db and
 aigc.evaluate.arena), as the rest of the API is.
@@ -100,6 +101,7 @@ def install(app: FastAPI, ctx: Context) -> None:
                           "metrics": record.get("metrics") or {}, "eval": (evaluation or {}).get("metrics"),
                           "budget": record.get("budget"), "curve": _curve(path / "metrics.jsonl"),
                           "files": files, "baseline": _baseline(config.runs, model, row),
+                          "lineage": store.lineage(record, config.runs),
                           "report": "report.html" if "report.html" in files else None})
 
     @app.get("/v1/models/{model}/files/{name:path}", summary="a file of a run (report, pictures, metrics)")
@@ -255,6 +257,16 @@ def install(app: FastAPI, ctx: Context) -> None:
         scores = {r["name"]: r["score"] for r in store.list_runs(config.runs)}
         return json_safe({"object": "list", "modality": modality, "votes": len(votes),
                           "data": [{**r, "metric": scores.get(r["run"])} for r in rows]})
+
+    # ------------------------------------------------------------------ sweeps
+
+    @app.get("/v1/sweeps", summary="the studies of aigc sweep in the store's database, newest first")
+    def list_sweeps(key_id: str | None = Depends(ctx.caller)):
+        return json_safe({"object": "list", "data": service.sweeps(db.url, config.runs)})
+
+    @app.get("/v1/sweeps/{name}", summary="a sweep: its trials, search space, importances and best trial")
+    def get_sweep(name: str, key_id: str | None = Depends(ctx.caller)):
+        return json_safe({"object": "sweep", **service.sweep(name, db.url, config.runs)})
 
     # ------------------------------------------------------------------ making a generation again
 

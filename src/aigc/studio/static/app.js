@@ -157,10 +157,16 @@ function headline(score) {
 
 const pages = {};
 
-pages.models = async main => {
+pages.models = async (main, params) => {
   main.append(h("h1", {text: t("nav.models")}));
-  const list = await models(true);
+  let list = await models(true);
   if (!list.length) { main.append(h("p", {text: t("models.none")})); return; }
+  const only = params.get("model");  // one run's page: its card alone (a sweep's trial links here)
+  if (only) {
+    list = list.filter(m => m.id === only);
+    main.append(h("p", {}, h("a", {href: "#/models", text: t("models.all")})));
+    if (!list.length) { main.append(h("p", {class: "error", role: "alert", text: t("models.missing", {run: only})})); return; }
+  }
   const cards = h("div", {class: "cards"});
   main.append(cards);
   for (const m of list) {
@@ -173,6 +179,8 @@ pages.models = async main => {
     if (m.family === "hf") { body.textContent = ""; continue; }
     api(`/v1/models/${m.id}/details`).then(d => {
       body.textContent = "";
+      const made = d.lineage && lineage(d.lineage);
+      if (made) body.append(made);
       if (d.baseline) body.append(h("p", {class: "meta", text: d.baseline.run
         ? t("models.baseline", {run: d.baseline.run, value: fmt(d.baseline.val_bpc)}) : d.baseline.hint}));
       if (d.curve.length) body.append(curveChart([{name: m.id, curve: d.curve}], {width: 300, height: 150}));
@@ -184,6 +192,40 @@ pages.models = async main => {
     }).catch(e => { body.append(h("p", {class: "error", text: e.message})); });
   }
 };
+
+// a translated sentence whose {placeholders} may be elements (links) as well as text
+function tNodes(key, vars) {
+  return t(key).split(/(\{\w+\})/).filter(Boolean).map(part => {
+    const name = part.match(/^\{(\w+)\}$/);
+    return name && name[1] in vars ? vars[name[1]] : part;
+  });
+}
+
+function runLink(run, here, attrs = {}) {  // a link to a run's page where this server serves it, else its name
+  return here ? h("a", {href: `#/models?model=${encodeURIComponent(run)}`, ...attrs, text: run})
+    : h("span", {title: t("sweeps.elsewhere"), ...attrs, text: run});
+}
+
+function lineage(l) {  // where a run came from: optimized from a parent, continued from weights, a sweep's trial
+  const box = h("div", {class: "lineage meta", "data-testid": "lineage"});
+  if (l.optimized) {
+    const o = l.optimized;
+    box.append(h("p", {}, tNodes("lineage.made", {parent: runLink(o.parent, o.here, {class: "parent"}),
+      method: h("strong", {text: o.method}), liked: o.liked ?? 0, disliked: o.disliked ?? 0, pairs: o.pairs ?? 0})));
+  }
+  if (l.continued) {
+    const c = l.continued;
+    const from = c.run ? runLink(c.run, c.here, {class: "parent"})
+      : h("span", {title: c.path, text: c.path.split("/").filter(Boolean).pop() || c.path});
+    box.append(h("p", {}, tNodes("lineage.continued", {from})));
+  }
+  if (l.sweep) {
+    const s = l.sweep;
+    box.append(h("p", {}, tNodes(s.best ? "lineage.trialbest" : "lineage.trial", {trial: s.trial,
+      sweep: h("a", {href: `#/sweeps?name=${encodeURIComponent(s.study)}`, class: "sweep", text: s.study})})));
+  }
+  return box.childNodes.length ? box : null;
+}
 
 function showOutputs(p) {  // a preview or a battle side: texts, images or a forecast
   if (p.texts) return h("div", {}, p.texts.map(text => h("div", {class: "output", text: (p.prompt || "") + text})));
@@ -573,6 +615,90 @@ function jobCard(job) {
     }, 1000);
   }
   return card;
+}
+
+pages.sweeps = async (main, params) => {
+  main.append(h("h1", {text: t("nav.sweeps")}));
+  if (params.get("name")) { await showSweep(main, params.get("name")); return; }
+  const list = (await api("/v1/sweeps")).data;
+  if (!list.length) {
+    main.append(h("p", {text: t("sweeps.none")}),
+                h("pre", {"data-testid": "sweep-command"}, "aigc sweep --family ngram --data tang300 --trials 7"),
+                h("p", {class: "meta", text: t("sweeps.nonehelp")}));
+    return;
+  }
+  main.append(h("p", {class: "meta", text: t("sweeps.intro")}), h("table", {"data-testid": "sweeps"},
+    h("thead", {}, h("tr", {}, ["sweeps.name", "train.family", "train.data", "sweeps.objective", "sweeps.trials",
+                                "sweeps.best", "sweeps.bestrun"].map(k => h("th", {text: t(k)})))),
+    h("tbody", {}, list.map(s => h("tr", {"data-sweep": s.name},
+      h("td", {}, h("a", {href: `#/sweeps?name=${encodeURIComponent(s.name)}`, text: s.name})),
+      h("td", {text: s.family}), h("td", {text: s.data}), h("td", {text: s.objective}),
+      h("td", {text: stateCounts(s.states)}), h("td", {text: s.best ? fmt(s.best.value) : "—"}),
+      h("td", {}, s.best && s.best.run ? runLink(s.best.run, s.best.here) : "—"))))));
+};
+
+function stateWord(state) {
+  return {complete: t("sweeps.complete"), pruned: t("sweeps.pruned"), fail: t("sweeps.fail"),
+          running: t("sweeps.running"), waiting: t("sweeps.waiting")}[state] || state;
+}
+
+function stateCounts(states) {
+  return Object.entries(states).filter(([, n]) => n).map(([s, n]) => `${n} ${stateWord(s)}`).join(" · ") || "0";
+}
+
+function paramText(v) {
+  return typeof v === "number" && !Number.isInteger(v) ? tickLabel(v) : String(v);
+}
+
+async function showSweep(main, name) {
+  const s = await api(`/v1/sweeps/${encodeURIComponent(name)}`);
+  main.append(h("p", {}, h("a", {href: "#/sweeps", text: t("sweeps.all")})),
+    h("h2", {text: s.name}),
+    h("p", {class: "meta", text: t("sweeps.about", {family: s.family, data: s.data, objective: s.objective})
+      + (s.budget_minutes ? ` · ${t("sweeps.budget", {minutes: s.budget_minutes})}` : "")}),
+    h("p", {text: stateCounts(s.states)}));
+  if (s.best) main.append(h("p", {"data-testid": "sweep-best"}, tNodes("sweeps.bestis", {
+    trial: h("strong", {text: `#${s.best.number}`}), objective: s.objective, value: h("strong", {text: fmt(s.best.value)}),
+    run: runLink(s.best.run, s.best.here)})));
+  const keys = Object.keys(s.space);
+  if (s.importance) keys.sort((a, b) => (s.importance[b] ?? 0) - (s.importance[a] ?? 0));
+
+  // parallel coordinates: the parameters (most important first) and the objective
+  const values = s.trials.map(tr => tr.value).filter(v => typeof v === "number" && isFinite(v));
+  if (keys.length && values.length) {
+    const lo = Math.min(...values), hi = Math.max(...values);
+    const axes = [...keys.map(k => ({name: k, ...s.space[k]})), {name: s.objective, type: "float", low: lo, high: hi, log: false}];
+    const lines = s.trials.map(tr => ({number: tr.number, state: tr.state, best: tr.best,
+      values: {...tr.params, [s.objective]: tr.value},
+      title: `#${tr.number} (${stateWord(tr.state)}): ${Object.entries(tr.params).map(([k, v]) => `${k}=${paramText(v)}`).join(" ")}`
+        + (tr.value !== null ? ` → ${s.objective} ${fmt(tr.value)}` : "")}));
+    main.append(h("h2", {text: t("sweeps.parallel")}), h("p", {class: "meta", text: t("sweeps.parallelhelp")}),
+      h("div", {class: "scroll", "data-testid": "parallel"}, parallelCoordinates(axes, lines, {title: t("sweeps.parallel"),
+        legend: (low, high) => t("sweeps.colour", {objective: s.objective, low: fmt(low), high: fmt(high)})})));
+  }
+
+  // importances
+  main.append(h("h2", {text: t("sweeps.importance")}));
+  if (s.importance) {
+    main.append(h("p", {class: "meta", text: t("sweeps.importancehelp")}),
+      h("div", {"data-testid": "importance"}, barChart(keys.filter(k => k in s.importance)
+        .map(k => ({label: k, value: s.importance[k]})), {title: t("sweeps.importance")})));
+  } else {
+    main.append(h("p", {class: "meta", text: t("sweeps.noimportance")}));
+  }
+
+  // the trials
+  main.append(h("h2", {text: t("sweeps.trialsof")}), h("table", {"data-testid": "trials"},
+    h("thead", {}, h("tr", {}, h("th", {text: "#"}), ["sweeps.state", "sweeps.value", "sweeps.params", "sweeps.run",
+      "sweeps.status", "sweeps.duration", "sweeps.error"].map(k => h("th", {text: t(k)})))),
+    h("tbody", {}, s.trials.map(tr => h("tr", {"data-trial": tr.number, "data-state": tr.state, class: tr.best ? "best" : null},
+      h("td", {}, `${tr.number}`, tr.best ? h("span", {class: "badge", text: ` ★ ${t("sweeps.bestmark")}`}) : null),
+      h("td", {text: stateWord(tr.state)}), h("td", {text: fmt(tr.value)}),
+      h("td", {text: Object.entries(tr.params).map(([k, v]) => `${k}=${paramText(v)}`).join(", ")}),
+      h("td", {}, tr.run ? runLink(tr.run, tr.here) : "—"), h("td", {text: tr.status ? t(`status.${tr.status}`) : "—"}),
+      h("td", {text: tr.duration_s !== null ? `${tr.duration_s.toFixed(1)} s` : "—"}),
+      h("td", {class: "error", text: tr.error || ""}))))));
+  main.append(h("h2", {text: t("sweeps.more")}), h("pre", {"data-testid": "sweep-command"}, s.command));
 }
 
 pages.compare = async (main, params) => {
