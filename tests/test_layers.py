@@ -1,5 +1,5 @@
-"""The package's shape: imports point one way (interfaces -> service -> modalities -> engines -> store -> base),
-the import graph has no cycle (imports inside functions counted), and `aigc runs` starts without torch.
+"""The package's shape: imports point one way (interfaces -> service -> optimize -> modalities -> engines -> store
+-> base), the import graph has no cycle (imports inside functions counted), and `aigc runs` starts without torch.
 
 The graph is read from the source with `ast`, so it holds every import, also those a test run never reaches.
 `python tests/test_layers.py` prints the layers and the edges.
@@ -16,6 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # top to bottom: a module may import from its own layer and the layers below it
     ("interfaces", ("aigc.cli", "aigc.__main__", "aigc.quickstart", "aigc.server", "aigc.studio")),
     ("service", ("aigc.service", "aigc.uploads", "aigc.jobs", "aigc.sweep")),
+    ("optimize", ("aigc.optimize",)),
     ("modalities", ("aigc.modalities",)),
     ("engines", ("aigc.train", "aigc.sample", "aigc.checkpoint", "aigc.distributed", "aigc.models", "aigc.data",
                  "aigc.evaluate")),

@@ -38,6 +38,8 @@ from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
+from aigc.optimize import feedback as fb
+from aigc.optimize import text as optimize_text
 from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
 
@@ -219,9 +221,6 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     It records its parent, the method and the exact feedback used (ids and a sha256); returns its directory and
     metrics. Everything that can fail on the request (an unknown method, no feedback to learn from, a bad key)
     fails before the new run's directory is touched."""
-    from aigc.optimize import feedback as fb
-    from aigc.optimize import text as optimize_text
-
     if method not in OPTIMIZE_METHODS:
         raise BadRequest(f"unknown --method {method!r} (choose from: {', '.join(OPTIMIZE_METHODS)})")
     if max_steps is not None and max_steps < 1:
