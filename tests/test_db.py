@@ -340,6 +340,18 @@ def test_an_output_with_a_nul_character_round_trips_and_search_still_works(store
     assert [g["id"] for g in store.list_generations(query="春")] == [gen]
 
 
+def test_run_counts_count_each_runs_generations_and_its_ratings_by_score(store):
+    assert store.run_counts() == {}
+    a, b, c = add(store), add(store), add(store, run="gpt-fortunes")
+    for gen, score in ((a, 1), (a, 1), (a, -1), (b, 0), (b, 1)):
+        store.add_rating(gen, score=score)
+    store.add_generation(run="vae-digits", modality="image", request={"class": 3})
+    store.add_rating(c, score=-1, stars=1)
+    assert store.run_counts() == {"gpt-tang": {"generations": 2, "liked": 3, "neutral": 1, "disliked": 1},
+                                  "gpt-fortunes": {"generations": 1, "liked": 0, "neutral": 0, "disliked": 1},
+                                  "vae-digits": {"generations": 1, "liked": 0, "neutral": 0, "disliked": 0}}
+
+
 def test_votes_round_trip(store):
     a, b = add(store), add(store)
     first = store.add_vote(a, b, "left", prompt="春江")

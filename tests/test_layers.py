@@ -15,7 +15,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS = [  # top to bottom: a module may import from its own layer and the layers below it
     ("interfaces", ("aigc.cli", "aigc.__main__", "aigc.quickstart", "aigc.server", "aigc.studio")),
-    ("service", ("aigc.service", "aigc.uploads", "aigc.jobs", "aigc.sweep", "aigc.studies")),
+    ("service", ("aigc.service", "aigc.uploads", "aigc.jobs", "aigc.sweep", "aigc.studies", "aigc.report")),
     ("optimize", ("aigc.optimize",)),
     ("modalities", ("aigc.modalities",)),
     ("engines", ("aigc.train", "aigc.sample", "aigc.checkpoint", "aigc.distributed", "aigc.models", "aigc.data",

@@ -561,6 +561,38 @@ def runs(
               f"{r['data']}{parent}")
 
 
+@app.command()
+@user_errors
+def report(
+    out: Annotated[str | None, typer.Option(help="the HTML file to write (default $AIGC_HOME/report.html)")] = None,
+    runs: Annotated[str | None, typer.Option(help="runs directory to report (default $AIGC_HOME/runs)")] = None,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the store (default $AIGC_DATABASE_URL, "
+                                                      "else sqlite:///$AIGC_HOME/aigc.db)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+):
+    """Write one static HTML page of every run: metrics side by side, the arena's leaderboard, loss curves,
+    samples, lineage and feedback. It opens offline; the last line printed is its path (docs/report.md).
+
+    Examples:
+
+      aigc report
+
+      aigc report --out /tmp/runs.html --json
+    """
+    from aigc import report as reports
+
+    result = reports.write(out, runs=runs, database=database)
+    if json_out:
+        _emit_json(result)
+        return
+    for problem in result["store_problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
+    if result["problems"]:
+        print(f"{result['problems']} of {result['runs']} runs could not be read in full (the page says why)",
+              file=sys.stderr)
+    print(result["report"])
+
+
 @data_app.command("list")
 def data_list():
     """The named corpora and whether they are installed.

@@ -267,6 +267,21 @@ class Store:
         with self.engine.connect() as connection:
             return connection.scalar(select)
 
+    def run_counts(self) -> dict[str, dict[str, int]]:
+        """Per run name: its `generations` and their ratings by score, `liked` (+1), `neutral` (0) and `disliked`
+        (-1); counted by the database (two grouped queries, in one snapshot), not row by row."""
+        made = sa.select(generations.c.run, sa.func.count()).group_by(generations.c.run)
+        scored = (sa.select(generations.c.run, ratings.c.score, sa.func.count())
+                  .join(generations, ratings.c.generation_id == generations.c.id)
+                  .group_by(generations.c.run, ratings.c.score))
+        verdict = {1: "liked", 0: "neutral", -1: "disliked"}
+        with self.engine.connect() as connection:
+            out = {run: {"generations": n, "liked": 0, "neutral": 0, "disliked": 0}
+                   for run, n in connection.execute(made)}
+            for run, score, n in connection.execute(scored):
+                out[run][verdict[score]] = n
+        return out
+
     def export_jsonl(self, path, *, run: str | None = None) -> int:
         """Every generation (of `run`, when given), oldest first, one JSON object a line with its "ratings";
         the file is replaced atomically. Returns how many lines it has."""

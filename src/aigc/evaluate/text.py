@@ -205,8 +205,9 @@ def _curve_series(curves: Sequence[dict], key: str) -> tuple[list[float], list[f
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _plot_curves_png(curves: Sequence[dict]) -> bytes | None:
-    """PNG bytes of the loss curves, or None when there is no point to plot."""
+def plot_curves_png(curves: Sequence[dict], ylabel: str = "loss (nats/token)") -> bytes | None:
+    """PNG bytes of the loss curves (training "loss" and "val_loss" by "step", the records of metrics.jsonl), or
+    None when there is no point to plot. Also the curves of the project's report (aigc.report)."""
     series = {
         "training loss": _curve_series(curves, "loss"),
         "validation loss": _curve_series(curves, "val_loss"),
@@ -227,7 +228,7 @@ def _plot_curves_png(curves: Sequence[dict]) -> bytes | None:
             # Markers, so a curve with a single point (one validation pass) is still visible.
             ax.plot(steps, values, label=label, marker="." if len(steps) < 50 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -256,14 +257,16 @@ def _table(rows: dict, header: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+# common CJK fonts first, so a page of Chinese samples shows them wherever one is installed
+FONTS = ('"Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "PingFang SC", "Hiragino Sans GB", '
+         '"Microsoft YaHei", sans-serif')
 _CSS = """
-body { font-family: "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "PingFang SC",
-       "Hiragino Sans GB", "Microsoft YaHei", sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em; }
+body { font-family: FONTS; max-width: 60em; margin: 2em auto; padding: 0 1em; }
 table { border-collapse: collapse; margin-bottom: 1em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 pre { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; font-family: inherit; }
 img { max-width: 100%; }
-"""
+""".replace("FONTS", FONTS)
 
 
 def write_report(
@@ -288,7 +291,7 @@ def write_report(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"report directory {path.parent} does not exist")
 
-    png = _plot_curves_png(curves)
+    png = plot_curves_png(curves)
     if png is None:
         curve_html = f"<p>{html.escape(NO_CURVE_MESSAGE)}</p>"
     else:

@@ -378,11 +378,12 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
         **sample_metrics,
         "tokens_per_s": stats["tokens_per_s"],
     }
+    sampling = {"n": settings.n, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
+                "temperature": settings.temperature, "generated_tokens": stats["generated_tokens"]}
     result = {
         "run": str(run_dir),
         "metrics": metrics,
-        "samples": {"n": settings.n, "max_new_tokens": settings.max_new_tokens, "seed": settings.seed,
-                    "temperature": settings.temperature, "generated_tokens": stats["generated_tokens"]},
+        "samples": {**sampling, "texts": samples},  # the texts scored (aigc report shows them)
         "validation": {"tokens": n_tokens, "chars": chars, "docs": len(val_docs)},
         "copying_measured_against": {"runs": [source for source, _ in texts], "chars": sum(len(d) for d in train_docs),
                                      "unknown_checkpoint": unknown},
@@ -390,7 +391,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     write_json(run_dir / "eval.json", result)
     write_report(run_dir / "report.html", title=f"{run_dir.name}: {record['family']} on "
                  f"{record['data']['train']['source']}", metrics=metrics, samples=samples[:8],
-                 curves=read_curves(run_dir / "metrics.jsonl"), settings={**result["samples"],
+                 curves=read_curves(run_dir / "metrics.jsonl"), settings={**sampling,
                                                                           "family": record["family"],
                                                                           "dtype": record.get("dtype", "fp32")})
     return result
