@@ -307,6 +307,10 @@ def test_image_rerank_moves_a_taste_read_from_the_picture(aigc_home):
             db.add_rating(gen_id, score=1 if _brightness(pixels) > cut else -1)
     run_dir, metrics = service.optimize("pics", "rerank", sets={"eval_samples": "100"})
     assert metrics["liked_share_after"] > metrics["liked_share_before"]
+    # quality beside the preference: FID of the same 100 fresh images of each side against held-out digits
+    assert metrics["fid_images"] == 100 and metrics["fid_before"] > metrics["fid_floor"] >= 0
+    assert math.isfinite(metrics["fid_after"])
+    assert "FID against the same held-out images (100 each)" in (run_dir / "README.md").read_text("utf-8")
 
     def share(run: str) -> float:
         images = service.generate(run, {"n": 200}, seed=50_000).outputs

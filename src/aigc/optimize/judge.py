@@ -4,6 +4,9 @@ their feedback, for the parent and for the new run. The share is the mean of the
 over the outputs (a logistic fit is calibrated on what it was fitted to, where counting outputs over a threshold
 of one half is not: with few liked outputs it counts almost none).
 
+For images, the same fresh images of each side are also scored by FID against the parent's held-out images
+(`image_quality`), so a reader sees whether the preference cost quality.
+
 The judge is one reward (aigc.optimize.reward) on the parent's features, so both sides are read by the same eyes:
 for a rerank run it is the run's own reward (then "after" is best-of-k by that same reward, and the share says
 how often it finds an output it likes; the held-out accuracy says how far to trust it); for sft and dpo it is
@@ -18,9 +21,14 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from aigc.config import build, read_toml
+from aigc.data.images import to_tensor
 from aigc.errors import BadRequest
+from aigc.evaluate.images import score_against_data
+from aigc.modalities import image as image_modality
 from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
 
@@ -61,6 +69,22 @@ def draw(modality, loaded, prompt: str, n: int, seed: int, max_new_tokens: int, 
     return modality.generate(loaded, options, seed, None).outputs
 
 
+def image_quality(parent, before: list[np.ndarray], after: list[np.ndarray]) -> dict:
+    """FID of the parent's and of the new run's fresh images (the same ones judged), each against the same held-out
+    real images of the parent's validation split, in the evaluation's feature space (aigc eval's), with its floor
+    (training against held-out images at the same N)."""
+    configs = build(image_modality.sections(parent.family), read_toml(parent.path / "config.toml"),
+                    family=parent.record["family"])
+    train, val = image_modality.recorded_split(parent.path, parent.record, configs["data"])
+    n = min(len(before), len(after), val.n)
+    if n < 3:
+        return {}
+    scored = {side: score_against_data(to_tensor(np.stack(images[:n])), train, val)["metrics"]
+              for side, images in (("before", before), ("after", after))}
+    return {"fid_before": scored["before"]["fid"], "fid_after": scored["after"]["fid"],
+            "fid_floor": scored["before"]["fid_floor"], "fid_images": n}
+
+
 def compare(modality, parent_dir: Path, run_dir: Path, feedback: Feedback, cfg, reward=None) -> dict:
     """The before-and-after metrics of a new run made from `parent_dir` (module docstring); `reward`: the run's
     own (a rerank run), else a judge is fitted on the parent. eval_samples 0: none."""
@@ -82,17 +106,20 @@ def before_after(modality, parent, child, feedback: Feedback, judge_reward, *, n
     per_prompt = [n_samples // len(prompts) + (i < n_samples % len(prompts)) for i in range(len(prompts))]
     max_new = max_new_tokens_of(feedback)
     k = child_reward.info.get("best_of", 1) if child_reward is not None else 1
-    out = {}
+    out, drawn = {}, {}
     for side, loaded, reward, best_of in (("before", parent, None, 1), ("after", child, child_reward, k)):
-        probabilities = []
+        probabilities, drawn[side] = [], []
         for i, (prompt, n) in enumerate(zip(prompts, per_prompt, strict=True)):
             if n == 0:
                 continue
             outputs = draw(modality, loaded, prompt, n, FRESH_SEED + 1000 * i, max_new, reward, best_of)
             scores = judge_reward.score(rerank.features_of(modality.NAME, parent, [prompt] * n, outputs))
             probabilities.append(torch.sigmoid(scores))
+            drawn[side] += outputs
         share, interval = expected_share(torch.cat(probabilities))
         out[f"liked_share_{side}"], out[f"liked_share_{side}_ci95"] = share, interval
+    if modality.NAME == "image":
+        out.update(image_quality(parent, drawn["before"], drawn["after"]))
     info = judge_reward.info
     out.update(judged_samples=n_samples, judged_prompts=len(prompts), judge_train_accuracy=info.get("train_accuracy"),
                judge_pair_accuracy=info.get("pair_accuracy"), judge_heldout_accuracy=info.get("heldout_accuracy"),
