@@ -102,6 +102,11 @@ class TrainCommand(TyperCommand):
                 formatter.write_text("")
                 for line in text.splitlines():
                     formatter.write(f"  {line}\n")
+                fam = service.FAMILIES.get(family)
+                if fam is not None and fam.init_from:
+                    may = f", except {', '.join(fam.init_keys)}" if fam.init_keys else ""
+                    formatter.write_text("")
+                    formatter.write_text(f"With --init-from the [model] keys come from the checkpoint{may}.")
             if family in service.FAMILIES and service.FAMILIES[family].series is not None:  # e.g. rnn on a series
                 with formatter.section(f"Configuration keys of {family} on a series (a named series or a .csv)"):
                     formatter.write_text("")
@@ -124,7 +129,9 @@ def train(
     max_minutes: Annotated[float | None, typer.Option(help="training-time budget (default 10 when "
                                                           "--max-steps is not given either)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="optimizer-step budget")] = None,
-    init_from: Annotated[str | None, typer.Option(help="gpt: a local Hugging Face GPT-2 folder to fine-tune")] = None,
+    init_from: Annotated[str | None, typer.Option(help="continue from the weights of a run (name or directory) of "
+                                                       "the same family, with a fresh optimizer and schedule; gpt: "
+                                                       "also a local Hugging Face GPT-2 folder")] = None,
     config: Annotated[str | None, typer.Option(help="a TOML file of configuration keys")] = None,
     image_size: Annotated[int | None, typer.Option(help="image families: resize images to N x N")] = None,
     conditional: Annotated[bool, typer.Option(help="image families: the class-conditional variant")] = False,
@@ -151,6 +158,8 @@ def train(
       aigc train --family ngram --data fortunes
 
       aigc train --family gpt --data my.jsonl --init-from ./gpt2-local --max-steps 200
+
+      aigc train --family diffusion --data new_shapes/ --init-from shapes --max-steps 500
 
       aigc train --family gpt --data tang300 --name poet --resume --max-steps 2000
 

@@ -116,8 +116,12 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         raise BadRequest(f"--max-minutes must be > 0, got {max_minutes}")
     store.check_name(name)
     if init_from and not fam.init_from:
+        if fam is not FAMILIES[family]:  # the family's series variant
+            raise BadRequest(f"--init-from does not apply to {family} on a series: a series run starts from scratch")
         raise BadRequest(f"--init-from does not apply to family {family} (only: "
                          f"{', '.join(k for k, f in FAMILIES.items() if f.init_from)})")
+    if init_from and not resume:
+        init_from = str(init_source(family, modality_name, init_from))
     modality.check_request(family, fam, data, val_data, init_from)
     gradient = fam.trainer == "gradient"
     if not gradient and (max_steps is not None or max_minutes is not None or resume):
@@ -135,9 +139,12 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
         # several processes (torchrun): one name for all (the default has a timestamp); only the main process
         # writes the run, the others compute the same data and model (docs/runs.md)
         final_dir = on_main(store.claim_run_dir, family, data, name, overwrite)
+        if init_from and Path(init_from) == final_dir.resolve():
+            raise BadRequest(f"--init-from: run {final_dir.name!r} is the run --overwrite would replace; give the "
+                             f"new run another --name")
         prepared = modality.prepare(family, fam, data, val_data, init_from, configs, values)
         record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
-                  **prepared.record}
+                  "init_from": init_from, **prepared.record}
         header = {"family": family, "data": data, "aigc_version": __version__}
 
         def write_files(staging: Path) -> None:
@@ -150,6 +157,37 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     return run_dir, _fit_and_finish(modality, run_dir, record, configs, budget,
                                     lambda: modality.fit(fam, prepared, configs, run_dir, budget, resume),
                                     lambda fitted: modality.finish(family, fam, prepared, configs, run_dir, fitted))
+
+
+def init_source(family: str, modality: str, spec: str) -> Path:
+    """The checkpoint `--init-from spec` names, checked before anything is read or written: a run (a directory or
+    a run name) of the same family and modality that has saved its weights; for a text family also a model folder
+    that is not a run (gpt: any local Hugging Face GPT-2 folder; the modality checks what it holds)."""
+    path = Path(spec).expanduser()
+    if store.is_run(path) or (store.valid_name(spec) and store.is_run(store.runs_dir() / spec)):
+        run_dir = store.find_run(spec)
+        record = store.read_run(run_dir)
+        theirs, ours = _kind(record["family"], store.modality_of(record)), _kind(family, modality)
+        if theirs != ours:
+            raise BadRequest(f"--init-from: run {run_dir.name!r} is {theirs} run; {ours} run continues only from "
+                             f"{ours} run")
+        if not (run_dir / "manifest.json").is_file():
+            raise Conflict(f"--init-from: run {run_dir.name!r} has no saved weights yet "
+                           f"(status: {record.get('status')})")
+        return run_dir.resolve()
+    if modality == "text" and path.is_dir():
+        return path.resolve()
+    folder = ", nor a model folder" if modality == "text" else ""
+    raise NotFound(f"--init-from: no such run: {spec!r} (not a run directory, and not a run name in "
+                   f"{store.runs_dir()}{folder}; see: aigc runs)")
+
+
+def _kind(family: str, modality: str) -> str:
+    """'a vae', 'an rnn', 'an rnn series': a family (and its modality where it is not the family's own), with its
+    article (said as letters, r and n begin with a vowel: an rnn, an ngram, an ar)."""
+    fam = FAMILIES.get(family)
+    kind = family if fam is not None and fam.modality == modality else f"{family} {modality}"
+    return ("an " if kind[0] in "aeinor" else "a ") + kind
 
 
 def _fit_and_finish(modality: Modality, run_dir: Path, record: dict, configs: dict, budget: Budget | None,

@@ -188,6 +188,15 @@ def card_lineage(record: dict) -> list[str]:
     return lines
 
 
+def continued_from(record: dict) -> str:
+    """The model card's words on the checkpoint a run continued from (--init-from), after its first sentence; a
+    run of aigc optimize says where it came from in its own lineage section."""
+    if not record.get("init_from") or "optimize" in record:
+        return ""
+    parent = record["init_from"]
+    return f" Its training started from the weights of `{Path(parent).name}` (`--init-from {parent}`)."
+
+
 def claim_run_dir(family: str, data: str, name: str | None, overwrite: bool) -> Path:
     """The run's final path; an existing run there is an error unless --overwrite."""
     root = runs_dir()

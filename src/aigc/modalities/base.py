@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from aigc.config import fields_of
+from aigc.errors import BadRequest
 from aigc.models import Family
 
 
@@ -29,6 +31,17 @@ class Generation:
     outputs: Any  # text: list of strings; image: list of (H, W, C) uint8 arrays; series: the forecast dict
     record: dict  # run, settings (seed included), speed; image: one record per image
     extra: dict = field(default_factory=dict)  # what an interface may show beside the outputs
+
+
+def init_changes(fam: Family, configs: dict, values: dict, fixed: tuple[str, ...] = ()) -> dict:
+    """A run continued from a checkpoint (--init-from) has the checkpoint's architecture: the [model] keys given
+    that it may still set (`fam.init_keys`, regularisation) with their values. Any other [model] key given, or one
+    of `fixed` (e.g. the tokenizer's), is an error naming it."""
+    given = [k for k in values if k in fixed or (k in fields_of(fam.config) and k not in fam.init_keys)]
+    if given:
+        may = f" (a run continued from one may set {', '.join(fam.init_keys)})" if fam.init_keys else ""
+        raise BadRequest(f"{given[0]} comes from the --init-from checkpoint and cannot be set{may}")
+    return {k: getattr(configs["model"], k) for k in fam.init_keys if k in values}
 
 
 @runtime_checkable

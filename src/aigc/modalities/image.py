@@ -9,6 +9,7 @@ a user sees the model improve) and `pictures/` (the family's own pictures, docs/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -36,9 +37,9 @@ from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
 from aigc.evaluate.images import score_against_data
 from aigc.evaluate.pictures import write_pictures
 from aigc.fsutil import write_json
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, init_changes
 from aigc.models import FAMILIES, Family
-from aigc.store import card_header, card_lineage, find_run, read_run
+from aigc.store import card_header, card_lineage, continued_from, find_run, read_run
 from aigc.train import ImageBatches, train_loop
 
 NAME = "image"
@@ -72,16 +73,24 @@ def check_request(family: str, fam: Family, data: str, val_data: str | None, ini
 
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
             values: dict) -> Prepared:
+    """Load and split the images and make the model; with `init_from` (a run of the family) the model is that run's,
+    weights and EMA weights, and the data must have its image shape and classes."""
+    parent = continued_model(fam, Path(init_from), configs, values) if init_from else None
     train_set, val_set = load_image_split(data, val_data, configs["data"])
+    if parent is not None:
+        check_continues(Path(init_from), parent, train_set, data)
     if configs["data"].conditional and train_set.labels is None:
         raise BadRequest(f"--conditional needs class labels, and {data} has none (use class sub-folders)")
     num_classes = train_set.num_classes if configs["data"].conditional else 0
     image_shape = (train_set.channels, train_set.height, train_set.width)
-    torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
-    try:
-        model = fam.build(configs["model"], image_shape, num_classes)
-    except ValueError as e:
-        raise BadRequest(f"{family}: {e}") from None
+    if parent is not None:
+        model = parent
+    else:
+        torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
+        try:
+            model = fam.build(configs["model"], image_shape, num_classes)
+        except ValueError as e:
+            raise BadRequest(f"{family}: {e}") from None
     record = {
         "image_shape": list(image_shape), "num_classes": num_classes,
         "class_names": list(train_set.class_names) if train_set.class_names else None,
@@ -89,6 +98,53 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
                  "val": _describe(val_set, val_data or ("held out" if Path(data).exists() else "test split"))},
     }
     return Prepared(model, record, _batches(train_set, val_set, configs["data"]))
+
+
+def continued_model(fam: Family, parent_dir: Path, configs: dict, values: dict):
+    """The model of the run `parent_dir` (--init-from) to train on: its weights, and its EMA weights with their
+    update count, as `load` restores them (the EMA goes on averaging where the run left it), rebuilt with the
+    regularisation keys given (`fam.init_keys`). The run's [model] keys and whether it is conditional become the
+    new run's (`configs`); another value given for either is an error."""
+    changes = init_changes(fam, configs, values)
+    verify_manifest(parent_dir)
+    model = fam.load(parent_dir)
+    if changes:
+        rebuilt = fam.build(dataclasses.replace(model.config, **changes), model.image_shape, model.num_classes)
+        rebuilt.load_state_dict(model.state_dict())
+        if model.ema is not None:
+            rebuilt.ema.load(model.ema.tensors(), model.ema.updates, parent_dir)
+        model = rebuilt
+    conditional = model.num_classes > 0
+    if "conditional" in values and configs["data"].conditional != conditional:
+        raise BadRequest(f"conditional comes from the --init-from checkpoint: run {parent_dir.name!r} is "
+                         f"{'conditional' if conditional else 'unconditional'}")
+    configs["model"] = model.config
+    configs["data"] = dataclasses.replace(configs["data"], conditional=conditional)
+    return model
+
+
+def check_continues(parent_dir: Path, model, train_set: ImageData, data: str) -> None:
+    """The data of a run continued from `parent_dir` has that run's image shape and, for a conditional run, its
+    number of classes (and their names in the same order, where both have names)."""
+    shape = (train_set.channels, train_set.height, train_set.width)
+    if shape != model.image_shape:
+        channels, height, width = model.image_shape
+        fix = [f"--image-size {height}"] if height == width and shape[1:] != (height, width) else []
+        fix += [f"--set channels={channels}"] if shape[0] != channels else []
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} was trained on images of "
+                         f"{' x '.join(map(str, model.image_shape))} (C x H x W), {data}'s are "
+                         f"{' x '.join(map(str, shape))}" + (f": use {' and '.join(fix)}" if fix else ""))
+    if not model.num_classes:
+        return
+    if train_set.labels is None:
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} is conditional ({model.num_classes} classes), and "
+                         f"{data} has no class labels (use class sub-folders)")
+    names = read_run(parent_dir).get("class_names")
+    if train_set.num_classes != model.num_classes or (names and list(train_set.class_names) != names):
+        theirs = ", ".join(names) if names else f"{model.num_classes} classes"
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} was trained on the classes {theirs}; {data} has "
+                         f"{', '.join(train_set.class_names)}: a continued run needs the same classes in the same "
+                         f"order")
 
 
 def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared:
@@ -151,7 +207,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
     lines = [*card_header(record, "image-generation"), f"# {run_dir.name}", "",
              f"A `{record['family']}` image model trained by AIGC Studio {__version__} on "
              f"`{record['data']['train']['source']}` ({record['data']['train']['images']:,} images of "
-             f"{' x '.join(map(str, record['image_shape']))}).", "",
+             f"{' x '.join(map(str, record['image_shape']))})." + continued_from(record), "",
              "## Validation", "", score, f"- steps: {m['steps']}", *card_lineage(record), "",
              "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} -n 64", "```", ""]

@@ -20,19 +20,19 @@ import numpy as np
 import torch
 
 from aigc import __version__
-from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import DataConfig, build, read_toml, to_toml
+from aigc.checkpoint import find_checkpoint, save_model_files, verify_manifest
+from aigc.config import DataConfig, build, fields_of, read_toml, to_toml
 from aigc.data.text import CORPORA, join_docs, load_corpus, split_corpus
 from aigc.data.tokenizer import TextTokenizer, train_bpe, train_char, transfer_ids
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
 from aigc.evaluate.text import text_sample_metrics, verse_form, verse_lines, write_report
 from aigc.fsutil import atomic_write_text, write_json
-from aigc.modalities.base import Generation, Prepared
-from aigc.models import FAMILIES, Family, gpt, ngram
+from aigc.modalities.base import Generation, Prepared, init_changes
+from aigc.models import FAMILIES, Family, ngram
 from aigc.sample import GenerateSettings, LoadedModel, load_run, settings_dict
 from aigc.sample import generate as decode
-from aigc.store import card_header, card_lineage, read_run, sha256_text
+from aigc.store import card_header, card_lineage, continued_from, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
 
 NAME = "text"
@@ -41,7 +41,7 @@ GENERATE_OPTIONS = ("prompt", "n", "max_new_tokens", "temperature", "top_k", "to
                     "num_beams", "no_repeat_ngram_size", "stop")
 EVALUATE_OPTIONS = ()  # `aigc eval` options beyond the run
 SAMPLING = ("temperature", "top_k", "top_p", "min_p")  # what beam search does not take
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "n_positions", "tokenizer", "bpe_vocab_size")  # from --init-from
+TOKENIZER_KEYS = ("tokenizer", "bpe_vocab_size")  # with --init-from the tokenizer is the checkpoint's
 LN2 = math.log(2)
 DIVERSITY_SAMPLES = 16  # N samples ...
 DIVERSITY_TOKENS = 64  # ... of up to L new tokens each, at seed 0, for diversity and novelty
@@ -75,11 +75,9 @@ def n_scored_chars(docs: list[str]) -> int:
 
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
             values: dict) -> Prepared:
-    """Load and split the corpus, make the tokenizer and the model (the n-gram is fitted here)."""
-    if init_from:
-        arch = [k for k in values if k in ARCHITECTURE]
-        if arch:
-            raise BadRequest(f"{arch[0]} comes from the --init-from checkpoint and cannot be set")
+    """Load and split the corpus, make the tokenizer and the model (the n-gram is fitted here); with `init_from` (a
+    run of the family, or a gpt's Hugging Face folder) the model holds its weights."""
+    changes = init_changes(fam, configs, values, TOKENIZER_KEYS) if init_from else {}
     data_cfg = configs["data"]
     if fam.trainer == "counts" and data_cfg.tokenizer != "char":  # the n-gram counts characters
         raise BadRequest("the ngram family is a character model: tokenizer must be char")
@@ -98,12 +96,10 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         raise BadRequest(f"token_dropout needs a vocabulary with <unk>: the tokenizer of {init_from} has none")
     train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
     t0 = time.perf_counter()
-    dropouts = {k: getattr(configs["model"], k) for k in gpt.DROPOUTS if k in values}  # given for --init-from
-    model, info = _build_model(fam, configs, tokenizer, train_ids, init_from, dropouts)
+    model, info = _build_model(fam, configs, tokenizer, train_ids, init_from, changes)
     if fam.trainer == "counts":
         info["train_time_s"] = time.perf_counter() - t0
     record = {
-        "init_from": str(Path(init_from).resolve()) if init_from else None,
         "data": {
             "train": {"source": corpus.source, "corpus_sha256": corpus.sha256,
                       "sha256": sha256_text(join_docs(train_docs)), "docs": len(train_docs),
@@ -172,7 +168,8 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
     lines = [*card_header(record, "text-generation", library=lib, metrics=("bits-per-character",)),
              f"# {Path(run_dir).name}", "",
              f"A `{record['family']}` text model trained by AIGC Studio {__version__} on "
-             f"`{record['data']['train']['source']}` ({record['data']['train']['chars']:,} training characters).",
+             f"`{record['data']['train']['source']}` ({record['data']['train']['chars']:,} training characters)."
+             + continued_from(record),
              "", "## Results on the validation split", "",
              f"- bits per character: {m.get('val_bpc', float('nan')):.4f}",
              f"- loss per token: {m.get('val_loss', float('nan')):.4f} nats "
@@ -207,7 +204,7 @@ def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str 
 
 
 def _build_model(fam: Family, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
-                 init_from: str | None, dropouts: dict[str, float]) -> tuple[object, dict]:
+                 init_from: str | None, changes: dict[str, float]) -> tuple[object, dict]:
     """The model, checked against the data; the n-gram is fitted here (it has no training loop)."""
     if fam.trainer == "counts":
         cfg = configs["model"]
@@ -223,13 +220,15 @@ def _build_model(fam: Family, configs: dict, tokenizer: TextTokenizer, train_ids
                          f"needs at least {train_cfg.block_size + 2} (lower it with --set block_size=N)")
     info = {}
     if init_from:
-        model = gpt.load_pretrained(Path(init_from), tokenizer.eot_id, dropouts)
-        configs["model"] = gpt.config_of(model)  # the architecture is the checkpoint's, dropout as given
-        checkpoint_tokenizer = TextTokenizer.load(Path(init_from))
-        if checkpoint_tokenizer.kind == "char":  # the run's own characters, each embedding from the checkpoint's
+        if (Path(init_from) / "manifest.json").is_file():  # a run: its weights as it wrote them
+            verify_manifest(Path(init_from))
+        checkpoint_tokenizer, ids = TextTokenizer.load(Path(init_from)), None
+        if checkpoint_tokenizer.kind == "char":  # the run's own characters, each row from the checkpoint's
             ids, found = transfer_ids(tokenizer, checkpoint_tokenizer)
-            gpt.select_embeddings(model, ids)
             info["vocab_from_checkpoint"] = {"tokens": tokenizer.vocab_size, "found": found}
+        model = fam.load_pretrained(Path(init_from), tokenizer.eot_id, changes, ids)
+        # the architecture is the checkpoint's, the regularisation as given
+        configs["model"] = fam.config(**{key: getattr(model.config, key) for key in fields_of(fam.config)})
     else:
         torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed alone
         model = fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)

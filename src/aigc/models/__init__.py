@@ -27,7 +27,12 @@ class Family:
     build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes);
     #                                series: build(config) -> model.fit(x), or with "gradient":
     #                                build(config, context=, loc=, scale=, history=)
-    init_from: bool = False  # accepts --init-from DIR (a pretrained checkpoint)
+    init_from: bool = False  # accepts --init-from: a run of the family to continue from (gpt: any GPT-2 folder too)
+    init_keys: tuple[str, ...] = ()  # [model] keys a run continued with --init-from may still set (regularisation);
+    #                                  the others are the checkpoint's (its architecture)
+    # text families with init_from: load_pretrained(dir, eot_id, changes, ids) -> the checkpoint's model, the
+    # `changes` (init_keys) applied, rows ids[i] of its vocabulary as row i of the run's (char tokenizers; None: as is)
+    load_pretrained: Callable | None = None
     cpu_bf16: bool = True  # dtype=auto uses bf16 autocast on a CPU that has bf16 (False where it is slower)
     compile_gain: bool = False  # compile=auto compiles the model (torch.compile) where it pays back, see train.py
     after_step: bool = False  # the loop calls model.after_step() after every optimizer step (EMA weights)
@@ -46,23 +51,26 @@ FAMILIES: dict[str, Family] = {
                     description="character n-gram, interpolated Kneser-Ney (the baseline)"),
     # cpu_bf16: measured by benchmarks/settings.py (benchmarks/results/dtype.md): the text rnn trains faster under
     # bf16 autocast and reaches a lower bits/char at equal time; the series rnn (tiny batches) is slower
-    "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build,
+    "rnn": Family("text", rnn.RNNConfig, "gradient", rnn.load, rnn.build, init_from=True, init_keys=("dropout",),
+                  load_pretrained=rnn.load_pretrained,
                   series=Family("series", rnn_series.SeriesRNNConfig, "gradient", rnn_series.load,
                                 rnn_series.build, cpu_bf16=False,
                                 description="RNN/GRU/LSTM predicting the next value's mean and variance"),
                   description="embedding + RNN/GRU/LSTM + output layer"),
     # compile_gain: measured by benchmarks/settings.py --setting compile (benchmarks/results/compile.md): gpt trains
     # more tokens in the same time compiled, compiling included; the rnn and the image families do not
-    "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True, compile_gain=True,
-                  train_config=gpt.GPTTrainConfig,
+    "gpt": Family("text", gpt.GPTConfig, "gradient", gpt.load, gpt.build, init_from=True, init_keys=gpt.DROPOUTS,
+                  load_pretrained=gpt.load_pretrained, compile_gain=True, train_config=gpt.GPTTrainConfig,
                   description="GPT-2 architecture (transformers), from scratch or --init-from"),
-    "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build, bound_score=True,
-                  description="convolutional VAE, optionally class-conditional"),
-    "dcgan": Family("image", dcgan.DCGANConfig, "gradient", dcgan.DCGAN.load, dcgan.build, after_step=True,
-                    sampler_options=("truncation",), phases=dcgan.PHASES, train_config=dcgan.GANTrainConfig,
+    "vae": Family("image", vae.VAEConfig, "gradient", vae.VAE.load, vae.build, init_from=True, init_keys=("beta",),
+                  bound_score=True, description="convolutional VAE, optionally class-conditional"),
+    "dcgan": Family("image", dcgan.DCGANConfig, "gradient", dcgan.DCGAN.load, dcgan.build, init_from=True,
+                    after_step=True, sampler_options=("truncation",), phases=dcgan.PHASES,
+                    train_config=dcgan.GANTrainConfig,
                     description="DCGAN, non-saturating or hinge loss, EMA generator, truncation"),
     "diffusion": Family("image", diffusion.DiffusionConfig, "gradient", diffusion.Diffusion.load, diffusion.build,
-                        after_step=True, sampler_options=("sampler", "steps", "eta", "guidance_scale"),
+                        init_from=True, init_keys=("dropout", "cond_drop"), after_step=True,
+                        sampler_options=("sampler", "steps", "eta", "guidance_scale"),
                         description="DDPM: diffusers' UNet2DModel and samplers, EMA, classifier-free guidance"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),

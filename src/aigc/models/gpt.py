@@ -17,6 +17,7 @@ overfits it (nanoGPT's CPU recipe uses 0 too); raise it for a tiny corpus, as th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +79,24 @@ def load(directory: Path) -> GPT2LMHeadModel:
 DROPOUTS = ("embd_pdrop", "attn_pdrop", "resid_pdrop")  # not architecture: a fine-tuning run may set them
 
 
-def load_pretrained(directory: Path, eot_id: int, dropouts: dict[str, float] | None = None) -> GPT2LMHeadModel:
-    """A local GPT-2 checkpoint for fine-tuning (`--init-from`), with the dropout rates given (the checkpoint's
-    for the others); never downloads."""
+def load_pretrained(directory: Path, eot_id: int, changes: dict[str, float] | None = None,
+                    ids: list[int] | None = None) -> GPT2LMHeadModel:
+    """A local GPT-2 checkpoint (a gpt run or any Hugging Face GPT-2 folder) for fine-tuning (`--init-from`), with
+    the dropout rates given in `changes` (the checkpoint's for the others) and, with `ids`, the run's own
+    vocabulary (`select_embeddings`); never downloads."""
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
+    config = directory / "config.json"
+    if not config.is_file():
         raise UserError(f"--init-from: {directory} is not a Hugging Face model folder (no config.json)")
     try:
-        model = GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, **(dropouts or {}))
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        if model_type != "gpt2":  # else GPT-2 from another model's config, weights it lacks random
+            raise UserError(f"--init-from: {directory} holds a {model_type} model, not GPT-2")
+        model = GPT2LMHeadModel.from_pretrained(directory, local_files_only=True, **(changes or {}))
     except (OSError, ValueError) as e:
         raise UserError(f"--init-from: cannot load a GPT-2 model from {directory}: {e}") from None
+    if ids is not None:
+        select_embeddings(model, ids)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, key, eot_id)
     model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
@@ -102,10 +111,3 @@ def select_embeddings(model: GPT2LMHeadModel, ids: list[int]) -> None:
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(rows)
     model.config.vocab_size = len(ids)
-
-
-def config_of(model: GPT2LMHeadModel) -> GPTConfig:
-    """The architecture of a loaded checkpoint, as the project's config (recorded in the run)."""
-    c = model.config
-    return GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
-                     embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop, resid_pdrop=c.resid_pdrop)

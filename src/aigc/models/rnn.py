@@ -13,7 +13,9 @@ works on every transformers version we support (4.50 and later).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.utils import ModelOutput
 
 from aigc.config import option
+from aigc.errors import UserError
 
 CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -174,3 +177,40 @@ def load(directory) -> RNNLM:
     model = RNNLM.from_pretrained(directory, local_files_only=True)
     model.generation_config.use_cache = True  # runs saved before the state cache recorded False
     return model
+
+
+def load_pretrained(directory: Path, eot_id: int, changes: dict[str, float] | None = None,
+                    ids: list[int] | None = None) -> RNNLM:
+    """An rnn run's weights for a run continued from them (`--init-from`), with the dropout given in `changes` (the
+    checkpoint's otherwise) and, with `ids`, the run's own vocabulary (`select_embeddings`)."""
+    directory = Path(directory)
+    config = directory / "config.json"
+    if not config.is_file():
+        raise UserError(f"--init-from: {directory} is not an rnn model folder (no config.json)")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        if model_type != RNNLMConfig.model_type:  # else an RNN from another model's config, its weights random
+            raise UserError(f"--init-from: {directory} holds a {model_type} model, not an rnn")
+        model = RNNLM.from_pretrained(directory, local_files_only=True, **(changes or {}))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init-from: cannot load an rnn model from {directory}: {e}") from None
+    if ids is not None:
+        select_embeddings(model, ids)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, eot_id)
+    model.generation_config = GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
+                                               use_cache=True)
+    return model
+
+
+def select_embeddings(model: RNNLM, ids: list[int]) -> None:
+    """Make row i of the token embedding and of the output layer (weights and bias) the checkpoint's row ids[i]:
+    a continued run's own vocabulary over a checkpoint's (`tokenizer.transfer_ids`)."""
+    index = torch.tensor(ids)
+    wte, lm_head = nn.Embedding(len(ids), model.config.n_embd), nn.Linear(model.config.n_hidden, len(ids))
+    with torch.no_grad():
+        wte.weight.copy_(model.wte.weight[index])  # (V_new, n_embd)
+        lm_head.weight.copy_(model.lm_head.weight[index])  # (V_new, n_hidden)
+        lm_head.bias.copy_(model.lm_head.bias[index])  # (V_new,)
+    model.wte, model.lm_head = wte, lm_head
+    model.config.vocab_size = len(ids)
