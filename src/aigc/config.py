@@ -84,6 +84,8 @@ class OptimizeConfig:
                               "nearer)", min=0.0, max=100.0, min_exclusive=True)
     best_of: int = option(4, "rerank: candidates drawn per sample, the reward model keeps the best", min=1, max=64)
     l2: float = option(0.01, "rerank: L2 penalty of the reward model", min=0.0, max=100.0)
+    feedback_share: float = option(0.5, "sft on images: the share of each batch drawn from the liked images (the "
+                                        "rest from the training data)", min=0.0, max=1.0, min_exclusive=True)
     eval_samples: int = option(200, "fresh outputs of the parent and of the new run judged before and after "
                                     "(0: none)", min=0, max=10_000)
 

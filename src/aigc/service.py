@@ -302,7 +302,7 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
               **(sets or {})}
     configs = build(sections, values, family=family)
     final_dir = store.claim_run_dir(family, parent_dir.name, name or f"{parent_dir.name}-{method}", overwrite)
-    prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method)
+    prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method, sets or {})
     record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
               **{k: v for k, v in parent.items() if k in ("data", "image_shape", "num_classes", "class_names")},
               "init_from": str(parent_dir.resolve()),
@@ -328,7 +328,7 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     # before and after: the judged share of liked fresh outputs (the regular metric is in the metrics already)
     with recording_failure(run_dir, record):
         judged = judge.compare(modality, parent_dir, run_dir, feedback, configs["optimize"],
-                               prepared.state.get("reward"))
+                               prepared.state["reward"] if method == "rerank" else None)
     record["metrics"].update(judged)
     store.write_record(run_dir, record)
     atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))

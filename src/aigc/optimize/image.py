@@ -2,36 +2,95 @@
 
 - rerank: a reward model on the evaluation feature net's features of the rated images (aigc.optimize.rerank), used
   as best-of-n at generation time; the run holds the parent's weights unchanged.
-- sft: the parent continues training on its liked images mixed with its training data (each batch
-  `feedback_share` liked images, drawn in proportion to their ratings' sum, the rest training images), in the one
-  training loop, validated on the parent's validation split.
+- sft: the parent continues training (its weights and EMA weights, as `aigc train --init-from` continues a run) on
+  its liked images mixed with its own training data: each batch is `feedback_share` liked images, drawn in
+  proportion to their ratings' sum, and the rest training images; validated on the parent's validation split. The
+  families that sample with an EMA of their weights (dcgan, diffusion) show the change slowly, as the average
+  catches up (its decay, 0.999 by default, spans about a thousand steps).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from aigc.data.images import read_png, to_tensor
+from aigc.errors import BadRequest, UserError
 from aigc.modalities import image as image_modality
 from aigc.modalities.base import Prepared
 from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
+from aigc.train import ImageBatches
 
 METHODS = ("sft", "rerank")
 TRAIN_DEFAULTS = {"warmup_steps": 10, "eval_interval": 25, "keep_best": False, "compile": "false"}
+# the parent's other [train] keys are kept (its learning rate among them); the last weights, not those of the best
+# validation loss (the validation split measures the data, which the preference is allowed to move a little)
 
 
-def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str) -> Prepared:
+class LikedImageBatches(ImageBatches):
+    """sft: each training batch is round(share * n) liked images, drawn with replacement in proportion to their
+    weights, then n minus that many images of the training data, as ImageBatches draws them."""
+
+    def __init__(self, data: ImageBatches, x_liked: torch.Tensor, y_liked: torch.Tensor | None,
+                 weights: list[float], share: float):
+        super().__init__(data.x_train, data.y_train, data.x_val, data.y_val, hflip=data.hflip)
+        self.x_liked, self.y_liked = x_liked, y_liked
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.share = share
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        m = min(n, max(1, round(self.share * n)))
+        rows = torch.multinomial(self.weights, m, replacement=True, generator=generator)
+        liked = (self.x_liked[rows],) if self.y_liked is None else (self.x_liked[rows], self.y_liked[rows])
+        if m == n:
+            return liked
+        rest = super().sample(generator, n - m)
+        return tuple(torch.cat([a, b]) for a, b in zip(liked, rest, strict=True))
+
+
+def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str,
+            sets: dict) -> Prepared:
     if method == "rerank":
         reward = rerank.fit_for_run("image", image_modality.load(str(parent_dir)), feedback, configs["optimize"])
         return Prepared(None, {}, {"reward": reward, "parent_metrics": parent.get("metrics", {})},
                         rerank.reward_run_files(parent_dir, reward))
-    raise NotImplementedError
+    # sft: the parent's data and split, its model continued (aigc train --init-from)
+    val_source = parent["data"]["val"]["source"]
+    prepared = image_modality.prepare(parent["family"], fam, parent["data"]["train"]["source"],
+                                      None if val_source in image_modality.HELD_OUT else val_source,
+                                      str(parent_dir), configs, sets)
+    if prepared.record["data"]["train"]["sha256"] != parent["data"]["train"]["sha256"]:
+        raise UserError(f"the training data of {parent_dir.name} changed since the run was made (sha256 differs)")
+    channels = parent["image_shape"][0]
+    liked = feedback.liked
+    missing = [r.output for r in liked if not Path(r.output).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} liked images are missing, e.g. {missing[0]} (the store keeps the path of "
+                        f"each generated PNG)")
+    pixels = np.stack([read_png(Path(r.output), channels) for r in liked])
+    if list(pixels.shape[1:]) != [parent["image_shape"][1], parent["image_shape"][2], channels]:
+        raise BadRequest(f"the liked images are {pixels.shape[2]}x{pixels.shape[1]}, run {parent_dir.name} makes "
+                         f"{parent['image_shape'][2]}x{parent['image_shape'][1]}")
+    labels = None
+    if parent.get("num_classes"):
+        labels = torch.tensor([int(r.prompt) for r in liked])
+    prepared.state = LikedImageBatches(prepared.state, to_tensor(pixels), labels, [float(r.score) for r in liked],
+                                       configs["optimize"].feedback_share)
+
+    def write_files(staging: Path) -> None:
+        if prepared.write_files is not None:
+            prepared.write_files(staging)
+
+    return Prepared(prepared.model, prepared.record, prepared.state, write_files)
 
 
 def fit(fam, prepared: Prepared, configs: dict, run_dir: Path, budget, method: str) -> dict:
     if method == "rerank":
         return rerank.fitted(prepared.state["reward"])
-    raise NotImplementedError
+    return image_modality.fit(fam, prepared, configs, run_dir, budget, False)
 
 
 def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, fitted: dict, method: str) -> dict:
@@ -39,4 +98,4 @@ def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, f
     if method == "rerank":
         kept = ("val_nelbo", "val_bits_per_dim", "val_images", "val_loss")
         return {**{k: v for k, v in prepared.state["parent_metrics"].items() if k in kept}, **fitted}
-    raise NotImplementedError
+    return image_modality.finish(family, fam, prepared, configs, run_dir, fitted)

@@ -163,7 +163,8 @@ TRAIN_DEFAULTS = {"lr": 1e-4, "warmup_steps": 10, "eval_interval": 25, "keep_bes
 # (the validation split measures the language, which the preference is allowed to move a little)
 
 
-def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str) -> Prepared:
+def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str,
+            sets: dict) -> Prepared:
     """The parent's model and tokenizer, its validation split, and what `method` learns: the batches of sft or
     dpo, or (rerank) a reward model fitted on the parent's features of the rated outputs."""
     tokenizer = TextTokenizer.load(parent_dir)
