@@ -141,7 +141,7 @@ def bench_text(home: Path, url: str, minutes: float, methods: list[str]) -> dict
     import httpx
     import openai
 
-    from aigc import service
+    from aigc import service, store
 
     if not Path("/usr/share/games/fortunes/tang300").is_file():
         raise SystemExit("tang300 is missing: install the Debian package fortunes-zh (scripts/setup.sh --corpora)")
@@ -163,8 +163,7 @@ def bench_text(home: Path, url: str, minutes: float, methods: list[str]) -> dict
         return sum(moon(text, prompt) for _, _, prompt, text in fresh), len(fresh)
 
     k0, n0 = judged("poet")
-    parent_bpc = service.load("poet") and __import__("aigc.store", fromlist=["x"]).read_run(home / "runs" / "poet")[
-        "metrics"]["val_bpc"]
+    parent_bpc = store.read_run(home / "runs" / "poet")["metrics"]["val_bpc"]
     rows = []
     for method in methods:
         sets = {"eval_samples": "200"}
