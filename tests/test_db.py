@@ -267,7 +267,8 @@ def test_a_generation_and_its_ratings_round_trip(store):
     fields = {"run": "gpt-tang", "modality": "text", "request": {"prompt": "床前", "n": 2, "seed": 7},
               "output": ["明月光", "疑是地上霜"], "file": None, "seed": 2**40, "family": "gpt",
               "run_path": "/runs/gpt-tang", "run_sha256": "ab" * 32, "latency_s": 0.25, "prompt_tokens": 2,
-              "completion_tokens": 8, "key_id": key["id"], "source": "cli"}
+              "completion_tokens": 8, "key_id": key["id"], "source": "cli",
+              "rerank": {"best_of": 2, "candidates": 4, "chosen": [1, 2], "scores": [0.5, -0.25], "features": "x"}}
     gen = store.add_generation(**fields)
     assert gen.startswith("gen-") and len(gen) == 28
     first = store.add_rating(gen, score=1, stars=5, comment="好", index=1, key_id=key["id"])

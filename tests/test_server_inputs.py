@@ -171,6 +171,9 @@ CASES = [
     ("file of a text generation", "GET", "/v1/generations/{gen}/file", None, None, 404),
     ("an unknown sweep", "GET", "/v1/sweeps/nope", None, None, 404),
     ("sweeps (valid, none yet)", "GET", "/v1/sweeps", None, None, 200),
+    ("feedback of an unknown model", "GET", "/v1/models/nope/feedback", None, None, 404),
+    ("feedback of a symlinked run", "GET", "/v1/models/linked/feedback", None, None, 404),
+    ("feedback (valid, none yet)", "GET", "/v1/models/poet/feedback", None, None, 200),
     ("a generation (valid)", "GET", "/v1/generations/{gen}", None, None, 200),
     # bodies that are not a JSON object
     ("bad JSON", "POST", C, b"{", None, 400),
@@ -274,6 +277,7 @@ def test_the_messages_say_what_to_do(server):
     assert message("empty body").startswith("the body is empty")
     assert message("a JSON array").startswith("the body must be a JSON object")
     assert message("an unknown sweep") == "no sweep named 'nope' (see GET /v1/sweeps; start one with aigc sweep)"
+    assert message("feedback of an unknown model") == "no such model: 'nope' (see GET /v1/models)"
 
 
 def test_after_the_catalogue_the_server_serves_and_lists_only_what_it_serves(server):

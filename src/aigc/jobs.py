@@ -248,7 +248,8 @@ def _lock(run: str, job_id: str, kind: str) -> None:
             with _guard():
                 holder = _holder(path)
                 if holder is not None:
-                    busy = "is already training" if holder.get("kind") == "train" else "is being evaluated"
+                    busy = {"train": "is already training", "optimize": "is being made by aigc optimize"}.get(
+                        holder.get("kind"), "is being evaluated")
                     raise Conflict(f"run {run!r} {busy} (job {holder.get('job')})") from None
                 path.unlink(missing_ok=True)  # stale: its job is gone
             continue

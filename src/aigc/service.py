@@ -9,6 +9,8 @@ others lack.
   process alone writes (aigc.distributed).
 - `generate`: dispatch on the run's modality, with a fresh seed drawn when none is given; models are
   loaded and verified once and kept (`ModelCache`), reloaded when the run's files change.
+- `optimize`, `feedback_summary`: a new run from a run and people's feedback on it (aigc.optimize), and what
+  that feedback allows (the counts, and which methods can start or why not).
 - `evaluate`: the modality's evaluation of a run (`evaluate_image_folder` for a folder of images).
 - `sweeps`, `sweep`: the studies of `aigc sweep` as the store's database holds them (aigc.studies).
 
@@ -35,7 +37,7 @@ from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
 from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
-from aigc.errors import BadRequest, Conflict, Interrupted, NotFound
+from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
 from aigc.modalities import MODALITIES, Generation, Modality, image, series
 from aigc.models import FAMILIES, Family
@@ -277,20 +279,8 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     parent_dir = store.find_run(run)
     parent = store.read_run(parent_dir)
     family, modality_name = parent["family"], store.modality_of(parent)
-    if parent.get("status") != "done":
-        raise Conflict(f"run {parent_dir.name!r} is {parent.get('status')}: optimize a finished run")
-    if modality_name not in OPTIMIZERS:
-        raise BadRequest(f"aigc optimize takes text and image runs; {parent_dir.name!r} is a {modality_name} run")
-    optimizer = OPTIMIZERS[modality_name]
-    if method not in optimizer.METHODS:
-        takes = " and ".join(m for m, o in OPTIMIZERS.items() if method in o.METHODS)
-        article = "an" if modality_name == "image" else "a"
-        raise BadRequest(f"--method {method} takes {takes} runs; {parent_dir.name!r} is {article} {modality_name} "
-                         f"run (use: {', '.join(optimizer.METHODS)})")
-    fam = FAMILIES[family]
-    if method != "rerank" and fam.trainer != "gradient":
-        raise BadRequest(f"--method {method} fine-tunes a gradient-trained family; {family} is counted: use "
-                         f"--method rerank")
+    check_optimizable(parent_dir, parent, method)
+    optimizer, fam = OPTIMIZERS[modality_name], FAMILIES[family]
     with contextlib.ExitStack() as stack:
         if db is None:
             db = stack.enter_context(Store())
@@ -333,6 +323,55 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     store.write_record(run_dir, record)
     atomic_write_text(run_dir / "README.md", modality.card(run_dir, record, configs))
     return run_dir, record["metrics"]
+
+
+def check_optimizable(run_dir: Path, record: dict, method: str) -> None:
+    """A clear error when `method` cannot make a new run from this run, whatever its feedback: the run is not
+    finished, aigc optimize does not take its modality, the method does not take it, or the method fine-tunes
+    weights and the family is counted (an n-gram)."""
+    family, modality_name = record["family"], store.modality_of(record)
+    if record.get("status") != "done":
+        raise Conflict(f"run {run_dir.name!r} is {record.get('status')}: optimize a finished run")
+    if modality_name not in OPTIMIZERS:
+        raise BadRequest(f"aigc optimize takes text and image runs; {run_dir.name!r} is a {modality_name} run")
+    optimizer = OPTIMIZERS[modality_name]
+    if method not in optimizer.METHODS:
+        takes = " and ".join(m for m, o in OPTIMIZERS.items() if method in o.METHODS)
+        article = "an" if modality_name == "image" else "a"
+        raise BadRequest(f"--method {method} takes {takes} runs; {run_dir.name!r} is {article} {modality_name} "
+                         f"run (use: {', '.join(optimizer.METHODS)})")
+    if method != "rerank" and FAMILIES[family].trainer != "gradient":
+        raise BadRequest(f"--method {method} fine-tunes a gradient-trained family; {family} is counted: use "
+                         f"--method rerank")
+
+
+def feedback_summary(run: str, db: Store | None = None) -> dict:
+    """What the feedback stored for a run allows (the studio's *Improve from feedback*): the counts that
+    `aigc optimize` would learn from (those of the feedback snapshot: liked and disliked outputs, preference
+    pairs, the ratings and the arena votes read) and, for each method, whether it can start and, where not, why
+    (the error `optimize` would answer: `check_optimizable`, then `feedback.require`)."""
+    run_dir = store.find_run(run)
+    record = store.read_run(run_dir)
+    modality_name = store.modality_of(record)
+    feedback = fb.Feedback(run_dir.name, modality_name)  # a modality optimize does not take: nothing is read
+    if modality_name in OPTIMIZERS:
+        with contextlib.ExitStack() as stack:
+            if db is None:
+                db = stack.enter_context(Store())
+            feedback = fb.collect(db, run_dir.name, modality_name)
+    methods = []
+    for method in OPTIMIZE_METHODS:
+        try:
+            check_optimizable(run_dir, record, method)
+            fb.require(feedback, method)
+        except UserError as e:
+            methods.append({"method": method, "available": False, "reason": str(e)})
+        else:
+            methods.append({"method": method, "available": True, "reason": None})
+    snapshot = feedback.snapshot()
+    return {"run": run_dir.name, "modality": modality_name, "liked": snapshot["liked"],
+            "disliked": snapshot["disliked"], "pairs": snapshot["pairs"], "ratings": len(snapshot["rating_ids"]),
+            "votes": len(snapshot["vote_ids"]), "methods": methods}
 
 
 # ----------------------------------------------------------------------------------
@@ -447,13 +486,16 @@ def chat_prompt(messages: list[dict]) -> str:
 def record(generation: Generation, db: Store, *, source: str, request: dict, files: list[str] | None = None,
            key_id: str | None = None, ids: list[str] | None = None) -> list[str]:
     """Store a generation (aigc.db): one row for text and series, one row per image (its PNG is written into
-    $AIGC_HOME/generations/ when `files` does not say where it already is). Returns the generation ids (`ids`:
+    $AIGC_HOME/generations/ when `files` does not say where it already is), with what best-of-n reranking chose
+    (`rerank`: best_of, candidates, chosen, scores; an image's row: its own). Returns the generation ids (`ids`:
     drawn beforehand, e.g. for a stream whose chunks carry the id)."""
     run_dir = Path(generation.record["run"])
     common = {"run": run_dir.name, "run_path": str(run_dir), "run_sha256": weights_sha256(run_dir),
               "modality": generation.modality, "latency_s": generation.extra.get("latency_s", 0.0),
               "key_id": key_id, "source": source}
     settings = generation.record["settings"]
+    reranked = generation.record.get("rerank")
+    rerank_of = None if reranked is None else json_safe({"best_of": settings.get("best_of"), **reranked})
     if generation.modality == "image":
         made = []
         for i, (pixels, rec) in enumerate(zip(generation.outputs, generation.record["images"], strict=True)):
@@ -464,9 +506,11 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                 save_png(path, pixels, rec)
             else:
                 path = Path(files[i])
+            one = None if rerank_of is None else {**rerank_of, "chosen": rerank_of["chosen"][i:i + 1],
+                                                  "scores": rerank_of["scores"][i:i + 1]}
             made.append(db.add_generation(id=gen_id, request={**request, "index": i}, seed=rec["seed"],
                                           family=rec["family"], file=str(path), output={"class": rec["class"]},
-                                          **common))
+                                          rerank=one, **common))
         return made
     stats = generation.record.get("stats", {})
     output = generation.outputs if generation.modality == "text" else json_safe(generation.outputs)
@@ -474,7 +518,7 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
     return [db.add_generation(id=ids[0] if ids else None, request=request, seed=settings.get("seed"), family=family,
                               output=output, file=files[0] if files else None,
                               prompt_tokens=stats.get("prompt_tokens"),
-                              completion_tokens=stats.get("generated_tokens"), **common)]
+                              completion_tokens=stats.get("generated_tokens"), rerank=rerank_of, **common)]
 
 
 def weights_sha256(path: Path) -> str | None:
@@ -502,18 +546,22 @@ def check_options(modality: Modality, options: dict, kind: str) -> None:
 def generation_defaults(run: str) -> dict:
     """The value each generation option of a run takes when a request leaves it out (what an interface shows
     as the default): text from GenerateSettings, an image family's from its `sample` keywords, a series' from
-    the series modality."""
+    the series modality; and `best_of`, the run's own k, for a run with a reward model (none without: a request
+    for best_of > 1 is refused there)."""
     run_dir, modality = resolve(run)
+    reward = rerank.reward_of(run_dir) if store.is_run(run_dir) else None
+    own = {} if reward is None else {"best_of": reward.info.get("best_of", 1)}
     if modality.NAME == "text":
         fields = dataclasses.fields(GenerateSettings)
-        return {f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"}
+        return {**{f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"},
+                **own}
     if modality.NAME == "series":
         return dict(series.GENERATE_DEFAULTS)
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None else {}
     return {"n": 1, **{name: keywords[name].default for name in fam.sampler_options
-                       if name in keywords and keywords[name].default is not inspect.Parameter.empty}}
+                       if name in keywords and keywords[name].default is not inspect.Parameter.empty}, **own}
 
 
 def datasets() -> list[dict]:

@@ -221,13 +221,17 @@ class Store:
                        seed: int | None = None, family: str | None = None, run_path: str | None = None,
                        run_sha256: str | None = None, latency_s: float = 0.0, prompt_tokens: int | None = None,
                        completion_tokens: int | None = None, key_id: str | None = None, source: str = "api",
-                       id: str | None = None) -> str:
+                       id: str | None = None, rerank: dict | None = None) -> str:
+        """A generation's row; `rerank`: what best-of-n reranking chose ({best_of, candidates, chosen, scores,
+        features}), for a generation that a reward model picked."""
         if not (isinstance(run, str) and run):
             raise BadRequest("run: give the name of the run that made the generation")
         _one_of("modality", modality, MODALITIES)
         _one_of("source", source, SOURCES)
         if not isinstance(request, dict):
             raise BadRequest("request: give the request as a dict")
+        if rerank is not None and not isinstance(rerank, dict):
+            raise BadRequest("rerank: give what the reranking chose as a dict")
         _no_nul(run=run, family=family, run_path=run_path, run_sha256=run_sha256, file=file, request=request,
                 key_id=key_id, id=id)
         if seed is not None and not (_is_int(seed) and -2**63 <= seed < 2**63):
@@ -235,7 +239,8 @@ class Store:
         row = {"id": id or new_id("gen"), "created": _now(), "run": run, "run_path": run_path,
                "run_sha256": run_sha256, "modality": modality, "family": family, "source": source,
                "request": request, "seed": seed, "output": output, "file": file, "latency_s": float(latency_s),
-               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "key_id": key_id}
+               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "key_id": key_id,
+               "rerank": rerank}
         with self._writer.begin() as connection:
             self._check_key_id(connection, key_id)
             if connection.scalar(sa.select(generations.c.id).where(generations.c.id == row["id"])):

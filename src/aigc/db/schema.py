@@ -56,6 +56,9 @@ generations = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=True),
     sa.Column("completion_tokens", sa.Integer, nullable=True),
     sa.Column("key_id", ID, sa.ForeignKey("api_keys.id"), nullable=True),
+    # best-of-n: {best_of, candidates, chosen, scores, features} of a generation that a reward model picked
+    # (aigc.optimize.rerank); null otherwise
+    sa.Column("rerank", sa.JSON, nullable=True),
 )
 
 ratings = sa.Table(

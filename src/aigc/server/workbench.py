@@ -1,7 +1,7 @@
 """The studio's actions as /v1 endpoints, for the web studio and any application alike (docs/studio.md): a
-model's generation controls, details (with its lineage) and preview; the named data sets and uploads; training and
-evaluation jobs; the arena (battles, votes, the leaderboard); sweeps (their trials, importances, best); how to make a
-stored generation again.
+model's generation controls, details (with its lineage), preview and what its feedback allows; the named data sets
+and uploads; training and evaluation jobs, and optimizations from feedback; the arena (battles, votes, the
+leaderboard); sweeps (their trials, importances, best); how to make a stored generation again.
 
 Every route is a thin front on the service layer (aigc.service, aigc.uploads, aigc.jobs, aigc.db and
 aigc.evaluate.arena), as the rest of the API is.
@@ -31,7 +31,7 @@ from aigc.server import schemas
 from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
-BASIC = {"text": ("max_tokens", "temperature", "n"), "image": ("n", "steps", "guidance_scale"),
+BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
          "series": ("horizon", "paths", "level")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
@@ -76,16 +76,23 @@ def install(app: FastAPI, ctx: Context) -> None:
     @app.get("/v1/models/{model}/controls", summary="the generation options a model takes, with ranges and defaults")
     def controls(model: str, key_id: str | None = Depends(ctx.caller)):
         modality, path = ctx.model_path(model)
+        defaults = service.generation_defaults(str(path))
         if model in config.models:
             return {"model": model, "modality": "text", "family": "hf", "classes": None,
-                    "controls": _controls("text", (), service.generation_defaults(str(path)))}
+                    "controls": _controls("text", (), defaults)}
         record = store.read_run(path)
         fam = service.FAMILIES[record["family"]]
         extra = tuple(o for o in fam.sampler_options if o != "guidance_scale" or record.get("num_classes"))
+        extra += ("best_of",) if "best_of" in defaults else ()  # a run with a reward model: best of N
         classes = record.get("class_names") or ([str(i) for i in range(record["num_classes"])]
                                                 if record.get("num_classes") else None)
         return {"model": model, "modality": modality, "family": record["family"], "classes": classes,
-                "controls": _controls(modality, extra, service.generation_defaults(str(path)))}
+                "controls": _controls(modality, extra, defaults)}
+
+    @app.get("/v1/models/{model}/feedback", summary="what the ratings and votes stored for a run allow: counts, and "
+                                                    "which aigc optimize methods can start (or why not)")
+    def feedback(model: str, key_id: str | None = Depends(ctx.caller)):
+        return service.feedback_summary(str(run_dir(model)), db)
 
     @app.get("/v1/models/{model}/details", summary="a run's record, metrics, loss curve, files and baseline")
     def details(model: str, key_id: str | None = Depends(ctx.caller)):
@@ -420,10 +427,12 @@ def _replay(row: dict, base_url: str) -> dict:
                           "")
         body = {"model": run, "prompt": prompt or "", "seed": seed}
         for field in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "num_beams",
-                      "no_repeat_ngram_size", "stop", "n"):
+                      "no_repeat_ngram_size", "stop", "n", "best_of"):
             value = request.get(field, request.get(OPTION_OF.get(field, "")))
             if value is not None:
                 body[field] = value
+        if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
+            body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
             body["max_tokens"] = ARENA_TOKENS
         path, cli = "/v1/completions", ["aigc", "generate", run, "--prompt", body["prompt"]]
@@ -434,6 +443,8 @@ def _replay(row: dict, base_url: str) -> dict:
         for field in ("sampler", "steps", "eta", "guidance_scale", "truncation"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if row.get("rerank") or (request.get("best_of") or 1) > 1:
+            body["best_of"] = 1  # the image kept has its own seed: alone, it is drawn again as it was
         path, cli = "/v1/images/generations", ["aigc", "generate", run, "-n", "1"]
         if body["prompt"]:
             cli += ["--class", body["prompt"]]

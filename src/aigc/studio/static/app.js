@@ -167,7 +167,7 @@ pages.models = async (main, params) => {
     main.append(h("p", {}, h("a", {href: "#/models", text: t("models.all")})));
     if (!list.length) { main.append(h("p", {class: "error", role: "alert", text: t("models.missing", {run: only})})); return; }
   }
-  const cards = h("div", {class: "cards"});
+  const cards = h("div", {class: only ? "cards single" : "cards"});
   main.append(cards);
   for (const m of list) {
     const body = h("div", {class: "preview", text: t("loading")});
@@ -181,14 +181,17 @@ pages.models = async (main, params) => {
       body.textContent = "";
       const made = d.lineage && lineage(d.lineage);
       if (made) body.append(made);
+      if (d.lineage && d.lineage.optimized) body.append(beforeAfter(d.metrics));
       if (d.baseline) body.append(h("p", {class: "meta", text: d.baseline.run
         ? t("models.baseline", {run: d.baseline.run, value: fmt(d.baseline.val_bpc)}) : d.baseline.hint}));
       if (d.curve.length) body.append(curveChart([{name: m.id, curve: d.curve}], {width: 300, height: 150}));
       const links = h("p", {}, h("a", {href: `#/generate?model=${encodeURIComponent(m.id)}`, text: t("models.use")}));
       if (d.report) links.append(" · ", h("a", {href: `/v1/models/${m.id}/files/report.html`, target: "_blank",
                                                  text: t("models.report")}));
-      body.append(links);
-      if (m.status === "done") return api(`/v1/models/${m.id}/preview`).then(p => body.append(showOutputs(p)));
+      const shown = h("div");
+      body.append(links, shown);
+      if (m.status === "done" && (m.modality === "text" || m.modality === "image")) body.append(improvePanel(m.id, !!only));
+      if (m.status === "done") return api(`/v1/models/${m.id}/preview`).then(p => shown.append(showOutputs(p)));
     }).catch(e => { body.append(h("p", {class: "error", text: e.message})); });
   }
 };
@@ -225,6 +228,81 @@ function lineage(l) {  // where a run came from: optimized from a parent, contin
       sweep: h("a", {href: `#/sweeps?name=${encodeURIComponent(s.study)}`, class: "sweep", text: s.study})})));
   }
   return box.childNodes.length ? box : null;
+}
+
+// ------------------------------------------------------------------ improving a run from people's feedback
+
+const METHOD_WORDS = {  // each method of aigc optimize: its button and its one-line explanation
+  sft: ["improve.sft", "improve.sfthelp"],
+  dpo: ["improve.dpo", "improve.dpohelp"],
+  rerank: ["improve.rerank", "improve.rerankhelp"],
+};
+
+function improvePanel(model, open) {  // the counts of a run's feedback, a button per method, then the job
+  const summary = h("summary", {text: t("improve.title")});
+  const body = h("div", {}, t("loading"));
+  const box = h("details", {class: "improve", "data-testid": "improve", open}, summary, body);
+  api(`/v1/models/${encodeURIComponent(model)}/feedback`).then(f => {
+    body.textContent = "";
+    const counts = t("improve.counts", {liked: f.liked, disliked: f.disliked, pairs: f.pairs});
+    summary.textContent = t("improve.titlecounts", {counts});
+    body.append(h("p", {"data-testid": "feedback-counts"}, h("strong", {text: counts}), " ",
+                  h("span", {class: "meta", text: t("improve.from", {ratings: f.ratings, votes: f.votes})})));
+    if (!f.ratings && !f.votes) body.append(h("p", {class: "meta", text: t("improve.none")}));
+    const name = h("input", {type: "text", name: "name", pattern: "[A-Za-z0-9][A-Za-z0-9._-]*"});
+    const error = h("p", {class: "error", role: "alert"}), jobs = h("div", {class: "improve-jobs"});
+    body.append(field("improve.name", name, t("improve.namehelp", {model})));
+    for (const m of f.methods) {
+      const [label, help] = METHOD_WORDS[m.method];
+      const go = h("button", {type: "button", class: "primary", "data-method": m.method, disabled: !m.available,
+                              text: t(label)});
+      go.addEventListener("click", async () => {
+        error.textContent = ""; showError(name, "");
+        go.disabled = true;
+        try {
+          const job = await api("/v1/optimizations", {body: {model, method: m.method, ...(name.value ? {name: name.value} : {})}});
+          jobs.prepend(jobCard(job));
+        } catch (e) {
+          if (e.param === "name") showError(name, e.message); else error.textContent = e.message;
+        } finally { go.disabled = !m.available; }
+      });
+      body.append(h("div", {class: "method", "data-method": m.method}, go, h("span", {class: "help", text: ` ${t(help)}`}),
+        m.available ? null : h("p", {class: "meta reason", "data-testid": "reason", text: m.reason})));
+    }
+    body.append(error, jobs);
+  }).catch(e => { body.textContent = ""; body.append(h("p", {class: "error", text: e.message})); });
+  return box;
+}
+
+function percent(v) {
+  return typeof v === "number" ? `${(100 * v).toFixed(1)}%` : "—";
+}
+
+function share(metrics, side) {  // "31.0% (25.2–36.8%)": the judged share of liked outputs and its 95% interval
+  const ci = metrics[`liked_share_${side}_ci95`];
+  return `${percent(metrics[`liked_share_${side}`])}${ci ? ` (${percent(ci[0])}–${percent(ci[1])})` : ""}`;
+}
+
+function beforeAfter(metrics) {  // an optimized run against its parent: liked share, bits/char or FID
+  const box = h("div", {class: "before-after", "data-testid": "before-after"});
+  const rows = [];
+  if (typeof metrics.liked_share_before === "number")
+    rows.push(["improve.liked", share(metrics, "before"), share(metrics, "after")]);
+  if (typeof metrics.parent_val_bpc === "number" && typeof metrics.val_bpc === "number")
+    rows.push(["improve.bpc", fmt(metrics.parent_val_bpc), fmt(metrics.val_bpc)]);
+  if (typeof metrics.fid_before === "number" && typeof metrics.fid_after === "number")
+    rows.push(["improve.fid", fmt(metrics.fid_before), fmt(metrics.fid_after)]);
+  if (!rows.length) { box.append(h("p", {class: "meta", text: t("improve.notjudged")})); return box; }
+  box.append(h("table", {}, h("thead", {}, h("tr", {}, h("th", {text: ""}), h("th", {text: t("improve.before")}),
+    h("th", {text: t("improve.after")}))), h("tbody", {}, rows.map(([key, before, after]) =>
+    h("tr", {"data-metric": key.split(".")[1]}, h("th", {text: t(key)}), h("td", {text: before}), h("td", {text: after}))))));
+  if (typeof metrics.liked_share_before === "number") {
+    const accuracy = typeof metrics.judge_heldout_accuracy === "number"
+      ? t("improve.accuracy", {acc: percent(metrics.judge_heldout_accuracy), n: metrics.judge_heldout_n})
+      : t("improve.noaccuracy");
+    box.append(h("p", {class: "meta", text: `${t("improve.judged", {n: metrics.judged_samples})} ${accuracy}`}));
+  }
+  return box;
 }
 
 function showOutputs(p) {  // a preview or a battle side: texts, images or a forecast
@@ -297,7 +375,8 @@ function buildGenerateForm(form, out, spec) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
-  for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c), c.help));
+  for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c),
+    c.name === "best_of" ? t("gen.bestofhelp", {k: c.default}) : c.help));
   const seed = h("input", {type: "number", name: "seed", min: 0, step: 1});
   advanced.append(field("opt.seed", seed, t("gen.seedhelp")));
   form.append(basic, h("details", {}, h("summary", {text: t("gen.advanced")}), advanced));
@@ -396,6 +475,9 @@ async function openGeneration(box, id) {
   const g = await api(`/v1/generations/${id}`);
   box.textContent = "";
   box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), rating(g.id));
+  if (g.rerank) box.append(h("p", {class: "meta", "data-testid": "rerank", text: t("hist.rerank", {
+    k: g.rerank.best_of, chosen: g.rerank.chosen.map(i => i + 1).join(", "), candidates: g.rerank.candidates,
+    scores: g.rerank.scores.map(fmt).join(", ")})}));
   const again = h("div", {"data-testid": "regenerated"});
   try {
     const replay = await api(`/v1/generations/${id}/replay`);
@@ -577,9 +659,9 @@ function jobCard(job) {
   const bar = h("div", {class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100,
                         "aria-label": t("train.progress")}, h("div"));
   const status = h("p", {class: "status"}), chart = h("div"), actions = h("div", {class: "row"});
-  const card = h("article", {class: "card", "data-job": job.id, "data-run": job.run},
-                 h("h2", {text: `${job.kind === "eval" ? t("train.evaljob") : t("train.trainjob")}: ${job.run}`}),
-                 bar, status, chart, actions);
+  const title = {eval: "train.evaljob", optimize: "train.optimizejob"}[job.kind] || "train.trainjob";
+  const card = h("article", {class: "card", "data-job": job.id, "data-run": job.run, "data-kind": job.kind},
+                 h("h2", {text: `${t(title)}: ${job.run}`}), bar, status, chart, actions);
   const render = j => {
     const pct = Math.round(100 * (j.progress || (j.status === "done" ? 1 : 0)));
     bar.firstChild.style.width = `${pct}%`;
@@ -587,7 +669,8 @@ function jobCard(job) {
     card.dataset.status = j.status;
     const eta = j.eta_s !== null && j.eta_s !== undefined && j.status === "running" ? ` · ${t("train.eta")} ${Math.ceil(j.eta_s)} s` : "";
     const step = j.step ? ` · ${t("curve.step")} ${j.step}${j.steps_goal ? `/${j.steps_goal}` : ""}` : "";
-    status.textContent = `${t(`status.${j.status}`)} · ${pct}%${step}${eta}`;
+    const rate = j.step && j.elapsed_s && j.status === "running" ? ` · ${t("train.rate", {rate: (j.step / j.elapsed_s).toFixed(1)})}` : "";
+    status.textContent = `${t(`status.${j.status}`)} · ${pct}%${step}${rate}${eta}`;
     if (j.error) status.append(h("span", {class: "error", text: ` ${j.error}`}));
     if (j.curve && j.curve.length) { chart.textContent = ""; chart.append(curveChart([{name: j.run, curve: j.curve}], {width: 380, height: 160})); }
     actions.textContent = "";
@@ -601,6 +684,11 @@ function jobCard(job) {
       }}));
     if (j.status === "done" && j.kind === "eval") actions.append(h("a", {href: `/v1/models/${j.run}/files/report.html`,
       target: "_blank", text: t("models.report")}), h("a", {href: `#/compare?models=${j.run}`, text: t("nav.compare")}));
+    if (j.status === "done" && j.kind === "optimize") {
+      actions.append(h("a", {href: `#/models?model=${encodeURIComponent(j.run)}`, class: "new-run",
+                             text: t("improve.newrun", {run: j.run})}));
+      if (j.result && j.result.metrics && !card.querySelector(".before-after")) card.append(beforeAfter(j.result.metrics));
+    }
     if (j.status === "done") actions.append(h("a", {href: `#/generate?model=${encodeURIComponent(j.run)}`, text: t("models.use")}));
   };
   render(job);
