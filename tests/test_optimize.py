@@ -343,7 +343,7 @@ def test_image_rerank_moves_a_taste_read_from_the_picture(rated_pictures, monkey
     assert metrics["liked_share_after"] > metrics["liked_share_before"]
     # quality beside the preference: FID of the same 100 fresh images of each side against held-out digits
     assert metrics["fid_images"] == 100 and metrics["fid_before"] > metrics["fid_floor"] >= 0
-    assert math.isfinite(metrics["fid_after"])
+    assert all(math.isfinite(metrics[k]) for k in ("fid_after", "fid_matched_before", "fid_matched_after"))
     assert "FID against the same held-out images (100 each)" in (run_dir / "README.md").read_text("utf-8")
 
     before, after = _share_bright("pics", cut), _share_bright(run_dir.name, cut)
@@ -370,3 +370,22 @@ def test_liked_image_batches_mix_liked_images_by_weight_with_the_data():
     assert (values[:1000] == 2).float().mean().item() == pytest.approx(0.75, abs=0.04)  # drawn 1 : 3 by weight
     x, _ = batches.sample(torch.Generator().manual_seed(0), 1)
     assert x[0, 0, 0, 0] > 0  # at least one liked image in every batch
+
+
+def test_class_matched_images_follow_the_class_mix_the_classifier_reads(aigc_home):
+    from aigc.data.images import load_images, to_tensor
+    from aigc.evaluate.images import feature_net
+    from aigc.optimize.judge import _class_matched
+
+    train, val = load_images("digits"), load_images("digits", split="test")
+    fakes = to_tensor(val.images[val.labels >= 7][:60])  # real 7s, 8s and 9s stand in for a run's images
+    net, _ = feature_net(train)
+    with torch.no_grad():
+        read = net(fakes).argmax(1).numpy()
+    matched = _class_matched(fakes, train, val)
+    assert matched.n == 60
+    assert sorted(matched.labels.tolist()) == sorted(read.tolist())  # the same classes, as many of each
+    assert np.isin(read, [7, 8, 9]).mean() > 0.8  # the classifier reads the stand-ins mostly right
+    # and the matched images are the held-out split's own pictures of those classes
+    rows = [np.flatnonzero((val.images == image).all(axis=(1, 2, 3)))[0] for image in matched.images]
+    assert [int(val.labels[r]) for r in rows] == matched.labels.tolist()

@@ -176,7 +176,10 @@ def card_lineage(record: dict) -> list[str]:
                      f"{m.get('val_bpc', float('nan')):.4f} after")
     if "fid_before" in m:
         lines.append(f"- FID against the same held-out images ({m['fid_images']} each): {m['fid_before']:.2f} "
-                     f"before, {m['fid_after']:.2f} after")
+                     f"before, {m['fid_after']:.2f} after (floor {m['fid_floor']:.2f})")
+    if "fid_matched_before" in m:
+        lines.append(f"- FID against held-out images in each side's own class mix: {m['fid_matched_before']:.2f} "
+                     f"before, {m['fid_matched_after']:.2f} after")
     if "liked_share_before" in m:
         (lo0, hi0), (lo1, hi1) = m["liked_share_before_ci95"], m["liked_share_after_ci95"]
         accuracy = m.get("judge_heldout_accuracy")

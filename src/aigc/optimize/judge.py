@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from aigc.config import build, read_toml
-from aigc.data.images import to_tensor
+from aigc.data.images import ImageData, to_tensor
 from aigc.errors import BadRequest
-from aigc.evaluate.images import score_against_data
+from aigc.evaluate.images import feature_net, score_against_data
 from aigc.modalities import image as image_modality
 from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
@@ -70,19 +70,48 @@ def draw(modality, loaded, prompt: str, n: int, seed: int, max_new_tokens: int, 
 
 
 def image_quality(parent, before: list[np.ndarray], after: list[np.ndarray]) -> dict:
-    """FID of the parent's and of the new run's fresh images (the same ones judged), each against the same held-out
-    real images of the parent's validation split, in the evaluation's feature space (aigc eval's), with its floor
-    (training against held-out images at the same N)."""
+    """FID of the parent's and of the new run's fresh images (the same ones judged), each against held-out real
+    images of the parent's validation split, in the evaluation's feature space (aigc eval's), with its floor
+    (training against held-out images at the same N).
+
+    A taste for some classes moves the class mix, and FID against the held-out split as it is rises with it
+    however good each picture is. Where the feature net is a classifier, `fid_matched_*` also compares each side
+    with held-out images drawn (seeded, with replacement within a class) to the class mix the net reads in that
+    side's images: quality with the mix taken out."""
     configs = build(image_modality.sections(parent.family), read_toml(parent.path / "config.toml"),
                     family=parent.record["family"])
     train, val = image_modality.recorded_split(parent.path, parent.record, configs["data"])
     n = min(len(before), len(after), val.n)
     if n < 3:
         return {}
-    scored = {side: score_against_data(to_tensor(np.stack(images[:n])), train, val)["metrics"]
-              for side, images in (("before", before), ("after", after))}
-    return {"fid_before": scored["before"]["fid"], "fid_after": scored["after"]["fid"],
-            "fid_floor": scored["before"]["fid_floor"], "fid_images": n}
+    out = {"fid_images": n}
+    for side, images in (("before", before), ("after", after)):
+        fakes = to_tensor(np.stack(images[:n]))
+        scored = score_against_data(fakes, train, val)["metrics"]
+        out[f"fid_{side}"] = scored["fid"]
+        out.setdefault("fid_floor", scored["fid_floor"])
+        matched = _class_matched(fakes, train, val)
+        if matched is not None:
+            out[f"fid_matched_{side}"] = score_against_data(fakes, train, matched)["metrics"]["fid"]
+    return out
+
+
+def _class_matched(fakes: torch.Tensor, train: ImageData, val: ImageData) -> ImageData | None:
+    """Held-out images in the class mix the evaluation's classifier reads in `fakes` (None: no classifier)."""
+    net, _ = feature_net(train)
+    if not net.is_classifier or val.labels is None:
+        return None
+    with torch.no_grad():
+        read = torch.cat([net(fakes[i:i + 500]).argmax(1) for i in range(0, len(fakes), 500)]).numpy()
+    generator = np.random.default_rng(0)
+    rows = []
+    for label in np.unique(read):
+        pool = np.flatnonzero(val.labels == label)
+        if len(pool) == 0:
+            return None
+        rows.append(generator.choice(pool, size=int((read == label).sum()), replace=True))
+    rows = np.concatenate(rows)
+    return ImageData(val.source, val.images[rows], val.labels[rows], val.class_names)
 
 
 def compare(modality, parent_dir: Path, run_dir: Path, feedback: Feedback, cfg, reward=None) -> dict:
