@@ -33,6 +33,7 @@ from pathlib import Path
 from aigc import __version__, store, studies
 from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, save_png
+from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
 from aigc.db import Store, default_url, new_id
@@ -63,6 +64,8 @@ def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
     fam = family_of(family)
     if fam.modality == "series" or (data is not None and is_series_data(data)):
         return "series", series.series_family(family)  # an error for a family that takes no series
+    if data is not None and fam.modality == "text" and is_music_data(data):  # MIDI or a named music corpus
+        return "music", fam
     return fam.modality, fam
 
 
@@ -573,6 +576,8 @@ def datasets() -> list[dict]:
               "installed": named_installed(name)} for name, d in NAMED_IMAGES.items()]
     rows += [{"name": name, "modality": "series", "description": d.description, "package": "statsmodels",
               "installed": True} for name, d in NAMED_SERIES.items()]
+    rows += [{"name": name, "modality": "music", "description": f"{d.description} ({d.licence})",
+              "package": d.package, "installed": True} for name, d in MUSIC_CORPORA.items()]
     return rows
 
 
