@@ -169,3 +169,31 @@ def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path):
     assert not (runs_dir() / "bad").exists()
     with pytest.raises(BadRequest, match="--val-data does not apply to music runs"):
         service.train("rnn", str(corrupt), name="bad", val_data=str(corrupt))
+
+
+def test_the_api_composes_music_as_wav_and_midi(midi_folder):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+
+    service.train("ngram", str(midi_folder), name="chorales", sets={"max_order": "3"})
+    home = runs_dir().parent
+    app = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app) as client:
+        body = {"model": "chorales", "n": 2, "bars": 2, "seed": 4}
+        first, again = (client.post("/v1/audio/generations", json=body) for _ in range(2))
+        assert first.status_code == 200, first.text
+        made = first.json()
+        assert made["seed"] == 4 and len(made["data"]) == 2 and made["rendered_with"]
+        wav = base64.b64decode(made["data"][0]["wav_b64"])
+        midi = base64.b64decode(made["data"][0]["midi_b64"])
+        assert wav[:4] == b"RIFF" and midi[:4] == b"MThd"
+        assert made["data"][0]["record"]["settings"]["seed"] == 4
+        assert [d["midi_b64"] for d in again.json()["data"]] == [d["midi_b64"] for d in made["data"]]
+        assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        wrong = client.post("/v1/images/generations", json={"model": "chorales"})
+        assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text
+        unknown = client.post("/v1/forecasts", json={"model": "chorales", "horizon": 1, "bars": 2})
+        assert unknown.status_code == 400 and "bars" in unknown.text

@@ -490,18 +490,23 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 
 def piano_roll_png(path: Path, piece: Piece, record: dict | None = None) -> None:
-    """A piano roll: time left to right (4 px per 16th, bar lines grey), pitch bottom to top (3 px per semitone),
-    with `record` as the PNG text chunk "aigc" as image runs write theirs."""
+    """A piano roll: time left to right (6 px per 16th, bar lines grey), pitch bottom to top (4 px per semitone,
+    C lines light), with `record` as the PNG text chunk "aigc" as image runs write theirs."""
+    x_px, y_px = 6, 4
     low, high = (min(p for *_, p in piece.notes) - 2, max(p for *_, p in piece.notes) + 2) if piece.notes else (48, 84)
     end = max((o + d for o, d, _ in piece.notes), default=16)
-    width, height = end * 4 + 1, (high - low + 1) * 3
+    width, height = end * x_px + 1, (high - low + 1) * y_px
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
+    for pitch in range(low, high + 1):
+        if pitch % 12 == 0:
+            draw.line([(0, (high - pitch) * y_px + y_px // 2), (width, (high - pitch) * y_px + y_px // 2)],
+                      fill=(235, 235, 235))
     for x in range(0, end + 1, bar_length(piece.time_signature)):
-        draw.line([(x * 4, 0), (x * 4, height)], fill=(200, 200, 200))
+        draw.line([(x * x_px, 0), (x * x_px, height)], fill=(190, 190, 190))
     for onset, dur, pitch in piece.notes:
-        y = (high - pitch) * 3
-        draw.rectangle([onset * 4, y, (onset + dur) * 4 - 1, y + 2], fill=(30, 80, 160))
+        y = (high - pitch) * y_px
+        draw.rectangle([onset * x_px, y, (onset + dur) * x_px - 2, y + y_px - 2], fill=(30, 80, 160))
     info = PngImagePlugin.PngInfo()
     if record is not None:
         info.add_text("aigc", json.dumps(record, ensure_ascii=False))

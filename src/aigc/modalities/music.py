@@ -43,8 +43,9 @@ NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_bars")
 EVALUATE_OPTIONS = ()
-DEFAULT_BARS = 8  # a piece lasts at least this many bars unless the model ends it sooner (said in the record)
+DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
+MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
 EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying
 
 
@@ -227,9 +228,11 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     settings = text.settings_of({**options, "max_new_tokens": min(budget, room, MAX_NEW_TOKENS_CAP),
                                  "prompt": " ".join(prompt) + " " if prompt else ""}, seed)
     samples, stats = decode(loaded, settings, cancel=cancel, batched=batched)
+    want = m.bars_of(prompt) + bars
+    samples = [_extend(loaded, settings, sample.split(), want, seed, i, cancel) for i, sample in enumerate(samples)]
     outputs = []
     for sample in samples:
-        tokens = m.first_bars(sample.split(), m.bars_of(prompt) + bars)
+        tokens = m.first_bars(sample, want)
         piece = m.decode(tokens)
         outputs.append({"tokens": " ".join(tokens), "bars": m.bars_of(tokens), "notes": len(piece.notes)})
     settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi,
@@ -237,6 +240,26 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     settings_out.pop("stop")
     return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
                                       "stats": stats})
+
+
+def _extend(loaded: LoadedModel, settings, tokens: list[str], bars: int, seed: int, index: int,
+            cancel: threading.Event | None) -> list[str]:
+    """A piece the model ended before `bars` bars (a chorale's final cadence) goes on: the text decoding continues
+    it from a new bar, at the seed `seed + 1000 * round + index` (so the same request gives the same piece), at most
+    MAX_EXTENSIONS times; what it then has is what it is (its bars are in the record)."""
+    for round_ in range(1, MAX_EXTENSIONS + 1):
+        if m.bars_of(tokens) >= bars:
+            break
+        prompt = [*tokens, "Bar"]
+        room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
+        if room < 8:
+            break
+        options = {k: v for k, v in settings_dict(settings).items() if k != "seed"}
+        more = text.settings_of({**options, "n": 1, "prompt": " ".join(prompt) + " ",
+                                 "max_new_tokens": min(settings.max_new_tokens, room)}, seed + 1000 * round_ + index)
+        [sample], _ = decode(loaded, more, cancel=cancel)
+        tokens = sample.split()
+    return tokens
 
 
 def save(generation: Generation, out_dir: Path) -> list[str]:
