@@ -162,9 +162,9 @@ def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="no MIDI files"):
         m.load_music(str(empty))
-    for data in (corrupt, empty):
+    for data, says in ((corrupt, "not a readable MIDI file"), (empty, "nor .mid/.midi files")):
         done = runner.invoke(app, ["train", "--family", "ngram", "--data", str(data), "--name", "bad"])
-        assert done.exit_code != 0
+        assert done.exit_code != 0 and says in done.output
         assert "Traceback" not in done.output and done.output.count("error") == 1, done.output
     assert not (runs_dir() / "bad").exists()
     with pytest.raises(BadRequest, match="--val-data does not apply to music runs"):
