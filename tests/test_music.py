@@ -103,6 +103,7 @@ def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_p
     record = json.loads(m.midi_text(tmp_path / "a" / "000.mid"))
     assert record["settings"]["seed"] == 5 and record["run"] == str(run_dir)
 
+    assert service.generation_defaults(run_dir.name)["bars"] == 8
     result = service.evaluate(run_dir.name)
     for key in ("val_nll_per_token", "val_nll_per_note", "ngram_nll_per_token", "pitch_class_entropy",
                 "scale_consistency", "polyphony", "longest_copy_notes"):

@@ -40,7 +40,7 @@ from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
-from aigc.modalities import MODALITIES, Generation, Modality, image, series
+from aigc.modalities import MODALITIES, Generation, Modality, image, music, series
 from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
@@ -560,6 +560,8 @@ def generation_defaults(run: str) -> dict:
                 **own}
     if modality.NAME == "series":
         return dict(series.GENERATE_DEFAULTS)
+    if modality.NAME == "music":
+        return dict(music.GENERATE_DEFAULTS)
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None else {}

@@ -25,7 +25,7 @@ import numpy as np
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import to_toml
+from aigc.config import fields_of, to_toml
 from aigc.data import music as m
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
@@ -44,8 +44,10 @@ BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_bars")
 EVALUATE_OPTIONS = ()
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
+GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, "temperature": 0.8, "top_k": 0, "top_p": 1.0}  # as shown
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
+MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
 EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying
 
 
@@ -95,6 +97,8 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     train_pieces, val_pieces = m.split_pieces(pieces, configs["data"].val_fraction, configs["data"].split_seed)
     tokenizer = m.music_tokenizer()
     train_ids, val_ids = ids_of(tokenizer, train_pieces), ids_of(tokenizer, val_pieces)
+    if "n_positions" in fields_of(fam.config) and "n_positions" not in values:  # room for DEFAULT_BARS and more
+        configs["model"].n_positions = MUSIC_CONTEXT
     t0 = time.perf_counter()
     model, info = text.build_model(fam, configs, tokenizer, train_ids, None, {})
     if fam.trainer == "counts":

@@ -204,7 +204,7 @@ def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str 
 
 
 def build_model(fam: Family, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
-                 init_from: str | None, changes: dict[str, float]) -> tuple[object, dict]:
+                init_from: str | None, changes: dict[str, float]) -> tuple[object, dict]:
     """The model, checked against the data; the n-gram is fitted here (it has no training loop)."""
     if fam.trainer == "counts":
         cfg = configs["model"]
