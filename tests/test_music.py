@@ -56,6 +56,13 @@ def test_quantize_clips_long_notes_and_drops_grace_notes():
     assert m.quantize([(0.0, 0.0, 60), (0.25, 100.0, 62), (1.0, 1.0, 10)]) == [(1, m.MAX_DUR, 62)]
 
 
+def test_transposition_keeps_pitches_on_the_piano():
+    low = m.Piece("low", "4/4", [(0, 4, 22), (4, 4, 60)])
+    out = m.transposed([low], 2)
+    assert [p.name for p in out] == ["low", "low-1", "low+1", "low+2"]  # -2 would leave the piano
+    assert out[-1].notes == [(0, 4, 24), (4, 4, 62)]
+
+
 def test_copies_are_removed_before_the_split(chorales):
     copy = m.Piece("copy", chorales[0].time_signature, list(chorales[0].notes))
     pieces = m.remove_copies([*chorales, copy, copy])
@@ -114,8 +121,11 @@ def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_p
 
 def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_path):
     done = runner.invoke(app, ["train", "--family", "ngram", "--data", str(midi_folder), "--name", "chorales",
-                               "--set", "max_order=3"])
+                               "--set", "max_order=3", "--set", "transpose=1"])
     assert done.exit_code == 0, done.output
+    record = json.loads((runs_dir() / "chorales" / "run.json").read_text())
+    assert record["data"]["train"]["transposed_pieces"] == 2 * record["data"]["train"]["pieces"]
+    assert record["data"]["val"]["pieces"] == 1  # the validation split is not augmented
     out = tmp_path / "out"
     done = runner.invoke(app, ["generate", "chorales", "-n", "1", "--seed", "1", "--out", str(out), "--no-record",
                                "--prompt-midi", str(midi_folder / "copy.mid"), "--prompt-bars", "1", "--bars", "2"])

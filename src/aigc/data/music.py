@@ -69,6 +69,8 @@ class MusicDataConfig:
     val_fraction: float = option(0.1, "share of the pieces held out for validation (whole pieces, after exact copies "
                                       "are removed)", min=0.0, max=0.5, min_exclusive=True)
     split_seed: int = option(0, "seed of the shuffle that splits the pieces", min=0)
+    transpose: int = option(0, "augment the training split (only) with every transposition of -N..+N semitones "
+                               "that stays on the piano (0 = off)", min=0, max=6)
 
 
 @dataclass
@@ -373,6 +375,18 @@ def split_pieces(pieces: list[Piece], val_fraction: float, seed: int) -> tuple[l
     order = np.random.default_rng(seed).permutation(len(pieces))
     n_val = max(1, round(len(pieces) * val_fraction))
     return [pieces[i] for i in order[:-n_val]], [pieces[i] for i in order[-n_val:]]
+
+
+def transposed(pieces: list[Piece], semitones: int) -> list[Piece]:
+    """Each piece and its transpositions by -semitones..+semitones (0 excluded) that keep every pitch on the
+    piano: the augmentation of a training split (a validation split is never augmented)."""
+    out = list(pieces)
+    for shift in (s for s in range(-semitones, semitones + 1) if s):
+        for piece in pieces:
+            notes = [(o, d, p + shift) for o, d, p in piece.notes]
+            if all(PITCH_RANGE[0] <= p <= PITCH_RANGE[1] for _, _, p in notes):
+                out.append(Piece(f"{piece.name}{shift:+d}", piece.time_signature, notes))
+    return out
 
 
 # ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import fields_of, to_toml
+from aigc.config import fields_of, read_toml, to_toml
 from aigc.data import music as m
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
@@ -96,7 +96,8 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     pieces = m.remove_copies(read)  # before the split: no piece in both
     train_pieces, val_pieces = m.split_pieces(pieces, configs["data"].val_fraction, configs["data"].split_seed)
     tokenizer = m.music_tokenizer()
-    train_ids, val_ids = ids_of(tokenizer, train_pieces), ids_of(tokenizer, val_pieces)
+    seen = m.transposed(train_pieces, configs["data"].transpose)  # the augmentation: training split only
+    train_ids, val_ids = ids_of(tokenizer, seen), ids_of(tokenizer, val_pieces)
     if "n_positions" in fields_of(fam.config) and "n_positions" not in values:  # room for DEFAULT_BARS and more
         configs["model"].n_positions = MUSIC_CONTEXT
     t0 = time.perf_counter()
@@ -109,14 +110,15 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         "data": {
             "train": {"source": source, "file": "train.jsonl", "sha256": sha256_text(train_text),
                       "pieces": len(train_pieces), "tokens": len(train_ids),
-                      "notes": sum(len(p.notes) for p in train_pieces), "bars": bars},
+                      "notes": sum(len(p.notes) for p in train_pieces), "bars": bars,
+                      "transposed_pieces": len(seen) - len(train_pieces)},
             "val": {"source": "split", "file": "val.jsonl", "sha256": sha256_text(val_text),
                     "pieces": len(val_pieces), "tokens": len(val_ids), "notes": sum(len(p.notes) for p in val_pieces),
                     "names": [p.name for p in val_pieces]},
             "copies_removed": len(read) - len(pieces),  # bach-chorales: already removed when the corpus is read
         },
         "encoding": {"name": "remi-16th", "version": m.ENCODING_VERSION, "vocab_size": tokenizer.vocab_size,
-                     "tokens_per_bar": len(train_ids) / max(1, bars)},
+                     "tokens_per_bar": len(ids_of(tokenizer, train_pieces)) / max(1, bars)},
     }
 
     def write_files(staging: Path) -> None:
@@ -132,7 +134,8 @@ def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict)
     tokenizer = m.music_tokenizer()
     train, val = read_split(run_dir, record)
     model = fam.load(on_main(find_checkpoint, run_dir))
-    return Prepared(model, record, {"tokenizer": tokenizer, "train_ids": ids_of(tokenizer, train),
+    return Prepared(model, record, {"tokenizer": tokenizer,
+                                    "train_ids": ids_of(tokenizer, m.transposed(train, configs["data"].transpose)),
                                     "val_ids": ids_of(tokenizer, val), "notes": record["data"]["val"]["notes"],
                                     "fit": {}})
 
@@ -299,10 +302,12 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     loaded = load(str(run_dir))
     train, val = read_split(run_dir, record)
     tokenizer = loaded.tokenizer
-    train_ids, val_ids = ids_of(tokenizer, train), ids_of(tokenizer, val)
+    transpose = int(read_toml(Path(run_dir) / "config.toml").get("transpose", 0))  # the run's augmentation
+    train_ids, val_ids = ids_of(tokenizer, m.transposed(train, transpose)), ids_of(tokenizer, val)
     val_notes = sum(len(p.notes) for p in val)
 
-    # 1. likelihood of the held-out pieces, and the n-gram's (order chosen on the training tail) on the same split
+    # 1. likelihood of the held-out pieces, and the n-gram's (order chosen on the training tail) on the same split,
+    #    encoding and augmentation
     nll, n_tokens = loaded.nll(val_ids)
     if loaded.family == "ngram":
         base_nll = nll
