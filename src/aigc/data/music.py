@@ -7,7 +7,7 @@ that starts there (lowest pitch first). The vocabulary is fixed (it does not dep
 `tokenizers` WordLevel tokenizer, so a music run's tokenizer.json loads like a text run's and the text families,
 their training loop and their decoding take music unchanged: the data path is token ids.
 
-Why this and not miditok's REMI: the same idea, but a fixed vocabulary of 230 words and no second MIDI stack
+Why this and not miditok's REMI: the same idea, but a fixed vocabulary of 213 words and no second MIDI stack
 (miditok reads through symusic; music21 already parses the corpus, and a 60-line reader gives MIDI notes their own
 durations, which music21's MIDI import merges into chords), and a round trip that is exact by construction at
 16ths (tests/test_music.py). Durations above MAX_DUR 16ths are clipped to it; pitches outside the
