@@ -319,7 +319,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="cut a sample before this string; repeatable")] = None,
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
-    out: Annotated[str | None, typer.Option(help="image and series runs: folder for the files")] = None,
+    out: Annotated[str | None, typer.Option(help="image, series and music runs: folder for the files")] = None,
     from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
@@ -332,6 +332,11 @@ def generate(
     level: Annotated[float | None, typer.Option(help="series runs: prediction-interval level (default 0.95)")] = None,
     noise: Annotated[str | None, typer.Option(help="series runs: gaussian (default) | bootstrap (resampled "
                                                    "residuals)")] = None,
+    bars: Annotated[int | None, typer.Option(help="music runs: bars per piece (default 8)")] = None,
+    prompt_midi: Annotated[str | None, typer.Option(help="music runs: continue the first bars of this MIDI "
+                                                         "file")] = None,
+    prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi to continue "
+                                                         "(default 2)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
     best_of: Annotated[int | None, typer.Option(help="text and image runs with a reward model (aigc optimize "
@@ -380,7 +385,7 @@ def generate(
                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
-               "best_of": best_of}
+               "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_bars": prompt_bars}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:
@@ -400,6 +405,17 @@ def generate(
     files = service.save(generation, out)
     if not no_record:
         _record(service, generation, request, files)
+    if generation.modality == "music":
+        if json_out:
+            _emit_json({"files": files, "settings": generation.record["settings"],
+                        "rendered_with": generation.extra.get("rendered_with"), "outputs": generation.outputs})
+            return
+        for path in files:
+            print(path)
+        print(f"{len(generation.outputs)} piece(s) of {', '.join(str(o['bars']) for o in generation.outputs)} bars, "
+              f"seed {generation.record['settings']['seed']}; audio: {generation.extra.get('rendered_with')}",
+              file=sys.stderr)
+        return
     if generation.modality == "image":
         if json_out:
             settings = generation.record["settings"]
@@ -516,6 +532,11 @@ def eval_(
         naive = result["naive"]
         print(f"naive forecast on the same origins: mae {naive['mae']:.4g}, mase {naive['mase']:.4f}; "
               f"picture: {result['picture']}", file=sys.stderr)
+    elif "statistics" in result:  # a music run: each statistic of the samples beside the pieces'
+        stats = result["statistics"]
+        print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}")
+        for key in stats["samples"]:
+            print(f"{key:>20} {stats['samples'][key]:>8.3f} {stats['val'][key]:>8.3f} {stats['train'][key]:>8.3f}")
     elif (Path(result["run"]) / "report.html").is_file():
         print(f"report: {Path(result['run']) / 'report.html'}")
 
@@ -631,6 +652,12 @@ def data_list():
         print(f"{row['name']:<12} {row['values']:>6} {row['missing']:>7} {row['freq']:<7} {row['season'] or '-':>6} "
               f"{row['column']:<12} {row['description']}")
     print("\nYour own series: a .csv file (--column, --time-column, --freq; missing values need --fill).")
+    from aigc.data.music import MUSIC_CORPORA
+
+    print(f"\n{'music':<14} {'source':<14} {'licence':<44} description")
+    for name, corpus in MUSIC_CORPORA.items():
+        print(f"{name:<14} {corpus.package:<14} {corpus.licence:<44} {corpus.description}")
+    print("\nYour own music: a .mid/.midi file or a folder of them (ngram, rnn, gpt; docs/audio.md).")
 
 
 @data_app.command("show")

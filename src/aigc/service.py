@@ -33,13 +33,14 @@ from pathlib import Path
 from aigc import __version__, store, studies
 from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, save_png
+from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
 from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
-from aigc.modalities import MODALITIES, Generation, Modality, image, series
+from aigc.modalities import MODALITIES, Generation, Modality, image, music, series
 from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
@@ -63,6 +64,8 @@ def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
     fam = family_of(family)
     if fam.modality == "series" or (data is not None and is_series_data(data)):
         return "series", series.series_family(family)  # an error for a family that takes no series
+    if data is not None and fam.modality == "text" and is_music_data(data):  # MIDI or a named music corpus
+        return "music", fam
     return fam.modality, fam
 
 
@@ -557,6 +560,8 @@ def generation_defaults(run: str) -> dict:
                 **own}
     if modality.NAME == "series":
         return dict(series.GENERATE_DEFAULTS)
+    if modality.NAME == "music":
+        return dict(music.GENERATE_DEFAULTS)
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None else {}
@@ -573,6 +578,8 @@ def datasets() -> list[dict]:
               "installed": named_installed(name)} for name, d in NAMED_IMAGES.items()]
     rows += [{"name": name, "modality": "series", "description": d.description, "package": "statsmodels",
               "installed": True} for name, d in NAMED_SERIES.items()]
+    rows += [{"name": name, "modality": "music", "description": f"{d.description} ({d.licence})",
+              "package": d.package, "installed": True} for name, d in MUSIC_CORPORA.items()]
     return rows
 
 

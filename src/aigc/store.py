@@ -23,6 +23,7 @@ HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eva
     "text": ("val_bpc",),
     "image": ("fid", "val_nelbo", "val_loss"),
     "series": ("mase", "sigma"),
+    "music": ("val_nll_per_note",),
 }
 
 

@@ -255,7 +255,7 @@ def _load_dir(root: Path, text_field: str) -> list[str]:
         if p.is_file() and p.suffix.lower() in (".txt", ".jsonl")
     ]
     if not files:
-        raise UserError(f"no *.txt or *.jsonl files under directory {root}")
+        raise UserError(f"no *.txt or *.jsonl files under directory {root} (nor .mid/.midi files for a music run)")
     docs: list[str] = []
     for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
         docs.extend(_load_file(path, text_field))

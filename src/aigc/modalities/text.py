@@ -96,7 +96,7 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         raise BadRequest(f"token_dropout needs a vocabulary with <unk>: the tokenizer of {init_from} has none")
     train_ids, val_ids = tokenizer.encode_docs(train_docs), tokenizer.encode_docs(val_docs)
     t0 = time.perf_counter()
-    model, info = _build_model(fam, configs, tokenizer, train_ids, init_from, changes)
+    model, info = build_model(fam, configs, tokenizer, train_ids, init_from, changes)
     if fam.trainer == "counts":
         info["train_time_s"] = time.perf_counter() - t0
     record = {
@@ -193,7 +193,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
 
 def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str | None) -> TextTokenizer:
     """The run's tokenizer: its training split's (char or BPE); a checkpoint's BPE or Hugging Face tokenizer with
-    --init-from (a char checkpoint's characters are mapped onto the run's own vocabulary, `_build_model`)."""
+    --init-from (a char checkpoint's characters are mapped onto the run's own vocabulary, `build_model`)."""
     if init_from:
         tokenizer = TextTokenizer.load(Path(init_from))
         if tokenizer.kind != "char":
@@ -203,8 +203,8 @@ def _make_tokenizer(data_cfg: DataConfig, train_docs: list[str], init_from: str 
     return train_char(train_docs, data_cfg.min_char_count)
 
 
-def _build_model(fam: Family, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
-                 init_from: str | None, changes: dict[str, float]) -> tuple[object, dict]:
+def build_model(fam: Family, configs: dict, tokenizer: TextTokenizer, train_ids: np.ndarray,
+                init_from: str | None, changes: dict[str, float]) -> tuple[object, dict]:
     """The model, checked against the data; the n-gram is fitted here (it has no training loop)."""
     if fam.trainer == "counts":
         cfg = configs["model"]

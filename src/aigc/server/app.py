@@ -40,11 +40,12 @@ ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text}
     409: "the run is not ready (still training)", 413: "request body over the cap", 429: "rate limit",
     500: "error inside a model", 503: "queue full (Retry-After)", 507: "the server's disk is full"}.items()}
 # which modality an endpoint field belongs to, for the message about a field sent to the wrong endpoint
-FIELD_OWNERS = {**{f: "text" for f in schemas.CompletionRequest.model_fields | schemas.ChatRequest.model_fields},
+FIELD_OWNERS = {**{f: "music" for f in schemas.AudioRequest.model_fields},  # first: the others own shared fields
+                **{f: "text" for f in schemas.CompletionRequest.model_fields | schemas.ChatRequest.model_fields},
                 **{f: "image" for f in schemas.ImageRequest.model_fields},
                 **{f: "series" for f in schemas.ForecastRequest.model_fields}}
 ENDPOINTS = {"text": "/v1/completions or /v1/chat/completions", "image": "/v1/images/generations",
-             "series": "/v1/forecasts"}
+             "series": "/v1/forecasts", "music": "/v1/audio/generations"}
 
 
 @dataclasses.dataclass
@@ -235,6 +236,35 @@ def create_app(config: ServerConfig) -> FastAPI:
                 datum["url"] = str(request.url_for("generation_file", generation_id=gen_id))
             data.append(datum)
         return {"id": ids[0], "generation_id": ids[0], "created": int(time.time()), "data": data, "model": body.model}
+
+    @app.post("/v1/audio/generations", response_model=schemas.AudioResponse, summary="compose music (MIDI and WAV)")
+    async def audio(body: schemas.AudioRequest, request: Request, key_id: str | None = Depends(caller)):
+        modality, path = model_path(body.model)
+        if modality != "music":
+            raise _wrong_modality(body.model, modality)
+        options = {"n": body.n or 1, "bars": body.bars, "temperature": body.temperature, "top_k": body.top_k,
+                   "top_p": body.top_p}
+        requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
+
+        def work(emit, cancel):
+            generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
+            gen_id = new_id("gen")
+            files = service.save(generation, store.generations_dir() / gen_id)
+            service.record(generation, db, source=source(request), request=requested, files=files, key_id=key_id,
+                           ids=[gen_id])
+            return gen_id, generation, files
+
+        gen_id, generation, files = await (await start(request, work)).result()
+        data = []
+        for i, output in enumerate(generation.outputs):
+            stem = Path(files[4 * i]).with_suffix("")  # NNN.mid, NNN.wav, NNN.png, NNN.json per piece
+            data.append({"index": i, "bars": output["bars"], "notes": output["notes"],
+                         "wav_b64": base64.b64encode(stem.with_suffix(".wav").read_bytes()).decode(),
+                         "midi_b64": base64.b64encode(stem.with_suffix(".mid").read_bytes()).decode(),
+                         "record": json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))})
+        return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": body.model,
+                "seed": generation.record["settings"]["seed"], "rendered_with": generation.extra["rendered_with"],
+                "data": data}
 
     @app.post("/v1/forecasts", response_model=schemas.ForecastResponse, summary="forecast a series run")
     async def forecasts(body: schemas.ForecastRequest, request: Request, key_id: str | None = Depends(caller)):

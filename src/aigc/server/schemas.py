@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 MAX_SEED = 2**62  # image i of a request uses seed + i; torch takes seeds below 2**64
 MAX_N = 16  # completions and chat: samples per request
 MAX_IMAGES = 64  # images per request
+MAX_PIECES = 8  # music pieces per request (each is rendered to audio)
 MAX_TOKENS = 4096  # = aigc.sample.MAX_NEW_TOKENS_CAP
 MAX_STOPS = 4
 MAX_PATHS = 1000  # series sample paths per request (= the CLI's cap)
@@ -145,6 +146,17 @@ class ForecastRequest(Strict):
     level: float | None = Field(None, gt=0, lt=1, description="prediction-interval level (default 0.95)")
     paths: int | None = Field(None, ge=0, le=MAX_PATHS, description="sample paths (default 0)")
     noise: Literal["gaussian", "bootstrap"] | None = None
+    seed: Seed | None = None
+    user: str | None = Field(None, max_length=256)
+
+
+class AudioRequest(Strict):
+    model: str = Field(min_length=1, max_length=256, description="a music run")
+    n: int | None = Field(None, ge=1, le=MAX_PIECES, description="pieces (default 1)")
+    bars: int | None = Field(None, ge=1, le=64, description="bars per piece (default 8)")
+    temperature: float | None = Field(None, ge=0, le=100, description="default 0.8; 0 = greedy")
+    top_k: int | None = Field(None, ge=0, le=100_000, description="0 = off")
+    top_p: float | None = Field(None, gt=0, le=1, description="1 = off")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
 
@@ -292,6 +304,26 @@ class ImageDatum(BaseModel):
     revised_prompt: str | None = None
     generation_id: str
     seed: int
+
+
+class AudioDatum(BaseModel):
+    index: int
+    bars: int
+    notes: int
+    wav_b64: str  # 16-bit PCM mono WAV
+    midi_b64: str  # standard MIDI file, the generation record as a text event
+    record: dict  # the record the files carry (run, settings with the seed, index)
+
+
+class AudioResponse(BaseModel):
+    id: str
+    object: Literal["audio"] = "audio"
+    created: int
+    model: str
+    generation_id: str
+    seed: int
+    rendered_with: str  # fluidsynth and its soundfont, or the plain synthesis
+    data: list[AudioDatum]
 
 
 class ImagesResponse(BaseModel):

@@ -1,0 +1,345 @@
+"""The music modality: symbolic music (Bach chorales, the user's MIDI files) through the text families.
+
+Pieces are encoded as event tokens on a 16th-note grid (aigc.data.music: a fixed REMI-like vocabulary in a
+`tokenizers` WordLevel tokenizer), so ngram, rnn and gpt train on music as token-id sequences with the text
+modality's model building and training loop, and generate with the text decoding (aigc.sample): a sample is a
+token string, decoded back to notes. A generation is written as MIDI, WAV and a piano-roll PNG, each carrying its
+record; evaluation is held-out NLL per token and per note beside the n-gram's on the same split and encoding,
+musical statistics beside the validation and training pieces', and copying.
+
+A music run holds, beside run.json and config.toml: the tokenizer (tokenizer.json, tokenizer_config.json), the
+pieces of its split as token strings (train.jsonl, val.jsonl, checked by sha256) and the model files as a text
+run of its family has them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from aigc import __version__
+from aigc.checkpoint import find_checkpoint, save_model_files
+from aigc.config import fields_of, read_toml, to_toml
+from aigc.data import music as m
+from aigc.distributed import on_main
+from aigc.errors import BadRequest, UserError
+from aigc.evaluate.music import longest_copy, music_statistics
+from aigc.fsutil import atomic_write_bytes, atomic_write_text, write_json
+from aigc.modalities import text
+from aigc.modalities.base import Generation, Prepared
+from aigc.models import Family, ngram
+from aigc.sample import MAX_NEW_TOKENS_CAP, LoadedModel, load_run, settings_dict
+from aigc.sample import generate as decode
+from aigc.store import card_header, read_run, sha256_text
+from aigc.train import TextBatches, train_loop
+
+NAME = "music"
+BATCHES = True  # the text decoding batches concurrent requests
+GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_bars")
+EVALUATE_OPTIONS = ()
+DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
+GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, "temperature": 0.8, "top_k": 0, "top_p": 1.0}  # as shown
+BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
+MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
+MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
+EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying
+
+
+# ----------------------------------------------------------------------------------
+# training
+
+
+def sections(fam: Family) -> dict[str, type]:
+    out = {"model": fam.config, "data": m.MusicDataConfig}
+    if fam.trainer == "gradient":
+        out["train"] = fam.train_config
+    return out
+
+
+def source_of(data: str) -> str:
+    return data if data in m.MUSIC_CORPORA else str(Path(data).expanduser().resolve())
+
+
+def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
+    """Music runs split their own pieces and start from scratch (this part of issue 17)."""
+    if val_data is not None:
+        raise BadRequest("--val-data does not apply to music runs yet: they hold out whole pieces of --data "
+                         "(--set val_fraction=F)")
+    if init_from is not None:
+        raise BadRequest("--init-from does not apply to music runs yet")
+
+
+def ids_of(tokenizer, pieces: list[m.Piece]) -> np.ndarray:
+    """The token stream EOT piece1 EOT piece2 ... (the text families' document stream)."""
+    vocab = tokenizer.tokenizer.get_vocab()
+    out: list[int] = []
+    for piece in pieces:
+        out.append(tokenizer.eot_id)
+        out.extend(vocab[t] for t in m.encode(piece))
+    return np.asarray(out, dtype=np.int32)
+
+
+def _lines(pieces: list[m.Piece]) -> str:
+    return "".join(json.dumps({"name": p.name, "tokens": " ".join(m.encode(p))}) + "\n" for p in pieces)
+
+
+def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
+            values: dict) -> Prepared:
+    """Read and split the pieces, encode them, build the model (the n-gram is fitted here)."""
+    read, source = m.load_music(data)
+    pieces = m.remove_copies(read)  # before the split: no piece in both
+    train_pieces, val_pieces = m.split_pieces(pieces, configs["data"].val_fraction, configs["data"].split_seed)
+    tokenizer = m.music_tokenizer()
+    seen = m.transposed(train_pieces, configs["data"].transpose)  # the augmentation: training split only
+    train_ids, val_ids = ids_of(tokenizer, seen), ids_of(tokenizer, val_pieces)
+    if "n_positions" in fields_of(fam.config) and "n_positions" not in values:  # room for DEFAULT_BARS and more
+        configs["model"].n_positions = MUSIC_CONTEXT
+    t0 = time.perf_counter()
+    model, info = text.build_model(fam, configs, tokenizer, train_ids, None, {})
+    if fam.trainer == "counts":
+        info["train_time_s"] = time.perf_counter() - t0
+    train_text, val_text = _lines(train_pieces), _lines(val_pieces)
+    bars = sum(m.bars_of(m.encode(p)) for p in train_pieces)
+    record = {
+        "data": {
+            "train": {"source": source, "file": "train.jsonl", "sha256": sha256_text(train_text),
+                      "pieces": len(train_pieces), "tokens": len(train_ids),
+                      "notes": sum(len(p.notes) for p in train_pieces), "bars": bars,
+                      "transposed_pieces": len(seen) - len(train_pieces)},
+            "val": {"source": "split", "file": "val.jsonl", "sha256": sha256_text(val_text),
+                    "pieces": len(val_pieces), "tokens": len(val_ids), "notes": sum(len(p.notes) for p in val_pieces),
+                    "names": [p.name for p in val_pieces]},
+            "copies_removed": len(read) - len(pieces),  # bach-chorales: already removed when the corpus is read
+        },
+        "encoding": {"name": "remi-16th", "version": m.ENCODING_VERSION, "vocab_size": tokenizer.vocab_size,
+                     "tokens_per_bar": len(ids_of(tokenizer, train_pieces)) / max(1, bars)},
+    }
+
+    def write_files(staging: Path) -> None:
+        tokenizer.save(staging)
+        atomic_write_text(staging / "train.jsonl", train_text)
+        atomic_write_text(staging / "val.jsonl", val_text)
+
+    return Prepared(model, record, {"tokenizer": tokenizer, "train_ids": train_ids, "val_ids": val_ids,
+                                    "notes": record["data"]["val"]["notes"], "fit": info}, write_files)
+
+
+def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared:
+    tokenizer = m.music_tokenizer()
+    train, val = read_split(run_dir, record)
+    model = fam.load(on_main(find_checkpoint, run_dir))
+    return Prepared(model, record, {"tokenizer": tokenizer,
+                                    "train_ids": ids_of(tokenizer, m.transposed(train, configs["data"].transpose)),
+                                    "val_ids": ids_of(tokenizer, val), "notes": record["data"]["val"]["notes"],
+                                    "fit": {}})
+
+
+def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, resume: bool) -> dict:
+    state = prepared.state
+    if fam.trainer == "counts":
+        on_main(save_model_files, prepared.model, run_dir)
+        return state["fit"]
+    batches = TextBatches(state["train_ids"], state["val_ids"], configs["train"].block_size)
+    return train_loop(prepared.model, batches, configs["train"], run_dir, budget, resume=resume,
+                      cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain)
+
+
+def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
+    nll, n = load_run(str(run_dir)).nll(prepared.state["val_ids"])
+    metrics = {"val_loss": nll / max(1, n), "perplexity": math.exp(min(nll / max(1, n), 700)),
+               "val_nll_per_note": nll / max(1, prepared.state["notes"]), "val_tokens": n}
+    metrics.update({k: v for k, v in fit.items() if k in ("steps", "train_time_s", "train_loss", "best_step",
+                                                          "tokens_per_s", "schedule_steps", "order")})
+    return metrics
+
+
+def card(run_dir: Path, record: dict, configs: dict) -> str:
+    met, data = record.get("metrics", {}), record["data"]
+    return "\n".join([
+        *card_header(record, "text-generation", library="aigc", metrics=("perplexity",)),
+        f"# {Path(run_dir).name}", "",
+        f"A `{record['family']}` music model trained by AIGC Studio {__version__} on `{data['train']['source']}` "
+        f"({data['train']['pieces']} pieces, {data['train']['notes']:,} notes, {data['train']['tokens']:,} tokens "
+        f"of the REMI-like 16th-note encoding, docs/audio.md).", "",
+        "## Results on the held-out pieces", "",
+        f"- NLL per token: {met.get('val_loss', float('nan')):.4f} nats; per note: "
+        f"{met.get('val_nll_per_note', float('nan')):.4f} nats ({data['val']['pieces']} pieces)",
+        f"- steps: {met.get('steps')}, training time: {met.get('train_time_s', 0):.0f} s", "",
+        "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
+        "## Use", "", "```", f"aigc generate {run_dir} -n 4 --seed 0 --out pieces/", f"aigc eval {run_dir}", "```",
+        "", "## Limitations", "",
+        "A small model of a few hundred chorales: it copies phrases of its training pieces (see `aigc eval`, "
+        "longest copy), and a sample ends where the model ends it or at the bar budget.", ""])
+
+
+def read_split(run_dir: Path, record: dict | None = None) -> tuple[list[m.Piece], list[m.Piece]]:
+    """The run's training and validation pieces, checked against the sha256 in run.json."""
+    record = record or read_run(run_dir)
+    out = []
+    for part in ("train", "val"):
+        path = Path(run_dir) / record["data"][part]["file"]
+        if not path.is_file():
+            raise UserError(f"{run_dir}: {path.name} is missing")
+        content = path.read_text(encoding="utf-8")
+        if sha256_text(content) != record["data"][part]["sha256"]:
+            raise UserError(f"{run_dir}: {path.name} does not match the sha256 recorded in run.json")
+        rows = [json.loads(line) for line in content.splitlines() if line]
+        out.append([m.decode(row["tokens"].split(), row["name"]) for row in rows])
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------
+# generation
+
+
+def load(spec: str) -> LoadedModel:
+    loaded = load_run(spec)
+    if loaded.tokenizer.kind != "music":
+        raise BadRequest(f"{spec} is not a music run")
+    return loaded
+
+
+def prompt_tokens(path: str, bars: int) -> list[str]:
+    """The first `bars` bars of a MIDI file, as tokens (the time signature first)."""
+    if bars < 1:
+        raise BadRequest(f"--prompt-bars must be >= 1, got {bars}")
+    return m.first_bars(m.encode(m.read_midi(Path(path).expanduser())), bars)
+
+
+def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
+    """`n` pieces of `bars` bars (after the prompt's bars with --prompt-midi), decoded by the text decoding."""
+    if stream is not None:
+        raise BadRequest("--stream applies to text runs")
+    options = {k: v for k, v in options.items() if v is not None}
+    bars = options.pop("bars", DEFAULT_BARS)
+    if not 1 <= bars <= 256:
+        raise BadRequest(f"--bars must be in 1..256, got {bars}")
+    prompt_midi, prompt_bars = options.pop("prompt_midi", None), options.pop("prompt_bars", None)
+    if prompt_bars is not None and prompt_midi is None:
+        raise BadRequest("--prompt-bars applies with --prompt-midi")
+    prompt = prompt_tokens(prompt_midi, prompt_bars or 2) if prompt_midi else []
+    record = read_run(loaded.path)
+    per_bar = record["encoding"]["tokens_per_bar"]
+    budget = math.ceil(bars * per_bar * BUDGET_MARGIN) + 2
+    room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
+    if room < per_bar:
+        raise BadRequest(f"the prompt ({len(prompt)} tokens) leaves no room in the model's context of "
+                         f"{loaded.max_context} tokens: use fewer --prompt-bars")
+    settings = text.settings_of({**options, "max_new_tokens": min(budget, room, MAX_NEW_TOKENS_CAP),
+                                 "prompt": " ".join(prompt) + " " if prompt else ""}, seed)
+    samples, stats = decode(loaded, settings, cancel=cancel, batched=batched)
+    want = m.bars_of(prompt) + bars
+    samples = [_extend(loaded, settings, sample.split(), want, seed, i, cancel) for i, sample in enumerate(samples)]
+    outputs = []
+    for sample in samples:
+        tokens = m.first_bars(sample, want)
+        piece = m.decode(tokens)
+        outputs.append({"tokens": " ".join(tokens), "bars": m.bars_of(tokens), "notes": len(piece.notes)})
+    settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi,
+                    "prompt_bars": (prompt_bars or 2) if prompt_midi else None}
+    settings_out.pop("stop")
+    return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
+                                      "stats": stats})
+
+
+def _extend(loaded: LoadedModel, settings, tokens: list[str], bars: int, seed: int, index: int,
+            cancel: threading.Event | None) -> list[str]:
+    """A piece the model ended before `bars` bars (a chorale's final cadence) goes on: the text decoding continues
+    it from a new bar, at the seed `seed + 1000 * round + index` (so the same request gives the same piece), at most
+    MAX_EXTENSIONS times; what it then has is what it is (its bars are in the record)."""
+    for round_ in range(1, MAX_EXTENSIONS + 1):
+        if m.bars_of(tokens) >= bars:
+            break
+        prompt = [*tokens, "Bar"]
+        room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
+        if room < 8:
+            break
+        options = {k: v for k, v in settings_dict(settings).items() if k != "seed"}
+        more = text.settings_of({**options, "n": 1, "prompt": " ".join(prompt) + " ",
+                                 "max_new_tokens": min(settings.max_new_tokens, room)}, seed + 1000 * round_ + index)
+        [sample], _ = decode(loaded, more, cancel=cancel)
+        tokens = sample.split()
+    return tokens
+
+
+def save(generation: Generation, out_dir: Path) -> list[str]:
+    """Per piece: NNN.mid (the record as a text event), NNN.wav (16-bit PCM), NNN.png (piano roll, the record as
+    its text chunk) and NNN.json (the record, how the audio was rendered and the generation's speed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, how = [], None
+    for i, output in enumerate(generation.outputs):
+        piece = m.decode(output["tokens"].split(), f"{i:03d}")
+        record = {"run": generation.record["run"], "family": generation.record["family"],
+                  "settings": generation.record["settings"], "index": i, "bars": output["bars"]}
+        stem = out_dir / f"{i:03d}"
+        midi = stem.with_suffix(".mid")
+        atomic_write_bytes(midi, m.midi_bytes(piece, json.dumps(record, sort_keys=True)))
+        samples, rate, how = m.render(piece, midi)
+        atomic_write_bytes(stem.with_suffix(".wav"), m.wav_bytes(samples, rate))
+        m.piano_roll_png(stem.with_suffix(".png"), piece, record)
+        write_json(stem.with_suffix(".json"), {**record, "audio": how, "notes": output["notes"],
+                                               "tokens": output["tokens"], "stats": generation.record["stats"]})
+        files += [str(stem.with_suffix(s)) for s in (".mid", ".wav", ".png", ".json")]
+    generation.extra["rendered_with"] = how
+    return files
+
+
+# ----------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
+    """Held-out NLL per token and per note beside the n-gram's on the same split and encoding; musical statistics
+    of samples beside the validation pieces' and the training pieces' (the floor); copying. Writes eval.json."""
+    loaded = load(str(run_dir))
+    train, val = read_split(run_dir, record)
+    tokenizer = loaded.tokenizer
+    transpose = int(read_toml(Path(run_dir) / "config.toml").get("transpose", 0))  # the run's augmentation
+    train_ids, val_ids = ids_of(tokenizer, m.transposed(train, transpose)), ids_of(tokenizer, val)
+    val_notes = sum(len(p.notes) for p in val)
+
+    # 1. likelihood of the held-out pieces, and the n-gram's (order chosen on the training tail) on the same split,
+    #    encoding and augmentation
+    nll, n_tokens = loaded.nll(val_ids)
+    if loaded.family == "ngram":
+        base_nll = nll
+    else:
+        baseline, _ = ngram.build_from_ids(train_ids, tokenizer.vocab_size, ngram.NGramConfig(), tokenizer.eot_id,
+                                           None)
+        base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
+
+    # 2. samples at seed 0, temperature 1 (the model as it is)
+    generation = generate(loaded, {"n": EVAL_SAMPLES, "temperature": 1.0}, 0)
+    samples = [m.decode(o["tokens"].split()).notes for o in generation.outputs]
+    if not any(samples):
+        raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every piece at once)")
+    train_notes = [p.notes for p in train]
+
+    # 3. statistics and copying, each beside the validation pieces' and its floor, the training pieces'
+    stats = {"samples": music_statistics(samples), "val": music_statistics([p.notes for p in val]),
+             "train": music_statistics(train_notes)}
+    copies = [longest_copy(s, train_notes) for s in samples if s]
+    val_copies = [longest_copy(p.notes, train_notes) for p in val]
+    metrics = {
+        "val_nll_per_token": nll / max(1, n_tokens), "val_nll_per_note": nll / max(1, val_notes),
+        "ngram_nll_per_token": base_nll / max(1, n_tokens), "ngram_nll_per_note": base_nll / max(1, val_notes),
+        **{f"{k}": v for k, v in stats["samples"].items()},
+        "longest_copy_notes": float(np.mean(copies)), "longest_copy_notes_max": int(max(copies)),
+        "val_longest_copy_notes": float(np.mean(val_copies)),
+        "sample_bars": float(np.mean([o["bars"] for o in generation.outputs])),
+        "tokens_per_s": generation.record["stats"]["tokens_per_s"],
+    }
+    result = {"run": str(run_dir), "metrics": metrics, "statistics": stats,
+              "validation": {"pieces": len(val), "tokens": n_tokens, "notes": val_notes},
+              "samples": {"n": EVAL_SAMPLES, "seed": 0, "temperature": 1.0, "bars": DEFAULT_BARS,
+                          "tokens": [o["tokens"] for o in generation.outputs]}}
+    write_json(Path(run_dir) / "eval.json", result)
+    return result

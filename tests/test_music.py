@@ -1,0 +1,210 @@
+"""The music modality (issue 17, part 1): the encoding's round trip, the split, training ngram/rnn/gpt on chorales
+from the music21 corpus written as MIDI by the test, seeded generation, rendering, evaluation and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import wave
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aigc import service
+from aigc.cli import app
+from aigc.data import music as m
+from aigc.errors import BadRequest, UserError
+from aigc.evaluate.music import longest_copy, pitch_class_entropy, polyphony, scale_consistency
+from aigc.store import runs_dir
+from conftest import TINY_SETS
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def chorales() -> list[m.Piece]:
+    return m.bach_chorales(limit=5)  # parsed from the music21 wheel (about a second)
+
+
+@pytest.fixture
+def midi_folder(tmp_path, chorales) -> Path:
+    """Four chorales as MIDI files, and an exact copy of the first under another name."""
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    for piece in chorales[:4]:
+        (folder / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
+    shutil.copy(folder / f"{chorales[0].name}.mid", folder / "copy.mid")
+    return folder
+
+
+def test_tokens_and_midi_round_trip_keep_every_note(chorales, tmp_path):
+    for piece in chorales:
+        tokens = m.encode(piece)
+        assert m.decode(tokens).notes == piece.notes
+        assert m.music_tokenizer().decode(m.music_tokenizer().encode(" ".join(tokens))) == " ".join(tokens)
+        path = tmp_path / f"{piece.name}.mid"
+        path.write_bytes(m.midi_bytes(piece, "record"))
+        back = m.read_midi(path)  # music21 reads what we wrote: pitch, onset and duration at 16ths
+        assert back.notes == piece.notes and back.time_signature == piece.time_signature
+        assert m.midi_text(path) == "record"
+    assert all(len(piece.notes) > 100 for piece in chorales)
+
+
+def test_quantize_clips_long_notes_and_drops_grace_notes():
+    assert m.quantize([(0.0, 0.0, 60), (0.25, 100.0, 62), (1.0, 1.0, 10)]) == [(1, m.MAX_DUR, 62)]
+
+
+def test_transposition_keeps_pitches_on_the_piano():
+    low = m.Piece("low", "4/4", [(0, 4, 22), (4, 4, 60)])
+    out = m.transposed([low], 2)
+    assert [p.name for p in out] == ["low", "low-1", "low+1", "low+2"]  # -2 would leave the piano
+    assert out[-1].notes == [(0, 4, 24), (4, 4, 62)]
+
+
+def test_copies_are_removed_before_the_split(chorales):
+    copy = m.Piece("copy", chorales[0].time_signature, list(chorales[0].notes))
+    pieces = m.remove_copies([*chorales, copy, copy])
+    assert len(pieces) == len(chorales)
+    for seed in range(5):
+        train, val = m.split_pieces(pieces, 0.4, seed)
+        assert not {" ".join(m.encode(p)) for p in train} & {" ".join(m.encode(p)) for p in val}
+        assert len(train) + len(val) == len(pieces)
+
+
+def test_music_statistics_on_hand_made_pieces():
+    c_major = [(i * 4, 4, p) for i, p in enumerate((60, 62, 64, 65, 67, 69, 71))]
+    assert pitch_class_entropy(c_major) == pytest.approx(math.log2(7))
+    assert scale_consistency(c_major) == 1.0
+    assert scale_consistency(c_major + [(28, 4, 61)]) == pytest.approx(7 / 8)
+    assert polyphony([(0, 4, 60), (0, 4, 64), (0, 4, 67)]) == 3.0
+    assert polyphony([(0, 4, 60), (8, 4, 62)]) == 1.0  # silent steps do not count
+    melody = [(0, 4, 60), (4, 4, 62), (8, 4, 64), (12, 4, 65)]
+    transposed_in_time = [(o + 32, d, p) for o, d, p in melody[1:]]  # the same three notes later
+    assert longest_copy(transposed_in_time, [melody]) == 3
+    assert longest_copy([(0, 4, 30)], [melody]) == 0
+
+
+@pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
+def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_path):
+    sets = {**TINY_SETS[family], "val_fraction": "0.25"}
+    if family == "gpt":
+        sets["n_positions"] = "128"
+    run_dir, metrics = service.train(family, str(midi_folder), name=f"bach-{family}", sets=sets,
+                                     max_steps=None if family == "ngram" else 8)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["modality"] == "music"
+    assert record["data"]["copies_removed"] == 1 and record["data"]["train"]["pieces"] == 3
+    assert math.isfinite(metrics["val_loss"]) and math.isfinite(metrics["val_nll_per_note"])
+
+    options = {"n": 2, "bars": 1}
+    first = service.generate(run_dir.name, options, seed=5)
+    files = service.save(first, tmp_path / "a")
+    again = service.save(service.generate(run_dir.name, options, seed=5), tmp_path / "b")
+    assert [Path(f).name for f in files] == ["000.mid", "000.wav", "000.png", "000.json",
+                                             "001.mid", "001.wav", "001.png", "001.json"]
+    for a, b in zip(files, again, strict=True):
+        if not a.endswith(".json"):  # the sidecar also holds the speed
+            assert Path(a).read_bytes() == Path(b).read_bytes(), a
+    record = json.loads(m.midi_text(tmp_path / "a" / "000.mid"))
+    assert record["settings"]["seed"] == 5 and record["run"] == str(run_dir)
+
+    assert service.generation_defaults(run_dir.name)["bars"] == 8
+    result = service.evaluate(run_dir.name)
+    for key in ("val_nll_per_token", "val_nll_per_note", "ngram_nll_per_token", "pitch_class_entropy",
+                "scale_consistency", "polyphony", "longest_copy_notes"):
+        assert key in result["metrics"]
+    assert result["statistics"]["train"]["polyphony"] == pytest.approx(4, abs=0.3)
+    assert (run_dir / "eval.json").is_file()
+
+
+def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_path):
+    done = runner.invoke(app, ["train", "--family", "ngram", "--data", str(midi_folder), "--name", "chorales",
+                               "--set", "max_order=3", "--set", "transpose=1"])
+    assert done.exit_code == 0, done.output
+    record = json.loads((runs_dir() / "chorales" / "run.json").read_text())
+    assert record["data"]["train"]["transposed_pieces"] == 2 * record["data"]["train"]["pieces"]
+    assert record["data"]["val"]["pieces"] == 1  # the validation split is not augmented
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["generate", "chorales", "-n", "1", "--seed", "1", "--out", str(out), "--no-record",
+                               "--prompt-midi", str(midi_folder / "copy.mid"), "--prompt-bars", "1", "--bars", "2"])
+    assert done.exit_code == 0, done.output
+    assert (out / "000.mid").is_file() and (out / "000.png").is_file()
+    made = json.loads((out / "000.json").read_text())
+    assert made["tokens"].startswith(" ".join(m.first_bars(m.encode(m.read_midi(midi_folder / "copy.mid")), 1)))
+    assert made["settings"]["prompt_bars"] == 1
+    done = runner.invoke(app, ["eval", "chorales"])
+    assert done.exit_code == 0 and "scale_consistency" in done.output
+
+
+def test_render_falls_back_to_plain_synthesis(chorales, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIGC_NO_FLUIDSYNTH", "1")
+    piece = m.Piece("x", "4/4", chorales[0].notes[:20])
+    midi = tmp_path / "x.mid"
+    midi.write_bytes(m.midi_bytes(piece))
+    samples, rate, how = m.render(piece, midi)
+    assert how.startswith("additive") and rate == m.SAMPLE_RATE
+    path = tmp_path / "x.wav"
+    path.write_bytes(m.wav_bytes(samples, rate))
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2 and w.getnchannels() == 1
+    back, _ = m.read_wav(path)
+    assert abs(back).max() == pytest.approx(0.9, abs=1e-3)  # normalised
+    assert len(back) / rate >= (max(o + d for o, d, _ in piece.notes)) * m.seconds_per_step()
+
+
+@pytest.mark.skipif(not (shutil.which("fluidsynth") and m.soundfont()), reason="fluidsynth and a GM soundfont "
+                    "are apt packages (fluidsynth, timgm6mb-soundfont), not installed here")
+def test_render_with_fluidsynth(chorales, tmp_path):
+    piece = m.Piece("x", "4/4", chorales[0].notes[:20])
+    midi = tmp_path / "x.mid"
+    midi.write_bytes(m.midi_bytes(piece))
+    samples, rate, how = m.render(piece, midi)
+    assert how.startswith("fluidsynth") and abs(samples).max() > 0
+
+
+def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path):
+    corrupt = tmp_path / "bad.mid"
+    corrupt.write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    with pytest.raises(BadRequest, match="not a readable MIDI file"):
+        m.read_midi(corrupt)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no MIDI files"):
+        m.load_music(str(empty))
+    for data, says in ((corrupt, "not a readable MIDI file"), (empty, "nor .mid/.midi files")):
+        done = runner.invoke(app, ["train", "--family", "ngram", "--data", str(data), "--name", "bad"])
+        assert done.exit_code != 0 and says in done.output
+        assert "Traceback" not in done.output and done.output.count("error") == 1, done.output
+    assert not (runs_dir() / "bad").exists()
+    with pytest.raises(BadRequest, match="--val-data does not apply to music runs"):
+        service.train("rnn", str(corrupt), name="bad", val_data=str(corrupt))
+
+
+def test_the_api_composes_music_as_wav_and_midi(midi_folder):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+
+    service.train("ngram", str(midi_folder), name="chorales", sets={"max_order": "3"})
+    home = runs_dir().parent
+    app = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app) as client:
+        body = {"model": "chorales", "n": 2, "bars": 2, "seed": 4}
+        first, again = (client.post("/v1/audio/generations", json=body) for _ in range(2))
+        assert first.status_code == 200, first.text
+        made = first.json()
+        assert made["seed"] == 4 and len(made["data"]) == 2 and made["rendered_with"]
+        wav = base64.b64decode(made["data"][0]["wav_b64"])
+        midi = base64.b64decode(made["data"][0]["midi_b64"])
+        assert wav[:4] == b"RIFF" and midi[:4] == b"MThd"
+        assert made["data"][0]["record"]["settings"]["seed"] == 4
+        assert [d["midi_b64"] for d in again.json()["data"]] == [d["midi_b64"] for d in made["data"]]
+        assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        wrong = client.post("/v1/images/generations", json={"model": "chorales"})
+        assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text
+        unknown = client.post("/v1/forecasts", json={"model": "chorales", "horizon": 1, "bars": 2})
+        assert unknown.status_code == 400 and "bars" in unknown.text
