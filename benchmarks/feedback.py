@@ -261,6 +261,8 @@ def bench_images(home: Path, url: str, family: str, steps: int, methods: list[st
                      "n_before": n0, "after": k1 / n1, "after_ci95": wilson(k1, n1), "n_after": n1,
                      "p_value": z_test(k0, n0, k1, n1), "metric": f"FID ({made.get('fid_images')} images)",
                      "metric_before": fid0, "metric_after": fid1, "fid_floor": made.get("fid_floor"),
+                     "fid_matched_before": made.get("fid_matched_before"),
+                     "fid_matched_after": made.get("fid_matched_after"),
                      "within_tolerance": fid0 is not None and fid1 <= fid0 * (1 + FID_TOLERANCE),
                      "judge_before": made.get("liked_share_before"), "judge_after": made.get("liked_share_after"),
                      "judge_heldout_accuracy": made.get("judge_heldout_accuracy"), "optimize_s": made["seconds"],
@@ -298,6 +300,11 @@ def table(result: dict) -> str:
         lines += ["", f"Text parent: gpt ({GPT['n_layer']} x {GPT['n_embd']}) trained {p['steps']} steps "
                       f"({p['train_s']:.0f} s) on tang300, val {p['val_bpc']:.4f} bits/char. Tolerance: bits/char "
                       f"at most {TEXT_TOLERANCE:.0%} above the parent's."]
+    matched = [r for r in result.get("image", {}).get("rows", []) if r.get("fid_matched_before") is not None]
+    if matched:
+        lines += ["", "FID against held-out images drawn to each side's own class mix (the mix taken out): "
+                  + "; ".join(f"{r['method']} {fmt(r['fid_matched_before'])} -> {fmt(r['fid_matched_after'])}"
+                              for r in matched) + "."]
     if "image" in result:
         p, u = result["image"]["parent"], result["image"]["user"]
         lines += ["", f"Image parent: unconditional {p['family']} on fashion-mnist ({p['steps']} steps, "

@@ -485,7 +485,9 @@ def test_load_at_twice_the_capacity_then_sigterm(tmp_path, served):
                    for code, retry, body in answers if code == 503)
 
         async def terminate():
+            deadline = time.monotonic() + 60  # a bound: the test fails rather than waits for ever
             while httpx.get(f"{url}/health").json()["generating"] == 0:
+                assert time.monotonic() < deadline, "no generation was seen in flight within 60 s"
                 await asyncio.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
