@@ -65,6 +65,22 @@ def page(browser, studio):
     context.close()
 
 
+def new_page(browser, locale: str):
+    """A fresh page in `locale` that records every request it makes and every page error (the other studio tests'
+    pages; this module's own is the `page` fixture)."""
+    context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.requests, page.errors = [], []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    return page
+
+
+def left_the_server(page, url: str) -> list[str]:
+    return [u for u in page.requests if urlparse(u).scheme in ("http", "https") and not u.startswith(url)]
+
+
 def shot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)

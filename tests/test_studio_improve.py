@@ -10,12 +10,10 @@ Screenshots go to $AIGC_STUDIO_SHOTS (docs/images/studio-improve.png is a copy o
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
-
 import httpx
 import pytest
 from tests.test_server import start_server, stop_server, train_runs
-from tests.test_studio import CHROMIUM, TIMEOUT_MS, shot, visit
+from tests.test_studio import CHROMIUM, left_the_server, new_page, shot, visit
 
 from aigc.db import Store
 
@@ -50,20 +48,6 @@ def browser():
         chromium = p.chromium.launch(executable_path=CHROMIUM)
         yield chromium
         chromium.close()
-
-
-def new_page(browser, locale: str):
-    context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    page.requests, page.errors = [], []
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    return page
-
-
-def left_the_server(page, url: str) -> list[str]:
-    return [u for u in page.requests if urlparse(u).scheme in ("http", "https") and not u.startswith(url)]
 
 
 def test_a_person_improves_a_model_from_ratings_and_generates_best_of_n(rated, browser):

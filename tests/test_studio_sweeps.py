@@ -13,11 +13,9 @@ The screenshot goes to $AIGC_STUDIO_SHOTS/sweeps.png (docs/images/studio-sweeps.
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
-
 import pytest
 from tests.test_server import start_server, stop_server
-from tests.test_studio import CHROMIUM, TIMEOUT_MS, shot, visit
+from tests.test_studio import CHROMIUM, left_the_server, new_page, shot, visit
 from tests.test_sweep_view import STUDY, build_sweep
 
 from aigc import service
@@ -54,20 +52,6 @@ def browser():
         chromium = p.chromium.launch(executable_path=CHROMIUM)
         yield chromium
         chromium.close()
-
-
-def new_page(browser, locale: str):
-    context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    page.requests, page.errors = [], []
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    return page
-
-
-def left_the_server(page, url: str) -> list[str]:
-    return [u for u in page.requests if urlparse(u).scheme in ("http", "https") and not u.startswith(url)]
 
 
 def test_the_sweeps_page_shows_trials_importances_and_parallel_coordinates(swept, browser):
