@@ -83,44 +83,60 @@ def start_server(home: Path, port: int, batching: bool) -> subprocess.Popen:
     raise SystemExit("the server did not start")
 
 
-async def one_request(client, url: str, run: str, seed: int) -> dict:
-    body = {"model": run, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "seed": seed, "temperature": 0.8,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(port: int, run: str, seed: int) -> dict:
+    """One streamed completion over a plain asyncio connection: the load generator shares the two cores with the
+    server it measures, so it does as little as it can (httpx's pure-Python HTTP parser took a good part of a
+    core at 16 streams). It sends the request, reads bytes until the server closes, and parses only the usage
+    at the end. A completion stream has no opening chunk, so the first body bytes are the first token's chunk."""
+    body = json.dumps({"model": run, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "seed": seed, "temperature": 0.8,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
-    first, tokens = None, 0
-    # the client reads bytes and parses only the usage at the end: a load generator that decodes every chunk
-    # in Python takes a core of the two from the server it measures. A completion stream has no opening chunk,
-    # so the first bytes are the first token's chunk.
-    received = bytearray()
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as answer:
-        if answer.status_code != 200:
-            raise SystemExit(f"status {answer.status_code}: {await answer.aread()}")
-        async for piece in answer.aiter_raw():
-            if first is None and piece:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    received, first, head = bytearray(), None, -1
+    while piece := await reader.read(65536):
+        received += piece
+        if first is None:
+            head = received.find(b"\r\n\r\n")
+            if head >= 0 and len(received) > head + 4:
                 first = time.perf_counter() - t0
-            received += piece
-    for line in received.decode().splitlines():
+    writer.close()
+    status = received[:received.find(b"\r\n")].decode()
+    if " 200 " not in status:
+        raise SystemExit(f"{status}: {bytes(received[head + 4:])[:500]!r}")
+    tokens = None
+    for line in dechunk(bytes(received[head + 4:])).decode().splitlines():
         if line.startswith("data: {") and '"usage"' in line:
             tokens = json.loads(line[6:])["usage"]["completion_tokens"]
         elif line.startswith("data: {") and '"error"' in line:
             raise SystemExit(f"error in the stream: {line}")
-    return {"latency": time.perf_counter() - t0, "ttft": first if first is not None else math_nan(), "tokens": tokens}
+    if tokens is None:
+        raise SystemExit("the stream ended without its usage")
+    return {"latency": time.perf_counter() - t0, "ttft": first if first is not None else float("nan"),
+            "tokens": tokens}
 
 
-def math_nan() -> float:
-    return float("nan")
+def dechunk(data: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's content."""
+    out, i = bytearray(), 0
+    while True:
+        eol = data.index(b"\r\n", i)
+        size = int(data[i:eol].split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        out += data[eol + 2:eol + 2 + size]
+        i = eol + 2 + size + 2
 
 
-async def load(url: str, run: str, clients: int, per_client: int) -> dict:
-    import httpx
+async def load(port: int, run: str, clients: int, per_client: int) -> dict:
+    async def worker(c: int) -> list[dict]:
+        return [await one_request(port, run, seed=1000 * c + k) for k in range(per_client)]
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
-        async def worker(c: int) -> list[dict]:
-            return [await one_request(client, url, run, seed=1000 * c + k) for k in range(per_client)]
-
-        t0 = time.perf_counter()
-        done = await asyncio.gather(*(worker(c) for c in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(worker(c) for c in range(clients)))
+    wall = time.perf_counter() - t0
     rows = [r for per in done for r in per]
     latencies = sorted(r["latency"] for r in rows)
     ttfts = sorted(r["ttft"] for r in rows)
@@ -156,14 +172,13 @@ def main() -> None:
               "bare_generate_tokens_per_s": bare, "rows": []}
     for batching in (True, False):
         proc = start_server(home, args.port, batching)
-        url = f"http://127.0.0.1:{args.port}"
         try:
-            asyncio.run(load(url, run, 1, 1))  # loads the model
+            asyncio.run(load(args.port, run, 1, 1))  # loads the model
             for clients in (1, 4, 16, 64):
                 # several requests per client: continuous batching's steady state, not one batch's start
                 per_client = 1 if args.quick and clients >= 16 else (2 if clients >= 64 else 4 if clients >= 4 else 8)
                 print(f"batching {'on' if batching else 'off'}, {clients} clients...", file=sys.stderr)
-                row = {"batching": batching, **asyncio.run(load(url, run, clients, per_client))}
+                row = {"batching": batching, **asyncio.run(load(args.port, run, clients, per_client))}
                 result["rows"].append(row)
                 print(f"  {row['tokens_per_s']:.0f} tokens/s, p50 {row['latency_p50']:.2f} s, "
                       f"p99 {row['latency_p99']:.2f} s", file=sys.stderr)

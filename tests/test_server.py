@@ -433,6 +433,10 @@ def test_a_non_loopback_host_without_a_key_is_refused(tmp_path):
                          env={**os.environ, "AIGC_HOME": str(tmp_path), "AIGC_DATABASE_URL": ""},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "refusing to serve on 0.0.0.0 without an API key" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "aigc", "serve", "--stream-interval-ms", "-1"],
+                         env={**os.environ, "AIGC_HOME": str(tmp_path), "AIGC_DATABASE_URL": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "--stream-interval-ms in 0..1000" in out.stderr
 
 
 def test_a_cancelled_generation_stops_at_the_next_token(in_home):
@@ -500,3 +504,55 @@ def test_load_at_twice_the_capacity_then_sigterm(tmp_path, served):
         assert codes.count(200) >= 1 and set(codes) <= {200, 503, "ConnectError"}, codes
     finally:
         stop_server(proc)
+
+
+def test_streamed_text_is_delivered_at_most_once_an_interval_and_nothing_is_lost():
+    """The mailbox between decoding threads and the event loop: the first piece goes at once, then the pieces
+    that come within an interval share one delivery, each job's in order; with no interval each post is its
+    own wake-up (or merged with those already waiting)."""
+    import asyncio
+
+    from aigc.server.app import Mailbox
+
+    class Job:  # what a mailbox needs of a job: a queue of events
+        def __init__(self):
+            self.events = asyncio.Queue()
+
+    async def scenario(interval: float) -> tuple[list[float], dict]:
+        loop = asyncio.get_running_loop()
+        box, jobs, deliveries = Mailbox(loop, interval), [Job(), Job()], []
+        deliver = box._deliver
+
+        def counted():
+            deliveries.append(time.monotonic())
+            deliver()
+
+        box._deliver = counted
+        t0 = time.monotonic()
+
+        def worker():
+            for i in range(60):  # 60 tokens for each of two jobs, one every 5 ms: 0.3 s
+                for j, job in enumerate(jobs):
+                    box.post(job, "text", f"{j}:{i},")
+                time.sleep(0.005)
+            for job in jobs:
+                box.post(job, "done", None)
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        texts = {0: "", 1: ""}
+        for j, job in enumerate(jobs):
+            while (event := await job.events.get())[0] == "text":
+                texts[j] += event[1]
+        thread.join()
+        return [t - t0 for t in deliveries], texts
+
+    for interval in (0.1, 0.0):
+        deliveries, texts = asyncio.run(scenario(interval))
+        assert texts == {j: "".join(f"{j}:{i}," for i in range(60)) for j in (0, 1)}
+        assert deliveries[0] < 0.05  # the first piece does not wait for the interval
+        if interval:
+            assert all(b - a >= interval * 0.9 for a, b in zip(deliveries, deliveries[1:], strict=False))
+            assert len(deliveries) <= 6  # 0.3 s of tokens in 0.1 s intervals, and the last events
+        else:
+            assert len(deliveries) > 20  # one a post, less what the loop merged while it was busy

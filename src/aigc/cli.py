@@ -765,6 +765,8 @@ def serve(
     batch_size: Annotated[int, typer.Option(help="samples in one decoding batch at most")] = 16,
     batch_window_ms: Annotated[float, typer.Option(help="how long a batch waits at most for more requests "
                                                         "(5 ms without a new one ends the wait)")] = 50.0,
+    stream_interval_ms: Annotated[float, typer.Option(help="streamed text goes out at most this often; the tokens "
+                                                           "in between share a chunk (0: a chunk per token)")] = 20.0,
 ):
     """Serve every run (and --model folders) over HTTP: an OpenAI-compatible API, images and forecasts, the store
     of generations and ratings (docs/serve.md).
@@ -781,7 +783,7 @@ def serve(
     """
     _serve(host=host, port=port, runs=runs, model=model, database=database, max_body_mb=max_body_mb,
            max_upload_mb=max_upload_mb, rate_limit=rate_limit, max_queue=max_queue, batching=batching,
-           batch_size=batch_size, batch_window_ms=batch_window_ms)
+           batch_size=batch_size, batch_window_ms=batch_window_ms, stream_interval_ms=stream_interval_ms)
 
 
 @app.command()
@@ -814,7 +816,7 @@ def studio(
 
 def _serve(*, host: str, port: int, runs: str | None, model: list[str] | None, database: str | None,
            max_body_mb: float = 4.0, max_upload_mb: float = 100.0, rate_limit: int = 600, max_queue: int = 32,
-           batching: bool = True, batch_size: int = 16, batch_window_ms: float = 50.0,
+           batching: bool = True, batch_size: int = 16, batch_window_ms: float = 50.0, stream_interval_ms: float = 20.0,
            open_browser: bool = False, page: str = "") -> None:
     _quiet_libraries()
     from aigc.server import parse_models
@@ -824,15 +826,15 @@ def _serve(*, host: str, port: int, runs: str | None, model: list[str] | None, d
 
     if not max_body_mb > 0 or not max_upload_mb > 0 or rate_limit < 0 or max_queue < 0:
         raise UserError("--max-body-mb and --max-upload-mb must be > 0, --rate-limit and --max-queue >= 0")
-    if not 1 <= batch_size <= 256 or not 0 <= batch_window_ms <= 1000:
-        raise UserError("--batch-size must be in 1..256 and --batch-window-ms in 0..1000")
+    if not 1 <= batch_size <= 256 or not 0 <= batch_window_ms <= 1000 or not 0 <= stream_interval_ms <= 1000:
+        raise UserError("--batch-size must be in 1..256, --batch-window-ms and --stream-interval-ms in 0..1000")
     root = Path(runs).expanduser().resolve() if runs else runs_dir()
     if runs and not root.is_dir():
         raise UserError(f"--runs {runs}: no such directory")
     config = ServerConfig(runs=root, models=parse_models(model or []), database=database,
                           max_body_bytes=int(max_body_mb * 2**20), max_upload_bytes=int(max_upload_mb * 2**20),
                           rate_limit=rate_limit, max_queue=max_queue, batching=batching, batch_rows=batch_size,
-                          batch_window_ms=batch_window_ms)
+                          batch_window_ms=batch_window_ms, stream_interval_ms=stream_interval_ms)
     run_server(config, host=host, port=port,
                on_started=(lambda url: _open_browser(url + page)) if open_browser else None)
 
