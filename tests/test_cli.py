@@ -574,6 +574,20 @@ def test_runs_lists_the_runs(trained, aigc_home):
     assert rows["alpha"][4:6] == ["val_bpc", f"{obj['runs'][0]['val_bpc']:.4f}"]
 
 
+def test_one_unreadable_run_does_not_hide_the_others(trained, aigc_home):
+    copy_run(trained, "ngram", aigc_home, "alpha")
+    (copy_run(trained, "ngram", aigc_home, "broken") / "run.json").write_text('{"family": "ngr', encoding="utf-8")
+    (copy_run(trained, "ngram", aigc_home, "keyless") / "run.json").write_text("{}", encoding="utf-8")
+    result = invoke("runs")
+    assert_ok(result)
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert set(rows) == {"alpha", "broken", "keyless"} and " done " in rows["alpha"]
+    assert "unreadable" in rows["broken"] and "JSONDecodeError" in rows["broken"]
+    assert "unreadable" in rows["keyless"] and "no 'family'" in rows["keyless"]
+    statuses = {r["name"]: r["status"] for r in one_json(invoke("runs", "--json"))["runs"]}
+    assert statuses == {"alpha": "done", "broken": "unreadable", "keyless": "unreadable"}
+
+
 def test_runs_empty(aigc_home):
     result = invoke("runs")
     assert_ok(result)

@@ -148,10 +148,13 @@ def test_models_lists_every_run_with_our_fields_and_sees_new_runs(client, served
     assert models["digits"].model_extra["modality"] == "image" and models["sun"].model_extra["family"] == "ar"
     runs = served["home"] / "runs"
     shutil.copytree(runs / "poet", runs / "poet-copy")
+    shutil.copytree(runs / "poet", runs / "poet-cut")
+    (runs / "poet-cut" / "run.json").write_text('{"family": "ng', encoding="utf-8")  # cut short
     try:
-        assert "poet-copy" in {m.id for m in client.models.list()}  # no restart
+        assert {m.id for m in client.models.list()} == {"poet", "digits", "sun", "tiny", "poet-copy"}  # no restart
     finally:
         shutil.rmtree(runs / "poet-copy")
+        shutil.rmtree(runs / "poet-cut")
 
 
 def test_the_api_docs_need_no_network(served):

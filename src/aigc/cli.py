@@ -586,7 +586,7 @@ def runs(
     print(f"{'name':<36} {'family':<9} {'status':<11} {'steps':>6} {'score':>18}  data")
     for r in rows:
         score = f"{r['score']['metric']} {r['score']['value']:.4f}" if r["score"] else "-"
-        parent = f"  <- {r['parent']} ({r['method']})" if r["parent"] else ""
+        parent = f"  <- {r['parent']} ({r['method']})" if r["parent"] else f"  ({r['error']})" if r.get("error") else ""
         print(f"{r['name']:<36} {r['family']:<9} {str(r['status']):<11} {str(r['steps'] or 0):>6} {score:>18}  "
               f"{r['data']}{parent}")
 

@@ -93,8 +93,20 @@ def modality_of(record: dict) -> str:
 
 
 def list_runs(root: Path | None = None) -> list[dict]:
+    """A summary of every run in `root`; a run whose run.json cannot be read (cut short by a full disk, edited
+    by hand) is listed with status "unreadable" and why, and the others as usual."""
     root = runs_dir() if root is None else Path(root)
-    return [summary(path) for path in (sorted(root.iterdir()) if root.is_dir() else []) if is_run(path)]
+    return [_summary_or_why(path) for path in (sorted(root.iterdir()) if root.is_dir() else []) if is_run(path)]
+
+
+def _summary_or_why(run_dir: Path) -> dict:
+    try:
+        return summary(run_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"{RECORD}: {type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"{RECORD}: no {e} in it"
+        return {"name": Path(run_dir).name, "path": str(Path(run_dir).resolve()), "family": "-", "modality": None,
+                "data": "-", "status": "unreadable", "error": why, "created": None, "steps": None, "val_bpc": None,
+                "dtype": None, "evaluated": False, "score": None, "init_from": None, "parent": None, "method": None}
 
 
 def summary(run_dir: Path) -> dict:

@@ -134,7 +134,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=schemas.ModelList, summary="the runs and --model folders served")
     def list_models(key_id: str | None = Depends(caller)):
-        cards = [_run_card(row) for row in store.list_runs(config.runs) if servable(row["name"])]
+        cards = [_run_card(row) for row in store.list_runs(config.runs)
+                 if row["status"] != "unreadable" and servable(row["name"])]
         cards += [{"id": name, "created": int(path.stat().st_mtime), "owned_by": "local", "modality": "text",
                    "family": "hf", "data": None, "status": "done", "headline": None}
                   for name, path in config.models.items()]
