@@ -264,6 +264,8 @@ def bench_images(home: Path, url: str, family: str, steps: int, methods: list[st
                      "fid_matched_before": made.get("fid_matched_before"),
                      "fid_matched_after": made.get("fid_matched_after"),
                      "within_tolerance": fid0 is not None and fid1 <= fid0 * (1 + FID_TOLERANCE),
+                     "matched_within_tolerance": made.get("fid_matched_before") is not None
+                     and made["fid_matched_after"] <= made["fid_matched_before"] * (1 + FID_TOLERANCE),
                      "judge_before": made.get("liked_share_before"), "judge_after": made.get("liked_share_after"),
                      "judge_heldout_accuracy": made.get("judge_heldout_accuracy"), "optimize_s": made["seconds"],
                      "steps": made.get("steps")})
@@ -302,8 +304,10 @@ def table(result: dict) -> str:
                       f"at most {TEXT_TOLERANCE:.0%} above the parent's."]
     matched = [r for r in result.get("image", {}).get("rows", []) if r.get("fid_matched_before") is not None]
     if matched:
-        lines += ["", "FID against held-out images drawn to each side's own class mix (the mix taken out): "
-                  + "; ".join(f"{r['method']} {fmt(r['fid_matched_before'])} -> {fmt(r['fid_matched_after'])}"
+        lines += ["", "FID against held-out images drawn to each side's own class mix (the preference moves the mix "
+                      "on purpose; this FID takes the mix out and measures the pictures): "
+                  + "; ".join(f"{r['method']} {fmt(r['fid_matched_before'])} -> {fmt(r['fid_matched_after'])} "
+                              f"(within tolerance: {'yes' if r.get('matched_within_tolerance') else 'no'})"
                               for r in matched) + "."]
     if "image" in result:
         p, u = result["image"]["parent"], result["image"]["user"]
@@ -338,7 +342,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     result["seconds"] = time.perf_counter() - t0
-    name = "feedback-quick" if args.quick else "feedback"
+    name = ("feedback-quick" if args.quick else "feedback") + (f"-{args.only}" if args.only else "")
     write_results(args.out, name, result, table(result))
     print(table(result))
 

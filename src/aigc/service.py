@@ -259,8 +259,8 @@ def recording_failure(run_dir: Path, record: dict):
 # optimization: from people's feedback to a new run (docs/optimize.md)
 
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, prepare, fit, finish
-OPTIMIZE_STEPS = 100  # the budget of sft and dpo when neither --max-steps nor --max-minutes is given
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, STEPS, prepare, fit,
+# finish; STEPS: the budget of sft and dpo when neither --max-steps nor --max-minutes is given
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
@@ -313,7 +313,7 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     run_dir = store.commit_run_dir(final_dir, write_files)
     budget = None
     if method != "rerank":
-        budget = Budget(max_steps or (None if max_minutes else OPTIMIZE_STEPS), max_minutes)
+        budget = Budget(max_steps or (None if max_minutes else optimizer.STEPS), max_minutes)
     _fit_and_finish(modality, run_dir, record, configs, budget,
                     lambda: optimizer.fit(fam, prepared, configs, run_dir, budget, method),
                     lambda fitted: optimizer.finish(family, fam, prepared, configs, run_dir, fitted, method))

@@ -190,7 +190,8 @@ class OptimizationRequest(Strict):
                                                                 "pairs (text); rerank: a reward model for best-of-n")
     name: str | None = Field(None, min_length=1, max_length=128, description="the new run's name (default: "
                                                                             "MODEL-METHOD)")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="sft and dpo: optimizer steps (default 100)")
+    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="sft and dpo: optimizer steps (default 100 "
+                                                                               "for text, 1000 for images)")
     sets: dict[str, str] | None = Field(None, max_length=64, description="[train] and [optimize] keys (aigc optimize "
                                                                          "--set)")
 
