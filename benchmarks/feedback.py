@@ -40,6 +40,7 @@ MAX_TOKENS = 48  # a quatrain of seven-character lines and a little more
 RATINGS = 200
 FRESH = 200
 TEXT_TOLERANCE = 0.05  # the new run's bits/char may be at most 5% above the parent's
+EXTRA_SETS: dict[str, str] = {}  # --set
 FID_TOLERANCE = 0.25  # its FID at most 25% above the parent's
 LIKED_CLASSES = (7, 9)  # Fashion-MNIST's sneaker and ankle boot
 # the parents' budgets in steps, not minutes, so that a busy machine trains the same parent (full, quick)
@@ -142,7 +143,7 @@ def text_outputs(client, model: str, prompts: tuple[str, ...], total: int, seed:
     return out
 
 
-def bench_text(home: Path, url: str, steps: int, methods: list[str]) -> dict:
+def bench_text(home: Path, url: str, steps: int, methods: list[str], family: str = "gpt") -> dict:
     import httpx
     import openai
 
@@ -152,7 +153,10 @@ def bench_text(home: Path, url: str, steps: int, methods: list[str]) -> dict:
         raise SystemExit("tang300 is missing: install the Debian package fortunes-zh (scripts/setup.sh --corpora)")
     os.environ["AIGC_HOME"] = str(home)
     t0 = time.perf_counter()
-    service.train("gpt", "tang300", name="poet", max_steps=steps, sets=GPT)
+    if family == "ngram":  # counted: no steps
+        service.train("ngram", "tang300", name="poet")
+    else:
+        service.train("gpt", "tang300", name="poet", max_steps=steps, sets=GPT)
     train_s = time.perf_counter() - t0
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     http = httpx.Client(base_url=url, timeout=600)
@@ -171,7 +175,7 @@ def bench_text(home: Path, url: str, steps: int, methods: list[str]) -> dict:
     parent_bpc = store.read_run(home / "runs" / "poet")["metrics"]["val_bpc"]
     rows = []
     for method in methods:
-        sets = {"eval_samples": "200"}
+        sets = {"eval_samples": "200", **EXTRA_SETS}
         made = optimize(http, "poet", method, sets)
         k1, n1 = judged(made["run"])
         bpc = made["val_bpc"]
@@ -185,7 +189,8 @@ def bench_text(home: Path, url: str, steps: int, methods: list[str]) -> dict:
                      "steps": made.get("steps")})
         print(f"text {method}: liked {k0 / n0:.3f} -> {k1 / n1:.3f}, bpc {parent_bpc:.4f} -> {bpc:.4f}",
               file=sys.stderr)
-    return {"parent": {"family": "gpt", "data": "tang300", "train_s": train_s, "val_bpc": parent_bpc, "steps": steps},
+    return {"parent": {"family": family, "data": "tang300", "train_s": train_s, "val_bpc": parent_bpc,
+                       "steps": steps if family != "ngram" else 0},
             "rows": rows}
 
 
@@ -253,7 +258,7 @@ def bench_images(home: Path, url: str, family: str, steps: int, methods: list[st
     k0, n0 = judged("closet")
     rows = []
     for method in methods:
-        made = optimize(http, "closet", method, {"eval_samples": "500"})
+        made = optimize(http, "closet", method, {"eval_samples": "500", **EXTRA_SETS})
         k1, n1 = judged(made["run"])
         fid0, fid1 = made.get("fid_before"), made.get("fid_after")
         rows.append({"modality": "image", "method": method, "run": made["run"], "rated": len(rated),
@@ -299,8 +304,10 @@ def table(result: dict) -> str:
                 f"{fmt(r['judge_before'])} -> {fmt(r['judge_after'])} | {fmt(r['judge_heldout_accuracy'])} |")
     if "text" in result:
         p = result["text"]["parent"]
-        lines += ["", f"Text parent: gpt ({GPT['n_layer']} x {GPT['n_embd']}) trained {p['steps']} steps "
-                      f"({p['train_s']:.0f} s) on tang300, val {p['val_bpc']:.4f} bits/char. Tolerance: bits/char "
+        made = f"gpt ({GPT['n_layer']} x {GPT['n_embd']}) trained {p['steps']} steps" \
+            if p["family"] == "gpt" else "an n-gram counted"
+        lines += ["", f"Text parent: {made} ({p['train_s']:.0f} s) on tang300, val {p['val_bpc']:.4f} bits/char. "
+                      f"Tolerance: bits/char "
                       f"at most {TEXT_TOLERANCE:.0%} above the parent's."]
     matched = [r for r in result.get("image", {}).get("rows", []) if r.get("fid_matched_before") is not None]
     if matched:
@@ -324,8 +331,12 @@ def main() -> None:
     parser.add_argument("--only", choices=("text", "image"))
     parser.add_argument("--methods", default="sft,dpo,rerank")
     parser.add_argument("--image-family", default="vae", choices=("vae", "dcgan", "diffusion"))
+    parser.add_argument("--text-family", default="gpt", choices=("gpt", "ngram"), help="ngram: sft and rerank")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an [optimize] or [train] key for every optimize (aigc optimize --set)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    EXTRA_SETS.update(dict(item.split("=", 1) for item in args.set))
     methods = [m for m in args.methods.split(",") if m]
     t0 = time.perf_counter()
     result = {"machine": machine(), "quick": args.quick}
@@ -334,7 +345,9 @@ def main() -> None:
         proc, url = start_server(home)
         try:
             if args.only in (None, "text"):
-                result["text"] = bench_text(home, url, TEXT_STEPS[args.quick], methods)
+                result["text"] = bench_text(home, url, TEXT_STEPS[args.quick],
+                                            [m for m in methods if args.text_family != "ngram" or m != "dpo"],
+                                            args.text_family)
             if args.only in (None, "image"):
                 result["image"] = bench_images(home, url, args.image_family, IMAGE_STEPS[args.quick],
                                                [m for m in methods if m != "dpo"])
@@ -342,7 +355,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     result["seconds"] = time.perf_counter() - t0
-    name = ("feedback-quick" if args.quick else "feedback") + (f"-{args.only}" if args.only else "")
+    name = ("feedback-quick" if args.quick else "feedback") + (f"-{args.only}" if args.only else "") \
+        + (f"-{args.text_family}" if args.text_family != "gpt" and args.only != "image" else "")
     write_results(args.out, name, result, table(result))
     print(table(result))
 

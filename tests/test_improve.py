@@ -114,18 +114,17 @@ def test_pairs_from_ratings_and_votes_open_dpo_and_rerank(db):
     assert methods(rival_summary)["rerank"]["available"]
 
 
-def test_an_ngram_is_offered_rerank_only(db):
+def test_an_ngram_is_offered_sft_and_rerank(db):
     gen = texts(db, "poet", "月", ["月山", "月水"])
     db.add_rating(gen, score=1, index=0)
     db.add_rating(gen, score=-1, index=1)
     summary = service.feedback_summary("poet", db)
     assert_counts_are_the_snapshots(summary, db, "poet", "text")
     by = methods(summary)
-    for method in ("sft", "dpo"):
-        assert not by[method]["available"]
-        assert by[method]["reason"] == (f"--method {method} fine-tunes a gradient-trained family; ngram is counted: "
-                                        f"use --method rerank")
-    assert by["rerank"]["available"]
+    assert not by["dpo"]["available"]
+    assert by["dpo"]["reason"] == ("--method dpo fine-tunes a gradient-trained family; ngram is counted: "
+                                   "use --method sft (its counts) or rerank")
+    assert by["rerank"]["available"] and by["sft"]["available"]
     assert_reasons_are_optimizes_errors(summary, db)
 
 

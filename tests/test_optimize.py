@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from aigc import service, store
 from aigc.cli import app
-from aigc.data.tokenizer import train_char
+from aigc.data.tokenizer import TextTokenizer, train_char
 from aigc.db import Store
 from aigc.errors import BadRequest, Conflict, UserError
 from aigc.optimize import feedback as fb
@@ -147,7 +147,7 @@ def significantly_higher(before: float, after: float, n: int) -> bool:
 
 @pytest.fixture(scope="module")
 def rated(tmp_path_factory):
-    """Tiny gpt and rnn parents on 200 poems, 200 outputs of each rated by the scripted user."""
+    """Tiny gpt, rnn and n-gram parents on 200 poems, 200 outputs of each rated by the scripted user."""
     home = tmp_path_factory.mktemp("optimize")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIGC_HOME", str(home))
@@ -155,9 +155,12 @@ def rated(tmp_path_factory):
         poems.write_text("\n%\n".join(make_poems(200)) + "\n", encoding="utf-8")
         bigger = {"gpt": {"n_embd": "32"}, "rnn": {"n_hidden": "64", "n_embd": "32"}}
         with Store() as db:
-            for family in ("gpt", "rnn"):
-                service.train(family, str(poems), name=family, max_steps=150,
-                              sets={**TINY_SETS[family], "eval_interval": "50", **bigger[family]})
+            for family in ("gpt", "rnn", "ngram"):
+                if family == "ngram":  # counted: no steps
+                    service.train(family, str(poems), name=family, sets={"order": "3"})
+                else:
+                    service.train(family, str(poems), name=family, max_steps=150,
+                                  sets={**TINY_SETS[family], "eval_interval": "50", **bigger[family]})
                 for i, prompt in enumerate(PROMPTS):
                     made = service.generate(family, {"prompt": prompt, "n": 50, "max_new_tokens": 12}, seed=i)
                     gen_id = service.record(made, db, source="api", request={"prompt": prompt})[0]
@@ -169,7 +172,8 @@ def rated(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("family, method, lr, tolerance", [
     ("gpt", "sft", "3e-4", 0.15), ("gpt", "dpo", "3e-4", 0.5), ("gpt", "rerank", None, 0.0),
-    ("rnn", "sft", "1e-3", 0.15), ("rnn", "dpo", "1e-3", 0.7), ("rnn", "rerank", None, 0.0)])
+    ("rnn", "sft", "1e-3", 0.15), ("rnn", "dpo", "1e-3", 0.7), ("rnn", "rerank", None, 0.0),
+    ("ngram", "sft", None, 0.15)])
 def test_one_round_of_ratings_makes_a_run_the_user_likes_more(rated, monkeypatch, family, method, lr, tolerance):
     monkeypatch.setenv("AIGC_HOME", str(rated))
     sets = {"batch_size": "16", "lr": lr} if lr else {}
@@ -233,7 +237,9 @@ def test_bad_requests_are_one_clear_error_and_make_no_run(rated, monkeypatch, ar
 
 def test_a_run_without_feedback_or_of_another_kind_is_refused(aigc_home, poems_file):
     service.train("ngram", str(poems_file), name="counted", sets={"max_order": "3"})
-    with pytest.raises(BadRequest, match="ngram is counted: use --method rerank"):
+    with pytest.raises(BadRequest, match=r"ngram is counted: use --method sft \(its counts\) or rerank"):
+        service.optimize("counted", "dpo")
+    with pytest.raises(BadRequest, match="sft learns from liked outputs, and run 'counted' has none"):
         service.optimize("counted", "sft")
     service.train("vae", "digits", name="pictures", max_steps=2,
                   sets={"z_dim": "2", "base_channels": "4", "batch_size": "8", "eval_interval": "2"})
@@ -389,3 +395,34 @@ def test_class_matched_images_follow_the_class_mix_the_classifier_reads(aigc_hom
     # and the matched images are the held-out split's own pictures of those classes
     rows = [np.flatnonzero((val.images == image).all(axis=(1, 2, 3)))[0] for image in matched.images]
     assert [int(val.labels[r]) for r in rows] == matched.labels.tolist()
+
+
+def test_sft_on_an_ngram_adds_the_liked_completions_counts(rated, monkeypatch):
+    """The new n-gram's counts are the parent's plus, for every liked completion, each n-gram that ends on one of
+    its tokens (not the prompt's), count_weight times its weight: counted here by hand."""
+    from aigc.models import FAMILIES
+    from aigc.optimize.text import liked_counts
+
+    tokenizer = train_char(make_poems())
+    ids, start = encode_example(tokenizer, "春", "春山水", 16)  # EOT 春 山 水: the completion is 山 水
+    grams = liked_counts([(ids, start)], [2.0], 3, tokenizer.vocab_size, 5.0)
+    as_str = [chr(i) for i in ids]
+    assert grams == {"".join(as_str[0:3]): 10, "".join(as_str[1:4]): 10}  # EOT 春 山, 春 山 水
+    assert liked_counts([(ids, start)], [-1.0], 3, tokenizer.vocab_size, 5.0) == {}
+
+    monkeypatch.setenv("AIGC_HOME", str(rated))
+    with pytest.raises(BadRequest, match="--max-steps and --max-minutes apply to trained families"):
+        service.optimize("ngram", "sft", max_steps=10)
+    run_dir, metrics = service.optimize("ngram", "sft", name="ngram-more",
+                                        sets={"count_weight": "3", "eval_samples": "0"})
+    parent, child = FAMILIES["ngram"].load(rated / "runs" / "ngram").kn, FAMILIES["ngram"].load(run_dir).kn
+    with Store() as db:
+        found = fb.collect(db, "ngram")
+    tok = TextTokenizer.load(run_dir)
+    examples = [encode_example(tok, r.prompt, r.output, len(r.output) + 2) for r in found.liked]
+    expected = dict(parent.counts_)
+    for gram, times in liked_counts(examples, [float(r.score) for r in found.liked], 3, parent.vocab_size, 3.0).items():
+        expected[gram] = expected.get(gram, 0) + times
+    assert child.counts_ == expected and child.tail_ == parent.tail_
+    assert metrics["counts_added"] == sum(expected.values()) - sum(parent.counts_.values()) > 0
+    assert tok.vocab_size == parent.vocab_size

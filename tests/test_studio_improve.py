@@ -54,15 +54,15 @@ def test_a_person_improves_a_model_from_ratings_and_generates_best_of_n(rated, b
     home, url = rated
     page = new_page(browser, "en-US")
 
-    # the panel: the counts, rerank offered, sft and dpo not (an n-gram is counted, not trained)
+    # the panel: the counts, sft and rerank offered, dpo not (an n-gram is counted, not trained)
     visit(page, url, "models?model=poet")
     panel = page.locator("article[data-model=poet]").get_by_test_id("improve")
     playwright.expect(panel.get_by_test_id("feedback-counts")).to_have_text(
         "4 liked · 4 disliked · 8 pairs (from 8 ratings and 0 arena votes)")
-    for method in ("sft", "dpo"):
-        playwright.expect(panel.locator(f"button[data-method={method}]")).to_be_disabled()
-        playwright.expect(panel.locator(f".method[data-method={method}]").get_by_test_id("reason")).to_have_text(
-            f"--method {method} fine-tunes a gradient-trained family; ngram is counted: use --method rerank")
+    playwright.expect(panel.locator("button[data-method=dpo]")).to_be_disabled()
+    playwright.expect(panel.locator(".method[data-method=dpo]").get_by_test_id("reason")).to_have_text(
+        "--method dpo fine-tunes a gradient-trained family; ngram is counted: use --method sft (its counts) or rerank")
+    playwright.expect(panel.locator("button[data-method=sft]")).to_be_enabled()
     rerank = panel.get_by_role("button", name="Pick the best of several (rerank)")
     playwright.expect(rerank).to_be_enabled()
     playwright.expect(panel.locator(".method[data-method=rerank]")).to_contain_text("keeps the one it judges best")

@@ -86,6 +86,8 @@ class OptimizeConfig:
                               "nearer)", min=0.0, max=100.0, min_exclusive=True)
     best_of: int = option(4, "rerank: candidates drawn per sample, the reward model keeps the best", min=1, max=64)
     l2: float = option(0.01, "rerank: L2 penalty of the reward model", min=0.0, max=100.0)
+    count_weight: float = option(20.0, "sft on an n-gram: times each liked completion's n-grams are counted per "
+                                       "unit of its rating", min=0.0, max=1e6, min_exclusive=True)
     feedback_share: float = option(0.5, "sft on images: the share of each batch drawn from the liked images (the "
                                         "rest from the training data)", min=0.0, max=1.0, min_exclusive=True)
     eval_samples: int = option(200, "fresh outputs of the parent and of the new run judged before and after "

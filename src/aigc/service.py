@@ -284,6 +284,8 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     family, modality_name = parent["family"], store.modality_of(parent)
     check_optimizable(parent_dir, parent, method)
     optimizer, fam = OPTIMIZERS[modality_name], FAMILIES[family]
+    if fam.trainer == "counts" and (max_steps is not None or max_minutes is not None):
+        raise BadRequest(f"--max-steps and --max-minutes apply to trained families; sft on {family} adds counts")
     with contextlib.ExitStack() as stack:
         if db is None:
             db = stack.enter_context(Store())
@@ -343,9 +345,9 @@ def check_optimizable(run_dir: Path, record: dict, method: str) -> None:
         article = "an" if modality_name == "image" else "a"
         raise BadRequest(f"--method {method} takes {takes} runs; {run_dir.name!r} is {article} {modality_name} "
                          f"run (use: {', '.join(optimizer.METHODS)})")
-    if method != "rerank" and FAMILIES[family].trainer != "gradient":
-        raise BadRequest(f"--method {method} fine-tunes a gradient-trained family; {family} is counted: use "
-                         f"--method rerank")
+    if method == "dpo" and FAMILIES[family].trainer != "gradient":
+        raise BadRequest(f"--method dpo fine-tunes a gradient-trained family; {family} is counted: use "
+                         f"--method sft (its counts) or rerank")
 
 
 def feedback_summary(run: str, db: Store | None = None) -> dict:

@@ -8,6 +8,9 @@ the parent's validation split (bits per character), so the log shows whether the
 
 - sft (rejection-sampling fine-tuning): next-token cross-entropy on liked completions, each drawn with a
   probability proportional to its weight (the sum of its ratings).
+- sft on an n-gram (a counted family): the liked completions' n-grams are added to the parent's counts, each
+  completion `count_weight` times per unit of its weight, and every level and discount is derived again; the
+  n-grams that end on a prompt token are not counted. No training loop, so no steps.
 - dpo (Direct Preference Optimization, Rafailov et al. 2023): -log sigmoid(beta * ((log pi(chosen) -
   log ref(chosen)) - (log pi(rejected) - log ref(rejected)))), the log-probabilities summed over each
   completion's tokens, the reference being the frozen parent; its log-probabilities are computed once, before
@@ -17,18 +20,20 @@ the parent's validation split (bits per character), so the log shows whether the
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aigc.checkpoint import verify_manifest
+from aigc.checkpoint import save_model_files, verify_manifest
 from aigc.data.tokenizer import TextTokenizer
 from aigc.errors import BadRequest
 from aigc.modalities import text as text_modality
 from aigc.modalities.base import Prepared
 from aigc.modalities.text import n_scored_chars, read_val
+from aigc.models import ngram
 from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
 from aigc.sample import load_run
@@ -180,6 +185,13 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
     if method == "rerank":
         state["reward"] = rerank.fit_for_run("text", load_run(str(parent_dir)), feedback, configs["optimize"])
         model, extra_files = None, rerank.reward_run_files(parent_dir, state["reward"])
+    elif fam.trainer == "counts":  # sft on an n-gram: counts added, no training loop
+        model, extra_files = fam.load(parent_dir), None
+        examples = [encode_example(tokenizer, r.prompt, r.output, len(r.output) + 2) for r in feedback.liked]
+        state["added"] = liked_counts(examples, [float(r.score) for r in feedback.liked], model.kn.order,
+                                      model.kn.vocab_size, configs["optimize"].count_weight)
+        if not state["added"]:
+            raise BadRequest("every liked output is its prompt alone: nothing to learn from")
     else:
         model = fam.load(parent_dir)
         extra_files = None
@@ -212,11 +224,34 @@ def _checked(batches_type, *args):
 
 def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, fitted: dict, method: str) -> dict:
     """The new run's metrics on the parent's validation split, as any text run's (the parent's beside them)."""
-    return text_modality.finish(family, fam, prepared, configs, run_dir, fitted)
+    metrics = text_modality.finish(family, fam, prepared, configs, run_dir, fitted)
+    return {**metrics, **{k: fitted[k] for k in ("ngrams_added", "counts_added") if k in fitted}}
+
+
+def liked_counts(examples: list[tuple[list[int], int]], weights: list[float], order: int, vocab_size: int,
+                 count_weight: float) -> Counter:
+    """The n-grams (as the n-gram model keys them) of the liked examples that end on a completion token, each
+    counted round(count_weight * weight) times (at least once for a positive weight)."""
+    added: Counter = Counter()
+    for (ids, start), weight in zip(examples, weights, strict=True):
+        if weight <= 0:
+            continue
+        times = max(1, round(count_weight * weight))
+        s = ngram.ids_to_str(ids, vocab_size)
+        for end in range(max(start, order), len(s) + 1):
+            if end > start:  # the gram's last id is a completion token
+                added[s[end - order:end]] += times
+    return added
 
 
 def fit(fam, prepared: Prepared, configs: dict, run_dir: Path, budget, method: str) -> dict:
     if method == "rerank":
         return rerank.fitted(prepared.state["reward"])
+    if "added" in prepared.state:
+        kn = prepared.model.kn
+        kn._set_counts(Counter(kn.counts_) + prepared.state["added"], kn.tail_)
+        save_model_files(prepared.model, run_dir)
+        return {"steps": 0, "order": kn.order, "ngrams_added": len(prepared.state["added"]),
+                "counts_added": sum(prepared.state["added"].values())}
     return train_loop(prepared.model, prepared.state["batches"], configs["train"], run_dir, budget,
                       cpu_bf16=fam.cpu_bf16, compile_gain=False)
