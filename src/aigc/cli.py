@@ -320,7 +320,8 @@ def generate(
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image, series and music runs: folder for the files")] = None,
-    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
+    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF) from the record it "
+                                                         "carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
     eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,
@@ -415,6 +416,15 @@ def generate(
         print(f"{len(generation.outputs)} piece(s) of {', '.join(str(o['bars']) for o in generation.outputs)} bars, "
               f"seed {generation.record['settings']['seed']}; audio: {generation.extra.get('rendered_with')}",
               file=sys.stderr)
+        return
+    if generation.modality == "video":  # NNN.gif per clip and sheet.png
+        if json_out:
+            record = generation.record
+            _emit_json({"files": files, "sheet": generation.extra.get("sheet"), "settings": record["settings"],
+                        "clips": record["clips"], "clips_per_s": record["clips_per_s"]})
+            return
+        for path in files:
+            print(path)
         return
     if generation.modality == "image":
         if json_out:
