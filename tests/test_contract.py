@@ -54,7 +54,7 @@ def test_video_predictor_contract(family, tmp_path):
     with torch.no_grad():
         future = model.predict(x[:, :3])
         assert future.shape == (4, 2, 12, 10)
-        torch.testing.assert_close(model(x)["loss"], ((future - x[:, 3:]) ** 2).mean())
+        torch.testing.assert_close(model(x)["mse"], ((future - x[:, 3:]) ** 2).mean())
 
     # 2. save/load round trip: identical predictions
     out = tmp_path / "saved"

@@ -244,9 +244,45 @@ def test_clip_generators_reuse_the_image_families(family, tmp_path, one_thread):
         assert Path(f).read_bytes() == (tmp_path / "b" / Path(f).name).read_bytes()
     again = service.regenerate_image(str(tmp_path / "a" / "001.gif"))
     assert np.array_equal(again.outputs[0], first.outputs[1])
-    if family == "vae":
-        assert math.isfinite(metrics["val_nelbo"])
-        with pytest.raises(UserError, match="this run is conditional: give --class"):
-            service.generate(run_dir.name, {"n": 1}, seed=0)
-    result = service.evaluate(run_dir.name, {"n": 4})
-    assert {"speed", "speed_real", "frame_change"} <= set(result["metrics"])
+    if family == "diffusion":
+        return
+    assert math.isfinite(metrics["val_nelbo"])
+    with pytest.raises(UserError, match="this run is conditional: give --class"):
+        service.generate(run_dir.name, {"n": 1}, seed=0)
+    result = service.evaluate(run_dir.name, {"n": 4})  # trains the digits' feature net (cached) in about 10 s
+    m = result["metrics"]
+    assert {"speed", "speed_real", "frame_change"} <= set(m)
+    assert m["frame_fid"] >= 0 and m["frame_fid_floor"] >= 0
+    assert 0 <= m["class_consistency"] <= 1 and 0 <= m["class_accuracy"] <= 1
+    assert m["class_consistency_floor"] >= 0.5  # real clips keep their class from frame to frame
+
+
+def test_the_api_makes_clips_as_gifs(one_thread):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+    from aigc.store import runs_dir
+
+    _train("simvp", "pred", **{"val_clips": "4"})
+    home = runs_dir().parent
+    app_ = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app_) as client:
+        body = {"model": "pred", "n": 2, "seed": 5}
+        first, again = (client.post("/v1/videos/generations", json=body) for _ in range(2))
+        assert first.status_code == 200, first.text
+        made = first.json()
+        assert made["seed"] == 5 and made["job"] == "predict" and len(made["data"]) == 2
+        gif = base64.b64decode(made["data"][1]["gif_b64"])
+        assert gif[:6] == b"GIF89a" and made["data"][1]["record"]["seed"] == 6
+        with Image.open(io.BytesIO(gif)) as img:
+            assert json.loads(img.info["comment"])["seed"] == 6
+        assert base64.b64decode(made["sheet_b64"])[:4] == b"\x89PNG"
+        assert [d["gif_b64"] for d in again.json()["data"]] == [d["gif_b64"] for d in made["data"]]
+        assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        wrong = client.post("/v1/images/generations", json={"model": "pred"})
+        assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
+        refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})
+        assert refused.status_code == 400 and "--steps does not apply to simvp" in refused.text

@@ -39,7 +39,7 @@ def prediction_metrics(pred: Tensor, truth: Tensor) -> dict:
     err = pred - truth
     per_frame = err.pow(2).sum(dim=(2, 3, 4))  # (N, F): summed over pixels
     mean_sq = err.pow(2).mean(dim=(2, 3, 4)).clamp(min=1e-10)
-    frames_pred, frames_true = pred.flatten(0, 1), truth.flatten(0, 1)  # (N * F, C, H, W)
+    frames_pred, frames_true = pred.flatten(0, 1).float(), truth.flatten(0, 1).float()  # (N * F, C, H, W)
     ssim = torch.cat([structural_similarity_index_measure(frames_pred[i:i + 500], frames_true[i:i + 500],
                                                           data_range=1.0, reduction="none")
                       for i in range(0, len(frames_pred), 500)])

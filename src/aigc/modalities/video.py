@@ -27,10 +27,12 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, verify_manifest
 from aigc.config import build, read_toml, to_toml
 from aigc.data import video as v
-from aigc.data.images import save_png
+from aigc.data.images import load_images, save_png
+from aigc.data.images import to_tensor as to_image_tensor
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
 from aigc.evaluate import video as metrics_of
+from aigc.evaluate.images import extract_features, feature_net, fid_from_features
 from aigc.fsutil import write_json
 from aigc.modalities import image
 from aigc.modalities.base import Generation, Prepared
@@ -45,6 +47,8 @@ EVALUATE_OPTIONS = ("n",)
 MAX_CLIPS = 256  # `aigc generate -n` cap
 SHEET_CLIPS = 4  # clips in the frame sheet saved at every evaluation in training
 EVAL_BATCH = 100  # clips per forward pass when scoring
+EVAL_CLIPS = 200  # a generator's clips scored by `aigc eval` (at most the validation clips)
+FINISH_CLIPS = 200  # a predictor's validation clips scored when training ends (`aigc eval` scores them all)
 
 
 def predicts(fam: Family) -> bool:
@@ -201,8 +205,8 @@ def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir:
     batches = prepared.state
     kept = {k: fit[k] for k in ("steps", "train_time_s", "train_loss", "best_step", "clips_per_s", "schedule_steps")}
     if predicts(fam):
-        scores = score_prediction(best, batches.train, batches.val, prepared.record["context"])
-        return {**scores["metrics"], **{f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS
+        scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], FINISH_CLIPS)
+        return {**scores["metrics"], "scored_clips": scores["clips"], **{f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS
                                         for k in metrics_of.METRICS}, "beats_floors": scores["beats_floors"], **kept}
     if fam.bound_score:
         return {**score_bound(best, batches), **kept}
@@ -408,14 +412,64 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                                                    "clips_per_s": scores["clips"] / (time.perf_counter() - t0)},
                   "floors": scores["floors"], "clips": scores["clips"]}
     else:
-        n = min(n or 200, val.n)
-        generation = generate(loaded, {"n": n, "class_": None} if not record["num_classes"] else
-                              {"n": n, "class_": "0"}, 0)
-        made = np.stack(generation.outputs)
+        n = min(n or EVAL_CLIPS, val.n)
+        made, labels, clips_per_s = sample_clips(loaded, n)
         result = {"run": str(run_dir), "clips": n,
                   "metrics": {**{k: record["metrics"][k] for k in ("val_nelbo", "val_loss") if k in record["metrics"]},
-                              **{f"{k}": x for k, x in metrics_of.motion(made).items()},
+                              **metrics_of.motion(made),
                               **{f"{k}_real": x for k, x in metrics_of.motion(val.clips[:n]).items()},
-                              "clips_per_s": generation.record["clips_per_s"]}}
+                              "clips_per_s": clips_per_s}}
+        source = record["data"]["train"]["source"]
+        if source in v.NAMED_VIDEOS and loaded.configs["data"].objects == 1:
+            windows = window_scores(source, made, labels, val, loaded.configs["data"])
+            result["metrics"].update(windows["metrics"])
+            result["feature_net"] = windows["feature_net"]
     write_json(Path(run_dir) / "eval.json", result)
     return result
+
+
+@torch.no_grad()
+def sample_clips(loaded: LoadedVideo, n: int) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """n clips of a generator at seeds 0..n-1 (a conditional run: classes 0, 1, ... in turn), their classes, and
+    the clips made per second."""
+    record = loaded.record
+    labels = np.arange(n) % record["num_classes"] if record["num_classes"] else None
+    t0 = time.perf_counter()
+    made = [sample_clip(loaded.model, {"seed": i, "class": None if labels is None else int(labels[i])},
+                        record["clip_shape"]) for i in range(n)]
+    return np.stack(made), labels, n / (time.perf_counter() - t0)
+
+
+def window_scores(source: str, made: np.ndarray, labels: np.ndarray | None, val: v.Clips,
+                  cfg: v.VideoDataConfig) -> dict:
+    """Per-frame FID and class consistency of one-object clips, on the window of the object's size around each
+    frame's brightness centre (made and real clips cut the same way), in the features of the image metrics' net
+    trained on the image set's training split (aigc.evaluate.images, cached). The floors: fresh training clips
+    against the validation clips, cut and scored the same way."""
+    named = v.NAMED_VIDEOS[source]
+    train_images = load_images(named.images, split="train")
+    side = train_images.height * named.scale
+    n = len(made)
+    real_train = v.named_clips(source, "train", n, cfg.split_seed + 1, cfg).clips
+
+    def frames(clips: np.ndarray) -> torch.Tensor:  # (N, T, ...) -> windows (N * T, 1, h, w) at the set's size
+        w = metrics_of.object_windows(clips, side)
+        w = w.reshape(-1, side // named.scale, named.scale, side // named.scale, named.scale, w.shape[-1])
+        w = np.rint(w.mean(axis=(2, 4))).astype(np.uint8)  # block mean: back to the image set's resolution
+        return to_image_tensor(w)
+
+    net, info = feature_net(train_images, test=load_images(named.images, split="test"))
+    fake, real, floor = frames(made), frames(val.clips[:n]), frames(real_train)
+    f_fake, f_real, f_floor = (extract_features(net, x) for x in (fake, real, floor))
+
+    def classes(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([net(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy().reshape(n, -1)
+
+    fake_classes, floor_classes = classes(fake), classes(floor)
+    metrics = {"frame_fid": fid_from_features(f_real, f_fake), "frame_fid_floor": fid_from_features(f_real, f_floor),
+               **metrics_of.class_consistency(fake_classes),
+               "class_consistency_floor": metrics_of.class_consistency(floor_classes)["class_consistency"]}
+    if labels is not None:
+        metrics["class_accuracy"] = float((fake_classes == labels[:, None]).mean())  # the frames of the asked class
+    return {"metrics": metrics, "feature_net": {k: info.get(k) for k in ("kind", "test_accuracy", "cached")}}
