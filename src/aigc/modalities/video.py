@@ -206,8 +206,9 @@ def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir:
     kept = {k: fit[k] for k in ("steps", "train_time_s", "train_loss", "best_step", "clips_per_s", "schedule_steps")}
     if predicts(fam):
         scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], FINISH_CLIPS)
-        return {**scores["metrics"], "scored_clips": scores["clips"], **{f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS
-                                        for k in metrics_of.METRICS}, "beats_floors": scores["beats_floors"], **kept}
+        floors = {f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS for k in metrics_of.METRICS}
+        return {**scores["metrics"], **floors, "beats_floors": scores["beats_floors"], "scored_clips": scores["clips"],
+                **kept}
     if fam.bound_score:
         return {**score_bound(best, batches), **kept}
     return {"val_loss": fit["best_val_loss_periodic"], **kept}
