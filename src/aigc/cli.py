@@ -542,6 +542,13 @@ def eval_(
         naive = result["naive"]
         print(f"naive forecast on the same origins: mae {naive['mae']:.4g}, mase {naive['mase']:.4f}; "
               f"picture: {result['picture']}", file=sys.stderr)
+    elif "floors" in result:  # a video predictor: each metric beside its three floors
+        floors = result["floors"]
+        print(f"{'metric':>8} {'model':>10} " + " ".join(f"{name:>11}" for name in floors))
+        for key in ("mse", "mae", "psnr", "ssim"):
+            print(f"{key:>8} {result['metrics'][key]:>10.4f} " + " ".join(f"{f[key]:>11.4f}" for f in floors.values()))
+        print(f"{result['clips']} validation clips; beats every floor on every metric: "
+              f"{'yes' if result['metrics']['beats_floors'] else 'no'}", file=sys.stderr)
     elif "statistics" in result:  # a music run: each statistic of the samples beside the pieces'
         stats = result["statistics"]
         print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}")
@@ -668,6 +675,13 @@ def data_list():
     for name, corpus in MUSIC_CORPORA.items():
         print(f"{name:<14} {corpus.package:<14} {corpus.licence:<44} {corpus.description}")
     print("\nYour own music: a .mid/.midi file or a folder of them (ngram, rnn, gpt; docs/audio.md).")
+    from aigc.data.video import NAMED_VIDEOS
+
+    print(f"\n{'video':<22} {'package':<22} description")
+    for name, clips in NAMED_VIDEOS.items():
+        print(f"{name:<22} {clips.package:<22} {clips.description}")
+    print("\nYour own clips: a GIF file or a folder of them (simvp predicts; vae, diffusion make clips; "
+          "docs/video.md).")
 
 
 @data_app.command("show")
