@@ -118,10 +118,12 @@ class TrainCommand(TyperCommand):
 @user_errors
 def train(
     family: Annotated[str, typer.Option(help="ngram | rnn | gpt (text); vae | dcgan | diffusion (images)"
-                                             "; ar | rnn (series)", is_eager=True)],
+                                             "; ar | rnn (series); simvp (video prediction; vae and diffusion "
+                                             "make clips)", is_eager=True)],
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
                                            "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
-                                           "elnino, or a .csv file")],
+                                           "elnino, or a .csv file; video: moving-fashion-mnist, "
+                                           "moving-digits, or GIFs")],
     val_data: Annotated[str | None, typer.Option(help="validation data (default: the last 10% of --data)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: FAMILY-DATA-TIMESTAMP)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
