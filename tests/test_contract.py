@@ -29,10 +29,40 @@ def corpus():
 TEXT = [name for name, fam in FAMILIES.items() if fam.modality == "text"]
 IMAGE = [name for name, fam in FAMILIES.items() if fam.modality == "image"]
 SERIES = [name for name, fam in FAMILIES.items() if fam.modality == "series"]  # contract: test_series_models.py
+VIDEO = [name for name, fam in FAMILIES.items() if fam.modality == "video"]  # predictors
 
 
 def test_every_family_is_covered():
-    assert set(TEXT) | set(IMAGE) | set(SERIES) == set(FAMILIES)
+    assert set(TEXT) | set(IMAGE) | set(SERIES) | set(VIDEO) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_video_predictor_contract(family, tmp_path):
+    fam = FAMILIES[family]
+    configs = build(sections_for(family), {}, family=family)
+    torch.manual_seed(0)
+    model = fam.build(configs["model"], (1, 12, 10), 3, 2)  # frames of 1 x 12 x 10, 3 given, 2 predicted
+    x = torch.rand(4, 5, 12, 10) * 2 - 1  # (N, T * C, H, W)
+
+    # 1. the loss is finite, with finite non-zero gradients; the future frames matter to it, the past only as input
+    loss = model(x)["loss"]
+    assert loss.ndim == 0 and math.isfinite(loss.item())
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        future = model.predict(x[:, :3])
+        assert future.shape == (4, 2, 12, 10)
+        torch.testing.assert_close(model(x)["mse"], ((future - x[:, 3:]) ** 2).mean())
+
+    # 2. save/load round trip: identical predictions
+    out = tmp_path / "saved"
+    out.mkdir()
+    save_model_files(model, out)
+    verify_manifest(out)
+    with torch.no_grad():
+        assert torch.equal(fam.load(out).predict(x[:, :3]), future)
 
 
 @pytest.mark.parametrize("family", IMAGE)

@@ -118,10 +118,12 @@ class TrainCommand(TyperCommand):
 @user_errors
 def train(
     family: Annotated[str, typer.Option(help="ngram | rnn | gpt (text); vae | dcgan | diffusion (images)"
-                                             "; ar | rnn (series)", is_eager=True)],
+                                             "; ar | rnn (series); simvp (video prediction; vae and diffusion "
+                                             "make clips)", is_eager=True)],
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
                                            "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
-                                           "elnino, or a .csv file")],
+                                           "elnino, or a .csv file; video: moving-fashion-mnist, "
+                                           "moving-digits, or GIFs")],
     val_data: Annotated[str | None, typer.Option(help="validation data (default: the last 10% of --data)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: FAMILY-DATA-TIMESTAMP)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
@@ -320,7 +322,8 @@ def generate(
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image, series and music runs: folder for the files")] = None,
-    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG from the record it carries")] = None,
+    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF) from the record it "
+                                                         "carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
     eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,
@@ -415,6 +418,15 @@ def generate(
         print(f"{len(generation.outputs)} piece(s) of {', '.join(str(o['bars']) for o in generation.outputs)} bars, "
               f"seed {generation.record['settings']['seed']}; audio: {generation.extra.get('rendered_with')}",
               file=sys.stderr)
+        return
+    if generation.modality == "video":  # NNN.gif per clip and sheet.png
+        if json_out:
+            record = generation.record
+            _emit_json({"files": files, "sheet": generation.extra.get("sheet"), "settings": record["settings"],
+                        "clips": record["clips"], "clips_per_s": record["clips_per_s"]})
+            return
+        for path in files:
+            print(path)
         return
     if generation.modality == "image":
         if json_out:
@@ -532,6 +544,13 @@ def eval_(
         naive = result["naive"]
         print(f"naive forecast on the same origins: mae {naive['mae']:.4g}, mase {naive['mase']:.4f}; "
               f"picture: {result['picture']}", file=sys.stderr)
+    elif "floors" in result:  # a video predictor: each metric beside its three floors
+        floors = result["floors"]
+        print(f"{'metric':>8} {'model':>10} " + " ".join(f"{name:>11}" for name in floors))
+        for key in ("mse", "mae", "psnr", "ssim"):
+            print(f"{key:>8} {result['metrics'][key]:>10.4f} " + " ".join(f"{f[key]:>11.4f}" for f in floors.values()))
+        print(f"{result['clips']} validation clips; beats every floor on every metric: "
+              f"{'yes' if result['metrics']['beats_floors'] else 'no'}", file=sys.stderr)
     elif "statistics" in result:  # a music run: each statistic of the samples beside the pieces'
         stats = result["statistics"]
         print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}")
@@ -658,6 +677,13 @@ def data_list():
     for name, corpus in MUSIC_CORPORA.items():
         print(f"{name:<14} {corpus.package:<14} {corpus.licence:<44} {corpus.description}")
     print("\nYour own music: a .mid/.midi file or a folder of them (ngram, rnn, gpt; docs/audio.md).")
+    from aigc.data.video import NAMED_VIDEOS
+
+    print(f"\n{'video':<22} {'package':<22} description")
+    for name, clips in NAMED_VIDEOS.items():
+        print(f"{name:<22} {clips.package:<22} {clips.description}")
+    print("\nYour own clips: a GIF file or a folder of them (simvp predicts; vae, diffusion make clips; "
+          "docs/video.md).")
 
 
 @data_app.command("show")

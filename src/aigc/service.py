@@ -36,11 +36,12 @@ from aigc.data.images import NAMED_IMAGES, named_installed, save_png
 from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.text import CORPORA, corpus_installed
+from aigc.data.video import NAMED_VIDEOS, is_video_data
 from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
-from aigc.modalities import MODALITIES, Generation, Modality, image, music, series
+from aigc.modalities import MODALITIES, Generation, Modality, image, music, series, video
 from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
@@ -66,6 +67,8 @@ def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
         return "series", series.series_family(family)  # an error for a family that takes no series
     if data is not None and fam.modality == "text" and is_music_data(data):  # MIDI or a named music corpus
         return "music", fam
+    if data is not None and fam.modality == "image" and is_video_data(data):  # clips: frames as channels
+        return "video", fam
     return fam.modality, fam
 
 
@@ -518,7 +521,8 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                                           rerank=one, **common))
         return made
     stats = generation.record.get("stats", {})
-    output = generation.outputs if generation.modality == "text" else json_safe(generation.outputs)
+    output = generation.outputs if generation.modality == "text" else \
+        json_safe(generation.record["clips"] if generation.modality == "video" else generation.outputs)
     family = generation.record.get("family") or settings.get("family")
     return [db.add_generation(id=ids[0] if ids else None, request=request, seed=settings.get("seed"), family=family,
                               output=output, file=files[0] if files else None,
@@ -566,7 +570,8 @@ def generation_defaults(run: str) -> dict:
         return dict(music.GENERATE_DEFAULTS)
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
-    keywords = inspect.signature(model_class.sample).parameters if model_class is not None else {}
+    keywords = inspect.signature(model_class.sample).parameters if model_class is not None and fam.sampler_options \
+        else {}  # a video predictor has no sampler
     return {"n": 1, **{name: keywords[name].default for name in fam.sampler_options
                        if name in keywords and keywords[name].default is not inspect.Parameter.empty}, **own}
 
@@ -582,12 +587,14 @@ def datasets() -> list[dict]:
               "installed": True} for name, d in NAMED_SERIES.items()]
     rows += [{"name": name, "modality": "music", "description": f"{d.description} ({d.licence})",
               "package": d.package, "installed": True} for name, d in MUSIC_CORPORA.items()]
+    rows += [{"name": name, "modality": "video", "description": d.description, "package": d.package,
+              "installed": named_installed(d.images)} for name, d in NAMED_VIDEOS.items()]
     return rows
 
 
 def regenerate_image(path: str) -> Generation:
-    """An image again, from the generation record its PNG carries."""
-    return image.regenerate(path)
+    """An image again, from the generation record its PNG carries (a clip, from its GIF's)."""
+    return video.regenerate(path) if Path(path).suffix.lower() == ".gif" else image.regenerate(path)
 
 
 def default_out_dir(generation: Generation) -> Path:
@@ -595,7 +602,7 @@ def default_out_dir(generation: Generation) -> Path:
     run_dir, settings = Path(generation.record["run"]), generation.record["settings"]
     if generation.modality == "series":
         return run_dir / "generated" / f"horizon-{settings['horizon']}-seed-{settings['seed']}"
-    if generation.modality == "image" and "source" in generation.extra:  # --from-image: beside the image
+    if generation.modality in ("image", "video") and "source" in generation.extra:  # --from-image: beside it
         return Path(generation.extra["source"]).parent / "regenerated"
     return run_dir / "generated" / f"seed-{settings['seed']}"
 

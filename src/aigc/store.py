@@ -24,6 +24,7 @@ HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eva
     "image": ("fid", "val_nelbo", "val_loss"),
     "series": ("mase", "sigma"),
     "music": ("val_nll_per_note",),
+    "video": ("mse", "frame_fid", "val_nelbo", "val_loss"),
 }
 
 

@@ -13,20 +13,21 @@ from dataclasses import dataclass
 from transformers.utils import logging as hf_logging
 
 from aigc.config import TrainConfig
-from aigc.models import ar, dcgan, diffusion, gpt, ngram, rnn, rnn_series, vae
+from aigc.models import ar, dcgan, diffusion, gpt, ngram, rnn, rnn_series, simvp, vae
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
 
 @dataclass(frozen=True)
 class Family:
-    modality: str  # "text", "image" or "series": decides the data loader, the sample format and the metrics
+    modality: str  # "text", "image", "series" or "video": decides the data loader, the sample format and the metrics
     config: type  # the family's model config dataclass (keys for --set)
     trainer: str  # "gradient": the shared training loop; "counts", "fit": a closed-form fit
     load: Callable  # load(run_dir) -> model
     build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes);
     #                                series: build(config) -> model.fit(x), or with "gradient":
-    #                                build(config, context=, loc=, scale=, history=)
+    #                                build(config, context=, loc=, scale=, history=); video (a predictor):
+    #                                build(config, frame_shape, context, future)
     init_from: bool = False  # accepts --init-from: a run of the family to continue from (gpt: any GPT-2 folder too)
     init_keys: tuple[str, ...] = ()  # [model] keys a run continued with --init-from may still set (regularisation);
     #                                  the others are the checkpoint's (its architecture)
@@ -72,6 +73,9 @@ FAMILIES: dict[str, Family] = {
                         init_from=True, init_keys=("dropout", "cond_drop"), after_step=True,
                         sampler_options=("sampler", "steps", "eta", "guidance_scale"),
                         description="DDPM: diffusers' UNet2DModel and samplers, EMA, classifier-free guidance"),
+    # a video predictor; vae and diffusion also make clips (frames as channels) when --data is a clip set
+    "simvp": Family("video", simvp.SimVPConfig, "gradient", simvp.SimVP.load, simvp.build,
+                    description="SimVP-style video predictor (ours): the next frames from the first ones"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),
 }

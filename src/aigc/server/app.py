@@ -41,12 +41,13 @@ ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text}
     409: "the run is not ready (still training)", 413: "request body over the cap", 429: "rate limit",
     500: "error inside a model", 503: "queue full (Retry-After)", 507: "the server's disk is full"}.items()}
 # which modality an endpoint field belongs to, for the message about a field sent to the wrong endpoint
-FIELD_OWNERS = {**{f: "music" for f in schemas.AudioRequest.model_fields},  # first: the others own shared fields
+FIELD_OWNERS = {**{f: "video" for f in schemas.VideoRequest.model_fields},  # first: the others own shared fields
+                **{f: "music" for f in schemas.AudioRequest.model_fields},
                 **{f: "text" for f in schemas.CompletionRequest.model_fields | schemas.ChatRequest.model_fields},
                 **{f: "image" for f in schemas.ImageRequest.model_fields},
                 **{f: "series" for f in schemas.ForecastRequest.model_fields}}
 ENDPOINTS = {"text": "/v1/completions or /v1/chat/completions", "image": "/v1/images/generations",
-             "series": "/v1/forecasts", "music": "/v1/audio/generations"}
+             "series": "/v1/forecasts", "music": "/v1/audio/generations", "video": "/v1/videos/generations"}
 
 
 @dataclasses.dataclass
@@ -268,6 +269,31 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": body.model,
                 "seed": generation.record["settings"]["seed"], "rendered_with": generation.extra["rendered_with"],
                 "data": data}
+
+    @app.post("/v1/videos/generations", response_model=schemas.VideoResponse, summary="make or predict clips (GIF)")
+    async def videos(body: schemas.VideoRequest, request: Request, key_id: str | None = Depends(caller)):
+        modality, path = model_path(body.model)
+        if modality != "video":
+            raise _wrong_modality(body.model, modality)
+        options = {"n": body.n or 1, "class_": body.prompt.strip() or None, "sampler": body.sampler,
+                   "steps": body.steps, "eta": body.eta, "guidance_scale": body.guidance_scale}
+        requested = {"endpoint": "videos", **body.model_dump(exclude_none=True)}
+
+        def work(emit, cancel):
+            generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
+            gen_id = new_id("gen")
+            files = service.save(generation, store.generations_dir() / gen_id)
+            service.record(generation, db, source=source(request), request=requested, files=files, key_id=key_id,
+                           ids=[gen_id])
+            return gen_id, generation, files
+
+        gen_id, generation, files = await (await start(request, work)).result()
+        data = [{"index": i, "frames": len(clip), "record": rec,
+                 "gif_b64": base64.b64encode(Path(files[i]).read_bytes()).decode()}
+                for i, (clip, rec) in enumerate(zip(generation.outputs, generation.record["clips"], strict=True))]
+        return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": body.model,
+                "seed": generation.record["settings"]["seed"], "job": generation.record["settings"]["job"],
+                "sheet_b64": base64.b64encode(Path(generation.extra["sheet"]).read_bytes()).decode(), "data": data}
 
     @app.post("/v1/forecasts", response_model=schemas.ForecastResponse, summary="forecast a series run")
     async def forecasts(body: schemas.ForecastRequest, request: Request, key_id: str | None = Depends(caller)):

@@ -18,6 +18,7 @@ MAX_SEED = 2**62  # image i of a request uses seed + i; torch takes seeds below 
 MAX_N = 16  # completions and chat: samples per request
 MAX_IMAGES = 64  # images per request
 MAX_PIECES = 8  # music pieces per request (each is rendered to audio)
+MAX_CLIPS = 16  # video clips per request
 MAX_TOKENS = 4096  # = aigc.sample.MAX_NEW_TOKENS_CAP
 MAX_STOPS = 4
 MAX_PATHS = 1000  # series sample paths per request (= the CLI's cap)
@@ -161,6 +162,20 @@ class AudioRequest(Strict):
     user: str | None = Field(None, max_length=256)
 
 
+class VideoRequest(Strict):
+    model: str = Field(min_length=1, max_length=256, description="a video run (a clip generator or a predictor)")
+    prompt: str = Field("", max_length=1000, description="conditional clip generators: a class name or index; "
+                                                         "else empty")
+    n: int | None = Field(None, ge=1, le=MAX_CLIPS, description="clips (default 1)")
+    seed: Seed | None = None
+    user: str | None = Field(None, max_length=256)
+    # a diffusion clip generator's sampling options (another family: 400)
+    sampler: Literal["ddpm", "ddim", "dpm-solver"] | None = Field(None, description="diffusion")
+    steps: int | None = Field(None, ge=1, le=1000, description="diffusion: sampling steps (default 20)")
+    eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
+
+
 class RatingRequest(Strict):
     score: int = Field(ge=-1, le=1, description="-1 bad, 0 neutral, +1 good")  # an int: a Literal takes true and 1.0
     stars: int | None = Field(None, ge=1, le=5)
@@ -169,7 +184,7 @@ class RatingRequest(Strict):
 
 
 ARENA_MODALITIES = ("text", "image")
-FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "ar"]  # = aigc.models.FAMILIES
+FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "ar"]  # = aigc.models.FAMILIES
 
 
 class TrainingRequest(Strict):
@@ -325,6 +340,25 @@ class AudioResponse(BaseModel):
     seed: int
     rendered_with: str  # fluidsynth and its soundfont, or the plain synthesis
     data: list[AudioDatum]
+
+
+class VideoDatum(BaseModel):
+    index: int
+    frames: int
+    gif_b64: str  # the clip as a looping GIF, its record as the GIF comment
+    record: dict  # the clip's generation record (run, seed, class, sampling options)
+
+
+class VideoResponse(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    created: int
+    model: str
+    generation_id: str
+    seed: int
+    job: Literal["generate", "predict"]  # a predictor's clips are its validation context and the frames it predicted
+    sheet_b64: str  # PNG frame sheet: a row per clip (a predictor's: the truth above each prediction)
+    data: list[VideoDatum]
 
 
 class ImagesResponse(BaseModel):

@@ -1,0 +1,476 @@
+"""The video modality: clips in (moving objects made by seeded code, or the user's GIF and MP4 files), two jobs out.
+
+- predict: a predictor family (`simvp`, modality "video") learns the next frames of a clip from its first
+  `context` frames; scored by MSE, MAE, PSNR and SSIM per frame beside three floors (the last frame copied, black
+  frames, the mean frame).
+- generate: an image family (vae, diffusion) trained on clips with the frames stacked as channels (a clip of T
+  frames of C x H x W is an image of T * C x H x W), so the families are reused, not copied; conditional on the
+  clip's class where the clips have one object of a labelled set.
+
+A generation is clips as uint8 arrays (T, H, W, C) with one record each; `save` writes a GIF per clip (its record
+as the GIF comment) and a PNG frame sheet (the generation's record as its text chunk). The same run, seed and
+options make the same bytes. See docs/video.md.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aigc import __version__
+from aigc.checkpoint import find_checkpoint, verify_manifest
+from aigc.config import build, read_toml, to_toml
+from aigc.data import video as v
+from aigc.data.images import load_images, save_png
+from aigc.data.images import to_tensor as to_image_tensor
+from aigc.distributed import on_main
+from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
+from aigc.evaluate import video as metrics_of
+from aigc.evaluate.images import extract_features, feature_net, fid_from_features
+from aigc.fsutil import write_json
+from aigc.modalities import image
+from aigc.modalities.base import Generation, Prepared
+from aigc.models import FAMILIES, Family
+from aigc.store import card_header, find_run, read_run
+from aigc.train import train_loop
+
+NAME = "video"
+BATCHES = False
+GENERATE_OPTIONS = ("n", "class_", "sampler", "steps", "eta", "guidance_scale")
+EVALUATE_OPTIONS = ("n",)
+MAX_CLIPS = 256  # `aigc generate -n` cap
+SHEET_CLIPS = 4  # clips in the frame sheet saved at every evaluation in training
+EVAL_BATCH = 100  # clips per forward pass when scoring
+EVAL_CLIPS = 200  # a generator's clips scored by `aigc eval` (at most the validation clips)
+FINISH_CLIPS = 200  # a predictor's validation clips scored when training ends (`aigc eval` scores them all)
+
+
+def predicts(fam: Family) -> bool:
+    """Whether the family is a predictor (its own modality is video); else it makes clips (an image family)."""
+    return fam.modality == NAME
+
+
+# ----------------------------------------------------------------------------------
+# training
+
+
+def sections(fam: Family) -> dict[str, type]:
+    return {"model": fam.config, "data": v.VideoDataConfig, "train": fam.train_config}
+
+
+def source_of(data: str) -> str:
+    return data if data in v.NAMED_VIDEOS else str(Path(data).expanduser().resolve())
+
+
+def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
+    """Video runs hold out their own clips and start from scratch (this part of issue 18)."""
+    if val_data is not None:
+        raise BadRequest("--val-data does not apply to video runs yet: a named clip set makes its validation clips "
+                         "from the test images, a folder holds out --set val_fraction=F of its clips")
+    if init_from is not None:
+        raise BadRequest("--init-from does not apply to video runs yet")
+    if fam.phases:
+        raise BadRequest(f"{family} does not make clips yet: use vae or diffusion (frames as channels), or simvp "
+                         f"to predict")
+
+
+class VideoBatches:
+    """Training batches of clips (N, T * C, H, W) in [-1, 1], with labels for a conditional generator: fresh clips
+    every batch from a named set's training images, or random draws from a folder's clips; the validation clips
+    in fixed order. The family's forward returns {"loss": ...}."""
+
+    unit = "clips"
+    items_per_sample = 1
+
+    def __init__(self, train: v.Clips | v.ClipMaker, val: v.Clips, conditional: bool):
+        self.train, self.val, self.conditional = train, val, conditional
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.train, v.ClipMaker):
+            clips, labels = self.train.make(generator, n)
+        else:
+            idx = torch.randint(0, self.train.n, (n,), generator=generator).numpy()
+            clips, labels = self.train.clips[idx], None if self.train.labels is None else self.train.labels[idx]
+        x = v.to_tensor(clips)
+        return (x, torch.from_numpy(labels)) if self.conditional else (x,)
+
+    def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        out = []
+        for i in range(0, min(self.val.n, n_batches * batch), batch):
+            x = v.to_tensor(self.val.clips[i:i + batch])
+            out.append((x, torch.from_numpy(self.val.labels[i:i + batch])) if self.conditional else (x,))
+        return out
+
+    def noise(self, model, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return model.draw_noise(n, device=device)
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...], *, phase: str | None = None,
+             noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return model(*batch, noise=noise)["loss"]
+
+    def val_metrics(self, val_loss: float) -> dict:
+        return {}
+
+
+def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
+            values: dict) -> Prepared:
+    """Make or read the clips, split them, build the model: a predictor of the frames after `context`, or an image
+    family on T * C channels."""
+    cfg = configs["data"]
+    train, val = v.load_split(data, cfg)
+    t, h, w, c = val.shape
+    torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
+    if predicts(fam):
+        if cfg.conditional:
+            raise BadRequest(f"--conditional applies to clip generators (vae, diffusion), not the predictor {family}")
+        model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
+        num_classes = 0
+    else:
+        num_classes = len(val.class_names) if cfg.conditional else 0
+        try:
+            model = fam.build(configs["model"], (t * c, h, w), num_classes)
+        except ValueError as e:
+            raise BadRequest(f"{family}: {e}") from None
+    record = {
+        "job": "predict" if predicts(fam) else "generate", "clip_shape": [t, h, w, c],
+        "context": cfg.context if predicts(fam) else None, "num_classes": num_classes,
+        "class_names": list(val.class_names) if num_classes else None,
+        "data": {"train": v.describe(train, source_of(data)), "val": v.describe(val, "test images" if data in
+                                                                                  v.NAMED_VIDEOS else "held out")},
+    }
+    return Prepared(model, record, VideoBatches(train, val, cfg.conditional))
+
+
+def recorded_split(run_dir: Path, record: dict, cfg: v.VideoDataConfig) -> tuple[v.Clips | v.ClipMaker, v.Clips]:
+    """A run's clips made or read again, checked against run.json's sha256 of the validation clips."""
+    train, val = v.load_split(record["data"]["train"]["source"], cfg)
+    if val.sha256 != record["data"]["val"]["sha256"]:
+        raise UserError(f"the clips of {Path(run_dir).name} changed since the run was made (sha256 differs)")
+    return train, val
+
+
+def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared:
+    train, val = recorded_split(run_dir, record, configs["data"])
+    model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
+    return Prepared(model, record, VideoBatches(train, val, configs["data"].conditional))
+
+
+def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, resume: bool) -> dict:
+    batches, record = prepared.state, prepared.record
+
+    def save_sheet(model, step: int) -> None:  # what the model makes of the first validation clips, as it learns
+        model.eval()
+        with torch.no_grad():
+            clips = _sheet_clips(model, record, batches.val)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        save_png(run_dir / "samples" / f"step-{step:06d}.png", v.frame_sheet(clips))
+
+    return train_loop(prepared.model, batches, configs["train"], run_dir, budget, resume=resume,
+                      cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain, on_eval=save_sheet,
+                      after_step=fam.after_step, phases=fam.phases)
+
+
+def _sheet_clips(model, record: dict, val: v.Clips) -> np.ndarray:
+    """A predictor: the first validation clips above their predictions; a generator: clips at seeds 0, 1, ..."""
+    channels = record["clip_shape"][3]
+    if record["job"] == "predict":
+        truth = val.clips[:SHEET_CLIPS]
+        made = predict_clips(model, truth, record["context"])
+        return np.stack([clip for pair in zip(truth, made, strict=True) for clip in pair])
+    y = torch.arange(SHEET_CLIPS) % record["num_classes"] if record["num_classes"] else None
+    x = model.sample(SHEET_CLIPS, generator=torch.Generator().manual_seed(0), y=y)
+    return v.to_uint8(x, channels)
+
+
+@torch.no_grad()
+def predict_clips(model, clips: np.ndarray, context: int) -> np.ndarray:
+    """Clips (N, T, H, W, C) uint8 -> the same clips with frames context.. predicted from the first `context`."""
+    channels = clips.shape[4]
+    out = []
+    for i in range(0, len(clips), EVAL_BATCH):
+        x = v.to_tensor(clips[i:i + EVAL_BATCH])
+        future = model.predict(x[:, :context * channels]).clamp(-1, 1)
+        out.append(v.to_uint8(torch.cat([x[:, :context * channels], future], dim=1), channels))
+    return np.concatenate(out)
+
+
+def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
+    best = fam.load(run_dir)
+    batches = prepared.state
+    kept = {k: fit[k] for k in ("steps", "train_time_s", "train_loss", "best_step", "clips_per_s", "schedule_steps")}
+    if predicts(fam):
+        scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], FINISH_CLIPS)
+        floors = {f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS for k in metrics_of.METRICS}
+        return {**scores["metrics"], **floors, "beats_floors": scores["beats_floors"], "scored_clips": scores["clips"],
+                **kept}
+    if fam.bound_score:
+        return {**score_bound(best, batches), **kept}
+    return {"val_loss": fit["best_val_loss_periodic"], **kept}
+
+
+@torch.no_grad()
+def score_bound(model, batches: VideoBatches) -> dict:
+    """The VAE's negative ELBO over every validation clip (nats per clip)."""
+    model.eval()
+    total = 0.0
+    for batch in batches.val_batches(math.ceil(batches.val.n / EVAL_BATCH), EVAL_BATCH):
+        terms = model.loss_terms(*batch, generator=torch.Generator().manual_seed(0))
+        total += terms["nelbo"].item() * len(batch[0])
+    nelbo = total / batches.val.n
+    return {"val_nelbo": nelbo, "val_bits_per_dim": nelbo / math.log(2) / math.prod(model.image_shape)}
+
+
+def score_prediction(model, train: v.Clips | v.ClipMaker, val: v.Clips, context: int, n: int | None = None) -> dict:
+    """MSE, MAE, PSNR and SSIM of the predicted frames of the (first n) validation clips, each floor's beside."""
+    model.eval()
+    clips = val.clips[:n]
+    made = predict_clips(model, clips, context)
+
+    def unit(a: np.ndarray) -> torch.Tensor:  # (N, T, H, W, C) uint8 -> (N, T, C, H, W) in [0, 1]
+        return torch.from_numpy(a).permute(0, 1, 4, 2, 3).double() / 255.0
+
+    truth, pred = unit(clips[:, context:]), unit(made[:, context:])
+    mean = torch.from_numpy(v.mean_frame(train)).permute(2, 0, 1)
+    result = metrics_of.prediction_metrics(pred, truth)
+    floor = metrics_of.floors(unit(clips[:, :context]), truth, mean)
+    return {"metrics": result, "floors": floor, "beats_floors": metrics_of.beats_floors(result, floor),
+            "clips": len(clips)}
+
+
+def card(run_dir: Path, record: dict, configs: dict) -> str:
+    m = record["metrics"]
+    t, h, w, c = record["clip_shape"]
+    if record["job"] == "predict":
+        rows = [f"| {k} | {m[k]:.4f} | " + " | ".join(f"{m[f'{k}_{f}']:.4f}" for f in metrics_of.FLOORS) + " |"
+                for k in metrics_of.METRICS]
+        score = ["| metric | model | copy last frame | black frames | mean frame |", "|---|---|---|---|---|", *rows,
+                 "", f"Beats every floor on every metric: {'yes' if m['beats_floors'] else 'no'}."]
+        what = f"predicts frames {record['context'] + 1}..{t} from the first {record['context']}"
+    else:
+        score = [f"- negative ELBO: {m['val_nelbo']:.2f} nats per clip" if "val_nelbo" in m
+                 else f"- validation loss: {m['val_loss']:.4f}"]
+        what = "makes clips (frames stacked as channels)"
+    lines = [*card_header(record, "video-generation" if record["job"] == "generate" else "video-prediction"),
+             f"# {run_dir.name}", "",
+             f"A `{record['family']}` video model trained by AIGC Studio {__version__} on "
+             f"`{record['data']['train']['source']}` (clips of {t} frames of {w}x{h}, {c} channel(s)): it {what}.",
+             "", "## Validation", "", *score, f"- steps: {m['steps']}", "",
+             "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
+             "## Use", "", "```", f"aigc generate {run_dir} -n 4 --seed 0 --out clips/", "```", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# generation
+
+
+class LoadedVideo:
+    """A finished video run, its weights verified, and its configuration."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir)
+        self.record = read_run(run_dir)
+        if self.record.get("modality") != NAME:
+            raise BadRequest(f"run {self.path.name!r} is not a video run")
+        if not (self.path / "manifest.json").is_file():
+            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
+        verify_manifest(self.path)
+        self.family = FAMILIES[self.record["family"]]
+        self.model = self.family.load(self.path).eval()
+        self.configs = build(sections(self.family), read_toml(self.path / "config.toml"), family=self.record["family"])
+        self._val: v.Clips | None = None
+
+    def val(self) -> v.Clips:
+        """The run's validation clips (a folder's are read on first use)."""
+        if self._val is None:
+            self._val = recorded_split(self.path, self.record, self.configs["data"])[1]
+        return self._val
+
+
+def load(spec: str) -> LoadedVideo:
+    return LoadedVideo(find_run(spec))
+
+
+def generate(loaded: LoadedVideo, options: dict, seed: int, stream: Callable[[str], None] | None = None,
+             cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
+    """n clips; clip i uses seed + i. A generator samples it (options: class_ for a conditional run and the
+    family's sampling options); a predictor takes a validation clip chosen by the seed and predicts its frames
+    after the context (a named set: a fresh clip of the test images made at the seed)."""
+    options = {k: v_ for k, v_ in options.items() if v_ is not None}
+    n = options.pop("n", 1)
+    if not 1 <= n <= MAX_CLIPS:
+        raise BadRequest(f"-n must be in 1..{MAX_CLIPS}, got {n}")
+    if seed < 0:
+        raise BadRequest(f"--seed must be >= 0, got {seed}")
+    record = loaded.record
+    predictor = record["job"] == "predict"
+    label = image.class_index(record, options.pop("class_", None))
+    unknown = sorted(set(options) - (set() if predictor else set(loaded.family.sampler_options)))
+    if unknown:
+        raise BadRequest(f"--{unknown[0].replace('_', '-')} does not apply to {record['family']} video runs")
+    clips, truths, records = [], [], []
+    t0 = time.perf_counter()
+    for i in range(n):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        clip_record = {"run": str(loaded.path), "family": record["family"], "seed": seed + i, "class": label,
+                       **{key: options.get(kw) for key, kw in image.RECORD_OPTIONS.items() if kw in options}}
+        if predictor:
+            truth = _context_clip(loaded, seed + i)
+            clips.append(predict_clips(loaded.model, truth[None], record["context"])[0])
+            truths.append(truth)
+            clip_record["context"] = record["context"]
+        else:
+            clips.append(sample_clip(loaded.model, clip_record, record["clip_shape"]))
+        records.append(clip_record)
+    seconds = time.perf_counter() - t0
+    settings = {"n": n, "seed": seed, "class": label, "family": record["family"], "job": record["job"], **options}
+    extra = {"truth": truths} if predictor else {}
+    return Generation(NAME, clips, {"run": str(loaded.path), "settings": settings, "clips": records,
+                                    "clips_per_s": n / seconds}, extra=extra)
+
+
+def _context_clip(loaded: LoadedVideo, seed: int) -> np.ndarray:
+    """The clip a predictor continues at `seed`: a named set's clip of the test images made at the seed, or the
+    folder's validation clip number seed mod N."""
+    source = loaded.record["data"]["train"]["source"]
+    if source in v.NAMED_VIDEOS:
+        return v.named_clips(source, "test", 1, seed, loaded.configs["data"]).clips[0]
+    val = loaded.val()
+    return val.clips[seed % val.n]
+
+
+def sample_clip(model, rec: dict, clip_shape: list[int]) -> np.ndarray:
+    """One clip (T, H, W, C) from a generation record, through the image families' sampling of one image."""
+    t, h, w, c = clip_shape
+    pixels = image.sample_one(model, rec)  # (H, W, T * C)
+    return np.ascontiguousarray(pixels.reshape(h, w, t, c).transpose(2, 0, 1, 3))
+
+
+def regenerate(path: str) -> Generation:
+    """A clip again, from the generation record its GIF carries (`--from-image`)."""
+    file = Path(path)
+    if not file.is_file():
+        raise NotFound(f"no such file: {path}")
+    rec = v.read_gif_record(file)
+    loaded = load(rec["run"])
+    if loaded.record["job"] == "predict":
+        clip = predict_clips(loaded.model, _context_clip(loaded, rec["seed"])[None], loaded.record["context"])[0]
+    else:
+        clip = sample_clip(loaded.model, rec, loaded.record["clip_shape"])
+    return Generation(NAME, [clip], {"run": str(loaded.path), "settings": rec, "clips": [rec]},
+                      extra={"names": [file.name], "source": str(file)})
+
+
+def save(generation: Generation, out_dir: Path) -> list[str]:
+    """000.gif, 001.gif ... (each carrying its record as the GIF comment) and sheet.png (a row per clip, a column
+    per frame; a predictor's rows alternate the true clip and the prediction; the generation's record as its text
+    chunk)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = generation.extra.get("names") or [f"{i:03d}.gif" for i in range(len(generation.outputs))]
+    files = []
+    for name, clip, rec in zip(names, generation.outputs, generation.record["clips"], strict=True):
+        v.save_gif(out_dir / name, clip, rec)
+        files.append(str(out_dir / name))
+    if "names" not in generation.extra:
+        truths = generation.extra.get("truth") or []
+        rows = [c for pair in zip(truths, generation.outputs, strict=True) for c in pair] if truths \
+            else list(generation.outputs)
+        sheet = out_dir / "sheet.png"
+        save_png(sheet, v.frame_sheet(np.stack(rows)), {"run": generation.record["run"],
+                                                        "settings": generation.record["settings"],
+                                                        "clips": generation.record["clips"]})
+        files.append(str(sheet))
+        generation.extra["sheet"] = str(sheet)
+    return files
+
+
+# ----------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
+    """A predictor: MSE, MAE, PSNR and SSIM per frame on the validation clips (the first n), each beside the three
+    floors. A generator: its validation objective and the motion statistics of n clips against as many
+    validation clips. Writes eval.json."""
+    n = options.get("n")
+    if n is not None and n < 1:
+        raise BadRequest(f"-n must be at least 1, got {n}")
+    loaded = load(str(run_dir))
+    val = loaded.val()
+    t0 = time.perf_counter()
+    if record["job"] == "predict":
+        scores = score_prediction(loaded.model, v.load_split(record["data"]["train"]["source"],
+                                                             loaded.configs["data"])[0], val, record["context"], n)
+        result = {"run": str(run_dir), "metrics": {**scores["metrics"], "beats_floors": scores["beats_floors"],
+                                                   "clips_per_s": scores["clips"] / (time.perf_counter() - t0)},
+                  "floors": scores["floors"], "clips": scores["clips"]}
+    else:
+        n = min(n or EVAL_CLIPS, val.n)
+        made, labels, clips_per_s = sample_clips(loaded, n)
+        result = {"run": str(run_dir), "clips": n,
+                  "metrics": {**{k: record["metrics"][k] for k in ("val_nelbo", "val_loss") if k in record["metrics"]},
+                              **metrics_of.motion(made),
+                              **{f"{k}_real": x for k, x in metrics_of.motion(val.clips[:n]).items()},
+                              "clips_per_s": clips_per_s}}
+        source = record["data"]["train"]["source"]
+        if source in v.NAMED_VIDEOS and loaded.configs["data"].objects == 1:
+            windows = window_scores(source, made, labels, val, loaded.configs["data"])
+            result["metrics"].update(windows["metrics"])
+            result["feature_net"] = windows["feature_net"]
+    write_json(Path(run_dir) / "eval.json", result)
+    return result
+
+
+@torch.no_grad()
+def sample_clips(loaded: LoadedVideo, n: int) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """n clips of a generator at seeds 0..n-1 (a conditional run: classes 0, 1, ... in turn), their classes, and
+    the clips made per second."""
+    record = loaded.record
+    labels = np.arange(n) % record["num_classes"] if record["num_classes"] else None
+    t0 = time.perf_counter()
+    made = [sample_clip(loaded.model, {"seed": i, "class": None if labels is None else int(labels[i])},
+                        record["clip_shape"]) for i in range(n)]
+    return np.stack(made), labels, n / (time.perf_counter() - t0)
+
+
+def window_scores(source: str, made: np.ndarray, labels: np.ndarray | None, val: v.Clips,
+                  cfg: v.VideoDataConfig) -> dict:
+    """Per-frame FID and class consistency of one-object clips, on the window of the object's size around each
+    frame's brightness centre (made and real clips cut the same way), in the features of the image metrics' net
+    trained on the image set's training split (aigc.evaluate.images, cached). The floors: fresh training clips
+    against the validation clips, cut and scored the same way."""
+    named = v.NAMED_VIDEOS[source]
+    train_images = load_images(named.images, split="train")
+    side = train_images.height * named.scale
+    n = len(made)
+    real_train = v.named_clips(source, "train", n, cfg.split_seed + 1, cfg).clips
+
+    def frames(clips: np.ndarray) -> torch.Tensor:  # (N, T, ...) -> windows (N * T, 1, h, w) at the set's size
+        w = metrics_of.object_windows(clips, side)
+        w = w.reshape(-1, side // named.scale, named.scale, side // named.scale, named.scale, w.shape[-1])
+        w = np.rint(w.mean(axis=(2, 4))).astype(np.uint8)  # block mean: back to the image set's resolution
+        return to_image_tensor(w)
+
+    net, info = feature_net(train_images, test=load_images(named.images, split="test"))
+    fake, real, floor = frames(made), frames(val.clips[:n]), frames(real_train)
+    f_fake, f_real, f_floor = (extract_features(net, x) for x in (fake, real, floor))
+
+    def classes(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([net(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy().reshape(n, -1)
+
+    fake_classes, floor_classes = classes(fake), classes(floor)
+    metrics = {"frame_fid": fid_from_features(f_real, f_fake), "frame_fid_floor": fid_from_features(f_real, f_floor),
+               **metrics_of.class_consistency(fake_classes),
+               "class_consistency_floor": metrics_of.class_consistency(floor_classes)["class_consistency"]}
+    if labels is not None:
+        metrics["class_accuracy"] = float((fake_classes == labels[:, None]).mean())  # the frames of the asked class
+    return {"metrics": metrics, "feature_net": {k: info.get(k) for k in ("kind", "test_accuracy", "cached")}}
