@@ -262,8 +262,8 @@ def recording_failure(run_dir: Path, record: dict):
 # optimization: from people's feedback to a new run (docs/optimize.md)
 
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, STEPS, prepare, fit,
-# finish; STEPS: the budget of sft and dpo when neither --max-steps nor --max-minutes is given
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS,
+# prepare, fit, finish; STEPS: the budget of sft and dpo when neither --max-steps nor --max-minutes is given
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
@@ -297,7 +297,7 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     modality = MODALITIES[modality_name]
     sections = {**modality.sections(fam), "optimize": OptimizeConfig}
     values = {**read_toml(parent_dir / "config.toml"), **(optimizer.TRAIN_DEFAULTS if "train" in sections else {}),
-              **(sets or {})}
+              **optimizer.OPTIMIZE_DEFAULTS, **(sets or {})}
     configs = build(sections, values, family=family)
     final_dir = store.claim_run_dir(family, parent_dir.name, name or f"{parent_dir.name}-{method}", overwrite)
     prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method, sets or {})

@@ -163,6 +163,7 @@ class PairBatches(_Validation):
 
 METHODS = ("sft", "dpo", "rerank")
 TRAIN_DEFAULTS = {"lr": 1e-4, "warmup_steps": 10, "eval_interval": 25, "keep_best": False, "compile": "false"}
+OPTIMIZE_DEFAULTS: dict[str, object] = {}  # [optimize] keys as config.OptimizeConfig has them
 STEPS = 100  # sft's and dpo's steps by default (benchmarks/feedback.py: enough to move the moon taste 0.30 -> 0.85)
 # what an optimized run trains with unless --set says otherwise (the parent's other [train] keys are kept):
 # a small learning rate for a short fine-tune, and the last weights, not those of the best validation loss
