@@ -32,6 +32,9 @@ EVIL_DATA = "<script>alert(2)</script>.txt"
 EVIL_SAMPLE = "<script>alert(3)</script>春江"
 VAE = {"z_dim": "4", "base_channels": "8", "batch_size": "16", "eval_interval": "5", "warmup_steps": "2",
        "dtype": "fp32", "log_interval": "5"}
+SIMVP = {"frames": "8", "context": "4", "size": "24", "val_clips": "12", "batch_size": "4", "warmup_steps": "2",
+         "eval_interval": "2", "eval_batches": "1", "dtype": "fp32", "compile": "false", "hid_s": "8", "hid_t": "16",
+         "n_t": "1"}
 FEEDBACK = {"run": "gpt-a", "rating_ids": ["rating-1"], "vote_ids": ["vote-1"], "sha256": "ab12cd34" * 8,
             "liked": 12, "disliked": 3, "pairs": 5}
 
@@ -56,6 +59,7 @@ def project(tmp_path_factory):
         service.evaluate("gpt-a")
         service.train("vae", "digits", name="vae-digits", max_steps=5, sets=VAE)
         service.train("ar", "sunspots", name="ar-sun", sets={"order": "2"})
+        service.train("simvp", "moving-digits", name="simvp-digits", max_steps=2, sets=SIMVP)
         service.evaluate("ar-sun")
         for trial, order in enumerate(("1", "3")):
             service.train("ngram", str(poems), name=f"sweep-ngram-poems-t00{trial}", sets={"order": order})
@@ -123,7 +127,7 @@ def home(project, monkeypatch):
 @pytest.fixture
 def page(home, tmp_path) -> Page:
     result = report.write(tmp_path / "report.html")
-    assert result == {"report": str(tmp_path / "report.html"), "runs": 13, "problems": 3, "votes": 6,
+    assert result == {"report": str(tmp_path / "report.html"), "runs": 14, "problems": 3, "votes": 6,
                       "store_problems": []}
     return Page(Path(result["report"]).read_text(encoding="utf-8"))
 
@@ -232,6 +236,9 @@ def test_runs_on_the_same_data_and_split_are_compared_and_the_best_is_marked(pag
     assert row_of(text, "ngram-base")["bpc − n-gram"]["text"] == "–"
     image = page.rows_with("val nelbo")[0]
     assert row_of(image, "vae-digits")["val nelbo"]["text"] == report.fmt(metrics("vae-digits")["val_nelbo"])
+    video = page.rows_with("SSIM")[0]  # a predictor's errors, from its run.json
+    for column, key in (("MSE/frame", "mse"), ("SSIM", "ssim"), ("PSNR", "psnr")):
+        assert row_of(video, "simvp-digits")[column]["text"].startswith(report.fmt(metrics("simvp-digits")[key]))
     series = page.rows_with("MASE")[0]
     evaluation = json.loads((store.runs_dir() / "ar-sun" / "eval.json").read_text())
     assert row_of(series, "ar-sun")["MASE"]["text"] == report.fmt(evaluation["metrics"]["mase"])
@@ -352,9 +359,9 @@ def test_the_cli_prints_the_path_last_and_one_json_object(home, tmp_path):
     result = CliRunner().invoke(app, ["report", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == str(out) and out.is_file()
-    assert "3 of 13 runs could not be read in full" in result.stderr
+    assert "3 of 14 runs could not be read in full" in result.stderr
     result = CliRunner().invoke(app, ["report", "--out", str(out), "--json"])
-    assert json.loads(result.stdout) == {"report": str(out), "runs": 13, "problems": 3, "votes": 6,
+    assert json.loads(result.stdout) == {"report": str(out), "runs": 14, "problems": 3, "votes": 6,
                                          "store_problems": []}
     for args, message in ((["--out", str(tmp_path / "no" / "page.html")], "no such folder"),
                           (["--out", str(tmp_path)], "is a directory"), (["--runs", str(tmp_path / "no")],
