@@ -267,7 +267,8 @@ def optimize(
                                              "rerank: a reward model for best-of-n")] = "sft",
     name: Annotated[str | None, typer.Option(help="the new run's name (default: RUN-METHOD)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
-    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (default 100 for text, 1000 for images)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (default 100 for text, 1000 for images)")
+                         ] = None,
     max_minutes: Annotated[float | None, typer.Option(help="training-time budget instead of steps")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value: a [train] key (lr, batch_size, ...) "
                                                                  "or beta, best_of, l2; repeatable")] = None,

@@ -65,11 +65,11 @@ COLUMNS = {
                Column("naive_mase", "naive MASE"), Column("horizon", "horizon"),
                Column("val_loss", "val loss", "lower", "family")),
     # notes and tokens of one encoding (the split is the run's); the n-gram's NLL on the same split beside
-    "music": (Column("val_nll_per_token", "val NLL/token", "lower"), Column("val_nll_per_note", "val NLL/note", "lower"),
-              Column("ngram_nll_per_token", "n-gram NLL/token")),
+    "music": (Column("val_nll_per_token", "val NLL/token", "lower"),
+              Column("val_nll_per_note", "val NLL/note", "lower"), Column("ngram_nll_per_token", "n-gram NLL/token")),
     # a predictor's errors (the floors are in each run's page) and a clip generator's frames
-    "video": (Column("mse", "MSE/frame", "lower"), Column("mae", "MAE/frame", "lower"), Column("psnr", "PSNR", "higher"),
-              Column("ssim", "SSIM", "higher"), Column("beats_floors", "beats the floors"),
+    "video": (Column("mse", "MSE/frame", "lower"), Column("mae", "MAE/frame", "lower"),
+              Column("psnr", "PSNR", "higher"), Column("ssim", "SSIM", "higher"), Column("beats_floors", "beats the floors"),
               Column("val_nelbo", "val nelbo", "lower", "family"), Column("frame_fid", "frame FID", "lower"),
               Column("class_consistency", "class consistency", "higher")),
 }

@@ -262,8 +262,9 @@ def recording_failure(run_dir: Path, record: dict):
 # optimization: from people's feedback to a new run (docs/optimize.md)
 
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image}  # each: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS,
-# prepare, fit, finish; STEPS: the budget of sft and dpo when neither --max-steps nor --max-minutes is given
+# each optimizer: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS (the budget of sft and dpo when neither
+# --max-steps nor --max-minutes is given), prepare, fit, finish
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image}
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
