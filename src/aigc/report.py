@@ -70,7 +70,8 @@ COLUMNS = {
     # a predictor's errors (the floors are in each run's page) and a clip generator's frames
     "video": (Column("mse", "MSE/frame", "lower"), Column("mae", "MAE/frame", "lower"),
               Column("psnr", "PSNR", "higher"), Column("ssim", "SSIM", "higher"),
-              Column("beats_floors", "beats the floors"), Column("val_nelbo", "val nelbo", "lower", "family"), Column("frame_fid", "frame FID", "lower"),
+              Column("beats_floors", "beats the floors"), Column("val_nelbo", "val nelbo", "lower", "family"),
+              Column("frame_fid", "frame FID", "lower"),
               Column("class_consistency", "class consistency", "higher")),
 }
 FLOORED = ("fid", "kid", "precision", "recall", "memorization_rate")  # eval.json has their floors: METRIC_floor
