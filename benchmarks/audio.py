@@ -39,8 +39,9 @@ MODELS = {  # row -> (family, --set values)
     "ngram": ("ngram", {}),
     "rnn": ("rnn", {"cell": "lstm", "block_size": "128"}),
     "gpt": ("gpt", {"n_layer": "4", "n_head": "4", "n_embd": "128", "block_size": "256", "batch_size": "16",
-                    "embd_pdrop": "0.1", "resid_pdrop": "0.1"}),
-}
+                    "embd_pdrop": "0.1", "resid_pdrop": "0.1", "compile": "false"}),
+}  # gpt without torch.compile: compile=auto compiles with a budget of 2 minutes or more, and on this shared
+#    machine the first --quick run spent the gpt's whole 2 minutes compiling (1 step)
 STATS = ("pitch_class_entropy", "scale_consistency", "polyphony", "groove_consistency")
 TARGET_GAIN = 0.10  # the best neural family's NLL per token at least 10% below the n-gram's
 TARGET_STATS = 3  # of the four statistics within the floor or 2 standard errors

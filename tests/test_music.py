@@ -158,6 +158,23 @@ def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_p
     assert (run_dir / "eval.json").is_file()
 
 
+def test_folk_tunes_are_melodies_read_from_the_essen_abc_files_and_cached():
+    files = [f for f in m.essen_files() if f.name == "test0.abc"]  # 16 tunes (music21 reads ABC slowly)
+    assert len(m.essen_files()) == 31 and len(files) == 1
+    tunes = m.folk_tunes(files)
+    assert len(tunes) == 16 and len({t.name for t in tunes}) == len(tunes)
+    voices = [polyphony(t.notes) for t in tunes]  # one voice; at 16ths, a tune of 32nd-note runs (test0-15) has
+    assert sum(v == 1.0 for v in voices) == 15 and max(voices) < 1.5  # notes that round onto one step
+    assert {t.time_signature for t in tunes} >= {"4/4", "3/4", "6/8"}
+    for tune in tunes:
+        assert m.decode(m.encode(tune)).notes == tune.notes
+    assert len(list((runs_dir().parent / "cache" / "music").glob("folk-abc-test0-*.json"))) == 1
+    assert m.folk_tunes(files + files) == tunes  # from the cache; a file read twice adds only copies, removed
+    first = tunes[0]  # "Ich hab die Nacht getrumet", 6/8, an eighth-note pickup (B,2 at L:1/16) before bar 1
+    assert first.time_signature == "6/8" and first.notes[0] == (10, 2, 59)
+    assert runner.invoke(app, ["data", "list"]).output.count("NON-COMMERCIAL") == 1
+
+
 def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_path):
     done = runner.invoke(app, ["train", "--family", "ngram", "--data", str(midi_folder), "--name", "chorales",
                                "--set", "max_order=3", "--set", "transpose=1"])
