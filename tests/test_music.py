@@ -16,7 +16,18 @@ from aigc import service
 from aigc.cli import app
 from aigc.data import music as m
 from aigc.errors import BadRequest, UserError
-from aigc.evaluate.music import longest_copy, pitch_class_entropy, polyphony, scale_consistency
+from aigc.evaluate.music import (
+    STATISTICS,
+    copied_share,
+    groove_consistency,
+    longest_copy,
+    note_ngrams,
+    pitch_class_entropy,
+    polyphony,
+    scale_consistency,
+    statistics_with_errors,
+    within_floor,
+)
 from aigc.store import runs_dir
 from conftest import TINY_SETS
 
@@ -80,10 +91,36 @@ def test_music_statistics_on_hand_made_pieces():
     assert scale_consistency(c_major + [(28, 4, 61)]) == pytest.approx(7 / 8)
     assert polyphony([(0, 4, 60), (0, 4, 64), (0, 4, 67)]) == 3.0
     assert polyphony([(0, 4, 60), (8, 4, 62)]) == 1.0  # silent steps do not count
+    bar_a, bar_b = [(0, 4, 60), (4, 4, 62), (8, 8, 64)], [(16, 4, 60), (20, 4, 62), (24, 4, 64), (28, 4, 65)]
+    assert groove_consistency(bar_a + [(o + 16, d, p) for o, d, p in bar_a], 16) == 1.0  # the same onsets
+    assert groove_consistency(bar_a + bar_b, 16) == pytest.approx(1 - 1 / 16)  # bar b adds an onset at 12
+    assert math.isnan(groove_consistency(bar_a, 16))  # one bar: no pair to compare
+    import muspy  # the oracle, on pieces that do not end on a bar line (where it counts an empty bar more)
+
+    for piece in (bar_a + bar_b[:-1], bar_a + bar_b + [(32, 2, 60), (36, 1, 67)]):
+        music = muspy.Music(resolution=4, tracks=[muspy.Track(notes=[muspy.Note(o, p, d) for o, d, p in piece])])
+        assert groove_consistency(piece, 16) == pytest.approx(muspy.groove_consistency(music, 16))
     melody = [(0, 4, 60), (4, 4, 62), (8, 4, 64), (12, 4, 65)]
     transposed_in_time = [(o + 32, d, p) for o, d, p in melody[1:]]  # the same three notes later
     assert longest_copy(transposed_in_time, [melody]) == 3
     assert longest_copy([(0, 4, 30)], [melody]) == 0
+    grams = note_ngrams([melody], 3)
+    assert copied_share(melody, grams, 3) == 1.0
+    assert copied_share([(o, d, 125 - p) for o, d, p in melody], grams, 3) == 0.0  # upside down: nothing shared
+    stats = statistics_with_errors([c_major, melody, []])  # a piece without notes does not count
+    assert stats["pitch_class_entropy"]["mean"] == pytest.approx((math.log2(7) + 2) / 2)
+    assert stats["pitch_class_entropy"]["se"] == pytest.approx(abs(math.log2(7) - 2) / 2)  # sd / sqrt 2
+    assert stats["polyphony"]["n"] == 2
+
+
+def test_the_floor_test_of_issue_17():
+    def stat(mean: float, se: float) -> dict:
+        return {k: {"mean": mean, "se": se, "n": 10} for k in STATISTICS}
+
+    # samples 1.0, validation 1.5, training 1.4: a gap of 0.5 against a floor of 0.1
+    assert not within_floor(stat(1.0, 0.1), stat(1.5, 0.1), stat(1.4, 0.1))["polyphony"]["met"]  # 2 SE = 0.28
+    assert within_floor(stat(1.0, 0.3), stat(1.5, 0.1), stat(1.4, 0.1))["polyphony"]["met"]  # 2 SE = 0.63
+    assert within_floor(stat(1.45, 0.0), stat(1.5, 0.0), stat(1.4, 0.0))["polyphony"]["met"]  # nearer than the floor
 
 
 @pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
@@ -113,10 +150,29 @@ def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_p
     assert service.generation_defaults(run_dir.name)["bars"] == 8
     result = service.evaluate(run_dir.name)
     for key in ("val_nll_per_token", "val_nll_per_note", "ngram_nll_per_token", "pitch_class_entropy",
-                "scale_consistency", "polyphony", "longest_copy_notes"):
+                "scale_consistency", "polyphony", "groove_consistency", "longest_copy_notes", "copied_8gram_share",
+                "statistics_within_floor"):
         assert key in result["metrics"]
-    assert result["statistics"]["train"]["polyphony"] == pytest.approx(4, abs=0.3)
+    assert result["statistics"]["train"]["polyphony"]["mean"] == pytest.approx(4, abs=0.3)
+    assert result["statistics"]["train"]["groove_consistency"]["n"] == 3
     assert (run_dir / "eval.json").is_file()
+
+
+def test_folk_tunes_are_melodies_read_from_the_essen_abc_files_and_cached():
+    files = [f for f in m.essen_files() if f.name == "test0.abc"]  # 16 tunes (music21 reads ABC slowly)
+    assert len(m.essen_files()) == 31 and len(files) == 1
+    tunes = m.folk_tunes(files)
+    assert len(tunes) == 16 and len({t.name for t in tunes}) == len(tunes)
+    voices = [polyphony(t.notes) for t in tunes]  # one voice; at 16ths, a tune of 32nd-note runs (test0-15) has
+    assert sum(v == 1.0 for v in voices) == 15 and max(voices) < 1.5  # notes that round onto one step
+    assert {t.time_signature for t in tunes} >= {"4/4", "3/4", "6/8"}
+    for tune in tunes:
+        assert m.decode(m.encode(tune)).notes == tune.notes
+    assert len(list((runs_dir().parent / "cache" / "music").glob("folk-abc-test0-*.json"))) == 1
+    assert m.folk_tunes(files + files) == tunes  # from the cache; a file read twice adds only copies, removed
+    first = tunes[0]  # "Ich hab die Nacht getrumet", 6/8, an eighth-note pickup (B,2 at L:1/16) before bar 1
+    assert first.time_signature == "6/8" and first.notes[0] == (10, 2, 59)
+    assert runner.invoke(app, ["data", "list"]).output.count("NON-COMMERCIAL") == 1
 
 
 def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_path):
@@ -204,7 +260,91 @@ def test_the_api_composes_music_as_wav_and_midi(midi_folder):
         assert made["data"][0]["record"]["settings"]["seed"] == 4
         assert [d["midi_b64"] for d in again.json()["data"]] == [d["midi_b64"] for d in made["data"]]
         assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        # the same files, kept: by URL, with their media types; nothing else of the folder or outside it
+        for key, media in (("wav", "audio/wav"), ("midi", "audio/midi"), ("png", "image/png")):
+            got = client.get(made["data"][1][f"{key}_url"])
+            assert got.status_code == 200 and got.headers["content-type"] == media
+        assert client.get(made["data"][0]["wav_url"]).content == wav
+        gen = made["generation_id"]
+        for name in ("004.wav", "000.txt", "%2e%2e%2f%2e%2e%2faigc.db", "%2e%2e"):
+            assert client.get(f"/v1/generations/{gen}/files/{name}").status_code == 404, name
+        replay = client.get(f"/v1/generations/{gen}/replay").json()
+        assert replay["endpoint"] == "/v1/audio/generations" and "--bars 2" in replay["cli"]
+        assert client.post(replay["endpoint"], json=replay["body"]).json()["data"][0]["midi_b64"] == \
+            made["data"][0]["midi_b64"]
         wrong = client.post("/v1/images/generations", json={"model": "chorales"})
         assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text
         unknown = client.post("/v1/forecasts", json={"model": "chorales", "horizon": 1, "bars": 2})
         assert unknown.status_code == 400 and "bars" in unknown.text
+
+
+def test_the_arena_battles_two_music_runs(midi_folder):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+
+    for name, order in (("bach3", "3"), ("bach4", "4")):
+        service.train("ngram", str(midi_folder), name=name, sets={"max_order": order})
+    home = runs_dir().parent
+    app = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app) as client:
+        refused = client.post("/v1/arena/battles", json={"modality": "music", "prompt": "C major"})
+        assert refused.status_code == 400 and "no prompt" in refused.text
+        battle = client.post("/v1/arena/battles", json={"modality": "music", "seed": 3})
+        assert battle.status_code == 200, battle.text
+        sides = battle.json()
+        for side in ("left", "right"):
+            [piece] = sides[side]["pieces"]
+            assert "run" not in sides[side]  # anonymous until the vote
+            assert client.get(piece["wav"]).content[:4] == b"RIFF"
+            assert client.get(piece["roll"]).content[:4] == b"\x89PNG"
+        voted = client.post(f"/v1/arena/battles/{sides['id']}/vote", json={"winner": "right"}).json()
+        assert {voted["left"]["run"], voted["right"]["run"]} == {"bach3", "bach4"}
+        assert voted["left"]["pieces"] == sides["left"]["pieces"]
+        board = client.get("/v1/arena/leaderboard", params={"modality": "music"}).json()
+        assert board["votes"] == 1 and board["data"][0]["run"] == voted["right"]["run"]
+        gen = client.get(f"/v1/generations/{sides['left']['generation_id']}").json()
+        assert gen["modality"] == "music" and gen["output"][0]["bars"] == 4  # ARENA_BARS
+        replay = client.get(f"/v1/generations/{gen['id']}/replay").json()
+        assert replay["body"]["bars"] == 4 and replay["body"]["n"] == 1
+        controls = client.get("/v1/models/bach3/controls").json()
+        assert [c["name"] for c in controls["controls"]] == ["n", "bars", "temperature", "top_k", "top_p"]
+        assert {c["name"]: c["default"] for c in controls["controls"]}["bars"] == 8
+        preview = client.get("/v1/models/bach3/preview").json()
+        assert preview["pieces"][0]["wav"].startswith("data:audio/wav;base64,")
+
+
+def test_music_uploads_are_checked_as_training_reads_them(midi_folder, tmp_path):
+    import io
+    import zipfile
+
+    from aigc import uploads
+
+    def upload(name: str, content: bytes) -> dict:
+        job = uploads.Upload.begin("music", name, 5 * 2**20)
+        job.write(content)
+        return job.finish()
+
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w") as z:
+        for path in sorted(midi_folder.glob("*.mid")):
+            z.write(path, f"chorales/{path.name}")
+    done = upload("chorales.zip", packed.getvalue())
+    assert done["summary"]["pieces"] == 5 and done["summary"]["copies"] == 1
+    assert m.is_music_data(done["data"]) and len(m.load_music(done["data"])[0]) == 5
+    with pytest.raises(BadRequest, match="at least 2"):
+        upload("one.mid", (midi_folder / "copy.mid").read_bytes())
+    empty = io.BytesIO()
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("notes.txt", "no music here")
+    with pytest.raises(BadRequest, match="no MIDI files"):
+        upload("notes.zip", empty.getvalue())
+    with pytest.raises(BadRequest, match="neither a MIDI file nor a zip"):
+        upload("song.mid", b"just text")
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("a.mid", (midi_folder / "copy.mid").read_bytes())
+        z.writestr("b.mid", b"MThd\x00\x00\x00\x06garbage")
+    with pytest.raises(BadRequest, match="b.mid: not a readable MIDI file"):
+        upload("two.zip", broken.getvalue())
+    assert [u["id"] for u in uploads.list_uploads()] == [done["id"]]  # the refused ones left nothing

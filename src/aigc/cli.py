@@ -492,7 +492,8 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="with --images: the data set to score against (digits, "
                                                   "fashion-mnist, a folder or an array file)")] = None,
     n: Annotated[int | None, typer.Option("-n", help="image runs and --images: images scored (default 2000, "
-                                                      "at most the held-out images)")] = None,
+                                                      "at most the held-out images); music runs: pieces sampled "
+                                                      "(default 8)")] = None,
     out: Annotated[str | None, typer.Option(help="with --images: also write the JSON result to this file")] = None,
     horizon: Annotated[int | None, typer.Option(help="series runs: back-test forecasts of 1..H steps "
                                                      "(default 1)")] = None,
@@ -553,10 +554,11 @@ def eval_(
         print(f"{result['clips']} validation clips; beats every floor on every metric: "
               f"{'yes' if result['metrics']['beats_floors'] else 'no'}", file=sys.stderr)
     elif "statistics" in result:  # a music run: each statistic of the samples beside the pieces'
-        stats = result["statistics"]
-        print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}")
+        stats, floors = result["statistics"], result["within_floor"]
+        print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}  within the floor or 2 SE")
         for key in stats["samples"]:
-            print(f"{key:>20} {stats['samples'][key]:>8.3f} {stats['val'][key]:>8.3f} {stats['train'][key]:>8.3f}")
+            print(f"{key:>20} {stats['samples'][key]['mean']:>8.3f} {stats['val'][key]['mean']:>8.3f} "
+                  f"{stats['train'][key]['mean']:>8.3f}  {'yes' if floors[key]['met'] else 'no'}")
     elif (Path(result["run"]) / "report.html").is_file():
         print(f"report: {Path(result['run']) / 'report.html'}")
 

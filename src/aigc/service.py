@@ -494,8 +494,9 @@ def chat_prompt(messages: list[dict]) -> str:
 
 def record(generation: Generation, db: Store, *, source: str, request: dict, files: list[str] | None = None,
            key_id: str | None = None, ids: list[str] | None = None) -> list[str]:
-    """Store a generation (aigc.db): one row for text and series, one row per image (its PNG is written into
-    $AIGC_HOME/generations/ when `files` does not say where it already is), with what best-of-n reranking chose
+    """Store a generation (aigc.db): one row for text, series and music, one row per image (its PNG is written into
+    $AIGC_HOME/generations/ when `files` does not say where it already is; music: its pieces' files, into
+    generations/<id>/), with what best-of-n reranking chose
     (`rerank`: best_of, candidates, chosen, scores; an image's row: its own). Returns the generation ids (`ids`:
     drawn beforehand, e.g. for a stream whose chunks carry the id)."""
     run_dir = Path(generation.record["run"])
@@ -521,11 +522,14 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                                           family=rec["family"], file=str(path), output={"class": rec["class"]},
                                           rerank=one, **common))
         return made
+    gen_id = ids[0] if ids else new_id("gen")
+    if generation.modality == "music" and files is None:  # its MIDI, WAV and piano rolls, as an image's PNG
+        files = save(generation, store.generations_dir() / gen_id)
     stats = generation.record.get("stats", {})
     output = generation.outputs if generation.modality == "text" else \
         json_safe(generation.record["clips"] if generation.modality == "video" else generation.outputs)
     family = generation.record.get("family") or settings.get("family")
-    return [db.add_generation(id=ids[0] if ids else None, request=request, seed=settings.get("seed"), family=family,
+    return [db.add_generation(id=gen_id, request=request, seed=settings.get("seed"), family=family,
                               output=output, file=files[0] if files else None,
                               prompt_tokens=stats.get("prompt_tokens"),
                               completion_tokens=stats.get("generated_tokens"), rerank=rerank_of, **common)]

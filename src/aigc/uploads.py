@@ -1,4 +1,4 @@
-"""Data a person uploads from a browser: a text file, a zip of images, or a CSV series.
+"""Data a person uploads from a browser: a text file, a zip of images, a CSV series, or a zip of MIDI files.
 
 An upload arrives in chunks (`Upload.begin`, `.write` ..., `.finish`) into a hidden folder under
 `$AIGC_HOME/uploads/`; `finish` checks that the data can be trained on, as `aigc train` would read it, and
@@ -23,11 +23,12 @@ from pathlib import Path, PurePosixPath
 
 from aigc import store
 from aigc.data.images import IMAGE_EXTENSIONS, load_images
+from aigc.data.music import MIDI_EXTENSIONS, load_music, remove_copies
 from aigc.data.text import load_corpus
 from aigc.errors import BadRequest, NotFound, TooLarge, UserError
 from aigc.fsutil import fsync_dir, read_json, write_json
 
-KINDS = ("text", "images", "series")
+KINDS = ("text", "images", "series", "music")
 RECORD = "upload.json"
 MIN_TEXT_CHARS = 200  # less text than this is too little to train on (and to split off a validation part)
 MIN_SERIES_ROWS = 24  # two years of monthly values: the least a series model and its back-test can use
@@ -104,7 +105,8 @@ class Upload:
         try:
             if self.bytes == 0:
                 raise BadRequest("the file is empty")
-            check = {"text": _lay_out_text, "images": _lay_out_images, "series": _lay_out_series}[self.kind]
+            check = {"text": _lay_out_text, "images": _lay_out_images, "series": _lay_out_series,
+                     "music": _lay_out_music}[self.kind]
             data_name, summary = check(self)
             record = {"id": self.id, "kind": self.kind, "filename": self.filename, "bytes": self.bytes,
                       "sha256": self._sha256.hexdigest(), "created": store.now(), "data": str(final / data_name),
@@ -207,7 +209,7 @@ def _lay_out_images(upload: Upload) -> tuple[str, dict]:
     except (zipfile.BadZipFile, OSError):
         raise BadRequest("this is not a zip file: upload a .zip of images") from None
     with archive:
-        members = _image_members(archive, upload.max_bytes, IMAGE_EXTENSIONS)
+        members = _zip_members(archive, upload.max_bytes, IMAGE_EXTENSIONS)
         _extract(archive, members, out, upload.max_bytes)
     raw.unlink()
     _check_image_files(out)
@@ -221,6 +223,40 @@ def _lay_out_images(upload: Upload) -> tuple[str, dict]:
         counts = [int((data.labels == i).sum()) for i in range(data.num_classes)]
         summary["class_counts"] = dict(zip(data.class_names, counts, strict=True))
     return name, summary
+
+
+def _lay_out_music(upload: Upload) -> tuple[str, dict]:
+    """A zip of MIDI files (or one MIDI file), read as `aigc train --data` reads a folder of them: every file must
+    parse and have notes, and there must be two different pieces (one to train on, one to hold out)."""
+    raw = upload.folder / _RAW
+    name = _safe_stem(upload.filename, "music")
+    name = "music" if name in (RECORD, _RAW) else name
+    with open(raw, "rb") as f:
+        midi = f.read(4) == b"MThd"
+    if midi:
+        suffix = Path(upload.filename).suffix.lower()
+        name += suffix if suffix in MIDI_EXTENSIONS else ".mid"
+        os.replace(raw, upload.folder / name)
+    else:
+        try:
+            archive = zipfile.ZipFile(raw)
+        except (zipfile.BadZipFile, OSError):
+            raise BadRequest("this is neither a MIDI file nor a zip file: upload a .zip of MIDI files") from None
+        with archive:
+            members = _zip_members(archive, upload.max_bytes, MIDI_EXTENSIONS,
+                                  "no MIDI files in the zip (.mid, .midi)")
+            _extract(archive, members, upload.folder / name, upload.max_bytes)
+        raw.unlink()
+    try:
+        pieces, _ = load_music(str(upload.folder / name))
+    except UserError as e:
+        raise BadRequest(_plain(str(e), upload.folder, name)) from None
+    unique = remove_copies(pieces)
+    if len(unique) < 2:
+        raise BadRequest(f"{len(unique)} different piece(s): a music run needs at least 2 (one to train on, one to "
+                         f"hold out); upload a .zip of MIDI files")
+    return name, {"pieces": len(pieces), "copies": len(pieces) - len(unique),
+                  "notes": sum(len(p.notes) for p in pieces)}
 
 
 def _check_image_files(out: Path) -> None:
@@ -248,11 +284,11 @@ def _check_image_files(out: Path) -> None:
                              f"{size[0]}x{size[1]}; resize them all to one size")
 
 
-def _image_members(archive: zipfile.ZipFile, max_bytes: int, extensions: tuple[str, ...]
-                   ) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
-    """The zip's image files and where each goes, after refusing paths that lead outside the folder, a zip that
-    unpacks to more than ZIP_RATIO x max_bytes, and encrypted files. One folder that holds everything (how
-    most zips are made) is unwrapped, so that its sub-folders are the classes."""
+def _zip_members(archive: zipfile.ZipFile, max_bytes: int, extensions: tuple[str, ...],
+                 none: str = f"no images in the zip ({_IMAGE_NAMES})") -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The zip's files with `extensions` (images; MIDI files) and where each goes, after refusing paths that lead
+    outside the folder, a zip that unpacks to more than ZIP_RATIO x max_bytes, and encrypted files. One folder that
+    holds everything (how most zips are made) is unwrapped, so that its sub-folders are the classes."""
     infos = archive.infolist()
     for info in infos:
         parts = PurePosixPath(info.filename.replace("\\", "/")).parts
@@ -272,7 +308,7 @@ def _image_members(archive: zipfile.ZipFile, max_bytes: int, extensions: tuple[s
             raise BadRequest(f"the zip is password-protected ({info.filename}): upload a zip without a password")
         members.append((info, path))
     if not members:
-        raise BadRequest(f"no images in the zip ({_IMAGE_NAMES})")
+        raise BadRequest(none)
     tops = {path.parts[0] for _, path in members}
     if len(tops) == 1 and all(len(path.parts) > 1 for _, path in members):
         members = [(info, PurePosixPath(*path.parts[1:])) for info, path in members]

@@ -1,21 +1,30 @@
-"""Musical statistics of pieces (notes on a 16th grid), as muspy defines them (Dong et al. 2020, "MusPy"), and
-copying: the longest run of consecutive notes a piece shares with a set of training pieces.
+"""Musical statistics of pieces (notes on a 16th grid) as muspy defines them (Dong et al. 2020, "MusPy"):
+pitch-class entropy, scale consistency and polyphony by muspy itself, groove consistency written here (see its
+docstring); their means with standard errors, and the test of issue 17's target against a floor; and copying: the
+longest run of consecutive notes a piece shares with a set of training pieces, and the share of a piece's note
+n-grams that occur in them.
 
-Notes are `(onset, duration, pitch)` tuples (aigc.data.music.Note).
+Notes are `(onset, duration, pitch)` tuples (aigc.data.music.Note); a piece's bar length is in 16ths.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-MAJOR = (0, 2, 4, 5, 7, 9, 11)
-MINOR = (0, 2, 3, 5, 7, 8, 10)  # natural minor
-
 Note = tuple[int, int, int]
+STATISTICS = ("pitch_class_entropy", "scale_consistency", "polyphony", "groove_consistency")
+STEPS_PER_QUARTER = 4  # the grid of the notes: 16ths (aigc.data.music.STEPS_PER_QUARTER)
+COPY_N = 8  # the n of the copied n-grams: 8 notes, two beats of a four-part chorale
+
+
+def _music(notes: Sequence[Note]):
+    import muspy  # a second or two to import (matplotlib, pypianoroll): only when statistics are asked for
+
+    track = muspy.Track(notes=[muspy.Note(time=o, pitch=p, duration=d) for o, d, p in notes])
+    return muspy, muspy.Music(resolution=STEPS_PER_QUARTER, tracks=[track])
 
 
 def pitch_class_entropy(notes: Sequence[Note]) -> float:
@@ -23,19 +32,16 @@ def pitch_class_entropy(notes: Sequence[Note]) -> float:
     for all twelve equally often. NaN without notes."""
     if not notes:
         return math.nan
-    counts = np.array(list(Counter(p % 12 for _, _, p in notes).values()), dtype=float)
-    prob = counts / counts.sum()
-    return float(-(prob * np.log2(prob)).sum())
+    muspy, music = _music(notes)
+    return float(muspy.pitch_class_entropy(music))
 
 
 def scale_consistency(notes: Sequence[Note]) -> float:
     """The largest share of notes that lie in one major or natural-minor scale (of 24): 1 for a piece in one key."""
     if not notes:
         return math.nan
-    classes = Counter(p % 12 for _, _, p in notes)
-    best = max(sum(n for pc, n in classes.items() if (pc - root) % 12 in scale)
-               for root in range(12) for scale in (MAJOR, MINOR))
-    return best / len(notes)
+    muspy, music = _music(notes)
+    return float(muspy.scale_consistency(music))
 
 
 def polyphony(notes: Sequence[Note]) -> float:
@@ -43,12 +49,65 @@ def polyphony(notes: Sequence[Note]) -> float:
     chorale: near 4; a melody: 1)."""
     if not notes:
         return math.nan
-    end = max(o + d for o, d, _ in notes)
-    sounding = np.zeros(end, dtype=int)
-    for onset, dur, _ in notes:
-        sounding[onset:onset + dur] += 1
-    busy = sounding[sounding > 0]
-    return float(busy.mean())
+    muspy, music = _music(notes)
+    return float(muspy.polyphony(music))
+
+
+def groove_consistency(notes: Sequence[Note], bar: int = 16) -> float:
+    """1 - the mean Hamming distance between the onset patterns of consecutive bars (`bar` 16ths long) over the bar
+    length (Wu & Yang 2020, as muspy defines it): 1 when every bar has its onsets at the same positions. NaN for
+    less than two bars. Written here, not muspy's: muspy counts `end // bar + 1` bars, so a piece that ends on a
+    bar line (every chorale, every sample cut after its last full bar) gets an empty bar compared with its last
+    one; here a piece has ceil(end / bar) bars, and the two agree on a piece that does not end on a bar line
+    (tests/test_music.py)."""
+    if not notes:
+        return math.nan
+    n_bars = math.ceil(max(o + d for o, d, _ in notes) / bar)
+    if n_bars < 2:
+        return math.nan
+    onsets = np.zeros((n_bars, bar), dtype=bool)
+    for onset, _, _ in notes:
+        onsets[divmod(onset, bar)] = True
+    return float(1 - np.count_nonzero(onsets[:-1] != onsets[1:]) / (bar * (n_bars - 1)))
+
+
+def statistics_of(notes: Sequence[Note], bar: int = 16) -> dict[str, float]:
+    return {"pitch_class_entropy": pitch_class_entropy(notes), "scale_consistency": scale_consistency(notes),
+            "polyphony": polyphony(notes), "groove_consistency": groove_consistency(notes, bar)}
+
+
+def music_statistics(pieces: Sequence[Sequence[Note]], bars: Sequence[int] | None = None) -> dict[str, float]:
+    """The mean of each statistic over pieces that have notes (`bars`: each piece's bar length, default 16)."""
+    return {k: v["mean"] for k, v in statistics_with_errors(pieces, bars).items()}
+
+
+def statistics_with_errors(pieces: Sequence[Sequence[Note]], bars: Sequence[int] | None = None
+                           ) -> dict[str, dict[str, float]]:
+    """Per statistic, over the pieces that have notes (and where it is defined): mean, standard error of the mean
+    (sample standard deviation / sqrt n) and n."""
+    bars = list(bars) if bars is not None else [16] * len(pieces)
+    rows = [statistics_of(p, b) for p, b in zip(pieces, bars, strict=True) if p]
+    out = {}
+    for key in STATISTICS:
+        values = np.array([r[key] for r in rows if not math.isnan(r[key])], dtype=float)
+        n = len(values)
+        out[key] = {"mean": float(values.mean()) if n else math.nan,
+                    "se": float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan, "n": n}
+    return out
+
+
+def within_floor(samples: dict, val: dict, train: dict) -> dict[str, dict]:
+    """Issue 17's test, per statistic: the samples' mean lies no farther from the validation pieces' mean than the
+    training pieces' mean does (the floor), or within 2 standard errors of it (the standard error of the
+    difference of the two means, sqrt(se_samples^2 + se_val^2)). Inputs: `statistics_with_errors` results."""
+    out = {}
+    for key in STATISTICS:
+        s, v, t = samples[key], val[key], train[key]
+        gap, floor = abs(s["mean"] - v["mean"]), abs(t["mean"] - v["mean"])
+        se = math.sqrt(s["se"] ** 2 + v["se"] ** 2)
+        out[key] = {"gap": gap, "floor": floor, "two_se": 2 * se,
+                    "met": bool(gap <= floor or gap <= 2 * se)}
+    return out
 
 
 def note_events(notes: Sequence[Note]) -> list[tuple[int, int, int]]:
@@ -86,11 +145,20 @@ def longest_copy(notes: Sequence[Note], training: Sequence[Sequence[Note]]) -> i
     return low
 
 
-def music_statistics(pieces: Sequence[Sequence[Note]]) -> dict[str, float]:
-    """The mean of each statistic over pieces that have notes."""
-    pieces = [p for p in pieces if p]
-    if not pieces:
-        return {"pitch_class_entropy": math.nan, "scale_consistency": math.nan, "polyphony": math.nan}
-    return {"pitch_class_entropy": float(np.mean([pitch_class_entropy(p) for p in pieces])),
-            "scale_consistency": float(np.mean([scale_consistency(p) for p in pieces])),
-            "polyphony": float(np.mean([polyphony(p) for p in pieces]))}
+def note_ngrams(pieces: Sequence[Sequence[Note]], n: int = COPY_N) -> set:
+    """Every run of `n` consecutive notes of the pieces (as `note_events`, the first note's gap ignored)."""
+    out = set()
+    for piece in pieces:
+        events = note_events(piece)
+        out.update((events[i][:2],) + tuple(events[i + 1:i + n]) for i in range(len(events) - n + 1))
+    return out
+
+
+def copied_share(notes: Sequence[Note], training_ngrams: set, n: int = COPY_N) -> float:
+    """The share of the piece's runs of `n` consecutive notes that are in `training_ngrams` (`note_ngrams` of the
+    training pieces, the same n). NaN for a piece of fewer than n notes."""
+    events = note_events(notes)
+    if len(events) < n:
+        return math.nan
+    runs = [(events[i][:2],) + tuple(events[i + 1:i + n]) for i in range(len(events) - n + 1)]
+    return sum(run in training_ngrams for run in runs) / len(runs)

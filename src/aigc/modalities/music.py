@@ -29,7 +29,14 @@ from aigc.config import fields_of, read_toml, to_toml
 from aigc.data import music as m
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
-from aigc.evaluate.music import longest_copy, music_statistics
+from aigc.evaluate.music import (
+    STATISTICS,
+    copied_share,
+    longest_copy,
+    note_ngrams,
+    statistics_with_errors,
+    within_floor,
+)
 from aigc.fsutil import atomic_write_bytes, atomic_write_text, write_json
 from aigc.modalities import text
 from aigc.modalities.base import Generation, Prepared
@@ -42,13 +49,13 @@ from aigc.train import TextBatches, train_loop
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_bars")
-EVALUATE_OPTIONS = ()
+EVALUATE_OPTIONS = ("n",)  # `aigc eval RUN -n N`: pieces sampled for the statistics (default EVAL_SAMPLES)
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, "temperature": 0.8, "top_k": 0, "top_p": 1.0}  # as shown
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
 MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
-EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying
+EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying (-n N)
 
 
 # ----------------------------------------------------------------------------------
@@ -317,29 +324,52 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
         base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
 
     # 2. samples at seed 0, temperature 1 (the model as it is)
-    generation = generate(loaded, {"n": EVAL_SAMPLES, "temperature": 1.0}, 0)
-    samples = [m.decode(o["tokens"].split()).notes for o in generation.outputs]
-    if not any(samples):
+    n_samples = int(options.get("n") or EVAL_SAMPLES)
+    generation = generate(loaded, {"n": n_samples, "temperature": 1.0}, 0)
+    samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
+    if not any(p.notes for p in samples):
         raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every piece at once)")
-    train_notes = [p.notes for p in train]
 
-    # 3. statistics and copying, each beside the validation pieces' and its floor, the training pieces'
-    stats = {"samples": music_statistics(samples), "val": music_statistics([p.notes for p in val]),
-             "train": music_statistics(train_notes)}
-    copies = [longest_copy(s, train_notes) for s in samples if s]
-    val_copies = [longest_copy(p.notes, train_notes) for p in val]
+    # 3. statistics, each beside the validation pieces' and its floor, the training pieces': all on excerpts of
+    #    as many bars as the samples have (pitch-class entropy and groove consistency grow with a piece's length)
+    stats = {name: statistics_with_errors([p.notes for p in pieces], [m.bar_length(p.time_signature) for p in pieces])
+             for name, pieces in (("samples", samples), ("val", excerpts(val, DEFAULT_BARS)),
+                                  ("train", excerpts(train, DEFAULT_BARS)))}
+    floors = within_floor(stats["samples"], stats["val"], stats["train"])
+
+    # 4. copying: the longest run of notes shared with a training piece, and the share of copied 8-note runs,
+    #    beside the same for the validation pieces (excerpts as long as the samples)
+    train_notes = [p.notes for p in train]
+    grams = note_ngrams(train_notes)
+    copies = [longest_copy(p.notes, train_notes) for p in samples if p.notes]
+    val_copies = [longest_copy(p.notes, train_notes) for p in excerpts(val, DEFAULT_BARS)]
+    shares = [copied_share(p.notes, grams) for p in samples]
+    val_shares = [copied_share(p.notes, grams) for p in excerpts(val, DEFAULT_BARS)]
     metrics = {
         "val_nll_per_token": nll / max(1, n_tokens), "val_nll_per_note": nll / max(1, val_notes),
         "ngram_nll_per_token": base_nll / max(1, n_tokens), "ngram_nll_per_note": base_nll / max(1, val_notes),
-        **{f"{k}": v for k, v in stats["samples"].items()},
+        **{k: stats["samples"][k]["mean"] for k in STATISTICS},
+        "statistics_within_floor": sum(f["met"] for f in floors.values()),
         "longest_copy_notes": float(np.mean(copies)), "longest_copy_notes_max": int(max(copies)),
         "val_longest_copy_notes": float(np.mean(val_copies)),
+        "copied_8gram_share": _mean(shares), "val_copied_8gram_share": _mean(val_shares),
         "sample_bars": float(np.mean([o["bars"] for o in generation.outputs])),
         "tokens_per_s": generation.record["stats"]["tokens_per_s"],
     }
-    result = {"run": str(run_dir), "metrics": metrics, "statistics": stats,
+    result = {"run": str(run_dir), "metrics": metrics, "statistics": stats, "within_floor": floors,
               "validation": {"pieces": len(val), "tokens": n_tokens, "notes": val_notes},
-              "samples": {"n": EVAL_SAMPLES, "seed": 0, "temperature": 1.0, "bars": DEFAULT_BARS,
+              "samples": {"n": n_samples, "seed": 0, "temperature": 1.0, "bars": DEFAULT_BARS,
                           "tokens": [o["tokens"] for o in generation.outputs]}}
     write_json(Path(run_dir) / "eval.json", result)
     return result
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are numbers (NaN when none is: pieces too short for an 8-note run)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def excerpts(pieces: list[m.Piece], bars: int) -> list[m.Piece]:
+    """The first `bars` bars of each piece (what the statistics of samples of that many bars are compared with)."""
+    return [m.decode(m.first_bars(m.encode(p), bars), p.name) for p in pieces]

@@ -40,6 +40,8 @@ ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text}
     400: "invalid request", 401: "missing or wrong API key", 404: "no such model or generation",
     409: "the run is not ready (still training)", 413: "request body over the cap", 429: "rate limit",
     500: "error inside a model", 503: "queue full (Retry-After)", 507: "the server's disk is full"}.items()}
+# the files in a generation's folder that the API serves (a music generation's pieces), with their media types
+GENERATION_FILES = {".wav": "audio/wav", ".mid": "audio/midi", ".png": "image/png", ".json": "application/json"}
 # which modality an endpoint field belongs to, for the message about a field sent to the wrong endpoint
 FIELD_OWNERS = {**{f: "video" for f in schemas.VideoRequest.model_fields},  # first: the others own shared fields
                 **{f: "music" for f in schemas.AudioRequest.model_fields},
@@ -262,7 +264,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         data = []
         for i, output in enumerate(generation.outputs):
             stem = Path(files[4 * i]).with_suffix("")  # NNN.mid, NNN.wav, NNN.png, NNN.json per piece
-            data.append({"index": i, "bars": output["bars"], "notes": output["notes"],
+            urls = {f"{kind}_url": str(request.url_for("generation_files", generation_id=gen_id,
+                                                       name=stem.with_suffix(suffix).name))
+                    for kind, suffix in (("wav", ".wav"), ("midi", ".mid"), ("png", ".png"))}
+            data.append({"index": i, "bars": output["bars"], "notes": output["notes"], **urls,
                          "wav_b64": base64.b64encode(stem.with_suffix(".wav").read_bytes()).decode(),
                          "midi_b64": base64.b64encode(stem.with_suffix(".mid").read_bytes()).decode(),
                          "record": json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))})
@@ -329,13 +334,25 @@ def create_app(config: ServerConfig) -> FastAPI:
     def get_generation(generation_id: str, key_id: str | None = Depends(caller)):
         return _generation(db.get_generation(generation_id))
 
-    @app.get("/v1/generations/{generation_id}/file", name="generation_file", summary="the file it wrote (a PNG)",
+    @app.get("/v1/generations/{generation_id}/file", name="generation_file",
+             summary="the file it wrote (an image's PNG; a music generation's first MIDI)",
              response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
     def generation_file(generation_id: str, key_id: str | None = Depends(caller)):
         row = db.get_generation(generation_id)
         if not row.get("file") or not Path(row["file"]).is_file():
             raise ApiError(404, f"generation {generation_id!r} has no file")
-        return FileResponse(row["file"], media_type="image/png")
+        return FileResponse(row["file"], media_type="image/png" if row["file"].endswith(".png") else None)
+
+    @app.get("/v1/generations/{generation_id}/files/{name}", name="generation_files",
+             summary="one of the files a generation wrote into its folder (music: NNN.wav, NNN.mid, NNN.png)",
+             response_class=FileResponse, responses={200: {"content": {"audio/wav": {}, "audio/midi": {}}}})
+    def generation_files(generation_id: str, name: str, key_id: str | None = Depends(caller)):
+        row = db.get_generation(generation_id)
+        folder = Path(row["file"]).parent if row.get("file") else None
+        target = folder / name if folder is not None and folder.name == generation_id else None
+        if target is None or Path(name).name != name or target.suffix not in GENERATION_FILES or not target.is_file():
+            raise ApiError(404, f"generation {generation_id!r} has no file {name!r}")
+        return FileResponse(target, media_type=GENERATION_FILES[target.suffix])
 
     @app.post("/v1/generations/{generation_id}/ratings", response_model=schemas.Rating, summary="rate a generation")
     def rate(generation_id: str, body: schemas.RatingRequest, key_id: str | None = Depends(caller)):

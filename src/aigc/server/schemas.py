@@ -183,7 +183,7 @@ class RatingRequest(Strict):
     index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
 
 
-ARENA_MODALITIES = ("text", "image")
+ARENA_MODALITIES = ("text", "image", "music")
 FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "ar"]  # = aigc.models.FAMILIES
 
 
@@ -216,9 +216,9 @@ class EvaluationRequest(Strict):
 
 
 class BattleRequest(Strict):
-    modality: Literal["text", "image"] = "text"
+    modality: Literal["text", "image", "music"] = "text"
     prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image: the "
-                                                                  "class both draw (conditional runs)")
+                                                                  "class both draw (conditional runs); music: none")
     seed: Seed | None = None
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=2, description="the two runs (default: drawn at random)")
@@ -328,6 +328,9 @@ class AudioDatum(BaseModel):
     notes: int
     wav_b64: str  # 16-bit PCM mono WAV
     midi_b64: str  # standard MIDI file, the generation record as a text event
+    wav_url: str  # the same files, kept in the store: GET /v1/generations/{id}/files/NNN.wav
+    midi_url: str
+    png_url: str  # the piano roll
     record: dict  # the record the files carry (run, settings with the seed, index)
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import random
 import shlex
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level")}
+         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -40,12 +41,15 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
              "no_repeat_ngram_size"),
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
+    "music": ("n", "bars", "temperature", "top_k", "top_p"),
 }
-REQUESTS = {"text": schemas.CompletionRequest, "image": schemas.ImageRequest, "series": schemas.ForecastRequest}
+REQUESTS = {"text": schemas.CompletionRequest, "image": schemas.ImageRequest, "series": schemas.ForecastRequest,
+            "music": schemas.AudioRequest}
 PRESETS = {"quick": 2.0, "good": 10.0}  # training presets: minutes
 RUN_FILES = (".png", ".html", ".md", ".json", ".jsonl", ".csv", ".toml")  # a run's files the API serves
 PREVIEW_TEXT = {"n": 3, "max_new_tokens": 60}
 ARENA_TOKENS = 60  # tokens each side of a text battle writes
+ARENA_BARS = 4  # bars each side of a music battle composes (a preview: as many)
 MAX_CURVE = 500  # points of a loss curve returned
 
 
@@ -126,7 +130,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         signature = (model, service.weights_sha256(path))
         if signature in previews:
             return previews[signature]
-        options = {"text": PREVIEW_TEXT, "image": {"n": 8}, "series": {"horizon": 24, "paths": 20}}[modality]
+        options = {"text": PREVIEW_TEXT, "image": {"n": 8}, "series": {"horizon": 24, "paths": 20},
+                   "music": {"n": 1, "bars": ARENA_BARS}}[modality]
         if modality == "image" and store.read_run(path).get("num_classes"):
             options = {**options, "class_": "0"}
 
@@ -223,10 +228,14 @@ def install(app: FastAPI, ctx: Context) -> None:
 
     @app.post("/v1/arena/battles", summary="two anonymous runs answer the same prompt")
     async def battle(body: schemas.BattleRequest, request: Request, key_id: str | None = Depends(ctx.caller)):
+        if body.modality == "music" and body.prompt:
+            raise ApiError(400, "a music battle takes no prompt: both runs compose a piece from nothing",
+                           param="prompt")
         left, right = _opponents(config.runs, body.modality, body.prompt, body.models)
         seed = service.draw_seed(body.seed)
-        options = ({"prompt": body.prompt or "", "max_new_tokens": ARENA_TOKENS} if body.modality == "text"
-                   else {"n": 1, "class_": body.prompt or None})
+        options = {"text": {"prompt": body.prompt or "", "max_new_tokens": ARENA_TOKENS},
+                   "image": {"n": 1, "class_": body.prompt or None},
+                   "music": {"n": 1, "bars": ARENA_BARS}}[body.modality]
         requested = {"endpoint": "arena", "modality": body.modality, "prompt": body.prompt, "seed": seed}
 
         def work(emit, cancel):
@@ -336,7 +345,8 @@ def _baseline(root: Path, model: str, row: dict) -> dict | None:
 
 
 def _shown(generation, request: Request | None = None, gen_id: str | None = None) -> dict:
-    """A generation's outputs as a page shows them: texts, PNGs (data URLs, or the stored file's URL), a forecast."""
+    """A generation's outputs as a page shows them: texts, PNGs (data URLs, or the stored file's URL), a forecast,
+    music pieces (WAV and piano roll: data URLs, or the stored files' URLs)."""
     if generation.modality == "text":
         prompt = generation.record["settings"].get("prompt") or ""
         return {"texts": [s[len(prompt):] for s in generation.outputs], "prompt": prompt}
@@ -349,7 +359,29 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
             pictures.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
         return {"images": pictures}
+    if generation.modality == "music":
+        if request is not None and gen_id is not None:
+            return {"pieces": _pieces(generation.outputs, request, gen_id)}
+        with tempfile.TemporaryDirectory() as tmp:  # not recorded: the files travel in the answer
+            service.save(generation, Path(tmp))
+            return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
+                                "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"),
+                                "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(generation.outputs)]}
     return {"forecast": forecast_of(generation)}
+
+
+def _pieces(outputs: list[dict], request: Request, gen_id: str) -> list[dict]:
+    """A stored music generation's pieces as a page plays and shows them: the URLs of each one's WAV, piano roll
+    and MIDI file (GET /v1/generations/{id}/files/NNN.wav ...), its bars and notes."""
+    def url(name: str) -> str:
+        return str(request.url_for("generation_files", generation_id=gen_id, name=name))
+
+    return [{"wav": url(f"{i:03d}.wav"), "roll": url(f"{i:03d}.png"), "midi": url(f"{i:03d}.mid"),
+             "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(outputs)]
+
+
+def _data_url(path: Path, media_type: str) -> str:
+    return f"data:{media_type};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def forecast_of(generation) -> dict:
@@ -401,6 +433,8 @@ def _battle(row: dict, request: Request) -> dict:
             shown["texts"] = [t[len(gen["request"].get("prompt") or ""):] for t in gen["output"] or []]
         elif gen["modality"] == "image":
             shown["images"] = [str(request.url_for("generation_file", generation_id=gen["id"]))]
+        elif gen["modality"] == "music":
+            shown["pieces"] = _pieces(gen["output"] or [], request, gen["id"])
         if voted:
             shown["run"] = gen["run"]
             shown["family"] = gen.get("family")
@@ -448,6 +482,14 @@ def _replay(row: dict, base_url: str) -> dict:
         path, cli = "/v1/images/generations", ["aigc", "generate", run, "-n", "1"]
         if body["prompt"]:
             cli += ["--class", body["prompt"]]
+    elif modality == "music":
+        body = {"model": run, "seed": seed}
+        for field in ("n", "bars", "temperature", "top_k", "top_p"):
+            if request.get(field) is not None:
+                body[field] = request[field]
+        if endpoint == "arena":
+            body.update(n=1, bars=ARENA_BARS)
+        path, cli = "/v1/audio/generations", ["aigc", "generate", run]
     else:
         body = {"model": run, "horizon": request.get("horizon"), "seed": seed}
         for field in ("level", "paths", "noise"):

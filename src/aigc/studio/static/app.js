@@ -149,6 +149,23 @@ function imageGrid(urls, ids) {
     h("img", {src: url, alt: t("image.alt", {i: i + 1})}), ids ? rating(ids[i]) : null)));
 }
 
+function musicPieces(pieces, generationId) {  // each piece: a player on its WAV, its piano roll, its MIDI file
+  return h("div", {class: "pieces"}, pieces.map((p, i) => h("figure", {class: "piece", "data-piece": i},
+    h("audio", {controls: true, preload: "metadata", src: p.wav, "aria-label": t("music.play", {i: i + 1})}),
+    h("img", {class: "roll", src: p.roll, alt: t("music.roll", {i: i + 1})}),
+    h("figcaption", {class: "meta"}, t("music.about", {bars: p.bars, notes: p.notes}),
+      p.midi ? [" · ", h("a", {href: p.midi, download: `piece-${i + 1}.mid`, text: t("music.midi")})] : null),
+    generationId ? rating(generationId, i) : null)));
+}
+
+function storedPieces(g) {  // a stored music generation's pieces, from the files the server kept
+  const file = name => `/v1/generations/${g.id}/files/${name}`;
+  return (g.output || []).map((o, i) => {
+    const stem = String(i).padStart(3, "0");
+    return {wav: file(`${stem}.wav`), roll: file(`${stem}.png`), midi: file(`${stem}.mid`), bars: o.bars, notes: o.notes};
+  });
+}
+
 function headline(score) {
   return score ? `${score.metric} ${fmt(score.value)}` : t("models.noscore");
 }
@@ -309,6 +326,7 @@ function showOutputs(p) {  // a preview or a battle side: texts, images or a for
   if (p.texts) return h("div", {}, p.texts.map(text => h("div", {class: "output", text: (p.prompt || "") + text})));
   if (p.images) return imageGrid(p.images);
   if (p.forecast) return fanChart(p.forecast, {width: 300, height: 160});
+  if (p.pieces) return musicPieces(p.pieces);
   return h("span");
 }
 
@@ -412,6 +430,11 @@ function buildGenerateForm(form, out, spec) {
         body.prompt = classPick ? classPick.value : "";
         const made = await api("/v1/images/generations", {body});
         out.append(imageGrid(made.data.map(d => d.url), made.data.map(d => d.generation_id)));
+      } else if (spec.modality === "music") {
+        const made = await api("/v1/audio/generations", {body});
+        out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
+                                                     notes: d.notes})), made.generation_id),
+                   h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
       } else {
         const made = await api("/v1/forecasts", {body});
         out.append(fanChart(made.forecast, {width: 640, height: 280}), rating(made.generation_id));
@@ -431,7 +454,7 @@ pages.history = async main => {
   const query = h("input", {type: "search", name: "q"});
   const model = h("select", {name: "model"}, h("option", {value: "", text: t("all")}),
                   (await models()).map(m => h("option", {value: m.id, text: m.id})));
-  const modality = h("select", {name: "modality"}, ["", "text", "image", "series"].map(v =>
+  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music"].map(v =>
     h("option", {value: v, text: v ? t(`modality.${v}`) : t("all")})));
   const rated = h("select", {name: "rated"}, [["", t("all")], ["true", t("hist.rated")], ["false", t("hist.unrated")]]
     .map(([v, label]) => h("option", {value: v, text: label})));
@@ -462,19 +485,22 @@ pages.history = async main => {
 function summary(g) {
   if (g.modality === "text") return ((g.output || [])[0] || "").slice(0, 60);
   if (g.modality === "image") return `${t("modality.image")} ${g.output && g.output.class !== null ? g.output.class : ""}`;
+  if (g.modality === "music") return (g.output || []).map(o => t("music.about", {bars: o.bars, notes: o.notes})).join("; ");
   return `${t("modality.series")} h=${g.request.horizon}`;
 }
 
 function outputOf(g) {
   if (g.modality === "text") return h("div", {}, (g.output || []).map(text => h("div", {class: "output", text})));
   if (g.modality === "image") return imageGrid([`/v1/generations/${g.id}/file`]);
+  if (g.modality === "music") return musicPieces(storedPieces(g));
   return fanChart(g.output, {width: 560, height: 240});
 }
 
 async function openGeneration(box, id) {
   const g = await api(`/v1/generations/${id}`);
   box.textContent = "";
-  box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), rating(g.id));
+  box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), g.modality === "music" ? null : rating(g.id));
+  if (g.modality === "music") box.querySelectorAll(".piece").forEach((piece, i) => piece.append(rating(g.id, i)));
   if (g.rerank) box.append(h("p", {class: "meta", "data-testid": "rerank", text: t("hist.rerank", {
     k: g.rerank.best_of, chosen: g.rerank.chosen.map(i => i + 1).join(", "), candidates: g.rerank.candidates,
     scores: g.rerank.scores.map(fmt).join(", ")})}));
@@ -509,6 +535,9 @@ function regenerated(g, made) {  // the result made again, and whether it is the
     shown = imageGrid([url]);
     same = null;
     comparePixels(url, `/v1/generations/${g.id}/file`).then(ok => { verdict.textContent = ok ? t("hist.same") : t("hist.differs"); });
+  } else if (g.modality === "music") {  // the same tokens: the same notes, hence the same MIDI and audio
+    same = JSON.stringify(made.data.map(d => d.record.tokens)) === JSON.stringify((g.output || []).map(o => o.tokens));
+    shown = musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars, notes: d.notes})));
   } else {
     same = JSON.stringify(made.forecast.forecast) === JSON.stringify(g.output.forecast);
     shown = fanChart(made.forecast, {width: 560, height: 240});
@@ -536,7 +565,7 @@ async function comparePixels(a, b) {
 
 pages.arena = async main => {
   main.append(h("h1", {text: t("nav.arena")}), h("p", {class: "meta", text: t("arena.intro")}));
-  const modality = h("select", {name: "modality"}, ["text", "image"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const modality = h("select", {name: "modality"}, ["text", "image", "music"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const prompt = h("input", {type: "text", name: "prompt", size: 40});
   const form = h("form", {class: "row"}, field("hist.modality", modality), field("arena.prompt", prompt, t("arena.prompthelp")),
                  h("button", {type: "submit", class: "primary", text: t("arena.go")}));
@@ -554,12 +583,15 @@ pages.arena = async main => {
         h("td", {text: r.rating.toFixed(0)}), h("td", {text: `${r.lower.toFixed(0)} – ${r.upper.toFixed(0)}`}),
         h("td", {text: r.votes}), h("td", {text: headline(r.metric)}))))));
   };
-  modality.addEventListener("change", () => showBoard().catch(e => toast(e.message)));
+  modality.addEventListener("change", () => {
+    prompt.disabled = modality.value === "music";  // both runs compose from nothing
+    showBoard().catch(e => toast(e.message));
+  });
   form.onsubmit = async event => {
     event.preventDefault();
     error.textContent = ""; battle.textContent = t("loading");
     try {
-      const b = await api("/v1/arena/battles", {body: {modality: modality.value, prompt: prompt.value || null}});
+      const b = await api("/v1/arena/battles", {body: {modality: modality.value, prompt: (!prompt.disabled && prompt.value) || null}});
       battle.textContent = "";
       const sides = h("div", {class: "sides"}, ["left", "right"].map(side => h("div", {class: "card", "data-side": side},
         h("h2", {text: t(`arena.${side}`)}), showOutputs({...b[side], prompt: b.prompt || ""}), h("p", {class: "who"}))));
@@ -577,12 +609,13 @@ pages.arena = async main => {
   await showBoard();
 };
 
-const FAMILIES = {text: ["ngram", "rnn", "gpt"], image: ["vae", "dcgan", "diffusion"], series: ["ar", "rnn"]};
+const FAMILIES = {text: ["ngram", "rnn", "gpt"], image: ["vae", "dcgan", "diffusion"], series: ["ar", "rnn"],
+                  music: ["ngram", "rnn", "gpt"]};
 
 pages.train = async main => {
   main.append(h("h1", {text: t("nav.train")}));
   const sets = await api("/v1/datasets");
-  const kind = h("select", {name: "kind"}, ["text", "image", "series"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const kind = h("select", {name: "kind"}, ["text", "image", "series", "music"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const file = h("input", {type: "file", name: "file"});
   const uploadBtn = h("button", {type: "button", text: t("train.upload")});
   const data = h("select", {name: "data"}), family = h("select", {name: "family"});

@@ -1,0 +1,177 @@
+"""Audio benchmark (issue 17): symbolic music on bach-chorales, the n-gram against rnn and gpt trained for the same
+budget, on the same split and the same encoding (docs/audio.md).
+
+    python benchmarks/audio.py            # rnn and gpt 10 minutes each (about 30 minutes in all)
+    python benchmarks/audio.py --quick    # 2 minutes each (about 12 minutes)
+
+Writes benchmarks/results/audio.json and audio.md (--quick: audio-quick.json and .md). Runs live in a private AIGC
+home (default benchmarks/.work), away from a user's own runs.
+
+1. Every model trains through `aigc train --data bach-chorales` (split seed 0: 297 training and 33 validation
+   chorales, copies removed before the split), the training split augmented by every transposition within
+   --transpose semitones (the validation split never is); the n-gram is counted (order chosen on the training
+   tail), the others train for the budget.
+2. `aigc eval RUN -n N` on each: held-out NLL per token and per note (nats), beside the n-gram's fitted on the same
+   (augmented) training split; target: the best neural family at least 10% below the n-gram per token.
+3. The statistics of N samples (seed 0, temperature 1, 8 bars) against the validation chorales' first 8 bars:
+   pitch-class entropy, scale consistency and polyphony (muspy), groove consistency (ours, muspy's definition
+   without its extra empty bar); the floor is the training chorales' distance from the validation chorales; target:
+   3 of 4 within the floor or 2 standard errors.
+4. Novelty: the longest run of notes a sample shares with a training chorale and the share of its 8-note runs found
+   in them, beside the same for the validation chorales.
+5. Timings as ratios (this machine is shared): training tokens/s of each family over the gpt's, and sampling
+   tokens/s over the n-gram's, with the load average at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, ROOT, describe_machine, fmt, machine, write_results
+
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+MODELS = {  # row -> (family, --set values)
+    "ngram": ("ngram", {}),
+    "rnn": ("rnn", {"cell": "lstm", "block_size": "128"}),
+    "gpt": ("gpt", {"n_layer": "4", "n_head": "4", "n_embd": "128", "block_size": "256", "batch_size": "16",
+                    "embd_pdrop": "0.1", "resid_pdrop": "0.1", "compile": "false"}),
+}  # gpt without torch.compile: compile=auto compiles with a budget of 2 minutes or more, and on this shared
+#    machine the first --quick run spent the gpt's whole 2 minutes compiling (1 step)
+STATS = ("pitch_class_entropy", "scale_consistency", "polyphony", "groove_consistency")
+TARGET_GAIN = 0.10  # the best neural family's NLL per token at least 10% below the n-gram's
+TARGET_STATS = 3  # of the four statistics within the floor or 2 standard errors
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 minutes per trained model")
+    parser.add_argument("--minutes", type=float, default=None, help="training budget per model (default 10)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--transpose", type=int, default=5, help="training-split augmentation, semitones")
+    parser.add_argument("--samples", type=int, default=32, help="pieces sampled per model for the statistics")
+    parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    minutes = args.minutes or (2.0 if args.quick else 10.0)
+    stem = "audio-quick" if args.quick else "audio"
+    models = [m for m in args.models.split(",") if m]
+    if sorted(set(models) - set(MODELS)):
+        raise SystemExit(f"unknown models: use {', '.join(MODELS)}")
+    os.environ["AIGC_HOME"] = str(Path(args.home).resolve())
+
+    from aigc import service
+    from aigc.data import music as m
+
+    started = time.time()
+    result = {"benchmark": stem, "minutes_per_model": minutes, "quick": args.quick, "transpose": args.transpose,
+              "samples": args.samples, "machine": machine(), "load_average_start": load(), "rows": []}
+
+    def save() -> None:
+        result["wall_s"] = time.time() - started
+        result["load_average_end"] = load()
+        write_results(args.out, stem, result, markdown(result))
+
+    t0 = time.perf_counter()
+    result["chorales"] = len(m.bach_chorales())  # parsed once (about a minute cold), then cached in the home
+    result["parse_s"] = time.perf_counter() - t0
+    for row in models:
+        family, sets = MODELS[row]
+        print(f"\n== {row}: {'counted' if family == 'ngram' else f'{minutes:g} min'}", file=sys.stderr)
+        name = f"bench-{row}-{minutes:g}min-t{args.transpose}"
+        run_dir, metrics = service.train(family, "bach-chorales", name=name, overwrite=True,
+                                         max_minutes=None if family == "ngram" else minutes,
+                                         sets={**sets, "transpose": str(args.transpose)})
+        t0 = time.perf_counter()
+        evaluation = service.evaluate(str(run_dir), {"n": args.samples})
+        result["rows"].append({"model": row, "family": family, "run": str(run_dir), "sets": sets,
+                               "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s"),
+                               "train_tokens_per_s": metrics.get("tokens_per_s"), "order": metrics.get("order"),
+                               "eval_s": time.perf_counter() - t0, **{k: evaluation[k] for k in (
+                                   "metrics", "statistics", "within_floor", "validation")}})
+        save()
+    save()
+    print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    if not rows:
+        return "# Audio benchmark\n\nNo rows yet.\n"
+    by = {r["model"]: r for r in rows}
+    first = rows[0]
+    lines = [f"# Audio benchmark: bach-chorales, {result['minutes_per_model']:g} min per trained model"
+             + (" (--quick)" if result["quick"] else ""), "",
+             f"Machine: {describe_machine(result['machine'])}; load average (1/5/15 min) {result['load_average_start']}"
+             f" at the start, {result.get('load_average_end', '-')} at the end (the machine was shared: timings are "
+             f"ratios). {first['validation']['pieces']} validation chorales ({first['validation']['notes']:,} notes, "
+             f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
+             f"±{result['transpose']} semitones; {result['samples']} samples per model (seed 0, temperature 1, "
+             f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all.", "",
+             "## Held-out likelihood (nats, lower is better)", "",
+             "| model | training | NLL/token | NLL/note | n-gram NLL/token (same split) | below the n-gram |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        met = r["metrics"]
+        gain = 1 - met["val_nll_per_token"] / met["ngram_nll_per_token"]
+        training = (f"counted (order {r['order']})" if r["family"] == "ngram"
+                    else f"{result['minutes_per_model']:g} min, {r['steps']} steps")
+        lines.append(f"| {r['model']} | {training} | {fmt(met['val_nll_per_token'])} | {fmt(met['val_nll_per_note'])} "
+                     f"| {fmt(met['ngram_nll_per_token'])} | {100 * gain:.1f}% |")
+    neural = [r for r in rows if r["family"] != "ngram"]
+    if neural:
+        best = min(neural, key=lambda r: r["metrics"]["val_nll_per_token"])
+        gain = 1 - best["metrics"]["val_nll_per_token"] / best["metrics"]["ngram_nll_per_token"]
+        lines += ["", f"Target: the best neural family at least {100 * TARGET_GAIN:.0f}% below the n-gram per token. "
+                      f"Best: {best['model']}, {100 * gain:.1f}% below: **{'met' if gain >= TARGET_GAIN else 'missed'}"
+                      "**."]
+    val, train = first["statistics"]["val"], first["statistics"]["train"]
+    lines += ["", "## Musical statistics of the samples (first 8 bars of the chorales for val and train)", "",
+              "Each cell: the samples' mean ± its standard error; ✓ where it lies no farther from the validation "
+              "chorales' mean than the training chorales' mean does (the floor) or within 2 standard errors of it.", "",
+              "| statistic | validation | training (floor) | " + " | ".join(r["model"] for r in rows) + " |",
+              "|---|---|---|" + "---|" * len(rows)]
+    for key in STATS:
+        cells = []
+        for r in rows:
+            s, ok = r["statistics"]["samples"][key], r["within_floor"][key]["met"]
+            cells.append(f"{fmt(s['mean'])} ± {fmt(s['se'])} {'✓' if ok else '✗'}")
+        lines.append(f"| {key} | {fmt(val[key]['mean'])} ± {fmt(val[key]['se'])} | {fmt(train[key]['mean'])} "
+                     f"(floor {fmt(abs(train[key]['mean'] - val[key]['mean']))}) | " + " | ".join(cells) + " |")
+    verdicts = []
+    for r in rows:
+        within = sum(f["met"] for f in r["within_floor"].values())
+        verdicts.append(f"{r['model']} {within}/4 **{'met' if within >= TARGET_STATS else 'missed'}**")
+    lines += ["", f"Target: {TARGET_STATS} of 4 within the floor or 2 standard errors: {', '.join(verdicts)}."]
+    lines += ["", "## Novelty", "",
+              "| model | longest copy (notes, mean / max) | 8-note runs found in training |", "|---|---|---|"]
+    for r in rows:
+        met = r["metrics"]
+        lines.append(f"| {r['model']} | {fmt(met['longest_copy_notes'], 1)} / {met['longest_copy_notes_max']} | "
+                     f"{fmt(met['copied_8gram_share'])} |")
+    met = first["metrics"]
+    lines.append(f"| validation chorales | {fmt(met['val_longest_copy_notes'], 1)} | "
+                 f"{fmt(met['val_copied_8gram_share'])} |")
+    lines += ["", "## Timings, as ratios", ""]
+    gpt = by.get("gpt", {}).get("train_tokens_per_s")
+    ngram = by.get("ngram", {}).get("metrics", {}).get("tokens_per_s")
+    lines += ["| model | training tokens/s over the gpt's | sampling tokens/s over the n-gram's |", "|---|---|---|"]
+    for r in rows:
+        train_ratio = r["train_tokens_per_s"] / gpt if gpt and r["train_tokens_per_s"] else None
+        sample_ratio = r["metrics"]["tokens_per_s"] / ngram if ngram else None
+        lines.append(f"| {r['model']} | {fmt(train_ratio, 2)} | {fmt(sample_ratio, 2)} |")
+    lines += ["", f"Corpus parse: {result['chorales']} chorales in {result['parse_s']:.0f} s (0 when cached)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
