@@ -554,7 +554,7 @@ def check_options(modality: Modality, options: dict, kind: str) -> None:
         if not owners:
             raise BadRequest(f"unknown option {key!r}")
         raise BadRequest(f"{flag} does not apply to {modality.NAME} runs ({flag.split(' ')[0]} applies to "
-                         f"{' and '.join(owners)} runs)")
+                         f"{' and '.join([', '.join(owners[:-1]), owners[-1]] if len(owners) > 2 else owners)} runs)")
 
 
 def generation_defaults(run: str) -> dict:
