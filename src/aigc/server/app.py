@@ -243,6 +243,20 @@ def create_app(config: ServerConfig) -> FastAPI:
             data.append(datum)
         return {"id": ids[0], "generation_id": ids[0], "created": int(time.time()), "data": data, "model": body.model}
 
+    async def saved_generation(request: Request, path: Path, options: dict, seed, requested: dict,
+                               key_id: str | None) -> tuple[str, object, list[str]]:
+        """A generation whose files are written under its id in the generations folder, then recorded: music and
+        clips (its id, the generation, its files)."""
+        def work(emit, cancel):
+            generation = service.generate(str(path), options, seed=seed, cancel=cancel)
+            gen_id = new_id("gen")
+            files = service.save(generation, store.generations_dir() / gen_id)
+            service.record(generation, db, source=source(request), request=requested, files=files, key_id=key_id,
+                           ids=[gen_id])
+            return gen_id, generation, files
+
+        return await (await start(request, work)).result()
+
     @app.post("/v1/audio/generations", response_model=schemas.AudioResponse, summary="compose music (MIDI and WAV)")
     async def audio(body: schemas.AudioRequest, request: Request, key_id: str | None = Depends(caller)):
         modality, path = model_path(body.model)
@@ -252,15 +266,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                    "top_p": body.top_p}
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
-        def work(emit, cancel):
-            generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
-            gen_id = new_id("gen")
-            files = service.save(generation, store.generations_dir() / gen_id)
-            service.record(generation, db, source=source(request), request=requested, files=files, key_id=key_id,
-                           ids=[gen_id])
-            return gen_id, generation, files
-
-        gen_id, generation, files = await (await start(request, work)).result()
+        gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
         data = []
         for i, output in enumerate(generation.outputs):
             stem = Path(files[4 * i]).with_suffix("")  # NNN.mid, NNN.wav, NNN.png, NNN.json per piece
@@ -284,15 +290,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                    "steps": body.steps, "eta": body.eta, "guidance_scale": body.guidance_scale}
         requested = {"endpoint": "videos", **body.model_dump(exclude_none=True)}
 
-        def work(emit, cancel):
-            generation = service.generate(str(path), options, seed=body.seed, cancel=cancel)
-            gen_id = new_id("gen")
-            files = service.save(generation, store.generations_dir() / gen_id)
-            service.record(generation, db, source=source(request), request=requested, files=files, key_id=key_id,
-                           ids=[gen_id])
-            return gen_id, generation, files
-
-        gen_id, generation, files = await (await start(request, work)).result()
+        gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
         data = [{"index": i, "frames": len(clip), "record": rec,
                  "gif_b64": base64.b64encode(Path(files[i]).read_bytes()).decode()}
                 for i, (clip, rec) in enumerate(zip(generation.outputs, generation.record["clips"], strict=True))]
