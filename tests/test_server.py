@@ -482,7 +482,7 @@ def test_load_at_twice_the_capacity_then_sigterm(tmp_path, served):
             async with httpx.AsyncClient(timeout=60) as client:
                 tasks = [asyncio.create_task(one(client, seed)) for seed in range(n)]
                 if then is not None:
-                    await then()
+                    await then(tasks)
                 return await asyncio.gather(*tasks)
 
         answers = asyncio.run(storm(32))
@@ -491,9 +491,11 @@ def test_load_at_twice_the_capacity_then_sigterm(tmp_path, served):
         assert all(retry and int(retry) > 0 and "busy" in body["error"]["message"]
                    for code, retry, body in answers if code == 503)
 
-        async def terminate():
-            deadline = time.monotonic() + 60  # a bound: the test fails rather than waits for ever
-            while httpx.get(f"{url}/health").json()["generating"] == 0:
+        async def terminate(tasks):
+            # under load: once a generation is seen in flight, or one is already answered (a fast model can finish
+            # between two looks); the test fails rather than waits for ever
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health").json()["generating"] == 0 and not any(t.done() for t in tasks):
                 assert time.monotonic() < deadline, "no generation was seen in flight within 60 s"
                 await asyncio.sleep(0.005)
             proc.send_signal(signal.SIGTERM)
