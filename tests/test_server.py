@@ -513,8 +513,9 @@ def test_load_at_twice_the_capacity_then_sigterm(tmp_path, served):
 
 def test_streamed_text_is_delivered_at_most_once_an_interval_and_nothing_is_lost():
     """The mailbox between decoding threads and the event loop: the first piece goes at once, then the pieces
-    that come within an interval share one delivery, each job's in order; with no interval each post is its
-    own wake-up (or merged with those already waiting)."""
+    that come within an interval share one delivery, each job's in order; a job's end goes at once, without
+    waiting for the interval; with no interval each post is its own wake-up (or merged with those already
+    waiting)."""
     import asyncio
 
     from aigc.server.app import Mailbox
@@ -533,13 +534,15 @@ def test_streamed_text_is_delivered_at_most_once_an_interval_and_nothing_is_lost
             deliver()
 
         box._deliver = counted
-        t0 = time.monotonic()
+        t0, ended = time.monotonic(), []
 
         def worker():
             for i in range(60):  # 60 tokens for each of two jobs, one every 5 ms: 0.3 s
                 for j, job in enumerate(jobs):
                     box.post(job, "text", f"{j}:{i},")
                 time.sleep(0.005)
+            time.sleep(0.03)  # within the interval of the last delivery of text
+            ended.append(time.monotonic() - t0)
             for job in jobs:
                 box.post(job, "done", None)
 
@@ -550,14 +553,16 @@ def test_streamed_text_is_delivered_at_most_once_an_interval_and_nothing_is_lost
             while (event := await job.events.get())[0] == "text":
                 texts[j] += event[1]
         thread.join()
-        return [t - t0 for t in deliveries], texts
+        return [t - t0 for t in deliveries], texts, ended[0]
 
     for interval in (0.1, 0.0):
-        deliveries, texts = asyncio.run(scenario(interval))
+        deliveries, texts, ended = asyncio.run(scenario(interval))
         assert texts == {j: "".join(f"{j}:{i}," for i in range(60)) for j in (0, 1)}
         assert deliveries[0] < 0.05  # the first piece does not wait for the interval
         if interval:
-            assert all(b - a >= interval * 0.9 for a, b in zip(deliveries, deliveries[1:], strict=False))
-            assert len(deliveries) <= 6  # 0.3 s of tokens in 0.1 s intervals, and the last events
+            text_deliveries = [t for t in deliveries if t < ended]
+            assert all(b - a >= interval * 0.9 for a, b in zip(text_deliveries, text_deliveries[1:], strict=False))
+            assert len(deliveries) <= 7  # 0.3 s of tokens in 0.1 s intervals, and the ends
+            assert deliveries[-1] - ended < 0.05  # the ends go at once, not an interval after the last text
         else:
             assert len(deliveries) > 20  # one a post, less what the loop merged while it was busy

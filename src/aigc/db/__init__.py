@@ -80,7 +80,8 @@ def create_engine(url: str) -> sa.Engine:
 def _connect(dbapi_connection, connection_record) -> None:
     dbapi_connection.isolation_level = None  # sqlite3 emits no BEGIN of its own: _begin does
     cursor = dbapi_connection.cursor()
-    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_S * 1000}", "foreign_keys = ON", "journal_mode = WAL"):
+    for pragma in (f"busy_timeout = {BUSY_TIMEOUT_S * 1000}", "foreign_keys = ON", "journal_mode = WAL",
+                   "synchronous = NORMAL"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 

@@ -458,7 +458,9 @@ class Mailbox:
     here: a delivery takes all that came since the last one, and a job's consecutive pieces of text become one
     (a stream's chunks then carry one or more tokens each; their concatenation is the same). The first event
     after a quiet interval goes at once (a lone request's first token does not wait); vLLM's `stream_interval`
-    makes the same trade."""
+    makes the same trade. A job's end ("done" or "error") goes at once, with everything waiting: its client has
+    its text and waits only for the end (a closed-loop client's next request, and the batch row it fills, wait
+    on it too)."""
 
     _boxes: dict[tuple[int, float], Mailbox] = {}
 
@@ -476,10 +478,11 @@ class Mailbox:
     def post(self, job: Job, kind: str, value) -> None:
         with self._lock:
             self._pending.append((job, kind, value))
-            if self._scheduled:
+            urgent = kind != "text"
+            if self._scheduled and not urgent:
                 return
             self._scheduled = True
-            wait = self._last + self.interval_s - time.monotonic()
+            wait = 0.0 if urgent else self._last + self.interval_s - time.monotonic()
         if wait > 0:
             self.loop.call_soon_threadsafe(self.loop.call_later, wait, self._deliver)
         else:
@@ -487,6 +490,8 @@ class Mailbox:
 
     def _deliver(self) -> None:
         with self._lock:
+            if not self._pending:  # an urgent delivery took them; a later post has scheduled its own
+                return
             pending, self._pending, self._scheduled, self._last = self._pending, [], False, time.monotonic()
         merged: dict[Job, list] = {}
         for job, kind, value in pending:
