@@ -282,6 +282,9 @@ def test_the_api_makes_clips_as_gifs(one_thread):
         assert base64.b64decode(made["sheet_b64"])[:4] == b"\x89PNG"
         assert [d["gif_b64"] for d in again.json()["data"]] == [d["gif_b64"] for d in made["data"]]
         assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        stored = client.get(made["data"][1]["gif_url"])  # the same file, kept in the store and served
+        assert stored.headers["content-type"] == "image/gif" and stored.content == gif
+        assert client.get(made["sheet_url"]).content == base64.b64decode(made["sheet_b64"])
         wrong = client.post("/v1/images/generations", json={"model": "pred"})
         assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
         refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})
