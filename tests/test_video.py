@@ -255,6 +255,7 @@ def test_clip_generators_reuse_the_image_families(family, tmp_path, one_thread):
     assert m["frame_fid"] >= 0 and m["frame_fid_floor"] >= 0
     assert 0 <= m["class_consistency"] <= 1 and 0 <= m["class_accuracy"] <= 1
     assert m["class_consistency_floor"] >= 0.5  # real clips keep their class from frame to frame
+    assert m["clip_fd"] >= 0 and m["clip_fd_floor"] >= 0 and result["clip_net"]["order_accuracy"] >= 0
 
 
 def test_the_api_makes_clips_as_gifs(one_thread):
@@ -289,3 +290,55 @@ def test_the_api_makes_clips_as_gifs(one_thread):
         assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
         refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})
         assert refused.status_code == 400 and "--steps does not apply to simvp" in refused.text
+
+
+def test_the_simvp_ssim_term_is_the_evaluations_ssim_and_has_gradients():
+    from aigc.models.simvp import SimVP, SimVPConfig, frame_ssim
+
+    gen = torch.Generator().manual_seed(0)
+    pred = (torch.rand(3, 4, 16, 16, generator=gen) * 2 - 1).requires_grad_()
+    truth = torch.rand(3, 4, 16, 16, generator=gen) * 2 - 1
+    ssim = frame_ssim(pred, truth, 1)
+    oracle = vm.prediction_metrics(((pred.detach() + 1) / 2)[:, :, None], ((truth + 1) / 2)[:, :, None])["ssim"]
+    assert ssim.item() == pytest.approx(oracle, abs=1e-5)
+    ssim.backward()
+    assert pred.grad.abs().sum() > 0
+    model = SimVP(SimVPConfig(hid_s=8, hid_t=16, n_t=1, ssim=0.5), (1, 16, 16), 2, 2)
+    out = model(truth)
+    assert out["loss"].item() == pytest.approx((out["mse"] + out["mae"] + 0.5 * (1 - out["ssim"])).item(), rel=1e-6)
+
+
+def test_reordered_clips_are_frozen_or_shuffled_copies():
+    from aigc.evaluate.clipnet import reorder
+
+    clips = v.named_clips("moving-digits", "test", 30, 0, v.VideoDataConfig(frames=6, size=24)).clips
+    out, order = reorder(clips, np.random.default_rng(0))
+    assert set(order) == {0, 1, 2}
+    for clip, new, o in zip(clips, out, order, strict=True):
+        if o == 0:
+            assert np.array_equal(new, clip)
+        elif o == 1:
+            assert all(np.array_equal(frame, clip[0]) for frame in new)
+        else:  # the same frames, in another order
+            assert sorted(f.tobytes() for f in new) == sorted(f.tobytes() for f in clip)
+
+
+def test_the_clip_net_learns_class_and_time_order_and_its_distance_tells_still_clips_from_real(one_thread):
+    from aigc.evaluate import clipnet
+    from aigc.evaluate.images import fid_from_features
+
+    cfg = v.VideoDataConfig(frames=8, size=24)
+    net, info = clipnet.clip_net("moving-digits", cfg)
+    assert info["cached"] is False and info["order_accuracy"] > 0.9 and info["class_accuracy"] > 0.3  # chance: 0.1
+    again, info2 = clipnet.clip_net("moving-digits", cfg)
+    pairs = zip(net.state_dict().values(), again.state_dict().values(), strict=True)
+    assert info2["cached"] is True and all(torch.equal(a, b) for a, b in pairs)
+    real = v.named_clips("moving-digits", "test", 100, 0, cfg).clips
+    other = v.named_clips("moving-digits", "train", 100, 1, cfg).clips
+    still = other.copy()
+    still[:] = other[:, :1]  # each clip's first frame held: the right objects, no motion
+    f_real = clipnet.clip_features(net, real)
+    floor = fid_from_features(f_real, clipnet.clip_features(net, other))
+    assert floor < fid_from_features(f_real, clipnet.clip_features(net, still))
+    with pytest.raises(ValueError, match="like the clip net's training clips"):
+        clipnet.clip_features(net, real[:, :4])
