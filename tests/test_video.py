@@ -342,3 +342,31 @@ def test_the_clip_net_learns_class_and_time_order_and_its_distance_tells_still_c
     assert floor < fid_from_features(f_real, clipnet.clip_features(net, still))
     with pytest.raises(ValueError, match="like the clip net's training clips"):
         clipnet.clip_features(net, real[:, :4])
+
+
+def test_a_video_battle_sets_clip_generators_against_each_other(one_thread):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+    from aigc.store import runs_dir
+
+    _train("simvp", "pred", val_clips="4")
+    for name in ("gen-a", "gen-b"):
+        _train("vae", name, val_clips="4")
+    home = runs_dir().parent
+    app_ = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app_) as client:
+        for _ in range(3):  # the predictor has no rival of its own job: never drawn
+            battle = client.post("/v1/arena/battles", json={"modality": "video", "seed": 1})
+            assert battle.status_code == 200, battle.text
+            b = battle.json()
+            assert len(b["left"]["clips"]) == 1 and b["left"]["sheet"].endswith("/sheet.png")
+            assert client.get(b["left"]["clips"][0]["gif"]).content[:6] == b"GIF89a"
+        voted = client.post(f"/v1/arena/battles/{b['id']}/vote", json={"winner": "left"}).json()
+        assert {voted["left"]["run"], voted["right"]["run"]} == {"gen-a", "gen-b"}
+        board = client.get("/v1/arena/leaderboard", params={"modality": "video"}).json()
+        assert [r["run"] for r in board["data"]][0] == voted["left"]["run"]
+        replay = client.get(f"/v1/generations/{b['left']['generation_id']}/replay").json()
+        assert replay["endpoint"] == "/v1/videos/generations" and replay["body"]["n"] == 1
+        again = client.post(replay["endpoint"], json=replay["body"]).json()
+        assert client.get(again["data"][0]["gif_url"]).content == client.get(b["left"]["clips"][0]["gif"]).content

@@ -431,7 +431,9 @@ def _opponents(root: Path, modality: str, prompt: str | None, models: list[str] 
     if modality == "video" and not models:  # clips against clips, predictions against predictions
         jobs_of = {r["name"]: store.read_run(Path(r["path"])).get("job") for r in runs}
         paired = [job for job in sorted(set(jobs_of.values())) if sum(j == job for j in jobs_of.values()) >= 2]
-        runs = [r for r in runs if jobs_of[r["name"]] in paired[:1]] if paired else runs
+        if paired:  # a job with two runs or more, at random
+            job = random.SystemRandom().choice(paired)
+            runs = [r for r in runs if jobs_of[r["name"]] == job]
     if len({r["name"] for r in runs}) < 2:
         what = f"that can draw class {prompt!r}" if modality in ("image", "video") and prompt else ""
         raise Conflict(f"the arena needs two finished {modality} runs {what}; there are {len(runs)} "
