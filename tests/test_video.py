@@ -370,3 +370,20 @@ def test_a_video_battle_sets_clip_generators_against_each_other(one_thread):
         assert replay["endpoint"] == "/v1/videos/generations" and replay["body"]["n"] == 1
         again = client.post(replay["endpoint"], json=replay["body"]).json()
         assert client.get(again["data"][0]["gif_url"]).content == client.get(b["left"]["clips"][0]["gif"]).content
+
+
+def test_frames_too_small_for_ssim_are_one_clear_error(tmp_path):
+    from aigc.models.simvp import SimVP, SimVPConfig
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    for name in ("a.gif", "b.gif"):
+        _gif(folder / name, [np.zeros((5, 5), dtype=np.uint8) + 40 * i for i in range(4)])
+    with pytest.raises(UserError, match=r"simvp: frames of 5x5 are too small to score: SSIM .* needs more than 5 "
+                                        r"pixels a side; give --set size=N"):
+        service.train("simvp", str(folder), name="tiny", max_steps=1, sets={"frames": "4", "context": "2",
+                                                                           "val_fraction": "0.5"})
+    assert not (Path(service.store.runs_dir()) / "tiny").exists()
+    with pytest.raises(ValueError, match="give --set ssim=0"):
+        SimVP(SimVPConfig(), (1, 5, 8), 2, 2)
+    SimVP(SimVPConfig(ssim=0.0), (1, 5, 8), 2, 2)  # the model alone is fine without the term

@@ -130,7 +130,13 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     if predicts(fam):
         if cfg.conditional:
             raise BadRequest(f"--conditional applies to clip generators (vae, diffusion), not the predictor {family}")
-        model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
+        if min(h, w) <= metrics_of.SSIM_MIN_SIDE:
+            raise BadRequest(f"{family}: frames of {h}x{w} are too small to score: SSIM (the evaluation's, and the "
+                             f"loss's) needs more than {metrics_of.SSIM_MIN_SIDE} pixels a side; give --set size=N")
+        try:
+            model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
+        except ValueError as e:
+            raise BadRequest(f"{family}: {e}") from None
         num_classes = 0
     else:
         num_classes = len(val.class_names) if cfg.conditional else 0

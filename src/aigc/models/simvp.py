@@ -49,7 +49,7 @@ class SimVPConfig:
     n_t: int = option(3, "residual conv blocks of the translator", min=1, max=32)
     l1: float = option(1.0, "weight of the mean absolute error added to the squared error in the loss: it drives "
                             "the empty background to exactly black, where SSIM and MAE are lost", min=0.0)
-    ssim: float = option(0.0, "weight of 1 - SSIM of the predicted frames added to the loss (the SSIM the "
+    ssim: float = option(1.0, "weight of 1 - SSIM of the predicted frames added to the loss (the SSIM the "
                               "evaluation reports: torchmetrics', 11x11 Gaussian window, sigma 1.5, on [0, 1])",
                          min=0.0)
 
@@ -86,6 +86,9 @@ class SimVP(nn.Module):
         channels, height, width = (int(s) for s in frame_shape)
         if context < 1 or future < 1:
             raise ValueError(f"a predictor needs context >= 1 and future >= 1 frames, got {context} and {future}")
+        if config.ssim > 0 and min(height, width) <= SSIM_WINDOW // 2:
+            raise ValueError(f"the SSIM term needs frames over {SSIM_WINDOW // 2} pixels a side, got {height}x{width}: "
+                             f"give --set ssim=0 or a larger --set size=N")
         self.config, self.frame_shape, self.context, self.future = config, (channels, height, width), context, future
         self.ema = None
         s, t, p = config.hid_s, config.hid_t, config.patch
@@ -165,6 +168,8 @@ def frame_ssim(prediction: Tensor, truth: Tensor, channels: int) -> Tensor:
     (2.85 s against 0.20 s for 16 clips of 20 x 64 x 64, one thread), and two 11-tap convs still 7x (oneDNN is
     slow on one-channel convs); tests/test_video.py checks it against torchmetrics."""
     n, fc, h, w = prediction.shape
+    if min(h, w) <= SSIM_WINDOW // 2:
+        raise ValueError(f"SSIM needs frames over {SSIM_WINDOW // 2} pixels a side, got {h}x{w}")
     x = ((prediction.float() + 1) / 2).reshape(n * fc, h, w)  # every frame's every channel alone, in [0, 1]
     y = ((truth.float() + 1) / 2).reshape(n * fc, h, w)
     stack = torch.cat([x, y, x * x, y * y, x * y])  # (5 * N * F * C, H, W)
