@@ -27,7 +27,7 @@ def asked() -> set[str]:
     options |= {o for fam in FAMILIES.values() for o in fam.sampler_options} | {"seed"}
     keys |= {f"opt.{o}" for o in options}
     keys |= {f"status.{s}" for s in ("running", "done", "failed", "interrupted")}
-    keys |= {f"modality.{m}" for m in ("text", "image", "series", "music")}
+    keys |= {f"modality.{m}" for m in ("text", "image", "series", "music", "video")}
     keys |= {f"nav.{p}" for p in re.findall(r"^pages\.(\w+) =", app, flags=re.M)}
     keys |= {f"arena.{w}" for w in ("left", "right", *schemas.VoteRequest.model_fields["winner"].annotation.__args__)}
     keys |= {f"train.{p}" for p in (*workbench.PRESETS, "custom")}

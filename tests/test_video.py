@@ -255,6 +255,7 @@ def test_clip_generators_reuse_the_image_families(family, tmp_path, one_thread):
     assert m["frame_fid"] >= 0 and m["frame_fid_floor"] >= 0
     assert 0 <= m["class_consistency"] <= 1 and 0 <= m["class_accuracy"] <= 1
     assert m["class_consistency_floor"] >= 0.5  # real clips keep their class from frame to frame
+    assert m["clip_fd"] >= 0 and m["clip_fd_floor"] >= 0 and result["clip_net"]["order_accuracy"] >= 0
 
 
 def test_the_api_makes_clips_as_gifs(one_thread):
@@ -282,7 +283,107 @@ def test_the_api_makes_clips_as_gifs(one_thread):
         assert base64.b64decode(made["sheet_b64"])[:4] == b"\x89PNG"
         assert [d["gif_b64"] for d in again.json()["data"]] == [d["gif_b64"] for d in made["data"]]
         assert client.get(f"/v1/generations/{made['generation_id']}").status_code == 200
+        stored = client.get(made["data"][1]["gif_url"])  # the same file, kept in the store and served
+        assert stored.headers["content-type"] == "image/gif" and stored.content == gif
+        assert client.get(made["sheet_url"]).content == base64.b64decode(made["sheet_b64"])
         wrong = client.post("/v1/images/generations", json={"model": "pred"})
         assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
         refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})
         assert refused.status_code == 400 and "--steps does not apply to simvp" in refused.text
+
+
+def test_the_simvp_ssim_term_is_the_evaluations_ssim_and_has_gradients():
+    from aigc.models.simvp import SimVP, SimVPConfig, frame_ssim
+
+    gen = torch.Generator().manual_seed(0)
+    pred = (torch.rand(3, 4, 16, 16, generator=gen) * 2 - 1).requires_grad_()
+    truth = torch.rand(3, 4, 16, 16, generator=gen) * 2 - 1
+    ssim = frame_ssim(pred, truth, 1)
+    oracle = vm.prediction_metrics(((pred.detach() + 1) / 2)[:, :, None], ((truth + 1) / 2)[:, :, None])["ssim"]
+    assert ssim.item() == pytest.approx(oracle, abs=1e-5)
+    ssim.backward()
+    assert pred.grad.abs().sum() > 0
+    model = SimVP(SimVPConfig(hid_s=8, hid_t=16, n_t=1, ssim=0.5), (1, 16, 16), 2, 2)
+    out = model(truth)
+    assert out["loss"].item() == pytest.approx((out["mse"] + out["mae"] + 0.5 * (1 - out["ssim"])).item(), rel=1e-6)
+
+
+def test_reordered_clips_are_frozen_or_shuffled_copies():
+    from aigc.evaluate.clipnet import reorder
+
+    clips = v.named_clips("moving-digits", "test", 30, 0, v.VideoDataConfig(frames=6, size=24)).clips
+    out, order = reorder(clips, np.random.default_rng(0))
+    assert set(order) == {0, 1, 2}
+    for clip, new, o in zip(clips, out, order, strict=True):
+        if o == 0:
+            assert np.array_equal(new, clip)
+        elif o == 1:
+            assert all(np.array_equal(frame, clip[0]) for frame in new)
+        else:  # the same frames, in another order
+            assert sorted(f.tobytes() for f in new) == sorted(f.tobytes() for f in clip)
+
+
+def test_the_clip_net_learns_class_and_time_order_and_its_distance_tells_still_clips_from_real(one_thread):
+    from aigc.evaluate import clipnet
+    from aigc.evaluate.images import fid_from_features
+
+    cfg = v.VideoDataConfig(frames=8, size=24)
+    net, info = clipnet.clip_net("moving-digits", cfg)
+    assert info["cached"] is False and info["order_accuracy"] > 0.9 and info["class_accuracy"] > 0.3  # chance: 0.1
+    again, info2 = clipnet.clip_net("moving-digits", cfg)
+    pairs = zip(net.state_dict().values(), again.state_dict().values(), strict=True)
+    assert info2["cached"] is True and all(torch.equal(a, b) for a, b in pairs)
+    real = v.named_clips("moving-digits", "test", 100, 0, cfg).clips
+    other = v.named_clips("moving-digits", "train", 100, 1, cfg).clips
+    still = other.copy()
+    still[:] = other[:, :1]  # each clip's first frame held: the right objects, no motion
+    f_real = clipnet.clip_features(net, real)
+    floor = fid_from_features(f_real, clipnet.clip_features(net, other))
+    assert floor < fid_from_features(f_real, clipnet.clip_features(net, still))
+    with pytest.raises(ValueError, match="like the clip net's training clips"):
+        clipnet.clip_features(net, real[:, :4])
+
+
+def test_a_video_battle_sets_clip_generators_against_each_other(one_thread):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+    from aigc.store import runs_dir
+
+    _train("simvp", "pred", val_clips="4")
+    for name in ("gen-a", "gen-b"):
+        _train("vae", name, val_clips="4")
+    home = runs_dir().parent
+    app_ = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app_) as client:
+        for _ in range(3):  # the predictor has no rival of its own job: never drawn
+            battle = client.post("/v1/arena/battles", json={"modality": "video", "seed": 1})
+            assert battle.status_code == 200, battle.text
+            b = battle.json()
+            assert len(b["left"]["clips"]) == 1 and b["left"]["sheet"].endswith("/sheet.png")
+            assert client.get(b["left"]["clips"][0]["gif"]).content[:6] == b"GIF89a"
+        voted = client.post(f"/v1/arena/battles/{b['id']}/vote", json={"winner": "left"}).json()
+        assert {voted["left"]["run"], voted["right"]["run"]} == {"gen-a", "gen-b"}
+        board = client.get("/v1/arena/leaderboard", params={"modality": "video"}).json()
+        assert [r["run"] for r in board["data"]][0] == voted["left"]["run"]
+        replay = client.get(f"/v1/generations/{b['left']['generation_id']}/replay").json()
+        assert replay["endpoint"] == "/v1/videos/generations" and replay["body"]["n"] == 1
+        again = client.post(replay["endpoint"], json=replay["body"]).json()
+        assert client.get(again["data"][0]["gif_url"]).content == client.get(b["left"]["clips"][0]["gif"]).content
+
+
+def test_frames_too_small_for_ssim_are_one_clear_error(tmp_path):
+    from aigc.models.simvp import SimVP, SimVPConfig
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    for name in ("a.gif", "b.gif"):
+        _gif(folder / name, [np.zeros((5, 5), dtype=np.uint8) + 40 * i for i in range(4)])
+    with pytest.raises(UserError, match=r"simvp: frames of 5x5 are too small to score: SSIM .* needs more than 5 "
+                                        r"pixels a side; give --set size=N"):
+        service.train("simvp", str(folder), name="tiny", max_steps=1, sets={"frames": "4", "context": "2",
+                                                                           "val_fraction": "0.5"})
+    assert not (Path(service.store.runs_dir()) / "tiny").exists()
+    with pytest.raises(ValueError, match="give --set ssim=0"):
+        SimVP(SimVPConfig(), (1, 5, 8), 2, 2)
+    SimVP(SimVPConfig(ssim=0.0), (1, 5, 8), 2, 2)  # the model alone is fine without the term

@@ -553,6 +553,10 @@ def eval_(
             print(f"{key:>8} {result['metrics'][key]:>10.4f} " + " ".join(f"{f[key]:>11.4f}" for f in floors.values()))
         print(f"{result['clips']} validation clips; beats every floor on every metric: "
               f"{'yes' if result['metrics']['beats_floors'] else 'no'}", file=sys.stderr)
+    elif "clip_net" in result:  # a clip generator: the clip net its clip-level distance is measured in
+        net = result["clip_net"]
+        print(f"{result['clips']} clips against as many validation clips; clip net: class accuracy "
+              f"{net['class_accuracy']:.3f}, time-order accuracy {net['order_accuracy']:.3f}", file=sys.stderr)
     elif "statistics" in result:  # a music run: each statistic of the samples beside the pieces'
         stats, floors = result["statistics"], result["within_floor"]
         print(f"{'statistic':>20} {'samples':>8} {'val':>8} {'train':>8}  within the floor or 2 SE")

@@ -495,7 +495,7 @@ def chat_prompt(messages: list[dict]) -> str:
 def record(generation: Generation, db: Store, *, source: str, request: dict, files: list[str] | None = None,
            key_id: str | None = None, ids: list[str] | None = None) -> list[str]:
     """Store a generation (aigc.db): one row for text, series and music, one row per image (its PNG is written into
-    $AIGC_HOME/generations/ when `files` does not say where it already is; music: its pieces' files, into
+    $AIGC_HOME/generations/ when `files` does not say where it already is; music and video: their files, into
     generations/<id>/), with what best-of-n reranking chose
     (`rerank`: best_of, candidates, chosen, scores; an image's row: its own). Returns the generation ids (`ids`:
     drawn beforehand, e.g. for a stream whose chunks carry the id)."""
@@ -523,7 +523,7 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                                           rerank=one, **common))
         return made
     gen_id = ids[0] if ids else new_id("gen")
-    if generation.modality == "music" and files is None:  # its MIDI, WAV and piano rolls, as an image's PNG
+    if generation.modality in ("music", "video") and files is None:  # its files (MIDI, WAV, rolls; GIFs, sheet)
         files = save(generation, store.generations_dir() / gen_id)
     stats = generation.record.get("stats", {})
     output = generation.outputs if generation.modality == "text" else \

@@ -25,6 +25,7 @@ from torch import Tensor
 FLOORS = ("copy_last", "black", "mean_frame")
 METRICS = ("mse", "mae", "psnr", "ssim")
 BETTER = {"mse": "lower", "mae": "lower", "psnr": "higher", "ssim": "higher"}
+SSIM_MIN_SIDE = 5  # torchmetrics' SSIM pads a frame by 5 pixels by reflection: a side must be longer
 
 
 def prediction_metrics(pred: Tensor, truth: Tensor) -> dict:

@@ -31,6 +31,7 @@ from aigc.data.images import load_images, save_png
 from aigc.data.images import to_tensor as to_image_tensor
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
+from aigc.evaluate import clipnet
 from aigc.evaluate import video as metrics_of
 from aigc.evaluate.images import extract_features, feature_net, fid_from_features
 from aigc.fsutil import write_json
@@ -129,7 +130,13 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     if predicts(fam):
         if cfg.conditional:
             raise BadRequest(f"--conditional applies to clip generators (vae, diffusion), not the predictor {family}")
-        model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
+        if min(h, w) <= metrics_of.SSIM_MIN_SIDE:
+            raise BadRequest(f"{family}: frames of {h}x{w} are too small to score: SSIM (the evaluation's, and the "
+                             f"loss's) needs more than {metrics_of.SSIM_MIN_SIDE} pixels a side; give --set size=N")
+        try:
+            model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
+        except ValueError as e:
+            raise BadRequest(f"{family}: {e}") from None
         num_classes = 0
     else:
         num_classes = len(val.class_names) if cfg.conditional else 0
@@ -421,10 +428,13 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                               **{f"{k}_real": x for k, x in metrics_of.motion(val.clips[:n]).items()},
                               "clips_per_s": clips_per_s}}
         source = record["data"]["train"]["source"]
-        if source in v.NAMED_VIDEOS and loaded.configs["data"].objects == 1:
-            windows = window_scores(source, made, labels, val, loaded.configs["data"])
-            result["metrics"].update(windows["metrics"])
-            result["feature_net"] = windows["feature_net"]
+        cfg = loaded.configs["data"]
+        if source in v.NAMED_VIDEOS and cfg.objects == 1:
+            real_train = v.named_clips(source, "train", n, cfg.split_seed + 1, cfg).clips  # the floors' real clips
+            windows = window_scores(source, made, labels, val, real_train)
+            clips = clip_scores(source, made, val.clips[:n], real_train, cfg)
+            result["metrics"].update({**windows["metrics"], **clips["metrics"]})
+            result["feature_net"], result["clip_net"] = windows["feature_net"], clips["clip_net"]
     write_json(Path(run_dir) / "eval.json", result)
     return result
 
@@ -442,16 +452,15 @@ def sample_clips(loaded: LoadedVideo, n: int) -> tuple[np.ndarray, np.ndarray | 
 
 
 def window_scores(source: str, made: np.ndarray, labels: np.ndarray | None, val: v.Clips,
-                  cfg: v.VideoDataConfig) -> dict:
+                  real_train: np.ndarray) -> dict:
     """Per-frame FID and class consistency of one-object clips, on the window of the object's size around each
     frame's brightness centre (made and real clips cut the same way), in the features of the image metrics' net
     trained on the image set's training split (aigc.evaluate.images, cached). The floors: fresh training clips
-    against the validation clips, cut and scored the same way."""
+    (`real_train`, as many) against the validation clips, cut and scored the same way."""
     named = v.NAMED_VIDEOS[source]
     train_images = load_images(named.images, split="train")
     side = train_images.height * named.scale
     n = len(made)
-    real_train = v.named_clips(source, "train", n, cfg.split_seed + 1, cfg).clips
 
     def frames(clips: np.ndarray) -> torch.Tensor:  # (N, T, ...) -> windows (N * T, 1, h, w) at the set's size
         w = metrics_of.object_windows(clips, side)
@@ -474,3 +483,16 @@ def window_scores(source: str, made: np.ndarray, labels: np.ndarray | None, val:
     if labels is not None:
         metrics["class_accuracy"] = float((fake_classes == labels[:, None]).mean())  # the frames of the asked class
     return {"metrics": metrics, "feature_net": {k: info.get(k) for k in ("kind", "test_accuracy", "cached")}}
+
+
+def clip_scores(source: str, made: np.ndarray, real: np.ndarray, real_train: np.ndarray,
+                cfg: v.VideoDataConfig) -> dict:
+    """The clip-level Fréchet distance (an FVD made here): made clips against as many validation clips, in the
+    features of the clip net of the set (aigc.evaluate.clipnet: a tiny 3D-conv net trained here on the object's
+    class and the clip's time order, cached); its floor: fresh training clips against the same validation clips."""
+    net, info = clipnet.clip_net(source, cfg, progress=True)
+    f_real, f_made, f_floor = (clipnet.clip_features(net, x) for x in (real, made, real_train))
+    return {"metrics": {"clip_fd": fid_from_features(f_real, f_made), "clip_fd_floor": fid_from_features(f_real,
+                                                                                                          f_floor)},
+            "clip_net": {k: info.get(k) for k in ("class_accuracy", "order_accuracy", "steps", "stopped_early",
+                                                  "cached")}}

@@ -40,8 +40,10 @@ ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text}
     400: "invalid request", 401: "missing or wrong API key", 404: "no such model or generation",
     409: "the run is not ready (still training)", 413: "request body over the cap", 429: "rate limit",
     500: "error inside a model", 503: "queue full (Retry-After)", 507: "the server's disk is full"}.items()}
-# the files in a generation's folder that the API serves (a music generation's pieces), with their media types
-GENERATION_FILES = {".wav": "audio/wav", ".mid": "audio/midi", ".png": "image/png", ".json": "application/json"}
+# the files in a generation's folder that the API serves (a music generation's pieces, a video generation's clips and
+# frame sheet), with their media types
+GENERATION_FILES = {".wav": "audio/wav", ".mid": "audio/midi", ".png": "image/png", ".json": "application/json",
+                    ".gif": "image/gif"}
 # which modality an endpoint field belongs to, for the message about a field sent to the wrong endpoint
 FIELD_OWNERS = {**{f: "video" for f in schemas.VideoRequest.model_fields},  # first: the others own shared fields
                 **{f: "music" for f in schemas.AudioRequest.model_fields},
@@ -291,12 +293,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         requested = {"endpoint": "videos", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
-        data = [{"index": i, "frames": len(clip), "record": rec,
+        def url(name: str) -> str:
+            return str(request.url_for("generation_files", generation_id=gen_id, name=name))
+
+        data = [{"index": i, "frames": len(clip), "record": rec, "gif_url": url(Path(files[i]).name),
                  "gif_b64": base64.b64encode(Path(files[i]).read_bytes()).decode()}
                 for i, (clip, rec) in enumerate(zip(generation.outputs, generation.record["clips"], strict=True))]
+        sheet = Path(generation.extra["sheet"])
         return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": body.model,
                 "seed": generation.record["settings"]["seed"], "job": generation.record["settings"]["job"],
-                "sheet_b64": base64.b64encode(Path(generation.extra["sheet"]).read_bytes()).decode(), "data": data}
+                "sheet_b64": base64.b64encode(sheet.read_bytes()).decode(), "sheet_url": url(sheet.name), "data": data}
 
     @app.post("/v1/forecasts", response_model=schemas.ForecastResponse, summary="forecast a series run")
     async def forecasts(body: schemas.ForecastRequest, request: Request, key_id: str | None = Depends(caller)):
@@ -342,8 +348,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         return FileResponse(row["file"], media_type="image/png" if row["file"].endswith(".png") else None)
 
     @app.get("/v1/generations/{generation_id}/files/{name}", name="generation_files",
-             summary="one of the files a generation wrote into its folder (music: NNN.wav, NNN.mid, NNN.png)",
-             response_class=FileResponse, responses={200: {"content": {"audio/wav": {}, "audio/midi": {}}}})
+             summary="one of the files a generation wrote into its folder (music: NNN.wav, NNN.mid, NNN.png; "
+                     "video: NNN.gif, sheet.png)",
+             response_class=FileResponse, responses={200: {"content": {"audio/wav": {}, "audio/midi": {},
+                                                                       "image/gif": {}}}})
     def generation_files(generation_id: str, name: str, key_id: str | None = Depends(caller)):
         row = db.get_generation(generation_id)
         folder = Path(row["file"]).parent if row.get("file") else None

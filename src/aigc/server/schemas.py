@@ -183,7 +183,7 @@ class RatingRequest(Strict):
     index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
 
 
-ARENA_MODALITIES = ("text", "image", "music")
+ARENA_MODALITIES = ("text", "image", "music", "video")
 FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "ar"]  # = aigc.models.FAMILIES
 
 
@@ -216,9 +216,10 @@ class EvaluationRequest(Strict):
 
 
 class BattleRequest(Strict):
-    modality: Literal["text", "image", "music"] = "text"
-    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image: the "
-                                                                  "class both draw (conditional runs); music: none")
+    modality: Literal["text", "image", "music", "video"] = "text"
+    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image, video: "
+                                                                  "the class both draw (conditional runs); music: "
+                                                                  "none")
     seed: Seed | None = None
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=2, description="the two runs (default: drawn at random)")
@@ -349,6 +350,7 @@ class VideoDatum(BaseModel):
     index: int
     frames: int
     gif_b64: str  # the clip as a looping GIF, its record as the GIF comment
+    gif_url: str  # the same file, kept in the store: GET /v1/generations/{id}/files/NNN.gif
     record: dict  # the clip's generation record (run, seed, class, sampling options)
 
 
@@ -361,6 +363,7 @@ class VideoResponse(BaseModel):
     seed: int
     job: Literal["generate", "predict"]  # a predictor's clips are its validation context and the frames it predicted
     sheet_b64: str  # PNG frame sheet: a row per clip (a predictor's: the truth above each prediction)
+    sheet_url: str  # the same file, kept in the store: GET /v1/generations/{id}/files/sheet.png
     data: list[VideoDatum]
 
 

@@ -33,7 +33,8 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature")}
+         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature"),
+         "video": ("n", "steps", "guidance_scale")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -42,9 +43,10 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
     "music": ("n", "bars", "temperature", "top_k", "top_p"),
+    "video": ("n",),  # a diffusion clip generator adds its sampler options
 }
 REQUESTS = {"text": schemas.CompletionRequest, "image": schemas.ImageRequest, "series": schemas.ForecastRequest,
-            "music": schemas.AudioRequest}
+            "music": schemas.AudioRequest, "video": schemas.VideoRequest}
 PRESETS = {"quick": 2.0, "good": 10.0}  # training presets: minutes
 RUN_FILES = (".png", ".html", ".md", ".json", ".jsonl", ".csv", ".toml")  # a run's files the API serves
 PREVIEW_TEXT = {"n": 3, "max_new_tokens": 60}
@@ -131,8 +133,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         if signature in previews:
             return previews[signature]
         options = {"text": PREVIEW_TEXT, "image": {"n": 8}, "series": {"horizon": 24, "paths": 20},
-                   "music": {"n": 1, "bars": ARENA_BARS}}[modality]
-        if modality == "image" and store.read_run(path).get("num_classes"):
+                   "music": {"n": 1, "bars": ARENA_BARS}, "video": {"n": 2}}[modality]
+        if modality in ("image", "video") and store.read_run(path).get("num_classes"):
             options = {**options, "class_": "0"}
 
         def work(emit, cancel):
@@ -235,7 +237,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         seed = service.draw_seed(body.seed)
         options = {"text": {"prompt": body.prompt or "", "max_new_tokens": ARENA_TOKENS},
                    "image": {"n": 1, "class_": body.prompt or None},
-                   "music": {"n": 1, "bars": ARENA_BARS}}[body.modality]
+                   "music": {"n": 1, "bars": ARENA_BARS},
+                   "video": {"n": 1, "class_": body.prompt or None}}[body.modality]
         requested = {"endpoint": "arena", "modality": body.modality, "prompt": body.prompt, "seed": seed}
 
         def work(emit, cancel):
@@ -359,6 +362,15 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
             pictures.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
         return {"images": pictures}
+    if generation.modality == "video":
+        if request is not None and gen_id is not None:
+            return _clips(generation.record["clips"], request, gen_id)
+        with tempfile.TemporaryDirectory() as tmp:  # not recorded: the files travel in the answer
+            service.save(generation, Path(tmp))
+            return {"clips": [{"gif": _data_url(Path(tmp) / f"{i:03d}.gif", "image/gif"), "seed": rec["seed"]}
+                              for i, rec in enumerate(generation.record["clips"])],
+                    "sheet": _data_url(Path(tmp) / "sheet.png", "image/png"),
+                    "job": generation.record["settings"]["job"]}
     if generation.modality == "music":
         if request is not None and gen_id is not None:
             return {"pieces": _pieces(generation.outputs, request, gen_id)}
@@ -378,6 +390,16 @@ def _pieces(outputs: list[dict], request: Request, gen_id: str) -> list[dict]:
 
     return [{"wav": url(f"{i:03d}.wav"), "roll": url(f"{i:03d}.png"), "midi": url(f"{i:03d}.mid"),
              "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(outputs)]
+
+
+def _clips(records: list[dict], request: Request, gen_id: str) -> dict:
+    """A stored video generation's clips as a page plays them: the URLs of each clip's GIF and of the frame sheet
+    (GET /v1/generations/{id}/files/NNN.gif, sheet.png)."""
+    def url(name: str) -> str:
+        return str(request.url_for("generation_files", generation_id=gen_id, name=name))
+
+    return {"clips": [{"gif": url(f"{i:03d}.gif"), "seed": rec.get("seed")} for i, rec in enumerate(records)],
+            "sheet": url("sheet.png"), "job": "predict" if any("context" in rec for rec in records) else "generate"}
 
 
 def _data_url(path: Path, media_type: str) -> str:
@@ -404,10 +426,16 @@ def _opponents(root: Path, modality: str, prompt: str | None, models: list[str] 
         if missing:
             raise NotFound(f"no finished {modality} run {missing[0]!r} to battle")
         runs = [named[m] for m in models]
-    if modality == "image":
+    if modality in ("image", "video"):
         runs = [r for r in runs if _draws(Path(r["path"]), prompt)]
+    if modality == "video" and not models:  # clips against clips, predictions against predictions
+        jobs_of = {r["name"]: store.read_run(Path(r["path"])).get("job") for r in runs}
+        paired = [job for job in sorted(set(jobs_of.values())) if sum(j == job for j in jobs_of.values()) >= 2]
+        if paired:  # a job with two runs or more, at random
+            job = random.SystemRandom().choice(paired)
+            runs = [r for r in runs if jobs_of[r["name"]] == job]
     if len({r["name"] for r in runs}) < 2:
-        what = f"that can draw class {prompt!r}" if modality == "image" and prompt else ""
+        what = f"that can draw class {prompt!r}" if modality in ("image", "video") and prompt else ""
         raise Conflict(f"the arena needs two finished {modality} runs {what}; there are {len(runs)} "
                        f"(train another in Train)")
     left, right = random.SystemRandom().sample(runs, 2)
@@ -435,6 +463,8 @@ def _battle(row: dict, request: Request) -> dict:
             shown["images"] = [str(request.url_for("generation_file", generation_id=gen["id"]))]
         elif gen["modality"] == "music":
             shown["pieces"] = _pieces(gen["output"] or [], request, gen["id"])
+        elif gen["modality"] == "video":
+            shown.update(_clips(gen["output"] or [], request, gen["id"]))
         if voted:
             shown["run"] = gen["run"]
             shown["family"] = gen.get("family")
@@ -490,6 +520,16 @@ def _replay(row: dict, base_url: str) -> dict:
         if endpoint == "arena":
             body.update(n=1, bars=ARENA_BARS)
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
+    elif modality == "video":
+        body = {"model": run, "prompt": request.get("prompt") or "", "seed": seed}
+        for field in ("n", "sampler", "steps", "eta", "guidance_scale"):
+            if request.get(field) is not None:
+                body[field] = request[field]
+        if endpoint == "arena":
+            body["n"] = 1
+        path, cli = "/v1/videos/generations", ["aigc", "generate", run]
+        if body["prompt"]:
+            cli += ["--class", body["prompt"]]
     else:
         body = {"model": run, "horizon": request.get("horizon"), "seed": seed}
         for field in ("level", "paths", "noise"):

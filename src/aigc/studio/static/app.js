@@ -166,6 +166,24 @@ function storedPieces(g) {  // a stored music generation's pieces, from the file
   });
 }
 
+function videoClips(v, generationId) {  // each clip: its GIF (the browser plays it, looping) and its seed; the frame sheet
+  return h("div", {class: "clips"},
+    h("div", {class: "clip-row"}, v.clips.map((c, i) => h("figure", {class: "clip", "data-clip": i},
+      h("img", {class: "gif", src: c.gif, alt: t("video.clip", {i: i + 1})}),
+      h("figcaption", {class: "meta"}, c.seed !== undefined && c.seed !== null ? t("video.seed", {seed: c.seed}) : "",
+        " · ", h("a", {href: c.gif, download: `clip-${i + 1}.gif`, text: t("video.gif")})),
+      generationId ? rating(generationId, i) : null))),
+    v.sheet ? h("figure", {class: "sheet"}, h("img", {class: "sheet", src: v.sheet, alt: t("video.sheet")}),
+                h("figcaption", {class: "meta", text: t(v.job === "predict" ? "video.sheetpredict" : "video.sheethelp")}))
+      : null);
+}
+
+function storedClips(g) {  // a stored video generation's clips, from the files the server kept
+  const file = name => `/v1/generations/${g.id}/files/${name}`;
+  return {clips: (g.output || []).map((o, i) => ({gif: file(`${String(i).padStart(3, "0")}.gif`), seed: o.seed})),
+          sheet: file("sheet.png"), job: (g.output || []).some(o => o.context) ? "predict" : "generate"};
+}
+
 function headline(score) {
   return score ? `${score.metric} ${fmt(score.value)}` : t("models.noscore");
 }
@@ -327,6 +345,7 @@ function showOutputs(p) {  // a preview or a battle side: texts, images or a for
   if (p.images) return imageGrid(p.images);
   if (p.forecast) return fanChart(p.forecast, {width: 300, height: 160});
   if (p.pieces) return musicPieces(p.pieces);
+  if (p.clips) return videoClips(p);
   return h("span");
 }
 
@@ -389,7 +408,7 @@ function buildGenerateForm(form, out, spec) {
     prompt = h("textarea", {name: "prompt"});
     form.append(field("gen.prompt", prompt, t("gen.prompthelp")));
   }
-  if (spec.modality === "image" && spec.classes) {
+  if ((spec.modality === "image" || spec.modality === "video") && spec.classes) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
@@ -435,6 +454,12 @@ function buildGenerateForm(form, out, spec) {
         out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
                                                      notes: d.notes})), made.generation_id),
                    h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
+      } else if (spec.modality === "video") {
+        body.prompt = classPick ? classPick.value : "";
+        const made = await api("/v1/videos/generations", {body});
+        out.append(videoClips({clips: made.data.map(d => ({gif: d.gif_url, seed: d.record.seed})), sheet: made.sheet_url,
+                               job: made.job}, made.generation_id),
+                   h("p", {class: "meta", text: t("gen.seedwas", {seed: made.seed})}));
       } else {
         const made = await api("/v1/forecasts", {body});
         out.append(fanChart(made.forecast, {width: 640, height: 280}), rating(made.generation_id));
@@ -454,7 +479,7 @@ pages.history = async main => {
   const query = h("input", {type: "search", name: "q"});
   const model = h("select", {name: "model"}, h("option", {value: "", text: t("all")}),
                   (await models()).map(m => h("option", {value: m.id, text: m.id})));
-  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music"].map(v =>
+  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music", "video"].map(v =>
     h("option", {value: v, text: v ? t(`modality.${v}`) : t("all")})));
   const rated = h("select", {name: "rated"}, [["", t("all")], ["true", t("hist.rated")], ["false", t("hist.unrated")]]
     .map(([v, label]) => h("option", {value: v, text: label})));
@@ -486,6 +511,7 @@ function summary(g) {
   if (g.modality === "text") return ((g.output || [])[0] || "").slice(0, 60);
   if (g.modality === "image") return `${t("modality.image")} ${g.output && g.output.class !== null ? g.output.class : ""}`;
   if (g.modality === "music") return (g.output || []).map(o => t("music.about", {bars: o.bars, notes: o.notes})).join("; ");
+  if (g.modality === "video") return t("video.about", {n: (g.output || []).length, seed: g.seed});
   return `${t("modality.series")} h=${g.request.horizon}`;
 }
 
@@ -493,14 +519,16 @@ function outputOf(g) {
   if (g.modality === "text") return h("div", {}, (g.output || []).map(text => h("div", {class: "output", text})));
   if (g.modality === "image") return imageGrid([`/v1/generations/${g.id}/file`]);
   if (g.modality === "music") return musicPieces(storedPieces(g));
+  if (g.modality === "video") return videoClips(storedClips(g));
   return fanChart(g.output, {width: 560, height: 240});
 }
 
 async function openGeneration(box, id) {
   const g = await api(`/v1/generations/${id}`);
   box.textContent = "";
-  box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), g.modality === "music" ? null : rating(g.id));
-  if (g.modality === "music") box.querySelectorAll(".piece").forEach((piece, i) => piece.append(rating(g.id, i)));
+  const several = g.modality === "music" || g.modality === "video";  // rated one piece, one clip at a time
+  box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), several ? null : rating(g.id));
+  if (several) box.querySelectorAll(".piece, .clip").forEach((one, i) => one.append(rating(g.id, i)));
   if (g.rerank) box.append(h("p", {class: "meta", "data-testid": "rerank", text: t("hist.rerank", {
     k: g.rerank.best_of, chosen: g.rerank.chosen.map(i => i + 1).join(", "), candidates: g.rerank.candidates,
     scores: g.rerank.scores.map(fmt).join(", ")})}));
@@ -538,6 +566,12 @@ function regenerated(g, made) {  // the result made again, and whether it is the
   } else if (g.modality === "music") {  // the same tokens: the same notes, hence the same MIDI and audio
     same = JSON.stringify(made.data.map(d => d.record.tokens)) === JSON.stringify((g.output || []).map(o => o.tokens));
     shown = musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars, notes: d.notes})));
+  } else if (g.modality === "video") {  // the same run, seed and options: the same GIF bytes
+    shown = videoClips({clips: made.data.map(d => ({gif: d.gif_url, seed: d.record.seed})), sheet: made.sheet_url,
+                        job: made.job});
+    same = null;
+    compareFiles(made.data.map(d => d.gif_url), storedClips(g).clips.map(c => c.gif))
+      .then(ok => { verdict.textContent = ok ? t("hist.same") : t("hist.differs"); });
   } else {
     same = JSON.stringify(made.forecast.forecast) === JSON.stringify(g.output.forecast);
     shown = fanChart(made.forecast, {width: 560, height: 240});
@@ -563,9 +597,16 @@ async function comparePixels(a, b) {
   return x === y;
 }
 
+async function compareFiles(a, b) {  // whether two lists of URLs hold the same bytes, file by file
+  if (a.length !== b.length) return false;
+  const read = url => fetch(url, {headers: headers(false)}).then(r => r.arrayBuffer()).then(x => new Uint8Array(x).join(","));
+  const [x, y] = await Promise.all([Promise.all(a.map(read)), Promise.all(b.map(read))]);
+  return x.every((bytes, i) => bytes === y[i]);
+}
+
 pages.arena = async main => {
   main.append(h("h1", {text: t("nav.arena")}), h("p", {class: "meta", text: t("arena.intro")}));
-  const modality = h("select", {name: "modality"}, ["text", "image", "music"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const modality = h("select", {name: "modality"}, ["text", "image", "music", "video"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const prompt = h("input", {type: "text", name: "prompt", size: 40});
   const form = h("form", {class: "row"}, field("hist.modality", modality), field("arena.prompt", prompt, t("arena.prompthelp")),
                  h("button", {type: "submit", class: "primary", text: t("arena.go")}));

@@ -1,0 +1,155 @@
+"""Video in the studio, in a real browser (Playwright driving Debian's Chromium, as tests/test_studio.py does) against
+a real `aigc serve` over three tiny video runs on moving-digits (scikit-learn's digits, no apt package): a simvp
+predictor and two conditional vae clip generators (frames as channels). The runs are listed with clips to watch; a
+generation's GIFs play in the page (the browser animates them: the picture changes while we look) beside the frame
+sheet, and a clip is rated; a video battle in the arena is voted on and fills the video leaderboard; History finds
+the clips, plays them and makes them again byte for byte. In Chinese too; no request leaves the server and no page
+error.
+
+Screenshots go to $AIGC_STUDIO_SHOTS (default: test-artifacts/studio/).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tests.test_server import start_server, stop_server
+from tests.test_studio import CHROMIUM, TIMEOUT_MS, left_the_server, new_page, shot, visit
+
+from aigc import service
+from aigc.db import Store
+
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium-headless-shell "
+                                                         "fonts-wqy-microhei (the browser is never downloaded)"),
+              pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+
+TINY = {"frames": "8", "context": "4", "size": "24", "val_clips": "8", "batch_size": "4", "warmup_steps": "2",
+        "eval_interval": "3", "eval_batches": "1", "log_interval": "1", "dtype": "fp32", "compile": "false"}
+RUNS = {"mover": ("simvp", {"hid_s": "8", "hid_t": "16", "n_t": "1"}),
+        "clips-a": ("vae", {"z_dim": "4", "base_channels": "8", "conditional": "true"}),
+        "clips-b": ("vae", {"z_dim": "4", "base_channels": "8", "conditional": "true", "seed": "1"})}
+
+
+@pytest.fixture(scope="module")
+def movies(tmp_path_factory):
+    """A predictor and two conditional clip generators (8 frames of 24x24, 6 steps each), and a server over them."""
+    home = tmp_path_factory.mktemp("studio-video")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIGC_HOME", str(home))
+        for name, (family, sets) in RUNS.items():
+            service.train(family, "moving-digits", name=name, max_steps=6, sets={**TINY, **sets})
+    proc, url = start_server(home)
+    yield home, url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
+        yield chromium
+        chromium.close()
+
+
+def gifs_loaded(page, selector: str) -> list[int]:
+    """The decoded widths of the clips' GIFs under `selector`, once the browser has loaded them."""
+    page.wait_for_function(f"[...document.querySelectorAll('{selector} img.gif')].every(i => i.complete)",
+                           timeout=TIMEOUT_MS)
+    return page.evaluate(f"[...document.querySelectorAll('{selector} img.gif')].map(i => i.naturalWidth)")
+
+
+def distinct_pictures(locator, looks: int = 8, every_s: float = 0.13) -> int:
+    """How many different pictures an element shows over `looks` screenshots: above 1 for a GIF that plays."""
+    seen = set()
+    for _ in range(looks):
+        seen.add(locator.screenshot())
+        time.sleep(every_s)
+    return len(seen)
+
+
+def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
+    home, url = movies
+    page = new_page(browser, "en-US")
+
+    # Models: each video run with clips to watch (the preview: 2 clips at seed 0) and their frame sheet
+    visit(page, url, "models")
+    card = page.locator("[data-model=mover]")
+    playwright.expect(card).to_contain_text("video")
+    playwright.expect(card.locator("img.gif")).to_have_count(2)
+    assert all(w == 24 for w in gifs_loaded(page, "[data-model=mover]"))
+    playwright.expect(card.locator("img.sheet")).to_have_count(1)
+    shot(page, "video-models")
+
+    # Generate: two predicted clips, played in the page (the GIF animates) beside the sheet; the second rated good
+    visit(page, url, "generate?model=mover")
+    page.get_by_label("How many").fill("2")
+    with page.expect_response(lambda r: r.url.endswith("/v1/videos/generations")) as answer:
+        page.get_by_role("button", name="Generate", exact=True).click()
+    made = answer.value.json()
+    clips = page.locator(".clip")
+    playwright.expect(clips).to_have_count(2)
+    assert gifs_loaded(page, "main") == [24, 24]
+    assert distinct_pictures(clips.nth(0).locator("img.gif")) > 1  # it plays: the moving digit changes the picture
+    gif = page.request.get(clips.nth(0).locator("img.gif").get_attribute("src"))
+    assert gif.headers["content-type"] == "image/gif" and gif.body()[:6] == b"GIF89a"
+    sheet = page.locator("main img.sheet")
+    page.wait_for_function("document.querySelector('main img.sheet').complete")
+    assert sheet.evaluate("i => [i.naturalWidth, i.naturalHeight]")[1] > 2 * 24  # the truth above each prediction
+    playwright.expect(page.locator("main .sheet figcaption")).to_contain_text("above its prediction")
+    playwright.expect(clips.nth(1)).to_contain_text(f"seed {made['seed'] + 1}")
+    clips.nth(1).get_by_role("button", name="Good").click()
+    playwright.expect(clips.nth(1).locator(".rate")).to_contain_text("rating saved")
+    shot(page, "video-generate")
+
+    # Arena: the two clip generators draw class 7 (the predictor cannot: it is not drawn); a vote names them
+    visit(page, url, "arena")
+    page.get_by_label("Kind").select_option("video")
+    page.get_by_label("Prompt or class").fill("7")
+    page.get_by_role("button", name="New battle").click()
+    playwright.expect(page.locator("[data-side] img.gif")).to_have_count(2)
+    assert gifs_loaded(page, "[data-side]") == [24, 24]
+    page.get_by_role("button", name="Model B").click()
+    playwright.expect(page.locator("[data-side=right] .who")).to_contain_text("This was clips-")
+    playwright.expect(page.get_by_test_id("leaderboard").locator("tbody tr")).to_have_count(2)
+    shot(page, "video-arena")
+
+    # History: the video generations; the Generate page's one played again from the store and made again exactly
+    visit(page, url, "history")
+    page.get_by_label("Kind").select_option("video")
+    page.get_by_role("button", name="Find").click()
+    playwright.expect(page.locator("tbody tr")).to_have_count(3)  # the generation and the battle's two
+    page.locator("tbody tr", has_text="2 clip(s)").locator("button.open").click()
+    playwright.expect(page.locator("section .clip img.gif")).to_have_count(2)
+    assert gifs_loaded(page, "section") == [24, 24]
+    page.get_by_role("button", name="Regenerate exactly").click()
+    playwright.expect(page.get_by_test_id("same")).to_have_text("Same as the stored result")
+    shot(page, "video-history")
+
+    assert page.errors == [] and left_the_server(page, url) == []
+    with Store(f"sqlite:///{home / 'aigc.db'}") as db:
+        gens = {g["id"]: g for g in db.list_generations(limit=100)}
+        votes = db.list_votes()
+    assert sorted(g["modality"] for g in gens.values()) == ["video"] * 4  # + the one made again
+    assert sorted(g["run"] for g in gens.values() if g["request"].get("endpoint") == "arena") == ["clips-a", "clips-b"]
+    rated = gens[made["generation_id"]]["ratings"]
+    assert [(r["score"], r["index"]) for r in rated] == [(1, 1)]
+    assert [v["winner"] for v in votes] == ["right"]
+    page.context.close()
+
+
+def test_video_in_chinese(movies, browser):
+    home, url = movies
+    page = new_page(browser, "zh-CN")
+    visit(page, url, "generate?model=clips-a")
+    page.get_by_label("类别").select_option("3")
+    page.get_by_role("button", name="生成", exact=True).last.click()
+    playwright.expect(page.locator(".clip img.gif")).to_have_attribute("alt", "第 1 段视频（循环播放）")
+    playwright.expect(page.locator(".sheet figcaption")).to_have_text("帧图：每段视频一行，每帧一列。")
+    gifs_loaded(page, "main")
+    shot(page, "video-generate-zh")
+    visit(page, url, "history")
+    assert "视频" in page.get_by_label("类型").inner_text()
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
