@@ -11,9 +11,10 @@ What counts (docs/optimize.md):
   sides are of the run's modality and one of them this run's, and, per prompt, every liked output of the run
   against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
 
-An output is a text (the prompt and its continuation) or an image (the path of its PNG, as the store keeps it);
-an image's "prompt" is its class (the class index as a string; "" for an unconditional run), so images pair
-within a class as texts pair within a prompt.
+An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it) or a
+piece of music (its event tokens, one string); an image's "prompt" is its class (the class index as a string; ""
+for an unconditional run), so images pair within a class as texts pair within a prompt; a piece's is "" (pieces
+are judged whole, those continued from a MIDI prompt with their prompt bars).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from aigc.db import Store
 from aigc.errors import BadRequest
 
+MODALITIES = ("text", "image", "music")  # whose outputs feedback reads
 MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
 
 
@@ -34,8 +36,8 @@ class Rated:
 
     generation_id: str
     index: int  # which of the generation's outputs
-    prompt: str  # text: the prompt; image: the class index ("" unconditional)
-    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path
+    prompt: str  # text: the prompt; image: the class index ("" unconditional); music: ""
+    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path; music: its tokens
     score: int  # the sum of the ratings' scores (see the module docstring)
 
 
@@ -50,7 +52,7 @@ class Pair:
 @dataclass
 class Feedback:
     run: str
-    modality: str = "text"  # "text" or "image"
+    modality: str = "text"  # "text", "image" or "music"
     rated: list[Rated] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     rating_ids: list[str] = field(default_factory=list)
@@ -81,14 +83,19 @@ def _verdict(rating: dict) -> int:
 
 
 def _outputs(generation: dict) -> list[str]:
-    """A generation's outputs as feedback reads them: its texts, or its image's PNG path (one image a row)."""
+    """A generation's outputs as feedback reads them: its texts, its image's PNG path (one image a row), or its
+    pieces' token strings."""
     if generation["modality"] == "image":
         return [generation["file"]] if generation.get("file") else []
     output = generation.get("output")
+    if generation["modality"] == "music":
+        return [o.get("tokens") or "" for o in output if isinstance(o, dict)] if isinstance(output, list) else []
     return [t for t in output if isinstance(t, str)] if isinstance(output, list) else []
 
 
 def _prompt(generation: dict) -> str:
+    if generation["modality"] == "music":
+        return ""
     if generation["modality"] == "image":
         label = (generation.get("output") or {}).get("class")
         return "" if label is None else str(label)
@@ -96,14 +103,15 @@ def _prompt(generation: dict) -> str:
 
 
 def _fits(modality: str, prompt: str, output: str) -> bool:
-    """A text output continues its prompt (a chat reply stored without it does not); an image has its file."""
+    """A text output continues its prompt (a chat reply stored without it does not); an image has its file; a
+    piece has tokens."""
     return output.startswith(prompt) if modality == "text" else bool(output)
 
 
 def collect(db: Store, run: str, modality: str = "text") -> Feedback:
     """The feedback stored for `run` (its name) on its outputs of `modality`, oldest generation first."""
-    if modality not in ("text", "image"):
-        raise BadRequest(f"feedback is read for text and image runs, not {modality} runs")
+    if modality not in MODALITIES:
+        raise BadRequest(f"feedback is read for {', '.join(MODALITIES)} runs, not {modality} runs")
     feedback = Feedback(run, modality)
     generations = sorted(db.list_generations(run=run, modality=modality, limit=10**9),
                          key=lambda g: (g["created"], g["id"]))

@@ -3,6 +3,7 @@ it, `aigc generate --best-of N` (the API's `best_of`, the studio's switch) uses 
 
 A reward reads features that the run itself, or its evaluation, computes (`features_of`):
 - text: the run's own embeddings and last hidden layer over the completion (aigc.optimize.reward.features);
+- music: the same, over a piece's event tokens (a music run is a text family on token ids);
 - images: the penultimate layer of the evaluation's feature net, the classifier (or autoencoder) that `aigc eval`
   trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0).
 
@@ -45,13 +46,17 @@ MIN_HELD_OUT = 10  # rated outputs needed before a held-out accuracy is measured
 
 
 def features_of(modality: str, loaded, prompts: list[str], outputs: list) -> torch.Tensor:
-    """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt) or uint8
-    (H, W, C) images (prompts are ignored)."""
+    """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt), pieces of music
+    (their token strings, or the outputs of a generation, whole: prompts are ignored) or uint8 (H, W, C) images
+    (prompts are ignored)."""
     if modality == "text":
         return rewards.features(loaded, prompts, outputs)
+    if modality == "music":
+        pieces = [o["tokens"] if isinstance(o, dict) else o for o in outputs]
+        return rewards.features(loaded, [""] * len(pieces), pieces)
     if modality == "image":
         return image_features(loaded, outputs)
-    raise BadRequest(f"best-of-n reranking takes text and image runs, not {modality} runs")
+    raise BadRequest(f"best-of-n reranking takes text, image and music runs, not {modality} runs")
 
 
 _NETS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -97,7 +102,7 @@ def fit_from_feedback(modality: str, loaded, feedback: Feedback, *, l2: float) -
     for r in rated:
         labels[row_of[r.prompt, r.output]] = 1.0 if r.score > 0 else 0.0
     pairs = [(row_of[p.prompt, p.chosen], row_of[p.prompt, p.rejected]) for p in feedback.pairs]
-    kind = rewards.feature_kind(loaded) if modality == "text" else "evaluation-features"
+    kind = rewards.feature_kind(loaded) if modality in ("text", "music") else "evaluation-features"
     reward = rewards.fit(X, labels, pairs, l2=l2, kind=kind)
 
     # accuracy on rated outputs the reward did not see: a fit on the others (each output held out or not by a hash of
@@ -146,8 +151,9 @@ def fitted(reward: rewards.Reward) -> dict:
 
 
 def _contents(modality: str, loaded, outputs: list[str]) -> list:
-    """What features read: texts as they are; images' PNG files as (H, W, C) uint8 arrays of the run's shape."""
-    if modality == "text":
+    """What features read: texts and pieces' tokens as they are; images' PNG files as (H, W, C) uint8 arrays of the
+    run's shape."""
+    if modality in ("text", "music"):
         return outputs
     channels, height, width = loaded.record["image_shape"]
     images = []
@@ -198,11 +204,11 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     """n outputs, each the best by `reward` of k candidates (module docstring). A text stream gets the chosen
     continuation in one piece once the candidates are scored."""
     name = modality.NAME
-    n = options.get("n") or (1 if name == "text" else 64)
+    n = options.get("n") or (64 if name == "image" else 1)
     if name == "text" and (options.get("num_beams") or 1) > 1:
         raise BadRequest(f"--best-of {k} draws candidates by sampling: it does not apply to beam search "
                          f"(--num-beams); pass --best-of 1 to search the beams of this run")
-    if name == "text" and options.get("temperature") == 0:
+    if name in ("text", "music") and options.get("temperature") == 0:
         raise BadRequest(f"--best-of {k} with --temperature 0 would score {k} identical candidates: sample with a "
                          f"temperature > 0, or pass --best-of 1")
     candidates = modality.generate(loaded, {**options, "n": n * k}, seed, None, cancel, batched=batched)
@@ -215,7 +221,7 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     record["settings"] = {**record["settings"], "n": n, "best_of": k}
     record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
                         "features": reward.info.get("features")}
-    if name == "text":
+    if name in ("text", "music"):
         stats = dict(record["stats"])
         stats["finish_reasons"] = [stats["finish_reasons"][i] for i in chosen]
         record["stats"] = stats  # generated_tokens stays every candidate's: what was computed

@@ -263,7 +263,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if modality != "music":
             raise _wrong_modality(body.model, modality)
         options = {"n": body.n or 1, "bars": body.bars, "temperature": body.temperature, "top_k": body.top_k,
-                   "top_p": body.top_p}
+                   "top_p": body.top_p, "best_of": body.best_of}
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)

@@ -33,7 +33,7 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature")}
+         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature", "best_of")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -484,9 +484,11 @@ def _replay(row: dict, base_url: str) -> dict:
             cli += ["--class", body["prompt"]]
     elif modality == "music":
         body = {"model": run, "seed": seed}
-        for field in ("n", "bars", "temperature", "top_k", "top_p"):
+        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
+            body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
             body.update(n=1, bars=ARENA_BARS)
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
