@@ -47,6 +47,7 @@ from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
 from aigc.optimize import judge, rerank
 from aigc.optimize import music as optimize_music
+from aigc.optimize import series as optimize_series
 from aigc.optimize import text as optimize_text
 from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
@@ -265,7 +266,7 @@ def recording_failure(run_dir: Path, record: dict):
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
 # each optimizer: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS (the budget of sft and dpo when neither
 # --max-steps nor --max-minutes is given), prepare, fit, finish
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image, "music": optimize_music}
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image, "music": optimize_music, "series": optimize_series}
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
@@ -288,7 +289,8 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     parent = store.read_run(parent_dir)
     family, modality_name = parent["family"], store.modality_of(parent)
     check_optimizable(parent_dir, parent, method)
-    optimizer, fam = OPTIMIZERS[modality_name], FAMILIES[family]
+    optimizer = OPTIMIZERS[modality_name]
+    fam = series.series_family(family) if modality_name == "series" else FAMILIES[family]
     if fam.trainer == "counts" and (max_steps is not None or max_minutes is not None):
         raise BadRequest(f"--max-steps and --max-minutes apply to trained families; sft on {family} adds counts")
     with contextlib.ExitStack() as stack:
@@ -488,6 +490,8 @@ def generate(run: str, options: dict | None = None, *, seed: int | None = None,
             raise BadRequest(f"--best-of needs a reward model, and {run_dir.name} has none: make a run with one by "
                              f"aigc optimize {run_dir.name} --from-feedback --method rerank")
     k = best_of if best_of is not None else reward.info.get("best_of", 1) if reward is not None else 1
+    if best_of is None and modality.NAME == "series" and not options.get("paths"):
+        k = 1  # a forecast without sample paths has nothing to choose between
     loaded = MODELS.get(modality, run_dir)
     if k > 1:
         generation = rerank.generate_best_of(modality, loaded, options, draw_seed(seed), k, reward, stream, cancel,
@@ -591,7 +595,7 @@ def generation_defaults(run: str) -> dict:
         return {**{f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"},
                 **own}
     if modality.NAME == "series":
-        return dict(series.GENERATE_DEFAULTS)
+        return {**series.GENERATE_DEFAULTS, **own}
     if modality.NAME == "music":
         return {**music.GENERATE_DEFAULTS, **own}
     fam = FAMILIES[store.read_run(run_dir)["family"]]

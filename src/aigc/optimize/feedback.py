@@ -11,10 +11,11 @@ What counts (docs/optimize.md):
   sides are of the run's modality and one of them this run's, and, per prompt, every liked output of the run
   against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
 
-An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it) or a
-piece of music (its event tokens, one string); an image's "prompt" is its class (the class index as a string; ""
-for an unconditional run), so images pair within a class as texts pair within a prompt; a piece's is "" (pieces
-are judged whole, those continued from a MIDI prompt with their prompt bars).
+An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it), a
+piece of music (its event tokens, one string) or a series forecast's sample path (its values as JSON); an image's
+"prompt" is its class (the class index as a string; "" for an unconditional run), so images pair within a class as
+texts pair within a prompt; a piece's and a path's is "" (pieces are judged whole, those continued from a MIDI
+prompt with their prompt bars).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from aigc.db import Store
 from aigc.errors import BadRequest
 
-MODALITIES = ("text", "image", "music")  # whose outputs feedback reads
+MODALITIES = ("text", "image", "music", "series")  # whose outputs feedback reads
 MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
 
 
@@ -90,11 +91,14 @@ def _outputs(generation: dict) -> list[str]:
     output = generation.get("output")
     if generation["modality"] == "music":
         return [o.get("tokens") or "" for o in output if isinstance(o, dict)] if isinstance(output, list) else []
+    if generation["modality"] == "series":  # a forecast's sample paths, each as its JSON
+        paths = output.get("paths") if isinstance(output, dict) else None
+        return [json.dumps(p) for p in paths] if isinstance(paths, list) else []
     return [t for t in output if isinstance(t, str)] if isinstance(output, list) else []
 
 
 def _prompt(generation: dict) -> str:
-    if generation["modality"] == "music":
+    if generation["modality"] in ("music", "series"):
         return ""
     if generation["modality"] == "image":
         label = (generation.get("output") or {}).get("class")

@@ -17,6 +17,7 @@ MAX_PROMPTS) or classes (images of a conditional run), in equal shares.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -75,6 +76,9 @@ def length_of(modality_name: str, feedback: Feedback) -> dict:
         return {"max_new_tokens": max_new_tokens_of(feedback)}
     if modality_name == "music":
         return {"bars": bars_of(feedback)}
+    if modality_name == "series":  # as many steps as the rated paths have most often
+        counts = Counter(len(json.loads(r.output)) for r in feedback.rated)
+        return {"horizon": counts.most_common(1)[0][0] if counts else 12}
     return {}
 
 
@@ -85,11 +89,15 @@ def draw(modality, loaded, prompt: str, n: int, seed: int, length: dict, reward=
         options = {"prompt": prompt, "n": n, **length}
     elif modality.NAME == "music":
         options = {"n": n, **length}
+    elif modality.NAME == "series":
+        options = {"paths": n, **length}
     else:
         options = {"n": n, "class_": prompt or None}
     if best_of > 1:
-        return rerank.generate_best_of(modality, loaded, options, seed, best_of, reward).outputs
-    return modality.generate(loaded, options, seed, None).outputs
+        outputs = rerank.generate_best_of(modality, loaded, options, seed, best_of, reward).outputs
+    else:
+        outputs = modality.generate(loaded, options, seed, None).outputs
+    return outputs["paths"] if modality.NAME == "series" else outputs
 
 
 def image_quality(parent, before: list[np.ndarray], after: list[np.ndarray]) -> dict:

@@ -303,7 +303,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         modality, path = model_path(body.model)
         if modality != "series":
             raise _wrong_modality(body.model, modality)
-        options = {"horizon": body.horizon, "level": body.level, "paths": body.paths, "noise": body.noise}
+        options = {"horizon": body.horizon, "level": body.level, "paths": body.paths, "noise": body.noise,
+                   "best_of": body.best_of}
         requested = {"endpoint": "forecasts", **body.model_dump(exclude_none=True)}
 
         def work(emit, cancel):

@@ -33,7 +33,7 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature", "best_of")}
+         "series": ("horizon", "paths", "level", "best_of"), "music": ("n", "bars", "temperature", "best_of")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -494,9 +494,11 @@ def _replay(row: dict, base_url: str) -> dict:
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
     else:
         body = {"model": run, "horizon": request.get("horizon"), "seed": seed}
-        for field in ("level", "paths", "noise"):
+        for field in ("level", "paths", "noise", "best_of"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if row.get("rerank"):  # the k its paths were picked with
+            body["best_of"] = row["rerank"]["best_of"]
         path, cli = "/v1/forecasts", ["aigc", "generate", run]
     if body.get("seed") is None:
         raise BadRequest(f"generation {row['id']!r} has no seed recorded: it cannot be made again")
