@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 
 import pytest
 from tests.conftest import TINY_SETS
@@ -20,6 +21,7 @@ from aigc.db import Store
 from aigc.optimize import feedback as fb
 
 BARS = 2  # bars of each rated and fresh piece
+pytestmark = pytest.mark.slow  # the tiny gpt trains 300 steps (fewer: its pieces end early and are continued slowly)
 
 
 def mean_pitch(output: dict) -> float:
@@ -79,13 +81,15 @@ def test_music_feedback_reads_pieces_as_their_tokens(rated, monkeypatch):
         pieces = {(g["id"], i): o["tokens"] for g in db.list_generations(run="gpt", limit=10)
                   for i, o in enumerate(g["output"])}
     assert all(r.prompt == "" and r.output == pieces[r.generation_id, r.index] for r in feedback.rated)
-    assert feedback.pairs and all(p.source == "ratings" for p in feedback.pairs)
+    # pieces have no prompt: one group, its pairs spread over the liked and disliked pieces
+    assert len(feedback.pairs) == fb.MAX_PAIRS_UNPROMPTED and all(p.source == "ratings" for p in feedback.pairs)
+    assert max(Counter(p.chosen for p in feedback.pairs).values()) <= 2
+    assert max(Counter(p.rejected for p in feedback.pairs).values()) <= 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family, method, sets, tolerance", [
     ("gpt", "sft", {"lr": "1e-3", "batch_size": "16"}, 0.15),
-    ("gpt", "dpo", {"lr": "1e-3", "batch_size": "16"}, 0.3),
+    ("gpt", "dpo", {"lr": "3e-4", "batch_size": "16"}, 0.1),
     ("gpt", "rerank", {}, 0.0),
     ("ngram", "sft", {}, 0.15),
     ("ngram", "rerank", {}, 0.0)])
@@ -96,6 +100,9 @@ def test_one_round_of_ratings_makes_a_music_run_the_listener_likes_more(rated, m
     run_dir, metrics = service.optimize(family, method, sets={**sets, "eval_samples": "48"})
 
     before, after = share_liked(family, thresholds[family]), share_liked(run_dir.name, thresholds[family])
+    print(f"music {family} {method}: liked {before:.3f} -> {after:.3f}, NLL per token {metrics['parent_val_loss']:.4f}"
+          f" -> {metrics['val_loss']:.4f}, judged {metrics['liked_share_before']:.3f} -> "
+          f"{metrics['liked_share_after']:.3f}")
     assert significantly_higher(before, after, 200), (before, after)
     # held-out NLL per token on the parent's validation pieces stays near the parent's
     parent = store.read_run(home / "runs" / family)

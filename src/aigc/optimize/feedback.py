@@ -9,7 +9,8 @@ What counts (docs/optimize.md):
 - a rating without `index` on a generation of several outputs rates each of them;
 - pairs: every arena vote with a winner (left or right; ties and "both bad" say nothing about order) whose two
   sides are of the run's modality and one of them this run's, and, per prompt, every liked output of the run
-  against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
+  against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first; music and
+  series, which have no prompt: MAX_PAIRS_UNPROMPTED, spread over the outputs).
 
 An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it), a
 piece of music (its event tokens, one string) or a series forecast's sample path (its values as JSON); an image's
@@ -29,6 +30,10 @@ from aigc.errors import BadRequest
 
 MODALITIES = ("text", "image", "music", "series")  # whose outputs feedback reads
 MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
+UNPROMPTED = ("music", "series")  # whose outputs have no prompt: every rated output is in one group
+# their pairs from ratings (the strongest first, then each liked output against a different disliked one before any
+# against a second: diagonals of the liked x disliked grid); as many as 8 prompts of text may give
+MAX_PAIRS_UNPROMPTED = 8 * MAX_PAIRS_PER_PROMPT
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,15 @@ def collect(db: Store, run: str, modality: str = "text") -> Feedback:
     for prompt, rated in by_prompt.items():
         good = sorted((r for r in rated if r.score > 0), key=lambda r: -r.score)
         bad = sorted((r for r in rated if r.score < 0), key=lambda r: r.score)
-        pairs = [(g, b) for g in good for b in bad]
-        pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
-        feedback.pairs += [Pair(prompt, g.output, b.output, "ratings") for g, b in pairs[:MAX_PAIRS_PER_PROMPT]]
+        if modality in UNPROMPTED:  # one group: many pairs, each output in as many as the others (diagonals)
+            pairs = [(g, b, (j - i) % len(bad), i) for i, g in enumerate(good) for j, b in enumerate(bad)]
+            pairs.sort(key=lambda p: (-(p[0].score - p[1].score), p[2], p[3]))
+            cap = MAX_PAIRS_UNPROMPTED
+        else:
+            pairs = [(g, b) for g in good for b in bad]
+            pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
+            cap = MAX_PAIRS_PER_PROMPT
+        feedback.pairs += [Pair(prompt, p[0].output, p[1].output, "ratings") for p in pairs[:cap]]
     for vote in db.list_votes(modality):
         if run not in (vote["left_run"], vote["right_run"]) or vote["winner"] not in ("left", "right"):
             continue
