@@ -248,7 +248,9 @@ def test_a_run_without_feedback_or_of_another_kind_is_refused(aigc_home, poems_f
     with pytest.raises(BadRequest, match="sft learns from liked outputs, and run 'pictures' has none"):
         service.optimize("pictures", "sft")
     service.train("ar", "sunspots", name="spots")
-    with pytest.raises(BadRequest, match="takes text, image and music runs; 'spots' is a series run"):
+    with pytest.raises(BadRequest, match="sft takes text, image and music runs; 'spots' is a series run"):
+        service.optimize("spots", "sft")
+    with pytest.raises(BadRequest, match="rerank needs liked and disliked outputs .* of run 'spots'"):
         service.optimize("spots", "rerank")
     with pytest.raises(BadRequest, match="rerank needs liked and disliked"):
         service.optimize("counted", "rerank")
