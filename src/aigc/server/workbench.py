@@ -33,7 +33,7 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level", "best_of"), "music": ("n", "bars", "temperature", "best_of")}
+         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
