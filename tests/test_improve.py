@@ -138,15 +138,17 @@ def test_an_image_run_takes_no_dpo(db, home):
     assert_counts_are_the_snapshots(summary, db, "digits", "image")
     assert (summary["liked"], summary["disliked"], summary["pairs"], summary["ratings"]) == (2, 1, 1, 3)
     by = methods(summary)
-    assert by["dpo"]["reason"] == "--method dpo takes text runs; 'digits' is an image run (use: sft, rerank)"
+    assert by["dpo"]["reason"] == "--method dpo takes text and music runs; 'digits' is an image run (use: sft, rerank)"
     assert by["rerank"]["available"] and by["sft"]["available"]
 
 
 def test_a_series_run_and_an_unknown_run(db):
     summary = service.feedback_summary("sun", db)
     assert (summary["modality"], summary["liked"], summary["ratings"]) == ("series", 0, 0)
-    assert {m["reason"] for m in summary["methods"]} == {"aigc optimize takes text and image runs; 'sun' is a "
-                                                          "series run"}
+    by = methods(summary)  # rerank only, and it has nothing to learn from yet
+    assert by["sft"]["reason"] == "--method sft takes text, image and music runs; 'sun' is a series run (use: rerank)"
+    assert by["rerank"]["reason"].startswith("--method rerank needs liked and disliked outputs (or arena votes) of "
+                                             "run 'sun'")
     assert_reasons_are_optimizes_errors(summary, db)
     with pytest.raises(NotFound):
         service.feedback_summary("nope", db)

@@ -243,12 +243,14 @@ def test_a_run_without_feedback_or_of_another_kind_is_refused(aigc_home, poems_f
         service.optimize("counted", "sft")
     service.train("vae", "digits", name="pictures", max_steps=2,
                   sets={"z_dim": "2", "base_channels": "4", "batch_size": "8", "eval_interval": "2"})
-    with pytest.raises(BadRequest, match="--method dpo takes text runs; 'pictures' is an image run"):
+    with pytest.raises(BadRequest, match="--method dpo takes text and music runs; 'pictures' is an image run"):
         service.optimize("pictures", "dpo")
     with pytest.raises(BadRequest, match="sft learns from liked outputs, and run 'pictures' has none"):
         service.optimize("pictures", "sft")
     service.train("ar", "sunspots", name="spots")
-    with pytest.raises(BadRequest, match="takes text and image runs; 'spots' is a series run"):
+    with pytest.raises(BadRequest, match="sft takes text, image and music runs; 'spots' is a series run"):
+        service.optimize("spots", "sft")
+    with pytest.raises(BadRequest, match="rerank needs liked and disliked outputs .* of run 'spots'"):
         service.optimize("spots", "rerank")
     with pytest.raises(BadRequest, match="rerank needs liked and disliked"):
         service.optimize("counted", "rerank")

@@ -294,7 +294,8 @@ def _unlock(run: str, job_id: str) -> None:
 def get_job(job_id: str) -> dict:
     """job.json plus `status` (running, done, failed, interrupted), `stopping`, `wall_s`, `result` (the child's
     JSON, when done), `error` (its last error line, when failed); a training also `step`, `steps_goal`,
-    `elapsed_s`, `progress` (0..1), `eta_s` (None until it can be estimated) and `curve`."""
+    `elapsed_s`, `progress` (0..1), `eta_s` (None until it can be estimated), `curve`, and `stage` (with
+    stage_done, stage_total, stage_unit: `_progress`)."""
     job = _refresh(_read(job_id))
     folder = jobs_dir() / job["id"]
     status = _status(job, folder)
@@ -431,7 +432,10 @@ def _error(folder: Path, returncode: int | None) -> str | None:
 
 
 def _progress(job: dict, status: str) -> dict:
-    """step, steps_goal, elapsed_s (training time), progress, eta_s and curve, from the run's files."""
+    """step, steps_goal, elapsed_s (training time), progress, eta_s and curve, from the run's files; and the stage
+    it is in: "preparing" (nothing to count yet), "training" (the steps of metrics.jsonl), or the one its
+    stage.json names (aigc optimize: "counting", "scoring", "judging"; store.Stage), whose done / total (in
+    stage_unit) are then the progress and give the ETA."""
     run_dir = store.runs_dir() / job["run"]
     record = store.read_run(run_dir) if store.is_run(run_dir) else {}
     budget = record.get("budget") or _budget_of(job["args"])
@@ -465,8 +469,19 @@ def _progress(job: dict, status: str) -> dict:
         if goal:
             remaining.append((goal - step) * elapsed / step)
         eta = max(0.0, min(remaining)) if remaining else None
-    return {"step": step, "steps_goal": goal, "elapsed_s": elapsed, "progress": progress, "eta_s": eta,
-            "checkpoint": (run_dir / "checkpoints" / "last").is_dir(), "curve": _curve(losses, vals)}
+    view = {"step": step, "steps_goal": goal, "elapsed_s": elapsed, "progress": progress, "eta_s": eta,
+            "checkpoint": (run_dir / "checkpoints" / "last").is_dir(), "curve": _curve(losses, vals),
+            "stage": "training" if max_steps or max_minutes or step else "preparing",
+            "stage_done": None, "stage_total": None, "stage_unit": None}
+    stage = store.read_stage(run_dir) if store.is_run(run_dir) else None
+    if stage is not None:  # a stage after or instead of the training steps (aigc optimize: counting, judging)
+        done, total = stage["done"], stage["total"]
+        view.update(stage=stage["stage"], stage_done=done, stage_total=total, stage_unit=stage.get("unit"))
+        if status == "running":
+            spent = max(0.0, stage.get("updated", 0.0) - stage.get("started", 0.0))
+            view.update(progress=min(1.0, done / total) if total else 0.0,
+                        eta_s=(total - done) * spent / done if done and spent else None)
+    return view
 
 
 def _budget_of(args: list[str]) -> dict:

@@ -46,6 +46,8 @@ from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
 from aigc.optimize import judge, rerank
+from aigc.optimize import music as optimize_music
+from aigc.optimize import series as optimize_series
 from aigc.optimize import text as optimize_text
 from aigc.sample import BATCHER, GenerateSettings
 from aigc.train import Budget
@@ -264,7 +266,7 @@ def recording_failure(run_dir: Path, record: dict):
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
 # each optimizer: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS (the budget of sft and dpo when neither
 # --max-steps nor --max-minutes is given), prepare, fit, finish
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image}
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image, "music": optimize_music, "series": optimize_series}
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
@@ -287,7 +289,8 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     parent = store.read_run(parent_dir)
     family, modality_name = parent["family"], store.modality_of(parent)
     check_optimizable(parent_dir, parent, method)
-    optimizer, fam = OPTIMIZERS[modality_name], FAMILIES[family]
+    optimizer = OPTIMIZERS[modality_name]
+    fam = series.series_family(family) if modality_name == "series" else FAMILIES[family]
     if fam.trainer == "counts" and (max_steps is not None or max_minutes is not None):
         raise BadRequest(f"--max-steps and --max-minutes apply to trained families; sft on {family} adds counts")
     with contextlib.ExitStack() as stack:
@@ -303,7 +306,8 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     final_dir = store.claim_run_dir(family, parent_dir.name, name or f"{parent_dir.name}-{method}", overwrite)
     prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method, sets or {})
     record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
-              **{k: v for k, v in parent.items() if k in ("data", "image_shape", "num_classes", "class_names")},
+              **{k: v for k, v in parent.items() if k in ("data", "image_shape", "num_classes", "class_names",
+                                                          "encoding")},
               "init_from": str(parent_dir.resolve()),
               "optimize": {"parent": parent_dir.name, "parent_path": str(parent_dir.resolve()),
                            "parent_sha256": weights_sha256(parent_dir), "method": method,
@@ -321,8 +325,10 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     if method != "rerank":
         budget = Budget(max_steps or (None if max_minutes else optimizer.STEPS), max_minutes)
     _fit_and_finish(modality, run_dir, record, configs, budget,
-                    lambda: optimizer.fit(fam, prepared, configs, run_dir, budget, method),
-                    lambda fitted: optimizer.finish(family, fam, prepared, configs, run_dir, fitted, method))
+                    lambda: _staged(run_dir, None if method == "rerank" or fam.trainer == "gradient" else "counting",
+                                    optimizer.fit, fam, prepared, configs, run_dir, budget, method),
+                    lambda fitted: _staged(run_dir, "scoring", optimizer.finish, family, fam, prepared, configs,
+                                           run_dir, fitted, method))
 
     # before and after: the judged share of liked fresh outputs (the regular metric is in the metrics already)
     with recording_failure(run_dir, record):
@@ -334,6 +340,17 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     return run_dir, record["metrics"]
 
 
+def _staged(run_dir: Path, stage: str | None, work: Callable, *args):
+    """work(*args) as one stage of the run's progress (store.Stage: what a job's view shows between and after the
+    training steps); stage None: as it is (training steps show their own progress)."""
+    if stage is None:
+        return work(*args)
+    with store.Stage(run_dir, stage, 1) as progress:
+        out = work(*args)
+        progress.update()
+    return out
+
+
 def check_optimizable(run_dir: Path, record: dict, method: str) -> None:
     """A clear error when `method` cannot make a new run from this run, whatever its feedback: the run is not
     finished, aigc optimize does not take its modality, the method does not take it, or the method fine-tunes
@@ -342,16 +359,22 @@ def check_optimizable(run_dir: Path, record: dict, method: str) -> None:
     if record.get("status") != "done":
         raise Conflict(f"run {run_dir.name!r} is {record.get('status')}: optimize a finished run")
     if modality_name not in OPTIMIZERS:
-        raise BadRequest(f"aigc optimize takes text and image runs; {run_dir.name!r} is a {modality_name} run")
+        raise BadRequest(f"aigc optimize takes {_listed(list(OPTIMIZERS))} runs; {run_dir.name!r} is a "
+                         f"{modality_name} run")
     optimizer = OPTIMIZERS[modality_name]
     if method not in optimizer.METHODS:
-        takes = " and ".join(m for m, o in OPTIMIZERS.items() if method in o.METHODS)
+        takes = _listed([m for m, o in OPTIMIZERS.items() if method in o.METHODS])
         article = "an" if modality_name == "image" else "a"
         raise BadRequest(f"--method {method} takes {takes} runs; {run_dir.name!r} is {article} {modality_name} "
                          f"run (use: {', '.join(optimizer.METHODS)})")
     if method == "dpo" and FAMILIES[family].trainer != "gradient":
         raise BadRequest(f"--method dpo fine-tunes a gradient-trained family; {family} is counted: use "
                          f"--method sft (its counts) or rerank")
+
+
+def _listed(words: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
 
 
 def feedback_summary(run: str, db: Store | None = None) -> dict:
@@ -447,7 +470,7 @@ def generate(run: str, options: dict | None = None, *, seed: int | None = None,
              stream: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
              batch: bool = False) -> Generation:
     """Generate from a run: options are the modality's (`Modality.GENERATE_OPTIONS`; None means the default);
-    one that belongs to another modality is an error that says which. `best_of` k (text and images): each output
+    one that belongs to another modality is an error that says which. `best_of` k (text, images, music): each output
     is the best of k candidates by the run's reward model (aigc.optimize.rerank); a run made by `aigc optimize
     --method rerank` uses its own k unless asked otherwise, best_of 1 turns it off. `cancel` set while it works: it
     stops and raises errors.Cancelled. `batch`: share a decoding batch with the requests other threads make at the
@@ -467,6 +490,8 @@ def generate(run: str, options: dict | None = None, *, seed: int | None = None,
             raise BadRequest(f"--best-of needs a reward model, and {run_dir.name} has none: make a run with one by "
                              f"aigc optimize {run_dir.name} --from-feedback --method rerank")
     k = best_of if best_of is not None else reward.info.get("best_of", 1) if reward is not None else 1
+    if best_of is None and modality.NAME == "series" and not options.get("paths"):
+        k = 1  # a forecast without sample paths has nothing to choose between
     loaded = MODELS.get(modality, run_dir)
     if k > 1:
         generation = rerank.generate_best_of(modality, loaded, options, draw_seed(seed), k, reward, stream, cancel,
@@ -570,9 +595,9 @@ def generation_defaults(run: str) -> dict:
         return {**{f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"},
                 **own}
     if modality.NAME == "series":
-        return dict(series.GENERATE_DEFAULTS)
+        return {**series.GENERATE_DEFAULTS, **own}
     if modality.NAME == "music":
-        return dict(music.GENERATE_DEFAULTS)
+        return {**music.GENERATE_DEFAULTS, **own}
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None and fam.sampler_options \

@@ -11,14 +11,19 @@ import hashlib
 import os
 import re
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from aigc.errors import Conflict, NotFound, UserError
 from aigc.fsutil import read_json, write_json
 
 RECORD = "run.json"
+STAGE = "stage.json"  # what a run is doing after (or instead of) its training steps: `Stage`
 HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eval.json, else run.json
     "text": ("val_bpc",),
     "image": ("fid", "val_nelbo", "val_loss"),
@@ -87,6 +92,48 @@ def read_run(run_dir: Path) -> dict:
 
 def write_record(run_dir: Path, record: dict) -> None:
     write_json(Path(run_dir) / RECORD, record)
+
+
+class Stage:
+    """The progress of one stage of making a run beside its training steps (aigc optimize: counting, scoring,
+    judging): a bar on the terminal (tqdm: count, rate and ETA; off when stderr is not a terminal, as training's)
+    and the run's stage.json {stage, done, total, unit, started, updated}, which a job's view reads
+    (aigc.jobs: its `stage`, `progress` and `eta_s`), written at most every WRITE_EVERY_S and at the end."""
+
+    WRITE_EVERY_S = 0.5
+
+    def __init__(self, run_dir: Path, name: str, total: int, unit: str = "it"):
+        self.path, self.name, self.total, self.unit = Path(run_dir) / STAGE, name, max(0, int(total)), unit
+        self.done, self.started, self._written = 0, time.time(), 0.0
+        self.bar = tqdm(total=self.total, unit=unit, desc=name, leave=False, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
+        self._write()
+
+    def update(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        self.bar.update(n)
+        if time.time() - self._written >= self.WRITE_EVERY_S or self.done == self.total:
+            self._write()
+
+    def _write(self) -> None:
+        self._written = time.time()
+        write_json(self.path, {"stage": self.name, "done": self.done, "total": self.total, "unit": self.unit,
+                               "started": self.started, "updated": self._written})
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+def read_stage(run_dir: Path) -> dict | None:
+    """The run's stage.json (`Stage`), None where it has none or it cannot be read."""
+    try:
+        stage = read_json(Path(run_dir) / STAGE)
+    except (OSError, ValueError):
+        return None
+    return stage if isinstance(stage, dict) and isinstance(stage.get("total"), int) else None
 
 
 def modality_of(record: dict) -> str:
@@ -188,6 +235,9 @@ def card_lineage(record: dict) -> list[str]:
     if "parent_val_bpc" in m:
         lines.append(f"- bits per character on the same validation split: {m['parent_val_bpc']:.4f} before, "
                      f"{m.get('val_bpc', float('nan')):.4f} after")
+    if m.get("parent_val_loss") is not None:  # music
+        lines.append(f"- NLL per token on the same validation pieces: {m['parent_val_loss']:.4f} nats before, "
+                     f"{m.get('val_loss', float('nan')):.4f} after")
     if "fid_before" in m:
         lines.append(f"- FID against the same held-out images ({m['fid_images']} each): {m['fid_before']:.2f} "
                      f"before, {m['fid_after']:.2f} after (floor {m['fid_floor']:.2f})")

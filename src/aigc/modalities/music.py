@@ -43,7 +43,7 @@ from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family, ngram
 from aigc.sample import MAX_NEW_TOKENS_CAP, LoadedModel, load_run, settings_dict
 from aigc.sample import generate as decode
-from aigc.store import card_header, read_run, sha256_text
+from aigc.store import card_header, card_lineage, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
 
 NAME = "music"
@@ -177,7 +177,7 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
         "## Results on the held-out pieces", "",
         f"- NLL per token: {met.get('val_loss', float('nan')):.4f} nats; per note: "
         f"{met.get('val_nll_per_note', float('nan')):.4f} nats ({data['val']['pieces']} pieces)",
-        f"- steps: {met.get('steps')}, training time: {met.get('train_time_s', 0):.0f} s", "",
+        f"- steps: {met.get('steps')}, training time: {met.get('train_time_s', 0):.0f} s", *card_lineage(record), "",
         "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
         "## Use", "", "```", f"aigc generate {run_dir} -n 4 --seed 0 --out pieces/", f"aigc eval {run_dir}", "```",
         "", "## Limitations", "",

@@ -9,11 +9,14 @@ What counts (docs/optimize.md):
 - a rating without `index` on a generation of several outputs rates each of them;
 - pairs: every arena vote with a winner (left or right; ties and "both bad" say nothing about order) whose two
   sides are of the run's modality and one of them this run's, and, per prompt, every liked output of the run
-  against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first).
+  against every disliked one of the same prompt (at most MAX_PAIRS_PER_PROMPT, the strongest first; music and
+  series, which have no prompt: MAX_PAIRS_UNPROMPTED, spread over the outputs).
 
-An output is a text (the prompt and its continuation) or an image (the path of its PNG, as the store keeps it);
-an image's "prompt" is its class (the class index as a string; "" for an unconditional run), so images pair
-within a class as texts pair within a prompt.
+An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it), a
+piece of music (its event tokens, one string) or a series forecast's sample path (its values as JSON); an image's
+"prompt" is its class (the class index as a string; "" for an unconditional run), so images pair within a class as
+texts pair within a prompt; a piece's and a path's is "" (pieces are judged whole, those continued from a MIDI
+prompt with their prompt bars).
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from dataclasses import dataclass, field
 from aigc.db import Store
 from aigc.errors import BadRequest
 
+MODALITIES = ("text", "image", "music", "series")  # whose outputs feedback reads
 MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
+UNPROMPTED = ("music", "series")  # whose outputs have no prompt: every rated output is in one group
+# their pairs from ratings (the strongest first, then each liked output against a different disliked one before any
+# against a second: diagonals of the liked x disliked grid); as many as 8 prompts of text may give
+MAX_PAIRS_UNPROMPTED = 8 * MAX_PAIRS_PER_PROMPT
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,8 @@ class Rated:
 
     generation_id: str
     index: int  # which of the generation's outputs
-    prompt: str  # text: the prompt; image: the class index ("" unconditional)
-    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path
+    prompt: str  # text: the prompt; image: the class index ("" unconditional); music: ""
+    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path; music: its tokens
     score: int  # the sum of the ratings' scores (see the module docstring)
 
 
@@ -50,7 +58,7 @@ class Pair:
 @dataclass
 class Feedback:
     run: str
-    modality: str = "text"  # "text" or "image"
+    modality: str = "text"  # "text", "image" or "music"
     rated: list[Rated] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     rating_ids: list[str] = field(default_factory=list)
@@ -81,14 +89,22 @@ def _verdict(rating: dict) -> int:
 
 
 def _outputs(generation: dict) -> list[str]:
-    """A generation's outputs as feedback reads them: its texts, or its image's PNG path (one image a row)."""
+    """A generation's outputs as feedback reads them: its texts, its image's PNG path (one image a row), or its
+    pieces' token strings."""
     if generation["modality"] == "image":
         return [generation["file"]] if generation.get("file") else []
     output = generation.get("output")
+    if generation["modality"] == "music":
+        return [o.get("tokens") or "" for o in output if isinstance(o, dict)] if isinstance(output, list) else []
+    if generation["modality"] == "series":  # a forecast's sample paths, each as its JSON
+        paths = output.get("paths") if isinstance(output, dict) else None
+        return [json.dumps(p) for p in paths] if isinstance(paths, list) else []
     return [t for t in output if isinstance(t, str)] if isinstance(output, list) else []
 
 
 def _prompt(generation: dict) -> str:
+    if generation["modality"] in ("music", "series"):
+        return ""
     if generation["modality"] == "image":
         label = (generation.get("output") or {}).get("class")
         return "" if label is None else str(label)
@@ -96,14 +112,15 @@ def _prompt(generation: dict) -> str:
 
 
 def _fits(modality: str, prompt: str, output: str) -> bool:
-    """A text output continues its prompt (a chat reply stored without it does not); an image has its file."""
+    """A text output continues its prompt (a chat reply stored without it does not); an image has its file; a
+    piece has tokens."""
     return output.startswith(prompt) if modality == "text" else bool(output)
 
 
 def collect(db: Store, run: str, modality: str = "text") -> Feedback:
     """The feedback stored for `run` (its name) on its outputs of `modality`, oldest generation first."""
-    if modality not in ("text", "image"):
-        raise BadRequest(f"feedback is read for text and image runs, not {modality} runs")
+    if modality not in MODALITIES:
+        raise BadRequest(f"feedback is read for {', '.join(MODALITIES)} runs, not {modality} runs")
     feedback = Feedback(run, modality)
     generations = sorted(db.list_generations(run=run, modality=modality, limit=10**9),
                          key=lambda g: (g["created"], g["id"]))
@@ -123,9 +140,15 @@ def collect(db: Store, run: str, modality: str = "text") -> Feedback:
     for prompt, rated in by_prompt.items():
         good = sorted((r for r in rated if r.score > 0), key=lambda r: -r.score)
         bad = sorted((r for r in rated if r.score < 0), key=lambda r: r.score)
-        pairs = [(g, b) for g in good for b in bad]
-        pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
-        feedback.pairs += [Pair(prompt, g.output, b.output, "ratings") for g, b in pairs[:MAX_PAIRS_PER_PROMPT]]
+        if modality in UNPROMPTED:  # one group: many pairs, each output in as many as the others (diagonals)
+            pairs = [(g, b, (j - i) % len(bad), i) for i, g in enumerate(good) for j, b in enumerate(bad)]
+            pairs.sort(key=lambda p: (-(p[0].score - p[1].score), p[2], p[3]))
+            cap = MAX_PAIRS_UNPROMPTED
+        else:
+            pairs = [(g, b) for g in good for b in bad]
+            pairs.sort(key=lambda gb: -(gb[0].score - gb[1].score))
+            cap = MAX_PAIRS_PER_PROMPT
+        feedback.pairs += [Pair(prompt, p[0].output, p[1].output, "ratings") for p in pairs[:cap]]
     for vote in db.list_votes(modality):
         if run not in (vote["left_run"], vote["right_run"]) or vote["winner"] not in ("left", "right"):
             continue

@@ -17,8 +17,10 @@ MAX_PROMPTS) or classes (images of a conditional run), in equal shares.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +28,17 @@ import torch
 
 from aigc.config import build, read_toml
 from aigc.data.images import ImageData, to_tensor
+from aigc.data.music import bars_of as bars_of_tokens
 from aigc.errors import BadRequest
 from aigc.evaluate.images import feature_net, score_against_data
 from aigc.modalities import image as image_modality
+from aigc.modalities.music import DEFAULT_BARS
 from aigc.optimize import rerank
 from aigc.optimize.feedback import Feedback
+from aigc.store import Stage
 
 FRESH_SEED = 1_000_003
+CHUNK = 32  # fresh outputs drawn and judged at a time (the progress bar moves once a chunk)
 MAX_PROMPTS = 8
 Z95 = 1.959964
 
@@ -58,15 +64,40 @@ def max_new_tokens_of(feedback: Feedback) -> int:
     return min(100, max(8, max(lengths, default=100)))
 
 
-def draw(modality, loaded, prompt: str, n: int, seed: int, max_new_tokens: int, reward=None, best_of: int = 1):
-    """n fresh outputs of a loaded run for one prompt or class (best-of-k by `reward` when k > 1)."""
+def bars_of(feedback: Feedback) -> int:
+    """Music: as many bars as the rated pieces have most often (pieces of another length read differently)."""
+    counts = Counter(bars_of_tokens(r.output.split()) for r in feedback.rated)
+    return min(256, max(1, counts.most_common(1)[0][0])) if counts else DEFAULT_BARS
+
+
+def length_of(modality_name: str, feedback: Feedback) -> dict:
+    """The length option fresh outputs are drawn with, as long as the rated ones (images: none)."""
+    if modality_name == "text":
+        return {"max_new_tokens": max_new_tokens_of(feedback)}
+    if modality_name == "music":
+        return {"bars": bars_of(feedback)}
+    if modality_name == "series":  # as many steps as the rated paths have most often
+        counts = Counter(len(json.loads(r.output)) for r in feedback.rated)
+        return {"horizon": counts.most_common(1)[0][0] if counts else 12}
+    return {}
+
+
+def draw(modality, loaded, prompt: str, n: int, seed: int, length: dict, reward=None, best_of: int = 1):
+    """n fresh outputs of a loaded run for one prompt or class (best-of-k by `reward` when k > 1); `length`: the
+    modality's length option (`length_of`)."""
     if modality.NAME == "text":
-        options = {"prompt": prompt, "n": n, "max_new_tokens": max_new_tokens}
+        options = {"prompt": prompt, "n": n, **length}
+    elif modality.NAME == "music":
+        options = {"n": n, **length}
+    elif modality.NAME == "series":
+        options = {"paths": n, **length}
     else:
         options = {"n": n, "class_": prompt or None}
     if best_of > 1:
-        return rerank.generate_best_of(modality, loaded, options, seed, best_of, reward).outputs
-    return modality.generate(loaded, options, seed, None).outputs
+        outputs = rerank.generate_best_of(modality, loaded, options, seed, best_of, reward).outputs
+    else:
+        outputs = modality.generate(loaded, options, seed, None).outputs
+    return outputs["paths"] if modality.NAME == "series" else outputs
 
 
 def image_quality(parent, before: list[np.ndarray], after: list[np.ndarray]) -> dict:
@@ -119,32 +150,38 @@ def compare(modality, parent_dir: Path, run_dir: Path, feedback: Feedback, cfg, 
     own (a rerank run), else a judge is fitted on the parent. eval_samples 0: none."""
     if cfg.eval_samples == 0:
         return {}
-    parent, child = modality.load(str(parent_dir)), modality.load(str(run_dir))
-    judge_reward = reward if reward is not None else rerank.fit_for_run(modality.NAME, parent, feedback, cfg)
-    return before_after(modality, parent, child, feedback, judge_reward, n_samples=cfg.eval_samples,
-                        child_reward=reward)
+    with Stage(run_dir, "judging", 2 * cfg.eval_samples, "outputs") as stage:  # the job's view reads its progress
+        parent, child = modality.load(str(parent_dir)), modality.load(str(run_dir))
+        judge_reward = reward if reward is not None else rerank.fit_for_run(modality.NAME, parent, feedback, cfg)
+        return before_after(modality, parent, child, feedback, judge_reward, n_samples=cfg.eval_samples,
+                            child_reward=reward, progress=stage.update)
 
 
 def before_after(modality, parent, child, feedback: Feedback, judge_reward, *, n_samples: int,
-                 child_reward=None) -> dict:
+                 child_reward=None, progress: Callable[[int], None] | None = None) -> dict:
     """The judged share of liked outputs, parent vs child, with 95% intervals; `parent` and `child` are loaded
-    runs; `child_reward` with its best_of: the child generates best-of-k (a rerank run)."""
+    runs; `child_reward` with its best_of: the child generates best-of-k (a rerank run). Outputs are drawn CHUNK
+    at a time (each chunk at the seed its first output has in one draw of them all: images come out the same),
+    and `progress(n)` is told of every n judged."""
     if n_samples < 1:
         raise BadRequest(f"eval_samples must be >= 1, got {n_samples}")
     prompts = prompts_of(feedback)
     per_prompt = [n_samples // len(prompts) + (i < n_samples % len(prompts)) for i in range(len(prompts))]
-    max_new = max_new_tokens_of(feedback)
+    length = length_of(modality.NAME, feedback)
     k = child_reward.info.get("best_of", 1) if child_reward is not None else 1
     out, drawn = {}, {}
     for side, loaded, reward, best_of in (("before", parent, None, 1), ("after", child, child_reward, k)):
         probabilities, drawn[side] = [], []
         for i, (prompt, n) in enumerate(zip(prompts, per_prompt, strict=True)):
-            if n == 0:
-                continue
-            outputs = draw(modality, loaded, prompt, n, FRESH_SEED + 1000 * i, max_new, reward, best_of)
-            scores = judge_reward.score(rerank.features_of(modality.NAME, parent, [prompt] * n, outputs))
-            probabilities.append(torch.sigmoid(scores))
-            drawn[side] += outputs
+            for start in range(0, n, CHUNK):
+                m = min(CHUNK, n - start)
+                outputs = draw(modality, loaded, prompt, m, FRESH_SEED + 1000 * i + start * best_of, length, reward,
+                               best_of)
+                scores = judge_reward.score(rerank.features_of(modality.NAME, parent, [prompt] * m, outputs))
+                probabilities.append(torch.sigmoid(scores))
+                drawn[side] += outputs
+                if progress is not None:
+                    progress(m)
         share, interval = expected_share(torch.cat(probabilities))
         out[f"liked_share_{side}"], out[f"liked_share_{side}_ci95"] = share, interval
     if modality.NAME == "image":

@@ -3,6 +3,8 @@ it, `aigc generate --best-of N` (the API's `best_of`, the studio's switch) uses 
 
 A reward reads features that the run itself, or its evaluation, computes (`features_of`):
 - text: the run's own embeddings and last hidden layer over the completion (aigc.optimize.reward.features);
+- music: the same, over a piece's event tokens (a music run is a text family on token ids);
+- series: summary statistics of a sample path in the units of the run's own series (`path_features`);
 - images: the penultimate layer of the evaluation's feature net, the classifier (or autoencoder) that `aigc eval`
   trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0).
 
@@ -13,6 +15,7 @@ same request and seed give the same outputs; an image kept carries its own seed,
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -45,13 +48,43 @@ MIN_HELD_OUT = 10  # rated outputs needed before a held-out accuracy is measured
 
 
 def features_of(modality: str, loaded, prompts: list[str], outputs: list) -> torch.Tensor:
-    """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt) or uint8
-    (H, W, C) images (prompts are ignored)."""
+    """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt), pieces of music
+    (their token strings, or the outputs of a generation, whole: prompts are ignored) or uint8 (H, W, C) images
+    (prompts are ignored)."""
     if modality == "text":
         return rewards.features(loaded, prompts, outputs)
+    if modality == "music":
+        pieces = [o["tokens"] if isinstance(o, dict) else o for o in outputs]
+        return rewards.features(loaded, [""] * len(pieces), pieces)
+    if modality == "series":
+        return path_features(loaded.series.values, outputs)
     if modality == "image":
         return image_features(loaded, outputs)
-    raise BadRequest(f"best-of-n reranking takes text and image runs, not {modality} runs")
+    raise BadRequest(f"best-of-n reranking takes text, image, music and series runs, not {modality} runs")
+
+
+PATH_FEATURES = ("end", "start", "mean", "end_minus_start", "slope", "std", "max", "min", "mean_abs_step",
+                 "step_autocorrelation")
+
+
+def path_features(series_values: np.ndarray, paths: list) -> torch.Tensor:
+    """(N, len(PATH_FEATURES)) float32 features of N sample paths (each H >= 1 values continuing the series, or
+    their JSON as feedback keeps them): levels relative to the series' last value, every quantity divided by the
+    series' standard deviation, so one reward reads any horizon."""
+    last, scale = float(series_values[-1]), float(np.std(series_values)) or 1.0
+    rows = []
+    for path in paths:
+        y = (np.asarray(json.loads(path) if isinstance(path, str) else path, dtype=np.float64) - last) / scale
+        if y.ndim != 1 or len(y) == 0 or not np.isfinite(y).all():
+            raise BadRequest(f"a sample path must be a list of finite numbers, got {str(path)[:40]!r}")
+        steps = np.diff(np.concatenate([[0.0], y]))  # the first step is from the series' last value
+        slope = float(np.polyfit(np.arange(len(y), dtype=np.float64), y, 1)[0]) if len(y) > 1 else float(y[0])
+        corr = 0.0
+        if len(steps) > 2 and np.std(steps[1:]) > 0 and np.std(steps[:-1]) > 0:
+            corr = float(np.corrcoef(steps[1:], steps[:-1])[0, 1])
+        rows.append([y[-1], y[0], y.mean(), y[-1] - y[0], slope, y.std(), y.max(), y.min(), np.abs(steps).mean(),
+                     corr])
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(PATH_FEATURES))
 
 
 _NETS: dict[tuple[str, str], torch.nn.Module] = {}
@@ -97,7 +130,8 @@ def fit_from_feedback(modality: str, loaded, feedback: Feedback, *, l2: float) -
     for r in rated:
         labels[row_of[r.prompt, r.output]] = 1.0 if r.score > 0 else 0.0
     pairs = [(row_of[p.prompt, p.chosen], row_of[p.prompt, p.rejected]) for p in feedback.pairs]
-    kind = rewards.feature_kind(loaded) if modality == "text" else "evaluation-features"
+    kind = rewards.feature_kind(loaded) if modality in ("text", "music") else \
+        "path-statistics" if modality == "series" else "evaluation-features"
     reward = rewards.fit(X, labels, pairs, l2=l2, kind=kind)
 
     # accuracy on rated outputs the reward did not see: a fit on the others (each output held out or not by a hash of
@@ -146,8 +180,9 @@ def fitted(reward: rewards.Reward) -> dict:
 
 
 def _contents(modality: str, loaded, outputs: list[str]) -> list:
-    """What features read: texts as they are; images' PNG files as (H, W, C) uint8 arrays of the run's shape."""
-    if modality == "text":
+    """What features read: texts and pieces' tokens as they are; images' PNG files as (H, W, C) uint8 arrays of the
+    run's shape."""
+    if modality in ("text", "music", "series"):  # series: paths as JSON, read by path_features
         return outputs
     channels, height, width = loaded.record["image_shape"]
     images = []
@@ -198,11 +233,13 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     """n outputs, each the best by `reward` of k candidates (module docstring). A text stream gets the chosen
     continuation in one piece once the candidates are scored."""
     name = modality.NAME
-    n = options.get("n") or (1 if name == "text" else 64)
+    if name == "series":
+        return _best_paths(modality, loaded, options, seed, k, reward)
+    n = options.get("n") or (64 if name == "image" else 1)
     if name == "text" and (options.get("num_beams") or 1) > 1:
         raise BadRequest(f"--best-of {k} draws candidates by sampling: it does not apply to beam search "
                          f"(--num-beams); pass --best-of 1 to search the beams of this run")
-    if name == "text" and options.get("temperature") == 0:
+    if name in ("text", "music") and options.get("temperature") == 0:
         raise BadRequest(f"--best-of {k} with --temperature 0 would score {k} identical candidates: sample with a "
                          f"temperature > 0, or pass --best-of 1")
     candidates = modality.generate(loaded, {**options, "n": n * k}, seed, None, cancel, batched=batched)
@@ -215,7 +252,7 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     record["settings"] = {**record["settings"], "n": n, "best_of": k}
     record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
                         "features": reward.info.get("features")}
-    if name == "text":
+    if name in ("text", "music"):
         stats = dict(record["stats"])
         stats["finish_reasons"] = [stats["finish_reasons"][i] for i in chosen]
         record["stats"] = stats  # generated_tokens stays every candidate's: what was computed
@@ -224,3 +261,22 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     else:
         record["images"] = [{**record["images"][i], "best_of": k} for i in chosen]
     return Generation(name, outputs, record, dict(candidates.extra))
+
+
+def _best_paths(modality, loaded, options: dict, seed: int, k: int, reward: rewards.Reward) -> Generation:
+    """A forecast whose N sample paths are each the best by `reward` of k: N x k paths drawn with the seed, the
+    best of each consecutive group of k kept; the point forecast and its intervals are the model's."""
+    n = options.get("paths") or 0
+    if n < 1:
+        raise BadRequest(f"--best-of {k} chooses among sample paths: ask for some (--paths N), or pass --best-of 1")
+    candidates = modality.generate(loaded, {**options, "paths": n * k}, seed, None)
+    paths = candidates.outputs["paths"]
+    scores = reward.score(path_features(loaded.series.values, paths))
+    chosen = rewards.best_of(scores, n, k)
+    record = dict(candidates.record)
+    record["settings"] = {**record["settings"], "paths": n, "best_of": k}
+    record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
+                        "features": reward.info.get("features")}
+    extra = dict(candidates.extra)
+    extra["sampled"] = candidates.extra["sampled"][chosen]
+    return Generation(modality.NAME, {**candidates.outputs, "paths": [paths[i] for i in chosen]}, record, extra)

@@ -33,8 +33,11 @@ BATCH_SIZE = 32  # texts per forward pass in `features`
 
 
 def feature_kind(loaded) -> str:
-    """What `features` computes for this run, as recorded in reward.json: "hidden:<family>" or "chars:512"."""
-    return f"chars:{NGRAM_DIM}" if loaded.family == "ngram" else f"hidden:{loaded.family}"
+    """What `features` computes for this run, as recorded in reward.json: "hidden:<family>", "chars:512" or (an
+    n-gram of music, whose texts are event tokens separated by spaces) "tokens:512"."""
+    if loaded.family != "ngram":
+        return f"hidden:{loaded.family}"
+    return f"tokens:{NGRAM_DIM}" if loaded.tokenizer.kind == "music" else f"chars:{NGRAM_DIM}"
 
 
 def features(loaded, prompts: list[str], texts: list[str]) -> torch.Tensor:
@@ -49,7 +52,7 @@ def features(loaded, prompts: list[str], texts: list[str]) -> torch.Tensor:
     are left out of the mean, but they still shape the completion's states. Eval mode, no grad, in the model's own
     dtype and returned as fp32, batched with right padding (causal models: padding after a row never reaches its
     earlier positions). n-gram: an L1-normalised bag (D = 512) of the completion's (or, when empty, the whole text's)
-    character unigrams and bigrams hashed with crc32.
+    character unigrams and bigrams hashed with crc32 (music: its event tokens and token pairs).
     """
     if len(prompts) != len(texts) or not texts:
         raise BadRequest(f"{len(prompts)} prompts for {len(texts)} texts: give one prompt per text, at least one")
@@ -57,7 +60,9 @@ def features(loaded, prompts: list[str], texts: list[str]) -> torch.Tensor:
         if not text.startswith(prompt):
             raise BadRequest(f"text {text[:40]!r} does not start with its prompt {prompt[:40]!r}")
     if loaded.family == "ngram":
-        return torch.stack([_char_bag(text[len(prompt):] or text) for prompt, text in zip(prompts, texts, strict=True)])
+        split = loaded.tokenizer.kind == "music"  # event tokens, not characters
+        return torch.stack([_char_bag(text[len(prompt):] or text, split)
+                            for prompt, text in zip(prompts, texts, strict=True)])
     rows = [_encode(loaded, prompt, text) for prompt, text in zip(prompts, texts, strict=True)]
     model = loaded.model
     was_training = model.training
@@ -105,10 +110,12 @@ def _hidden_means(loaded, rows: list[tuple[list[int], int]]) -> torch.Tensor:
     return torch.cat(means, dim=1)  # (B, D_0 + D_last)
 
 
-def _char_bag(text: str) -> torch.Tensor:
-    """(NGRAM_DIM,) counts of the text's characters and character pairs in crc32 buckets, divided by their sum."""
+def _char_bag(text: str, split: bool = False) -> torch.Tensor:
+    """(NGRAM_DIM,) counts of the text's characters and character pairs (split: its space-separated tokens and
+    token pairs) in crc32 buckets, divided by their sum."""
+    units, sep = (text.split(), " ") if split else (list(text), "")
     bag = torch.zeros(NGRAM_DIM)
-    for gram in [*text, *(text[i:i + 2] for i in range(len(text) - 1))]:
+    for gram in [*units, *(sep.join(units[i:i + 2]) for i in range(len(units) - 1))]:
         bag[zlib.crc32(gram.encode("utf-8")) % NGRAM_DIM] += 1.0
     return bag / bag.sum().clamp_min(1.0)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 class _Validation:
     """The parent's validation windows, scored by next-token loss (val_loss, val_bpc) like any text run."""
 
-    def __init__(self, val_ids: np.ndarray, block_size: int, chars_per_val_token: float):
+    def __init__(self, val_ids: np.ndarray, block_size: int, chars_per_val_token: float | None):
         self.val = torch.as_tensor(np.asarray(val_ids).astype(np.int64))
         self.block_size, self.chars_per_val_token = block_size, chars_per_val_token
 
@@ -90,6 +91,8 @@ class _Validation:
         return None
 
     def val_metrics(self, val_loss: float) -> dict:
+        if self.chars_per_val_token is None:  # music: the loss per token is the metric
+            return {}
         return {"val_bpc": val_loss / LN2 / self.chars_per_val_token}
 
 
@@ -99,7 +102,7 @@ class LikedBatches(_Validation):
     unit = "tokens"
 
     def __init__(self, examples: list[tuple[list[int], int]], weights: list[float], val_ids: np.ndarray,
-                 block_size: int, chars_per_val_token: float):
+                 block_size: int, chars_per_val_token: float | None):
         super().__init__(val_ids, block_size, chars_per_val_token)
         self.examples = [e for e in examples if len(e[0]) > e[1]]  # an empty completion teaches nothing
         self.weights = torch.tensor([w for e, w in zip(examples, weights, strict=True) if len(e[0]) > e[1]],
@@ -124,7 +127,7 @@ class PairBatches(_Validation):
     items_per_sample = 1
 
     def __init__(self, pairs: list[tuple[tuple[list[int], int], tuple[list[int], int]]], reference,
-                 val_ids: np.ndarray, block_size: int, chars_per_val_token: float, beta: float):
+                 val_ids: np.ndarray, block_size: int, chars_per_val_token: float | None, beta: float):
         super().__init__(val_ids, block_size, chars_per_val_token)
         self.pairs = [p for p in pairs if all(len(ids) > start for ids, start in p)]
         if not self.pairs:
@@ -172,19 +175,34 @@ STEPS = 100  # sft's and dpo's steps by default (benchmarks/feedback.py: enough 
 
 def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str,
             sets: dict) -> Prepared:
-    """The parent's model and tokenizer, its validation split, and what `method` learns: the batches of sft or
-    dpo, or (rerank) a reward model fitted on the parent's features of the rated outputs."""
+    """The parent's model and tokenizer, its validation split (bits per character), and what `method` learns
+    (`prepare_tokens`)."""
     tokenizer = TextTokenizer.load(parent_dir)
     val_docs = read_val(parent_dir)
     val_ids = tokenizer.encode_docs(val_docs)
     chars = n_scored_chars(val_docs)
+    state = {"chars": chars, "parent_val_bpc": parent.get("metrics", {}).get("val_bpc")}
+
+    def copy_split(staging: Path) -> None:
+        shutil.copy2(parent_dir / "val.jsonl", staging / "val.jsonl")
+
+    return prepare_tokens("text", fam, parent_dir, configs, feedback, method, tokenizer, val_ids,
+                          chars / max(1, len(val_ids) - 1), state, copy_split)
+
+
+def prepare_tokens(modality: str, fam, parent_dir: Path, configs: dict, feedback: Feedback, method: str,
+                   tokenizer: TextTokenizer, val_ids: np.ndarray, chars_per_val_token: float | None, state: dict,
+                   copy_split: Callable[[Path], None]) -> Prepared:
+    """What `method` learns from a run of the text families on token ids (text, and music's event tokens): the
+    batches of sft or dpo, the n-gram's added counts, or (rerank) a reward model fitted on the parent's features
+    of the rated outputs. `val_ids`: the parent's validation stream; `chars_per_val_token`: what turns a loss per
+    token into bits per character (None: no such metric, music); `state`: the modality's own keys for `finish`;
+    `copy_split`: writes the parent's split files into the new run."""
     block = configs["train"].block_size if "train" in configs else 0
-    per_token = chars / max(1, len(val_ids) - 1)
     verify_manifest(parent_dir)
-    state = {"tokenizer": tokenizer, "val_ids": val_ids, "chars": chars,
-             "parent_val_bpc": parent.get("metrics", {}).get("val_bpc")}
+    state = {**state, "tokenizer": tokenizer, "val_ids": val_ids}
     if method == "rerank":
-        state["reward"] = rerank.fit_for_run("text", load_run(str(parent_dir)), feedback, configs["optimize"])
+        state["reward"] = rerank.fit_for_run(modality, load_run(str(parent_dir)), feedback, configs["optimize"])
         model, extra_files = None, rerank.reward_run_files(parent_dir, state["reward"])
     elif fam.trainer == "counts":  # sft on an n-gram: counts added, no training loop
         model, extra_files = fam.load(parent_dir), None
@@ -200,16 +218,16 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
             liked = feedback.liked
             examples = [encode_example(tokenizer, r.prompt, r.output, block + 1) for r in liked]
             state["batches"] = _checked(LikedBatches, examples, [float(r.score) for r in liked], val_ids, block,
-                                        per_token)
+                                        chars_per_val_token)
         else:
             pairs = [(encode_example(tokenizer, p.prompt, p.chosen, block + 1),
                       encode_example(tokenizer, p.prompt, p.rejected, block + 1)) for p in feedback.pairs]
-            state["batches"] = _checked(PairBatches, pairs, model, val_ids, block, per_token,
+            state["batches"] = _checked(PairBatches, pairs, model, val_ids, block, chars_per_val_token,
                                         configs["optimize"].beta)
 
     def write_files(staging: Path) -> None:
         tokenizer.save(staging)
-        shutil.copy2(parent_dir / "val.jsonl", staging / "val.jsonl")
+        copy_split(staging)
         if extra_files is not None:
             extra_files(staging)
 

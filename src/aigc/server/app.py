@@ -265,7 +265,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if modality != "music":
             raise _wrong_modality(body.model, modality)
         options = {"n": body.n or 1, "bars": body.bars, "temperature": body.temperature, "top_k": body.top_k,
-                   "top_p": body.top_p}
+                   "top_p": body.top_p, "best_of": body.best_of}
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
@@ -309,7 +309,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         modality, path = model_path(body.model)
         if modality != "series":
             raise _wrong_modality(body.model, modality)
-        options = {"horizon": body.horizon, "level": body.level, "paths": body.paths, "noise": body.noise}
+        options = {"horizon": body.horizon, "level": body.level, "paths": body.paths, "noise": body.noise,
+                   "best_of": body.best_of}
         requested = {"endpoint": "forecasts", **body.model_dump(exclude_none=True)}
 
         def work(emit, cancel):

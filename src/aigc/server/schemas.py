@@ -147,6 +147,7 @@ class ForecastRequest(Strict):
     level: float | None = Field(None, gt=0, lt=1, description="prediction-interval level (default 0.95)")
     paths: int | None = Field(None, ge=0, le=MAX_PATHS, description="sample paths (default 0)")
     noise: Literal["gaussian", "bootstrap"] | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description="sample paths: " + BEST_OF)
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
 
@@ -158,6 +159,7 @@ class AudioRequest(Strict):
     temperature: float | None = Field(None, ge=0, le=100, description="default 0.8; 0 = greedy")
     top_k: int | None = Field(None, ge=0, le=100_000, description="0 = off")
     top_p: float | None = Field(None, gt=0, le=1, description="1 = off")
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
 

@@ -514,9 +514,11 @@ def _replay(row: dict, base_url: str) -> dict:
             cli += ["--class", body["prompt"]]
     elif modality == "music":
         body = {"model": run, "seed": seed}
-        for field in ("n", "bars", "temperature", "top_k", "top_p"):
+        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
+            body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
             body.update(n=1, bars=ARENA_BARS)
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
@@ -532,9 +534,11 @@ def _replay(row: dict, base_url: str) -> dict:
             cli += ["--class", body["prompt"]]
     else:
         body = {"model": run, "horizon": request.get("horizon"), "seed": seed}
-        for field in ("level", "paths", "noise"):
+        for field in ("level", "paths", "noise", "best_of"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if row.get("rerank"):  # the k its paths were picked with
+            body["best_of"] = row["rerank"]["best_of"]
         path, cli = "/v1/forecasts", ["aigc", "generate", run]
     if body.get("seed") is None:
         raise BadRequest(f"generation {row['id']!r} has no seed recorded: it cannot be made again")

@@ -225,7 +225,7 @@ pages.models = async (main, params) => {
                                                  text: t("models.report")}));
       const shown = h("div");
       body.append(links, shown);
-      if (m.status === "done" && (m.modality === "text" || m.modality === "image")) body.append(improvePanel(m.id, !!only));
+      if (m.status === "done" && ["text", "image", "music", "series"].includes(m.modality)) body.append(improvePanel(m.id, !!only));
       if (m.status === "done") return api(`/v1/models/${m.id}/preview`).then(p => shown.append(showOutputs(p)));
     }).catch(e => { body.append(h("p", {class: "error", text: e.message})); });
   }
@@ -325,6 +325,8 @@ function beforeAfter(metrics) {  // an optimized run against its parent: liked s
     rows.push(["improve.liked", share(metrics, "before"), share(metrics, "after")]);
   if (typeof metrics.parent_val_bpc === "number" && typeof metrics.val_bpc === "number")
     rows.push(["improve.bpc", fmt(metrics.parent_val_bpc), fmt(metrics.val_bpc)]);
+  if (typeof metrics.parent_val_loss === "number" && typeof metrics.val_loss === "number")  // music
+    rows.push(["improve.nll", fmt(metrics.parent_val_loss), fmt(metrics.val_loss)]);
   if (typeof metrics.fid_before === "number" && typeof metrics.fid_after === "number")
     rows.push(["improve.fid", fmt(metrics.fid_before), fmt(metrics.fid_after)]);
   if (!rows.length) { box.append(h("p", {class: "meta", text: t("improve.notjudged")})); return box; }
@@ -743,8 +745,11 @@ function jobCard(job) {
     card.dataset.status = j.status;
     const eta = j.eta_s !== null && j.eta_s !== undefined && j.status === "running" ? ` · ${t("train.eta")} ${Math.ceil(j.eta_s)} s` : "";
     const step = j.step ? ` · ${t("curve.step")} ${j.step}${j.steps_goal ? `/${j.steps_goal}` : ""}` : "";
-    const rate = j.step && j.elapsed_s && j.status === "running" ? ` · ${t("train.rate", {rate: (j.step / j.elapsed_s).toFixed(1)})}` : "";
-    status.textContent = `${t(`status.${j.status}`)} · ${pct}%${step}${rate}${eta}`;
+    const staged = j.stage_total !== null && j.stage_total !== undefined;  // counting, scoring, judging (aigc optimize)
+    const rate = j.step && j.elapsed_s && j.status === "running" && !staged ? ` · ${t("train.rate", {rate: (j.step / j.elapsed_s).toFixed(1)})}` : "";
+    const stage = j.stage && j.status === "running" ? ` · ${t(`stage.${j.stage}`)}${staged ? ` ${j.stage_done}/${j.stage_total}` : ""}` : "";
+    card.dataset.stage = j.stage || "";
+    status.textContent = `${t(`status.${j.status}`)}${stage} · ${pct}%${staged ? "" : step}${rate}${eta}`;
     if (j.error) status.append(h("span", {class: "error", text: ` ${j.error}`}));
     if (j.curve && j.curve.length) { chart.textContent = ""; chart.append(curveChart([{name: j.run, curve: j.curve}], {width: 380, height: 160})); }
     actions.textContent = "";
