@@ -9,6 +9,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from tests.browser import CHROMIUM
 
 from aigc.config import build
 from aigc.models import FAMILIES
@@ -145,3 +146,16 @@ def make_model(family: str, ids: np.ndarray, tokenizer):
         return model
     torch.manual_seed(0)
     return fam.build(configs["model"], tokenizer.vocab_size, tokenizer.eot_id)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium under Playwright, one per studio test module (those modules skip, saying why, without
+    Playwright or Chromium)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium: apt-get install chromium-headless-shell fonts-wqy-microhei")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
+        yield chromium
+        chromium.close()

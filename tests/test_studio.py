@@ -14,19 +14,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server, train_runs
 
 from aigc.db import Store
 
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = next((p for p in ("/usr/bin/chromium-headless-shell", "/usr/bin/chromium", shutil.which("chromium") or "")
-                 if p and Path(p).is_file()), None)
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium-headless-shell "
                                                          "fonts-wqy-microhei (the browser is never downloaded)"),
               pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
@@ -42,14 +40,6 @@ def studio(tmp_path_factory):
     proc, url = start_server(home, "--max-upload-mb", "5")
     yield home, url
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server, train_runs
-from tests.test_studio import CHROMIUM, left_the_server, new_page, shot, visit
+from tests.test_studio import left_the_server, new_page, shot, visit
 
 from aigc.db import Store
 
@@ -40,14 +41,6 @@ def rated(tmp_path_factory):
                 assert rated.status_code == 200, rated.text
     yield home, url
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 def test_a_person_improves_a_model_from_ratings_and_generates_best_of_n(rated, browser):

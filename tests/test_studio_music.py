@@ -15,8 +15,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server
-from tests.test_studio import CHROMIUM, TIMEOUT_MS, left_the_server, new_page, shot, visit
+from tests.test_studio import TIMEOUT_MS, left_the_server, new_page, shot, visit
 
 from aigc import service
 from aigc.data import music as m
@@ -43,14 +44,6 @@ def composers(tmp_path_factory):
     proc, url = start_server(home)
     yield home, url, folder
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 def wait_playable(page, selector: str) -> list[float]:

@@ -14,8 +14,9 @@ The screenshot goes to $AIGC_STUDIO_SHOTS/sweeps.png (docs/images/studio-sweeps.
 from __future__ import annotations
 
 import pytest
+from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server
-from tests.test_studio import CHROMIUM, left_the_server, new_page, shot, visit
+from tests.test_studio import left_the_server, new_page, shot, visit
 from tests.test_sweep_view import STUDY, build_sweep
 
 from aigc import service
@@ -44,14 +45,6 @@ def swept(tmp_path_factory):
     proc, url = start_server(home)
     yield home, url, study
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 def test_the_sweeps_page_shows_trials_importances_and_parallel_coordinates(swept, browser):

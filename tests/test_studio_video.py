@@ -14,8 +14,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server
-from tests.test_studio import CHROMIUM, TIMEOUT_MS, left_the_server, new_page, shot, visit
+from tests.test_studio import TIMEOUT_MS, left_the_server, new_page, shot, visit
 
 from aigc import service
 from aigc.db import Store
@@ -43,14 +44,6 @@ def movies(tmp_path_factory):
     proc, url = start_server(home)
     yield home, url
     stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 def gifs_loaded(page, selector: str) -> list[int]:
