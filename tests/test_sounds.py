@@ -213,3 +213,43 @@ def test_sound_runs_refuse_what_they_do_not_take(hits):
         soundfile.write(flat / "b.wav", tone(300), RATE)
         service.train("vae", str(flat), name="y", max_steps=1, sets={**TINY, "conditional": "true"})
     assert torch.get_num_threads() >= 1
+
+
+def test_the_audio_endpoint_makes_sounds_and_they_can_be_rated(hits, one_thread):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+    from aigc.store import runs_dir
+
+    _train("vae", hits, "drumkit", conditional="true")
+    home = runs_dir().parent
+    app_ = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app_) as client:
+        body = {"model": "drumkit", "n": 2, "seed": 5, "instrument": "low"}
+        first, again = (client.post("/v1/audio/generations", json=body) for _ in range(2))
+        assert first.status_code == 200, first.text
+        made = first.json()
+        assert made["seed"] == 5 and "Griffin-Lim" in made["rendered_with"] and len(made["data"]) == 2
+        one = made["data"][1]
+        assert one["kind"] == "sound" and one["record"]["seed"] == 6 and one["record"]["class_name"] == "low"
+        assert one["midi_b64"] is None and one["bars"] is None
+        wav = base64.b64decode(one["wav_b64"])
+        with wave.open(io.BytesIO(wav)) as w:
+            assert (w.getframerate(), w.getsampwidth(), w.getnframes()) == (RATE, 2, 4410)
+        assert [d["wav_b64"] for d in again.json()["data"]] == [d["wav_b64"] for d in made["data"]]
+        png = client.get(one["png_url"])
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        assert client.get(one["wav_url"]).content == wav
+        gen_id = made["generation_id"]
+        assert client.get(f"/v1/generations/{gen_id}").json()["modality"] == "sound"
+        rated = client.post(f"/v1/generations/{gen_id}/ratings", json={"score": 1, "index": 1})
+        assert rated.status_code in (200, 201), rated.text
+        refused = client.post("/v1/audio/generations", json={"model": "drumkit", "bars": 4, "instrument": "low"})
+        assert refused.status_code == 400 and "--bars does not apply to sound runs" in refused.text
+        unknown = client.post("/v1/audio/generations", json={"model": "drumkit", "instrument": "cowbell"})
+        assert unknown.status_code == 400 and "unknown class 'cowbell'" in unknown.text
+        wrong = client.post("/v1/images/generations", json={"model": "drumkit"})
+        assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text

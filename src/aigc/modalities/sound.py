@@ -193,7 +193,8 @@ def generate(loaded: LoadedSounds, options: dict, seed: int, stream: Callable[[s
     seconds = time.perf_counter() - t0
     settings = {"n": n, "seed": seed, "class": label, "family": record["family"], **options}
     return Generation(NAME, outputs, {"run": str(loaded.path), "family": record["family"], "settings": settings,
-                                      "sounds": records, "sample_rate": cfg.sample_rate, "sounds_per_s": n / seconds})
+                                      "sounds": records, "sample_rate": cfg.sample_rate, "sounds_per_s": n / seconds},
+                      extra={"rendered_with": f"Griffin-Lim, {cfg.griffin_lim_iters} iterations (librosa)"})
 
 
 def spectrogram_png(path: Path, spectrogram: np.ndarray, record: dict | None = None, scale: int = 4) -> None:

@@ -33,7 +33,7 @@ from aigc.server.limits import ApiError
 
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
-         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature")}
+         "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature"), "sound": ("n", "steps")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -42,9 +42,10 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
     "music": ("n", "bars", "temperature", "top_k", "top_p"),
+    "sound": ("n",),
 }
 REQUESTS = {"text": schemas.CompletionRequest, "image": schemas.ImageRequest, "series": schemas.ForecastRequest,
-            "music": schemas.AudioRequest}
+            "music": schemas.AudioRequest, "sound": schemas.AudioRequest}
 PRESETS = {"quick": 2.0, "good": 10.0}  # training presets: minutes
 RUN_FILES = (".png", ".html", ".md", ".json", ".jsonl", ".csv", ".toml")  # a run's files the API serves
 PREVIEW_TEXT = {"n": 3, "max_new_tokens": 60}
@@ -88,6 +89,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         fam = service.FAMILIES[record["family"]]
         extra = tuple(o for o in fam.sampler_options if o != "guidance_scale" or record.get("num_classes"))
         extra += ("best_of",) if "best_of" in defaults else ()  # a run with a reward model: best of N
+        if modality == "sound":  # the audio endpoint takes a diffusion run's steps of the sampling options
+            extra = tuple(o for o in extra if o in schemas.AudioRequest.model_fields)
         classes = record.get("class_names") or ([str(i) for i in range(record["num_classes"])]
                                                 if record.get("num_classes") else None)
         return {"model": model, "modality": modality, "family": record["family"], "classes": classes,
