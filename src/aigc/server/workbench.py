@@ -134,8 +134,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         if signature in previews:
             return previews[signature]
         options = {"text": PREVIEW_TEXT, "image": {"n": 8}, "series": {"horizon": 24, "paths": 20},
-                   "music": {"n": 1, "bars": ARENA_BARS}}[modality]
-        if modality == "image" and store.read_run(path).get("num_classes"):
+                   "music": {"n": 1, "bars": ARENA_BARS}, "sound": {"n": 1}}[modality]
+        if modality in ("image", "sound") and store.read_run(path).get("num_classes"):
             options = {**options, "class_": "0"}
 
         def work(emit, cancel):
@@ -370,6 +370,12 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
                                 "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"),
                                 "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(generation.outputs)]}
+    if generation.modality == "sound":  # a preview (not recorded): the WAV and the spectrogram as data URLs
+        with tempfile.TemporaryDirectory() as tmp:
+            service.save(generation, Path(tmp))
+            return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
+                                "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"), "sound": True,
+                                "cls": rec["class_name"]} for i, rec in enumerate(generation.record["sounds"])]}
     return {"forecast": forecast_of(generation)}
 
 
@@ -493,6 +499,12 @@ def _replay(row: dict, base_url: str) -> dict:
         if endpoint == "arena":
             body.update(n=1, bars=ARENA_BARS)
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
+    elif modality == "sound":
+        body = {"model": run, "seed": seed}
+        for field in ("n", "instrument", "steps"):
+            if request.get(field) is not None:
+                body[field] = request[field]
+        path, cli = "/v1/audio/generations", ["aigc", "generate", run]
     else:
         body = {"model": run, "horizon": request.get("horizon"), "seed": seed}
         for field in ("level", "paths", "noise"):
@@ -501,7 +513,7 @@ def _replay(row: dict, base_url: str) -> dict:
         path, cli = "/v1/forecasts", ["aigc", "generate", run]
     if body.get("seed") is None:
         raise BadRequest(f"generation {row['id']!r} has no seed recorded: it cannot be made again")
-    flags = {"max_tokens": "--max-new-tokens", "n": "-n"}
+    flags = {"max_tokens": "--max-new-tokens", "n": "-n", "instrument": "--class"}
     for field, value in body.items():
         if field in ("model", "prompt", "response_format") or (modality == "image" and field == "n"):
             continue

@@ -465,7 +465,7 @@ pages.history = async main => {
   const query = h("input", {type: "search", name: "q"});
   const model = h("select", {name: "model"}, h("option", {value: "", text: t("all")}),
                   (await models()).map(m => h("option", {value: m.id, text: m.id})));
-  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music"].map(v =>
+  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music", "sound"].map(v =>
     h("option", {value: v, text: v ? t(`modality.${v}`) : t("all")})));
   const rated = h("select", {name: "rated"}, [["", t("all")], ["true", t("hist.rated")], ["false", t("hist.unrated")]]
     .map(([v, label]) => h("option", {value: v, text: label})));
