@@ -16,7 +16,7 @@ import soundfile
 import torch
 from typer.testing import CliRunner
 
-from aigc import service
+from aigc import service, store
 from aigc.cli import app
 from aigc.data import sounds as s
 from aigc.data.images import read_png_record
@@ -199,6 +199,7 @@ def test_eval_reports_kid_beside_its_floor_and_the_class_accuracy(hits, one_thre
     assert math.isfinite(m["kid"]) and math.isfinite(m["kid_floor"])
     assert 0 <= m["class_accuracy"] <= 1 and 0 <= m["class_accuracy_real"] <= 1
     assert json.loads((run_dir / "eval.json").read_text())["metrics"]["kid"] == m["kid"]
+    assert store.summary(run_dir)["score"] == {"metric": "kid", "value": m["kid"]}  # what `aigc runs` shows
     with pytest.raises(UserError, match="-n must be at least 3"):
         service.evaluate(run_dir.name, {"n": 2})
 
