@@ -15,7 +15,8 @@ accuracy of conditional samples beside the classifier's accuracy on the real val
 one snare per family at seed 0 (WAV + spectrogram PNG) is written there.
 
     python benchmarks/audio.py --part sounds           # 10 minutes per family (about 35 minutes in all)
-    python benchmarks/audio.py --part sounds --quick   # 1 minute per family (about 5 minutes)
+    python benchmarks/audio.py --part sounds --quick   # 1 minute per family, then the evaluations: the diffusion's
+                                                       # (114 samples x 20 steps of a 64 x 64 UNet) takes longest
 
 Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick.*).
 
