@@ -7,6 +7,19 @@ budget, on the same split and the same encoding (docs/audio.md).
 Writes benchmarks/results/audio.json and audio.md (--quick: audio-quick.json and .md). Runs live in a private AIGC
 home (default benchmarks/.work), away from a user's own runs.
 
+The sounds part (`--part sounds`): drum hits (`--data drums`, 56 training and 14 validation hits, split by file)
+as log-mel spectrograms through vae, dcgan and diffusion, each conditional on the instrument class and trained the
+same budget; `aigc eval` of each: KID in the features of the classifier trained on the training hits, beside its
+floor (the training hits against the validation hits: what a perfect generator scores) with N, and the class
+accuracy of conditional samples beside the classifier's accuracy on the real validation hits. With --listening DIR,
+one snare per family at seed 0 (WAV + spectrogram PNG) is written there.
+
+    python benchmarks/audio.py --part sounds           # 10 minutes per family (about 35 minutes in all)
+    python benchmarks/audio.py --part sounds --quick   # 1 minute per family, then the evaluations: the diffusion's
+                                                       # (114 samples x 20 steps of a 64 x 64 UNet) takes longest
+
+Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick.*).
+
 1. Every model trains through `aigc train --data bach-chorales` (split seed 0: 297 training and 33 validation
    chorales, copies removed before the split), the training split augmented by every transposition within
    --transpose semitones (the validation split never is); the n-gram is counted (order chosen on the training
@@ -42,6 +55,11 @@ MODELS = {  # row -> (family, --set values)
                     "embd_pdrop": "0.1", "resid_pdrop": "0.1", "compile": "false"}),
 }  # gpt without torch.compile: compile=auto compiles with a budget of 2 minutes or more, and on this shared
 #    machine the first --quick run spent the gpt's whole 2 minutes compiling (1 step)
+SOUND_MODELS = {  # family -> --set values (conditional on the drum class; the families' defaults otherwise)
+    "vae": {"conditional": "true"},
+    "dcgan": {"conditional": "true"},
+    "diffusion": {"conditional": "true", "compile": "false"},
+}
 STATS = ("pitch_class_entropy", "scale_consistency", "polyphony", "groove_consistency")
 TARGET_GAIN = 0.10  # the best neural family's NLL per token at least 10% below the n-gram's
 TARGET_STATS = 3  # of the four statistics within the floor or 2 standard errors
@@ -61,7 +79,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="pieces sampled per model for the statistics")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--part", choices=("music", "sounds"), default="music",
+                        help="music: bach-chorales (ngram, rnn, gpt); sounds: drum hits (vae, dcgan, diffusion)")
+    parser.add_argument("--listening", default=None, help="sounds: write one WAV + PNG per family here (a snare, "
+                                                          "seed 0)")
     args = parser.parse_args()
+    if args.part == "sounds":
+        sounds(args)
+        return
     minutes = args.minutes or (2.0 if args.quick else 10.0)
     stem = "audio-quick" if args.quick else "audio"
     models = [m for m in args.models.split(",") if m]
@@ -101,6 +126,98 @@ def main() -> None:
         save()
     save()
     print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
+
+
+def sounds(args) -> None:
+    """The sounds part: each family trained on the drum hits for the budget, then evaluated (KID and its floor, class
+    accuracy)."""
+    minutes = args.minutes or (1.0 if args.quick else 10.0)
+    stem = "audio-sounds-quick" if args.quick else "audio-sounds"
+    families = [f for f in args.models.split(",") if f in SOUND_MODELS] or list(SOUND_MODELS)
+    os.environ["AIGC_HOME"] = str(Path(args.home).resolve())
+
+    from aigc import service
+
+    started = time.time()
+    result = {"benchmark": stem, "minutes_per_model": minutes, "quick": args.quick, "machine": machine(),
+              "load_average_start": load(), "rows": []}
+    if args.listening:
+        result["listening_real"] = real_listening(Path(args.listening))
+    for family in families:
+        print(f"\n== {family}: {minutes:g} min on drums", file=sys.stderr)
+        run_dir, metrics = service.train(family, "drums", name=f"bench-drums-{family}-{minutes:g}min", overwrite=True,
+                                         max_minutes=minutes, sets=SOUND_MODELS[family])
+        t0 = time.perf_counter()
+        evaluation = service.evaluate(str(run_dir), {})
+        row = {"family": family, "run": str(run_dir), "steps": metrics.get("steps"),
+               "train_time_s": metrics.get("train_time_s"), "images_per_s": metrics.get("images_per_s"),
+               "eval_s": time.perf_counter() - t0, "n": evaluation["n"], "n_train": evaluation["n_train"],
+               "metrics": evaluation["metrics"], "feature_net": evaluation["feature_net"]}
+        if args.listening:
+            row["listening"] = listening(service, run_dir, family, Path(args.listening))
+        result["rows"].append(row)
+        result["wall_s"] = time.time() - started
+        result["load_average_end"] = load()
+        write_results(args.out, stem, result, sounds_markdown(result))
+    print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
+
+
+LISTENING_CLASS = "snare"  # the class of the listening page's sound (the first class where a run has no snare)
+
+
+def listening(service, run_dir: Path, family: str, out: Path) -> list[str]:
+    """One sound at seed 0 (a snare): DIR/<family>-<class>.wav and .png (the spectrogram, with its record)."""
+    import shutil
+
+    names = service.store.read_run(run_dir)["class_names"]
+    files = []
+    for name in [LISTENING_CLASS if LISTENING_CLASS in names else names[0]]:
+        generation = service.generate(str(run_dir), {"n": 1, "class_": name}, seed=0)
+        made = service.save(generation, out / ".tmp")
+        for suffix in (".wav", ".png"):
+            target = out / f"{family}-{name}{suffix}"
+            shutil.move(next(f for f in made if f.endswith(suffix)), target)
+            files.append(str(target))
+    shutil.rmtree(out / ".tmp", ignore_errors=True)
+    return files
+
+
+def real_listening(out: Path) -> list[str]:
+    """The first validation snare, as the pipeline makes it audible (spectrogram -> Griffin-Lim at seed 0): the best
+    a generated one can sound. DIR/real-snare.wav and .png."""
+    from aigc.data import sounds as s
+    from aigc.data.music import wav_bytes
+    from aigc.modalities.sound import spectrogram_png
+
+    cfg = s.SoundDataConfig()
+    _, val, files = s.load_split("drums", cfg)
+    i = list(val.labels).index(val.class_names.index(LISTENING_CLASS))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"real-{LISTENING_CLASS}.wav").write_bytes(wav_bytes(s.to_audio(val.images[i], cfg, 0), cfg.sample_rate))
+    spectrogram_png(out / f"real-{LISTENING_CLASS}.png", val.images[i], {"file": files["val"][i], "seed": 0})
+    return [str(out / f"real-{LISTENING_CLASS}{x}") for x in (".wav", ".png")]
+
+
+def sounds_markdown(result: dict) -> str:
+    rows = result["rows"]
+    lines = [f"# Audio benchmark, sounds: drum hits, {result['minutes_per_model']:g} min per family"
+             + (" (--quick)" if result["quick"] else ""), "",
+             f"Machine: {describe_machine(result['machine'])}; load average (1/5/15 min) {result['load_average_start']}"
+             f" at the start, {result.get('load_average_end', '-')} at the end (a shared machine: steps vary with the "
+             f"load). Conditional on the class (kick, snare, cymbal, tom, tabla); {result.get('wall_s', 0) / 60:.0f} "
+             "min in all.", "",
+             "KID (x 1000, lower is better) in the features of the classifier trained on the training hits, N "
+             "generated spectrograms (classes in turn) against the N validation hits; floor: N training hits against "
+             "the same validation hits. Class accuracy: that classifier's verdict on 20 samples per class, beside its "
+             "accuracy on the real validation hits.", "",
+             "| family | steps | KID x1000 | KID floor x1000 | N (train) | class accuracy | on real hits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        lines.append(f"| {r['family']} | {r['steps']} | {fmt(1000 * m['kid'], 1)} ± {fmt(1000 * m['kid_std'], 1)} | "
+                     f"{fmt(1000 * m['kid_floor'], 1)} | {r['n']} ({r['n_train']}) | {fmt(m['class_accuracy'], 2)} | "
+                     f"{fmt(m['class_accuracy_real'], 2)} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:

@@ -39,7 +39,7 @@ def test_options_of_another_modality_say_whose_they_are(poems_file):
     with pytest.raises(BadRequest, match=r"--horizon does not apply to text runs \(--horizon applies to series"):
         service.generate("ng", {"horizon": 3})
     with pytest.raises(BadRequest,
-                       match=r"-n does not apply to text runs \(-n applies to image, music and video runs\)"):
+                       match=r"-n does not apply to text runs \(-n applies to image, music, video and sound runs\)"):
         service.evaluate("ng", {"n": 5})
 
 

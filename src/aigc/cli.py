@@ -321,8 +321,8 @@ def generate(
     no_repeat_ngram_size: Annotated[int | None, typer.Option(help="forbid repeating any n-gram of this size")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="cut a sample before this string; repeatable")] = None,
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
-    class_: Annotated[str | None, typer.Option("--class", help="image runs: class name or index")] = None,
-    out: Annotated[str | None, typer.Option(help="image, series and music runs: folder for the files")] = None,
+    class_: Annotated[str | None, typer.Option("--class", help="image and sound runs: class name or index")] = None,
+    out: Annotated[str | None, typer.Option(help="image, series, music and sound runs: folder for the files")] = None,
     from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF) from the record it "
                                                          "carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
@@ -420,6 +420,15 @@ def generate(
         print(f"{len(generation.outputs)} piece(s) of {', '.join(str(o['bars']) for o in generation.outputs)} bars, "
               f"seed {generation.record['settings']['seed']}; audio: {generation.extra.get('rendered_with')}",
               file=sys.stderr)
+        return
+    if generation.modality == "sound":  # NNN.wav, NNN.png and NNN.json per sound
+        if json_out:
+            record = generation.record
+            _emit_json({"files": files, "settings": record["settings"], "sounds": record["sounds"],
+                        "sounds_per_s": record["sounds_per_s"]})
+            return
+        for path in files:
+            print(path)
         return
     if generation.modality == "video":  # NNN.gif per clip and sheet.png
         if json_out:
@@ -692,6 +701,13 @@ def data_list():
         print(f"{name:<22} {clips.package:<22} {clips.description}")
     print("\nYour own clips: a GIF file or a folder of them (simvp predicts; vae, diffusion make clips; "
           "docs/video.md).")
+    from aigc.data.sounds import NAMED_SOUNDS, named_installed
+
+    print(f"\n{'sounds':<10} {'installed':<9} {'package':<18} description")
+    for name, sounds in NAMED_SOUNDS.items():
+        print(f"{name:<10} {'yes' if named_installed(name) else 'no':<9} {sounds.package:<18} {sounds.description}")
+    print("\nYour own sounds: a folder of WAV/FLAC/OGG hits, classes from its sub-folders (vae, dcgan, diffusion; "
+          "docs/audio.md).")
 
 
 @data_app.command("show")
@@ -708,9 +724,13 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
       aigc data show co2
     """
     from aigc.data.series import is_series_data
+    from aigc.data.sounds import is_sound_data
 
     if is_series_data(data):
         _show_series(data, json_out)
+        return
+    if is_sound_data(data):
+        _show_sounds(data, json_out)
         return
     from aigc.data.text import load_corpus, split_corpus
 
@@ -730,6 +750,21 @@ def data_show(data: Annotated[str, typer.Argument(help="a named corpus or a path
         print(f"{key:>15}  {value:,}" if isinstance(value, int) else f"{key:>15}  {value}")
     print("--- first document:")
     print(corpus.docs[0][:300])
+
+
+def _show_sounds(data: str, json_out: bool) -> None:
+    from aigc.data.sounds import describe
+
+    info = describe(data)
+    if json_out:
+        _emit_json(info)
+        return
+    for key in ("name", "package", "folder", "files", "train_files", "val_files", "copyright"):
+        if info.get(key) is not None:
+            print(f"{key:>12}  {info[key]}")
+    print(f"{'licences':>12}  {', '.join(f'{k} {v}' for k, v in info['licences'].items())}")
+    for name, files in info["classes"].items():
+        print(f"{name:>12}  {len(files):>3}  {' '.join(f.rsplit('.', 1)[0] for f in files)}")
 
 
 def _show_series(data: str, json_out: bool) -> None:

@@ -73,6 +73,9 @@ COLUMNS = {
               Column("beats_floors", "beats the floors"), Column("val_nelbo", "val nelbo", "lower", "family"),
               Column("frame_fid", "frame FID", "lower"),
               Column("class_consistency", "class consistency", "higher")),
+    # spectrograms in the drum classifier's features (the floors are in each run's page)
+    "sound": (Column("kid", "KID", "lower"), Column("class_accuracy", "class accuracy", "higher"),
+              Column("val_nelbo", "val nelbo", "lower", "family"), Column("val_loss", "val loss")),
 }
 FLOORED = ("fid", "kid", "precision", "recall", "memorization_rate")  # eval.json has their floors: METRIC_floor
 CURVE_LABELS = {"text": "loss (nats/token)"}  # the y axis; image and series losses are each family's own

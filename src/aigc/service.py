@@ -35,6 +35,8 @@ from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, save_png
 from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
+from aigc.data.sounds import NAMED_SOUNDS, is_sound_data
+from aigc.data.sounds import named_installed as sound_installed
 from aigc.data.text import CORPORA, corpus_installed
 from aigc.data.video import NAMED_VIDEOS, is_video_data
 from aigc.db import Store, default_url, new_id
@@ -71,6 +73,8 @@ def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
         return "music", fam
     if data is not None and fam.modality == "image" and is_video_data(data):  # clips: frames as channels
         return "video", fam
+    if data is not None and fam.modality == "image" and is_sound_data(data):  # log-mel spectrograms
+        return "sound", fam
     return fam.modality, fam
 
 
@@ -548,11 +552,12 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                                           rerank=one, **common))
         return made
     gen_id = ids[0] if ids else new_id("gen")
-    if generation.modality in ("music", "video") and files is None:  # its files (MIDI, WAV, rolls; GIFs, sheet)
+    if generation.modality in ("music", "video", "sound") and files is None:  # its files (MIDI, WAV, rolls; GIFs, sheet; sounds' WAVs and spectrograms)
         files = save(generation, store.generations_dir() / gen_id)
     stats = generation.record.get("stats", {})
     output = generation.outputs if generation.modality == "text" else \
-        json_safe(generation.record["clips"] if generation.modality == "video" else generation.outputs)
+        json_safe(generation.record["clips"] if generation.modality == "video" else
+                  generation.record["sounds"] if generation.modality == "sound" else generation.outputs)
     family = generation.record.get("family") or settings.get("family")
     return [db.add_generation(id=gen_id, request=request, seed=settings.get("seed"), family=family,
                               output=output, file=files[0] if files else None,
@@ -619,6 +624,8 @@ def datasets() -> list[dict]:
               "package": d.package, "installed": True} for name, d in MUSIC_CORPORA.items()]
     rows += [{"name": name, "modality": "video", "description": d.description, "package": d.package,
               "installed": named_installed(d.images)} for name, d in NAMED_VIDEOS.items()]
+    rows += [{"name": name, "modality": "sound", "description": d.description, "package": d.package,
+              "installed": sound_installed(name)} for name, d in NAMED_SOUNDS.items()]
     return rows
 
 

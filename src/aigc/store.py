@@ -30,6 +30,7 @@ HEADLINES = {  # modality -> the metrics that sum a run up, best first: from eva
     "series": ("mase", "sigma"),
     "music": ("val_nll_per_note",),
     "video": ("mse", "frame_fid", "val_nelbo", "val_loss"),
+    "sound": ("kid", "val_nelbo", "val_loss"),
 }
 
 

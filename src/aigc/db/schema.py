@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 VERSION_TABLE = "aigc_alembic_version"  # not Alembic's default: Optuna's storage owns `alembic_version`
-MODALITIES = ("text", "image", "series", "music", "video")
+MODALITIES = ("text", "image", "series", "music", "video", "sound")
 SOURCES = ("api", "cli", "studio")  # what made a generation
 WINNERS = ("left", "right", "tie", "both_bad")
 

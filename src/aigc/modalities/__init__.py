@@ -1,4 +1,4 @@
-"""Modalities: what a kind of content (text, images, series, music, video) does at each stage of a run's life.
+"""Modalities: what a kind of content (text, images, series, music, video, sound) does at each stage of a run's life.
 
 A modality is one module implementing the `Modality` protocol: its configuration sections, how it turns a
 training request into data and a model (`prepare`, or `reload` to resume), how it trains and scores them,
@@ -13,10 +13,10 @@ Generation returns its outputs and a record (`Generation`); writing files is the
 
 from __future__ import annotations
 
-from aigc.modalities import image, music, series, text, video
+from aigc.modalities import image, music, series, sound, text, video
 from aigc.modalities.base import Generation, Modality, Prepared
 
 MODALITIES: dict[str, Modality] = {"text": text, "image": image, "series": series, "music": music,
-                                   "video": video}
+                                   "video": video, "sound": sound}
 
 __all__ = ["MODALITIES", "Generation", "Modality", "Prepared"]

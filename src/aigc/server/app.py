@@ -51,7 +51,8 @@ FIELD_OWNERS = {**{f: "video" for f in schemas.VideoRequest.model_fields},  # fi
                 **{f: "image" for f in schemas.ImageRequest.model_fields},
                 **{f: "series" for f in schemas.ForecastRequest.model_fields}}
 ENDPOINTS = {"text": "/v1/completions or /v1/chat/completions", "image": "/v1/images/generations",
-             "series": "/v1/forecasts", "music": "/v1/audio/generations", "video": "/v1/videos/generations"}
+             "series": "/v1/forecasts", "music": "/v1/audio/generations", "video": "/v1/videos/generations",
+             "sound": "/v1/audio/generations"}
 
 
 @dataclasses.dataclass
@@ -259,16 +260,19 @@ def create_app(config: ServerConfig) -> FastAPI:
 
         return await (await start(request, work)).result()
 
-    @app.post("/v1/audio/generations", response_model=schemas.AudioResponse, summary="compose music (MIDI and WAV)")
+    @app.post("/v1/audio/generations", response_model=schemas.AudioResponse,
+              summary="compose music (MIDI and WAV) or make sounds (WAV and spectrogram)")
     async def audio(body: schemas.AudioRequest, request: Request, key_id: str | None = Depends(caller)):
         modality, path = model_path(body.model)
-        if modality != "music":
+        if modality not in ("music", "sound"):
             raise _wrong_modality(body.model, modality)
         options = {"n": body.n or 1, "bars": body.bars, "temperature": body.temperature, "top_k": body.top_k,
-                   "top_p": body.top_p, "best_of": body.best_of}
+                   "top_p": body.top_p, "best_of": body.best_of, "class_": body.instrument, "steps": body.steps}
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
+        if modality == "sound":
+            return _sound_response(request, body.model, gen_id, generation, files)
         data = []
         for i, output in enumerate(generation.outputs):
             stem = Path(files[4 * i]).with_suffix("")  # NNN.mid, NNN.wav, NNN.png, NNN.json per piece
@@ -368,6 +372,23 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"object": "rating", **row}
 
     return app
+
+
+def _sound_response(request: Request, model: str, gen_id: str, generation, files: list[str]) -> dict:
+    """The answer of /v1/audio/generations for a sound run: per sound its WAV (inline and as a URL), its spectrogram's
+    URL and its record."""
+    data = []
+    for i in range(len(generation.outputs)):
+        stem = Path(files[3 * i]).with_suffix("")  # NNN.wav, NNN.png, NNN.json per sound
+        urls = {f"{kind}_url": str(request.url_for("generation_files", generation_id=gen_id,
+                                                   name=stem.with_suffix(suffix).name))
+                for kind, suffix in (("wav", ".wav"), ("png", ".png"))}
+        data.append({"index": i, "kind": "sound", **urls,
+                     "wav_b64": base64.b64encode(stem.with_suffix(".wav").read_bytes()).decode(),
+                     "record": json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))})
+    return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": model,
+            "seed": generation.record["settings"]["seed"], "rendered_with": generation.extra["rendered_with"],
+            "data": data}
 
 
 def _wrong_modality(model: str, modality: str) -> ApiError:

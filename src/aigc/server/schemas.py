@@ -153,8 +153,8 @@ class ForecastRequest(Strict):
 
 
 class AudioRequest(Strict):
-    model: str = Field(min_length=1, max_length=256, description="a music run")
-    n: int | None = Field(None, ge=1, le=MAX_PIECES, description="pieces (default 1)")
+    model: str = Field(min_length=1, max_length=256, description="a music run or a sound run")
+    n: int | None = Field(None, ge=1, le=MAX_PIECES, description="pieces or sounds (default 1)")
     bars: int | None = Field(None, ge=1, le=64, description="bars per piece (default 8)")
     temperature: float | None = Field(None, ge=0, le=100, description="default 0.8; 0 = greedy")
     top_k: int | None = Field(None, ge=0, le=100_000, description="0 = off")
@@ -162,6 +162,10 @@ class AudioRequest(Strict):
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
+    # sound runs (drum hits): the class of a conditional run, and a diffusion run's sampling steps
+    instrument: str | None = Field(None, max_length=256, description="sound runs, conditional: the class (e.g. "
+                                                                        "snare) or its index")
+    steps: int | None = Field(None, ge=1, le=1000, description="sound runs, diffusion: sampling steps (default 20)")
 
 
 class VideoRequest(Strict):
@@ -327,14 +331,15 @@ class ImageDatum(BaseModel):
 
 class AudioDatum(BaseModel):
     index: int
-    bars: int
-    notes: int
+    kind: Literal["music", "sound"] = "music"
+    bars: int | None = None  # music
+    notes: int | None = None  # music
     wav_b64: str  # 16-bit PCM mono WAV
-    midi_b64: str  # standard MIDI file, the generation record as a text event
+    midi_b64: str | None = None  # music: standard MIDI file, the generation record as a text event
     wav_url: str  # the same files, kept in the store: GET /v1/generations/{id}/files/NNN.wav
-    midi_url: str
-    png_url: str  # the piano roll
-    record: dict  # the record the files carry (run, settings with the seed, index)
+    midi_url: str | None = None
+    png_url: str  # music: the piano roll; sound: the spectrogram
+    record: dict  # the record the files carry (run, settings with the seed, index; sound: class, class_name)
 
 
 class AudioResponse(BaseModel):
@@ -344,7 +349,7 @@ class AudioResponse(BaseModel):
     model: str
     generation_id: str
     seed: int
-    rendered_with: str  # fluidsynth and its soundfont, or the plain synthesis
+    rendered_with: str  # fluidsynth and its soundfont, or the plain synthesis; sound: Griffin-Lim
     data: list[AudioDatum]
 
 

@@ -34,7 +34,7 @@ from aigc.server.limits import ApiError
 # which fields of a request body a person sets in the studio, by modality; the rest are advanced (folded away)
 BASIC = {"text": ("max_tokens", "temperature", "n", "best_of"), "image": ("n", "steps", "guidance_scale", "best_of"),
          "series": ("horizon", "paths", "level"), "music": ("n", "bars", "temperature"),
-         "video": ("n", "steps", "guidance_scale")}
+         "video": ("n", "steps", "guidance_scale"), "sound": ("n", "steps")}
 # the API's field -> the service's option (where the names differ)
 OPTION_OF = {"max_tokens": "max_new_tokens"}
 CONTROLS = {  # the body fields the studio shows, by modality (an image family adds its sampler options)
@@ -44,9 +44,10 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
     "series": ("horizon", "level", "paths", "noise"),
     "music": ("n", "bars", "temperature", "top_k", "top_p"),
     "video": ("n",),  # a diffusion clip generator adds its sampler options
+    "sound": ("n",),
 }
 REQUESTS = {"text": schemas.CompletionRequest, "image": schemas.ImageRequest, "series": schemas.ForecastRequest,
-            "music": schemas.AudioRequest, "video": schemas.VideoRequest}
+            "music": schemas.AudioRequest, "video": schemas.VideoRequest, "sound": schemas.AudioRequest}
 PRESETS = {"quick": 2.0, "good": 10.0}  # training presets: minutes
 RUN_FILES = (".png", ".html", ".md", ".json", ".jsonl", ".csv", ".toml")  # a run's files the API serves
 PREVIEW_TEXT = {"n": 3, "max_new_tokens": 60}
@@ -90,6 +91,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         fam = service.FAMILIES[record["family"]]
         extra = tuple(o for o in fam.sampler_options if o != "guidance_scale" or record.get("num_classes"))
         extra += ("best_of",) if "best_of" in defaults else ()  # a run with a reward model: best of N
+        if modality == "sound":  # the audio endpoint takes a diffusion run's steps of the sampling options
+            extra = tuple(o for o in extra if o in schemas.AudioRequest.model_fields)
         classes = record.get("class_names") or ([str(i) for i in range(record["num_classes"])]
                                                 if record.get("num_classes") else None)
         return {"model": model, "modality": modality, "family": record["family"], "classes": classes,
@@ -133,8 +136,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         if signature in previews:
             return previews[signature]
         options = {"text": PREVIEW_TEXT, "image": {"n": 8}, "series": {"horizon": 24, "paths": 20},
-                   "music": {"n": 1, "bars": ARENA_BARS}, "video": {"n": 2}}[modality]
-        if modality in ("image", "video") and store.read_run(path).get("num_classes"):
+                   "music": {"n": 1, "bars": ARENA_BARS}, "video": {"n": 2}, "sound": {"n": 1}}[modality]
+        if modality in ("image", "video", "sound") and store.read_run(path).get("num_classes"):
             options = {**options, "class_": "0"}
 
         def work(emit, cancel):
@@ -379,6 +382,12 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
                                 "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"),
                                 "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(generation.outputs)]}
+    if generation.modality == "sound":  # a preview (not recorded): the WAV and the spectrogram as data URLs
+        with tempfile.TemporaryDirectory() as tmp:
+            service.save(generation, Path(tmp))
+            return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
+                                "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"), "sound": True,
+                                "cls": rec["class_name"]} for i, rec in enumerate(generation.record["sounds"])]}
     return {"forecast": forecast_of(generation)}
 
 
@@ -522,6 +531,12 @@ def _replay(row: dict, base_url: str) -> dict:
         if endpoint == "arena":
             body.update(n=1, bars=ARENA_BARS)
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
+    elif modality == "sound":
+        body = {"model": run, "seed": seed}
+        for field in ("n", "instrument", "steps"):
+            if request.get(field) is not None:
+                body[field] = request[field]
+        path, cli = "/v1/audio/generations", ["aigc", "generate", run]
     elif modality == "video":
         body = {"model": run, "prompt": request.get("prompt") or "", "seed": seed}
         for field in ("n", "sampler", "steps", "eta", "guidance_scale"):
@@ -542,7 +557,7 @@ def _replay(row: dict, base_url: str) -> dict:
         path, cli = "/v1/forecasts", ["aigc", "generate", run]
     if body.get("seed") is None:
         raise BadRequest(f"generation {row['id']!r} has no seed recorded: it cannot be made again")
-    flags = {"max_tokens": "--max-new-tokens", "n": "-n"}
+    flags = {"max_tokens": "--max-new-tokens", "n": "-n", "instrument": "--class"}
     for field, value in body.items():
         if field in ("model", "prompt", "response_format") or (modality == "image" and field == "n"):
             continue

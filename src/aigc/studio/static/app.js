@@ -149,19 +149,21 @@ function imageGrid(urls, ids) {
     h("img", {src: url, alt: t("image.alt", {i: i + 1})}), ids ? rating(ids[i]) : null)));
 }
 
-function musicPieces(pieces, generationId) {  // each piece: a player on its WAV, its piano roll, its MIDI file
+function musicPieces(pieces, generationId) {  // each piece: a player on its WAV, its piano roll (a sound: its
+  // spectrogram), its MIDI file
   return h("div", {class: "pieces"}, pieces.map((p, i) => h("figure", {class: "piece", "data-piece": i},
-    h("audio", {controls: true, preload: "metadata", src: p.wav, "aria-label": t("music.play", {i: i + 1})}),
-    h("img", {class: "roll", src: p.roll, alt: t("music.roll", {i: i + 1})}),
-    h("figcaption", {class: "meta"}, t("music.about", {bars: p.bars, notes: p.notes}),
+    h("audio", {controls: true, preload: "metadata", src: p.wav, "aria-label": t(p.sound ? "sound.play" : "music.play", {i: i + 1})}),
+    h("img", {class: "roll", src: p.roll, alt: t(p.sound ? "sound.spectrogram" : "music.roll", {i: i + 1})}),
+    h("figcaption", {class: "meta"}, p.sound ? t("sound.about", {cls: p.cls ?? "-"}) : t("music.about", {bars: p.bars, notes: p.notes}),
       p.midi ? [" · ", h("a", {href: p.midi, download: `piece-${i + 1}.mid`, text: t("music.midi")})] : null),
     generationId ? rating(generationId, i) : null)));
 }
 
-function storedPieces(g) {  // a stored music generation's pieces, from the files the server kept
+function storedPieces(g) {  // a stored music generation's pieces (or sounds), from the files the server kept
   const file = name => `/v1/generations/${g.id}/files/${name}`;
   return (g.output || []).map((o, i) => {
     const stem = String(i).padStart(3, "0");
+    if (g.modality === "sound") return {wav: file(`${stem}.wav`), roll: file(`${stem}.png`), sound: true, cls: o.class_name};
     return {wav: file(`${stem}.wav`), roll: file(`${stem}.png`), midi: file(`${stem}.mid`), bars: o.bars, notes: o.notes};
   });
 }
@@ -182,6 +184,10 @@ function storedClips(g) {  // a stored video generation's clips, from the files 
   const file = name => `/v1/generations/${g.id}/files/${name}`;
   return {clips: (g.output || []).map((o, i) => ({gif: file(`${String(i).padStart(3, "0")}.gif`), seed: o.seed})),
           sheet: file("sheet.png"), job: (g.output || []).some(o => o.context) ? "predict" : "generate"};
+}
+
+function madeSounds(made) {  // the sounds of an /v1/audio/generations answer for a sound run
+  return made.data.map(d => ({wav: d.wav_url, roll: d.png_url, sound: true, cls: d.record.class_name}));
 }
 
 function headline(score) {
@@ -410,7 +416,7 @@ function buildGenerateForm(form, out, spec) {
     prompt = h("textarea", {name: "prompt"});
     form.append(field("gen.prompt", prompt, t("gen.prompthelp")));
   }
-  if ((spec.modality === "image" || spec.modality === "video") && spec.classes) {
+  if ((spec.modality === "image" || spec.modality === "video" || spec.modality === "sound") && spec.classes) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
@@ -451,6 +457,11 @@ function buildGenerateForm(form, out, spec) {
         body.prompt = classPick ? classPick.value : "";
         const made = await api("/v1/images/generations", {body});
         out.append(imageGrid(made.data.map(d => d.url), made.data.map(d => d.generation_id)));
+      } else if (spec.modality === "sound") {
+        if (classPick) body.instrument = classPick.value;
+        const made = await api("/v1/audio/generations", {body});
+        out.append(musicPieces(madeSounds(made), made.generation_id),
+                   h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
       } else if (spec.modality === "music") {
         const made = await api("/v1/audio/generations", {body});
         out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
@@ -481,7 +492,7 @@ pages.history = async main => {
   const query = h("input", {type: "search", name: "q"});
   const model = h("select", {name: "model"}, h("option", {value: "", text: t("all")}),
                   (await models()).map(m => h("option", {value: m.id, text: m.id})));
-  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music", "video"].map(v =>
+  const modality = h("select", {name: "modality"}, ["", "text", "image", "series", "music", "video", "sound"].map(v =>
     h("option", {value: v, text: v ? t(`modality.${v}`) : t("all")})));
   const rated = h("select", {name: "rated"}, [["", t("all")], ["true", t("hist.rated")], ["false", t("hist.unrated")]]
     .map(([v, label]) => h("option", {value: v, text: label})));
@@ -514,13 +525,14 @@ function summary(g) {
   if (g.modality === "image") return `${t("modality.image")} ${g.output && g.output.class !== null ? g.output.class : ""}`;
   if (g.modality === "music") return (g.output || []).map(o => t("music.about", {bars: o.bars, notes: o.notes})).join("; ");
   if (g.modality === "video") return t("video.about", {n: (g.output || []).length, seed: g.seed});
+  if (g.modality === "sound") return (g.output || []).map(o => t("sound.about", {cls: o.class_name ?? "-"})).join("; ");
   return `${t("modality.series")} h=${g.request.horizon}`;
 }
 
 function outputOf(g) {
   if (g.modality === "text") return h("div", {}, (g.output || []).map(text => h("div", {class: "output", text})));
   if (g.modality === "image") return imageGrid([`/v1/generations/${g.id}/file`]);
-  if (g.modality === "music") return musicPieces(storedPieces(g));
+  if (g.modality === "music" || g.modality === "sound") return musicPieces(storedPieces(g));
   if (g.modality === "video") return videoClips(storedClips(g));
   return fanChart(g.output, {width: 560, height: 240});
 }
@@ -528,7 +540,7 @@ function outputOf(g) {
 async function openGeneration(box, id) {
   const g = await api(`/v1/generations/${id}`);
   box.textContent = "";
-  const several = g.modality === "music" || g.modality === "video";  // rated one piece, one clip at a time
+  const several = g.modality === "music" || g.modality === "video" || g.modality === "sound";  // rated one piece, clip or sound at a time
   box.append(h("h2", {text: `${g.id} · ${g.run}`}), outputOf(g), several ? null : rating(g.id));
   if (several) box.querySelectorAll(".piece, .clip").forEach((one, i) => one.append(rating(g.id, i)));
   if (g.rerank) box.append(h("p", {class: "meta", "data-testid": "rerank", text: t("hist.rerank", {
@@ -565,6 +577,16 @@ function regenerated(g, made) {  // the result made again, and whether it is the
     shown = imageGrid([url]);
     same = null;
     comparePixels(url, `/v1/generations/${g.id}/file`).then(ok => { verdict.textContent = ok ? t("hist.same") : t("hist.differs"); });
+  } else if (g.modality === "sound") {  // the same seed and class: the same WAV bytes
+    shown = musicPieces(madeSounds(made));
+    same = null;
+    Promise.all((g.output || []).map((o, i) => fetch(`/v1/generations/${g.id}/files/${String(i).padStart(3, "0")}.wav`)
+      .then(r => r.arrayBuffer()).then(b => {
+        let bytes = "";
+        for (const x of new Uint8Array(b)) bytes += String.fromCharCode(x);
+        return btoa(bytes) === made.data[i].wav_b64;
+      })))
+      .then(oks => { verdict.textContent = oks.length && oks.every(Boolean) ? t("hist.same") : t("hist.differs"); });
   } else if (g.modality === "music") {  // the same tokens: the same notes, hence the same MIDI and audio
     same = JSON.stringify(made.data.map(d => d.record.tokens)) === JSON.stringify((g.output || []).map(o => o.tokens));
     shown = musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars, notes: d.notes})));
