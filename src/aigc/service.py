@@ -552,7 +552,7 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
                                           rerank=one, **common))
         return made
     gen_id = ids[0] if ids else new_id("gen")
-    if generation.modality in ("music", "video", "sound") and files is None:  # its files (MIDI, WAV, rolls; GIFs, sheet; sounds' WAVs and spectrograms)
+    if generation.modality in ("music", "video", "sound") and files is None:  # its files, as an image's PNG
         files = save(generation, store.generations_dir() / gen_id)
     stats = generation.record.get("stats", {})
     output = generation.outputs if generation.modality == "text" else \
