@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from aigc.checkpoint import verify_manifest
 from aigc.config import fields_of
-from aigc.errors import BadRequest
+from aigc.errors import BadRequest, Conflict
 from aigc.models import Family
+from aigc.store import read_run
 
 
 @dataclass
@@ -31,6 +33,19 @@ class Generation:
     outputs: Any  # text: list of strings; image: list of (H, W, C) uint8 arrays; series: the forecast dict
     record: dict  # run, settings (seed included), speed; image: one record per image
     extra: dict = field(default_factory=dict)  # what an interface may show beside the outputs
+
+
+def finished_run(run_dir: Path, modality: str) -> dict:
+    """The run.json of a finished run of `modality`, its weights verified against their manifest; a clear error
+    for a run of another modality or one with no saved model yet (what every modality's `load` starts with)."""
+    record = read_run(run_dir)
+    if record.get("modality") != modality:
+        article = "an" if modality[0] in "aeiou" else "a"
+        raise BadRequest(f"run {Path(run_dir).name!r} is not {article} {modality} run")
+    if not (Path(run_dir) / "manifest.json").is_file():
+        raise Conflict(f"run {Path(run_dir).name!r} has no saved model yet (status: {record.get('status')})")
+    verify_manifest(run_dir)
+    return record
 
 
 def init_changes(fam: Family, configs: dict, values: dict, fixed: tuple[str, ...] = ()) -> dict:

@@ -33,11 +33,11 @@ from aigc.data.images import (
     to_uint8,
 )
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
+from aigc.errors import BadRequest, Cancelled, NotFound, UserError
 from aigc.evaluate.images import score_against_data
 from aigc.evaluate.pictures import write_pictures
 from aigc.fsutil import write_json
-from aigc.modalities.base import Generation, Prepared, init_changes
+from aigc.modalities.base import Generation, Prepared, finished_run, init_changes
 from aigc.models import FAMILIES, Family
 from aigc.store import card_header, card_lineage, continued_from, find_run, read_run
 from aigc.train import ImageBatches, train_loop
@@ -272,12 +272,7 @@ class LoadedImages:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir)
-        self.record = read_run(run_dir)
-        if self.record.get("modality") != NAME:
-            raise BadRequest(f"run {self.path.name!r} is not an image run")
-        if not (self.path / "manifest.json").is_file():
-            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
-        verify_manifest(self.path)
+        self.record = finished_run(self.path, NAME)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()
 

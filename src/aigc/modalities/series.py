@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from aigc import __version__
-from aigc.checkpoint import find_checkpoint, save_model_files, verify_manifest
+from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import build, read_toml, to_toml
 from aigc.data.series import NAMED_SERIES, Series, SeriesDataConfig, future_time, is_series_data, load_series, time_axis
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, Conflict, UserError
+from aigc.errors import BadRequest, UserError
 from aigc.evaluate.series import (
     PICTURE,
     ar_forecaster,
@@ -38,10 +38,10 @@ from aigc.evaluate.series import (
     scores,
 )
 from aigc.fsutil import atomic_write_bytes, atomic_write_text, read_json, write_json
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, finished_run
 from aigc.models import FAMILIES, Family
 from aigc.models.rnn_series import NOISES, modelled
-from aigc.store import card_header, find_run, read_run
+from aigc.store import card_header, find_run
 from aigc.train import Budget, train_loop
 
 NAME = "series"
@@ -295,12 +295,7 @@ class LoadedSeries:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir)
-        self.record = read_run(run_dir)
-        if self.record.get("modality") != NAME:
-            raise BadRequest(f"run {self.path.name!r} is not a series run")
-        if not (self.path / "manifest.json").is_file():
-            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
-        verify_manifest(self.path)
+        self.record = finished_run(self.path, NAME)
         self.model = series_family(self.record["family"]).load(self.path)
         self.series = read_series(self.path, self.record)
 

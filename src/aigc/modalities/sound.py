@@ -23,19 +23,19 @@ import numpy as np
 import torch
 
 from aigc import __version__
-from aigc.checkpoint import find_checkpoint, verify_manifest
+from aigc.checkpoint import find_checkpoint
 from aigc.config import build, read_toml, to_toml
 from aigc.data import sounds as s
 from aigc.data.images import ImageData, make_grid, save_png, to_tensor, to_uint8
 from aigc.data.music import wav_bytes
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, Cancelled, Conflict, UserError
+from aigc.errors import BadRequest, Cancelled, UserError
 from aigc.evaluate.images import feature_net, score_against_data
 from aigc.fsutil import atomic_write_bytes, write_json
 from aigc.modalities import image
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, finished_run
 from aigc.models import FAMILIES, Family
-from aigc.store import card_header, find_run, read_run
+from aigc.store import card_header, find_run
 from aigc.train import ImageBatches
 
 NAME = "sound"
@@ -148,12 +148,7 @@ class LoadedSounds:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir)
-        self.record = read_run(run_dir)
-        if self.record.get("modality") != NAME:
-            raise BadRequest(f"run {self.path.name!r} is not a sound run")
-        if not (self.path / "manifest.json").is_file():
-            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
-        verify_manifest(self.path)
+        self.record = finished_run(self.path, NAME)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()
         self.configs = build(sections(self.family), read_toml(self.path / "config.toml"), family=self.record["family"])

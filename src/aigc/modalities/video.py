@@ -24,21 +24,21 @@ import numpy as np
 import torch
 
 from aigc import __version__
-from aigc.checkpoint import find_checkpoint, verify_manifest
+from aigc.checkpoint import find_checkpoint
 from aigc.config import build, read_toml, to_toml
 from aigc.data import video as v
 from aigc.data.images import load_images, save_png
 from aigc.data.images import to_tensor as to_image_tensor
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, UserError
+from aigc.errors import BadRequest, Cancelled, NotFound, UserError
 from aigc.evaluate import clipnet
 from aigc.evaluate import video as metrics_of
 from aigc.evaluate.images import extract_features, feature_net, fid_from_features
 from aigc.fsutil import write_json
 from aigc.modalities import image
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, finished_run
 from aigc.models import FAMILIES, Family
-from aigc.store import card_header, find_run, read_run
+from aigc.store import card_header, find_run
 from aigc.train import train_loop
 
 NAME = "video"
@@ -282,12 +282,7 @@ class LoadedVideo:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir)
-        self.record = read_run(run_dir)
-        if self.record.get("modality") != NAME:
-            raise BadRequest(f"run {self.path.name!r} is not a video run")
-        if not (self.path / "manifest.json").is_file():
-            raise Conflict(f"run {self.path.name!r} has no saved model yet (status: {self.record.get('status')})")
-        verify_manifest(self.path)
+        self.record = finished_run(self.path, NAME)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()
         self.configs = build(sections(self.family), read_toml(self.path / "config.toml"), family=self.record["family"])
