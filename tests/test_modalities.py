@@ -8,9 +8,11 @@ import inspect
 import pytest
 
 from aigc import service
-from aigc.errors import BadRequest
+from aigc.errors import BadRequest, Conflict, UserError
+from aigc.fsutil import write_json
 from aigc.modalities import MODALITIES, Modality
 from aigc.models import FAMILIES
+from aigc.store import read_run
 from conftest import TINY_SETS
 
 STAGES = [name for name, value in vars(Modality).items() if inspect.isfunction(value) and not name.startswith("_")]
@@ -64,3 +66,22 @@ def test_a_seed_is_drawn_when_none_is_given_and_reported(poems_file):
     seed = first.record["settings"]["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**31
     assert service.generate("ng", {"max_new_tokens": 8}, seed=seed).outputs == first.outputs
+
+
+def test_a_modality_loads_only_finished_runs_of_its_own(poems_file, tmp_path):
+    """Every modality's `load` (aigc.modalities.base.finished_run): a run of another modality, and a run with no
+    saved model yet, are one clear error each; a tampered weights file fails its manifest."""
+    run_dir, _ = service.train("ngram", str(poems_file), name="ng", sets=TINY_SETS["ngram"])
+    for name in ("image", "sound", "video", "series"):
+        article = "an" if name == "image" else "a"
+        with pytest.raises(BadRequest, match=rf"run 'ng' is not {article} {name} run"):
+            MODALITIES[name].load("ng")
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir(parents=True)
+    write_json(unfinished / "run.json", {**read_run(run_dir), "modality": "image", "status": "running"})
+    with pytest.raises(Conflict, match=r"run 'unfinished' has no saved model yet \(status: running\)"):
+        MODALITIES["image"].load(str(unfinished))
+    write_json(unfinished / "manifest.json", {"files": {"model.safetensors": {"sha256": "0" * 64}}})
+    (unfinished / "model.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(UserError, match="model.safetensors"):
+        MODALITIES["image"].load(str(unfinished))
