@@ -86,11 +86,7 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     if parent is not None:
         model = parent
     else:
-        torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
-        try:
-            model = fam.build(configs["model"], image_shape, num_classes)
-        except ValueError as e:
-            raise BadRequest(f"{family}: {e}") from None
+        model = build_model(family, fam, configs, image_shape, num_classes)
     record = {
         "image_shape": list(image_shape), "num_classes": num_classes,
         "class_names": list(train_set.class_names) if train_set.class_names else None,
@@ -257,6 +253,17 @@ def load_image_split(data: str, val_data: str | None, cfg) -> tuple[ImageData, I
 
 def _describe(data: ImageData, source: str) -> dict:
     return {"source": source, "sha256": data.sha256, "images": len(data.images), "shape": list(data.images.shape[1:])}
+
+
+def build_model(family: str, fam: Family, configs: dict, image_shape: tuple[int, int, int],
+                num_classes: int) -> torch.nn.Module:
+    """A new model of `fam` for pictures of `image_shape` (C, H, W), its initial weights drawn from the training seed
+    alone; a shape the family cannot take is a BadRequest naming the family."""
+    torch.manual_seed(configs["train"].seed)
+    try:
+        return fam.build(configs["model"], image_shape, num_classes)
+    except ValueError as e:
+        raise BadRequest(f"{family}: {e}") from None
 
 
 def _grid_classes(num_classes: int) -> torch.Tensor | None:

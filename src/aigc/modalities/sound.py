@@ -76,11 +76,7 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         raise BadRequest(f"--conditional needs classes, and {data} has none (put the files in class sub-folders)")
     num_classes = train.num_classes if cfg.conditional else 0
     image_shape = (1, train.height, train.width)
-    torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
-    try:
-        model = fam.build(configs["model"], image_shape, num_classes)
-    except ValueError as e:
-        raise BadRequest(f"{family}: {e}") from None
+    model = image.build_model(family, fam, configs, image_shape, num_classes)
     record = {
         "image_shape": list(image_shape), "num_classes": num_classes,
         "class_names": list(train.class_names) if train.class_names else None,
