@@ -7,6 +7,11 @@ requests/s, tokens/s, p50/p99 latency and time to first token; against a bare lo
 
 Targets at 16 clients (issue 14): the server's tokens/s speed-up from 1 to 16 clients >= 0.75x the bare
 batch-16 / batch-1 ratio; >= 4x the server with batching off; p99 latency <= 3x p50.
+
+The first target compares four speeds, and on this 2-core machine any one of them moves by up to a fifth from
+minute to minute. So after the sweep come rounds of the four measured back to back (the server at 1 and 16
+clients, the bare loop at batch 1 and 16), each round's own ratio of ratios, and the target is judged on the
+median round; the sweep's figures are in the table beside it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 PROMPT = "春眠不觉晓"  # every request the same length: the batch has no padding
 MAX_TOKENS = 100
+RATIO_ROUNDS = {False: 5, True: 2}  # by --quick
 GPT = {"n_layer": "4", "n_head": "4", "n_embd": "128", "n_positions": "256", "block_size": "128",
        "batch_size": "8", "dtype": "fp32", "compile": "false", "warmup_steps": "1", "eval_interval": "1",
        "eval_batches": "1"}
@@ -146,6 +152,15 @@ async def load(port: int, run: str, clients: int, per_client: int) -> dict:
             "ttft_p99": quantile(ttfts, 0.99)}
 
 
+def ratio_round(port: int, run: str, quick: bool) -> dict:
+    """The four speeds the first target compares, measured back to back (a few seconds each)."""
+    server_1 = asyncio.run(load(port, run, 1, 2 if quick else 8))["tokens_per_s"]
+    server_16 = asyncio.run(load(port, run, 16, 1 if quick else 4))["tokens_per_s"]
+    bare_1, bare_16 = bare_generate(run, 1, 2 if quick else 8), bare_generate(run, 16, 1 if quick else 4)
+    return {"server_1": server_1, "server_16": server_16, "bare_1": bare_1, "bare_16": bare_16,
+            "ratio": (server_16 / server_1) / (bare_16 / bare_1)}
+
+
 def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 \
         else values[0]
@@ -165,7 +180,7 @@ def main() -> None:
     os.environ["AIGC_HOME"] = str(home)
     run = make_run(home)
     result = {"benchmark": "serve", "quick": args.quick, "machine": machine(), "max_tokens": MAX_TOKENS,
-              "bare_rounds": [], "rows": []}
+              "bare_rounds": [], "rows": [], "ratio_rounds": []}
 
     def measure_bare() -> None:
         print("bare transformers generate at batch 1 and 16...", file=sys.stderr)
@@ -185,6 +200,9 @@ def main() -> None:
                 result["rows"].append(row)
                 print(f"  {row['tokens_per_s']:.0f} tokens/s, p50 {row['latency_p50']:.2f} s, "
                       f"p99 {row['latency_p99']:.2f} s", file=sys.stderr)
+            for k in range(RATIO_ROUNDS[args.quick] if batching else 0):
+                result["ratio_rounds"].append(ratio_round(args.port, run, args.quick))
+                print(f"round {k + 1}: {result['ratio_rounds'][-1]['ratio']:.2f} of the bare ratio", file=sys.stderr)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -201,9 +219,10 @@ def targets(result: dict) -> dict:
     on16, on1, off16 = by[(True, 16)], by[(True, 1)], by[(False, 16)]
     speedup = on16["tokens_per_s"] / on1["tokens_per_s"]
     bare_ratio = result["bare_generate_tokens_per_s"]["ratio"]
+    median_round = statistics.median(r["ratio"] for r in result["ratio_rounds"])
     return {
-        "speedup_1_to_16": speedup, "bare_ratio": bare_ratio, "speedup_vs_bare_ratio": speedup / bare_ratio,
-        "speedup_met": speedup >= 0.75 * bare_ratio,
+        "speedup_1_to_16": speedup, "bare_ratio": bare_ratio, "sweep_speedup_vs_bare_ratio": speedup / bare_ratio,
+        "speedup_vs_bare_ratio": median_round, "speedup_met": median_round >= 0.75,
         "vs_batching_off": on16["tokens_per_s"] / off16["tokens_per_s"],
         "vs_batching_off_met": on16["tokens_per_s"] >= 4 * off16["tokens_per_s"],
         "p99_over_p50": on16["latency_p99"] / on16["latency_p50"],
@@ -230,9 +249,14 @@ def markdown(r: dict) -> str:
                      f"{fmt(row['latency_p99'])} | {fmt(row['ttft_p50'])} | {fmt(row['ttft_p99'])} |")
     lines += [
         "", "Targets at 16 clients:", "",
-        f"- tokens/s speed-up from 1 to 16 clients {t['speedup_1_to_16']:.2f}x vs the bare batch-16/batch-1 ratio "
-        f"{t['bare_ratio']:.2f}x: {t['speedup_vs_bare_ratio']:.2f} of it (target >= 0.75: "
-        f"{'met' if t['speedup_met'] else 'missed'})",
+        f"- tokens/s speed-up from 1 to 16 clients against the bare batch-16/batch-1 ratio, the median of "
+        f"{len(r['ratio_rounds'])} rounds: {t['speedup_vs_bare_ratio']:.2f} of it (target >= 0.75: "
+        f"{'met' if t['speedup_met'] else 'missed'}); rounds (server 1 and 16 clients, bare batch 1 and 16, "
+        f"tokens/s -> ratio of ratios): " + "; ".join(
+            f"{x['server_1']:.0f}, {x['server_16']:.0f}, {x['bare_1']:.0f}, {x['bare_16']:.0f} -> {x['ratio']:.2f}"
+            for x in r["ratio_rounds"]),
+        f"- in the sweep above: {t['speedup_1_to_16']:.2f}x against the bare {t['bare_ratio']:.2f}x, "
+        f"{t['sweep_speedup_vs_bare_ratio']:.2f} of it",
         f"- batching on vs off: {t['vs_batching_off']:.2f}x (target >= 4: "
         f"{'met' if t['vs_batching_off_met'] else 'missed'})",
         f"- p99 / p50 latency {t['p99_over_p50']:.2f} (target <= 3: {'met' if t['p99_met'] else 'missed'})",

@@ -12,7 +12,7 @@ from aigc.config import build
 from aigc.data.tokenizer import train_char
 from aigc.errors import Cancelled, UserError
 from aigc.models import FAMILIES
-from aigc.sample import Ask, Decoder, GenerateSettings, LoadedModel, generate_many
+from aigc.sample import Ask, Decoder, DrawToken, GenerateSettings, LoadedModel, generate_many
 from aigc.service import sections_for
 from conftest import TINY_SETS, make_model, make_poems
 
@@ -97,6 +97,19 @@ def test_the_rnn_reads_a_left_padded_prompt_as_it_reads_it_alone(vocab, cell):
                                                              strict=True)):
         torch.testing.assert_close(s_batched[:, 0], s_short[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
         torch.testing.assert_close(s_batched[:, 1], s_long[:, 0], rtol=0, atol=1e-6, msg=f"state {layer}")
+
+
+@pytest.mark.parametrize("shape", [(1, 6000), (3, 517), (16, 6000)])
+def test_our_noise_is_exponential_bit_for_bit_and_leaves_the_generator_where_it_does(shape):
+    """The oracle: `Tensor.exponential_` on a generator seeded the same; the generator's next draws agree too."""
+    for seed in range(20):
+        theirs_gen, ours_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        theirs = torch.empty(shape).exponential_(1, generator=theirs_gen)
+        drawn = torch.empty(shape, dtype=DrawToken.noise_dtype(torch.device("cpu")))
+        DrawToken(ours_gen).noise(drawn)
+        ours = DrawToken.exponential(drawn)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), seed
+        assert torch.equal(torch.rand(4, generator=ours_gen), torch.rand(4, generator=theirs_gen)), seed
 
 
 @pytest.mark.parametrize("knobs", [{"temperature": 0.8}, {"temperature": 0.9, "top_k": 5},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aigc.data.tokenizer import train_char
-from aigc.sample import GenerateSettings, LoadedModel, generate
+from aigc.sample import GenerateSettings, LoadedModel, TextStream, generate
 from conftest import make_model, make_poems
 
 FAMILIES = ["ngram", "rnn", "gpt"]
@@ -168,3 +168,37 @@ def test_generation_reads_one_token_per_step(vocab, family, settings):
     assert len(lengths) >= 3, "too few steps to see the cache: pick another seed"
     assert set(lengths[1:]) == {1}
     assert len(lengths) <= 6
+
+
+def test_a_char_tokenizers_pieces_concatenate_to_its_decoding():
+    """The oracle: the tokenizers library's own decode of the whole sequence, special and unknown tokens among it
+    (a stream grows its text a piece a token on this)."""
+    tok = train_char(["春江潮水连海平，\n海上明月共潮生。", "abc def"])
+    pieces = tok.pieces()
+    assert pieces is not None and len(pieces) == tok.vocab_size
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, tok.vocab_size, (int(torch.randint(1, 40, (1,), generator=rng)),), generator=rng)
+        ids = ids.tolist()
+        assert "".join(pieces[i] for i in ids) == tok.decode_text(ids)
+    assert tok.decode_text([tok.eot_id]) == "" == pieces[tok.eot_id]
+
+
+def test_a_stream_grown_a_piece_a_token_writes_what_decoding_the_whole_writes():
+    """The same tokens through a char tokenizer's stream (pieces) and through one that decodes the whole sequence
+    each time (pieces switched off), with stop strings that cut it: the same text is written."""
+    tok = train_char(["春江潮水连海平，海上明月共潮生。滟滟随波千万里"])
+    ids = tok.encode("春江潮水连海平，海上明月共潮生。滟滟随波千万里")
+    for stops in ([], ["明月"], ["。滟", "波"], ["不在"]):
+        written = []
+        for pieces in (True, False):
+            out: list[str] = []
+            stream = TextStream(tok, stops, out.append)
+            if not pieces:
+                stream.pieces = None
+            for i in ids:
+                stream.add(i)
+            stream.end()
+            written.append(out)
+        assert "".join(written[0]) == "".join(written[1]), stops
+        assert written[0] == written[1], stops

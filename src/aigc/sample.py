@@ -178,9 +178,13 @@ class TextStream:
         self.sent = 0
         self.prompt_seen = False
         self.stopped = False
+        self.pieces = tokenizer.pieces()  # a char tokenizer's: the text grows a piece a token (`add`)
+        self.text = ""
 
     def add(self, token: int) -> None:
         self.ids.append(token)
+        if self.pieces is not None:
+            self.text += self.pieces[token]
         self._flush(final=False)
 
     def put(self, value: torch.Tensor) -> None:
@@ -188,6 +192,8 @@ class TextStream:
             self.prompt_seen = True
             return
         self.ids.extend(value.flatten().tolist())
+        if self.pieces is not None:
+            self.text = self.tokenizer.decode_text(self.ids)
         self._flush(final=False)
 
     def end(self) -> None:
@@ -196,7 +202,7 @@ class TextStream:
     def _flush(self, final: bool) -> None:
         if self.stopped:
             return
-        text = self.tokenizer.decode_text(self.ids)
+        text = self.text if self.pieces is not None else self.tokenizer.decode_text(self.ids)
         cut = cut_at_stop(text, self.stops)
         if cut != len(text):
             self.stopped, final = True, True
@@ -233,9 +239,13 @@ class DrawToken:
 
     The same call as `GenerationMixin._sample` makes in sampling mode, `multinomial(softmax(scores), 1)`,
     so a generator seeded with s draws the tokens the global RNG draws after `torch.manual_seed(s)`.
-    `noise` + `pick` are the same draw split in two, as PyTorch computes a one-sample multinomial
-    (argmax of probs / Exponential(1) noise), so that the rows of many requests are picked in one call
-    (checked against `multinomial` by tests/test_batching.py).
+    `noise` + `exponential` + `pick` are the same draw split in three, as PyTorch computes a one-sample
+    multinomial (argmax of probs / Exponential(1) noise), so that the rows of many requests are picked in one call
+    (checked against `multinomial` by tests/test_batching.py). On the CPU, `exponential_` turns one uniform double
+    per element into float(-log1p(-u)), element by element, at about 20 ns an element; `noise` draws the same
+    uniforms (`uniform_` in float64 advances the generator as `exponential_` does) and `exponential` transforms
+    every request's rows in one vectorised call: the same numbers, bit for bit, about 3x faster (16 rows of a
+    6,000-token vocabulary: 0.67 ms instead of 1.9 ms a step; docs/serve.md).
     """
 
     def __init__(self, generator: torch.Generator):
@@ -246,8 +256,22 @@ class DrawToken:
         probs = torch.nn.functional.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]
 
-    def noise(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        return torch.empty((rows, vocab), device=device).exponential_(1, generator=self.generator)
+    @staticmethod
+    def noise_dtype(device: torch.device) -> torch.dtype:
+        """What `noise` fills: the uniforms in float64 on the CPU, elsewhere the noise itself."""
+        return torch.float64 if device.type == "cpu" else torch.float32
+
+    def noise(self, out: torch.Tensor) -> None:
+        """Fill `out` ((rows, V), `noise_dtype`) with this request's draw, which `exponential` makes its noise."""
+        if out.dtype == torch.float64:
+            out.uniform_(generator=self.generator)
+        else:
+            out.exponential_(1, generator=self.generator)
+
+    @staticmethod
+    def exponential(drawn: torch.Tensor) -> torch.Tensor:
+        """`noise`'s draw (overwritten) -> Exponential(1) noise in float32, as `exponential_` makes it."""
+        return drawn.neg_().log1p_().neg_().float() if drawn.dtype == torch.float64 else drawn
 
     @staticmethod
     def pick(scores: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -362,7 +386,11 @@ class _Memory:
         self.mask: torch.Tensor | None = None  # kv: (B, L) 1 where a cached position is a real token
         self.positions: torch.Tensor | None = None  # kv: (B,) the position of each row's next token
         # transformers 5.24 renamed the cache argument and output `past_key_values` to `cache`
-        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        # the prompt's last position is the only one whose logits a prefill needs (the lm head over a 6-token prompt
+        # costs six rows' worth); a model whose forward lacks the argument computes them all
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, dict]:
         """The next-token logits (B, V) of new rows, and their memory, to `join`."""
@@ -372,7 +400,7 @@ class _Memory:
         if self.kind == "kv":
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self.cache_name: DynamicCache(config=self.model.config)})
+                             **{self.cache_name: DynamicCache(config=self.model.config)}, **self.last_only)
             cache = out[self.cache_name]
             if all(type(layer) is DynamicLayer for layer in cache.layers):
                 return out.logits[:, -1].float(), {"cache": cache, "mask": mask, "positions": mask.sum(-1)}
@@ -539,14 +567,14 @@ class Decoder:
         together: one division, one softmax and one pick over all their rows, with each request's own noise."""
         logits, vocab = self.logits, self.logits.shape[1]
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
-        together, temperatures, noise = [], [], []
+        together, temperatures, drawing = [], [], []
         start = 0
         for r in self.requests:
             n = r.buffer.shape[0]
             if r.temperature is not None:
                 together.extend(range(start, start + n))
                 temperatures.extend([r.temperature] * n)
-                noise.append(r.draw.noise(n, vocab, self.device))
+                drawing.append(r)
             else:
                 scores, ids = logits[start:start + n], r.ids
                 for processor in r.processors:  # as LogitsProcessorList calls them, without its per-call inspect
@@ -556,7 +584,12 @@ class Decoder:
         if together:
             rows = torch.tensor(together, device=self.device)
             scaled = logits[rows] / torch.tensor(temperatures, device=self.device)[:, None]
-            tokens[rows] = DrawToken.pick(scaled, torch.cat(noise))
+            drawn = torch.empty((len(together), vocab), dtype=DrawToken.noise_dtype(self.device), device=self.device)
+            at = 0
+            for r in drawing:
+                r.draw.noise(drawn[at:at + r.buffer.shape[0]])
+                at += r.buffer.shape[0]
+            tokens[rows] = DrawToken.pick(scaled, DrawToken.exponential(drawn))
         return tokens
 
     def step(self) -> list[tuple[object, tuple[list[str], dict] | BaseException]]:
