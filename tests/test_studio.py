@@ -14,10 +14,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
+import PIL.Image
 import pytest
 from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server, train_runs
@@ -275,3 +278,42 @@ def test_chinese_labels_keyboard_and_no_outside_requests(studio, browser):
     outside = [u for u in seen if urlparse(u).scheme in ("http", "https") and not u.startswith(url)]
     assert outside == []
     context.close()
+
+
+def test_on_a_server_with_keys_the_studio_shows_its_files_with_the_key(tmp_path, browser):
+    """An <img> sends no Authorization header: on a server with API keys the studio fetches the API's files with the
+    key and shows them from blob URLs. The oracle: the picture the page draws has the PNG's own size and the stored
+    file's pixels reach the page (a blob of the same bytes), and the same page without the key gets the 401."""
+    train_runs(tmp_path, ("digits",))
+    with Store(f"sqlite:///{tmp_path / 'aigc.db'}") as db:
+        _, secret = db.create_key("studio")
+    proc, url = start_server(tmp_path)
+    try:
+        page = new_page(browser, "en-US")
+        page.goto(f"{url}/#/models")
+        page.locator("#apikey").fill(secret)
+        page.locator("#apikey").press("Enter")  # the key is taken (a change event) and the page asks again
+        playwright.expect(page.locator("[data-model=digits]")).to_have_count(1)
+        visit(page, url, "generate?model=digits")
+        page.get_by_label("Class").select_option("3")
+        page.get_by_role("button", name="Generate", exact=True).click()
+        image = page.locator(".grid img")
+        playwright.expect(image).to_have_count(1)
+        playwright.expect(image).to_have_attribute("src", re.compile(r"^blob:"))
+        page.wait_for_function("document.querySelector('.grid img').naturalWidth > 0")
+        drawn = page.evaluate("[document.querySelector('.grid img').naturalWidth, "
+                              "document.querySelector('.grid img').naturalHeight]")
+        [generation] = rows(tmp_path)["generations"]
+        stored = httpx.get(f"{url}/v1/generations/{generation['id']}/file",
+                           headers={"Authorization": f"Bearer {secret}"})
+        assert stored.status_code == 200
+        assert drawn == list(PIL.Image.open(io.BytesIO(stored.content)).size)
+        blob = page.evaluate("""async () => {
+            const r = await fetch(document.querySelector('.grid img').src);
+            return Array.from(new Uint8Array(await r.arrayBuffer()));
+        }""")
+        assert bytes(blob) == stored.content
+        assert httpx.get(f"{url}/v1/generations/{generation['id']}/file").status_code == 401
+        assert page.errors == [] and left_the_server(page, url) == []
+    finally:
+        stop_server(proc)

@@ -14,10 +14,28 @@ function h(tag, attrs = {}, ...children) {
     if (v === null || v === undefined || v === false) continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "text") el.textContent = v;
+    else if ((k === "src" || k === "href") && apiFile(v)) serverFile(el, k, v);
     else el.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
   return el;
+}
+
+function apiFile(url) {  // a URL of this server's API, relative or absolute
+  try {
+    const u = new URL(url, location.href);
+    return u.origin === location.origin && u.pathname.startsWith("/v1/");
+  } catch { return false; }
+}
+
+// An <img>, <audio> or link sends no header of ours: on a server with API keys, a file of its API comes through
+// fetch with the key and is shown (played, downloaded) from a blob URL; without a key, the URL itself.
+function serverFile(el, attr, url) {
+  if (!state.key || !apiFile(url)) { el.setAttribute(attr, url); return; }
+  fetch(url, {headers: headers(false)})
+    .then(r => r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`)))
+    .then(blob => el.setAttribute(attr, URL.createObjectURL(blob)))
+    .catch(() => el.setAttribute(attr, url));
 }
 
 function field(labelKey, control, help) {  // a control with its label and a place for its error
@@ -615,7 +633,7 @@ async function comparePixels(a, b) {
       resolve(ctx.getImageData(0, 0, c.width, c.height).data.join(","));
     };
     img.onerror = reject;
-    img.src = url;
+    serverFile(img, "src", url);
   });
   const [x, y] = await Promise.all([read(a), read(b)]);
   return x === y;
