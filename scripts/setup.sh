@@ -2,7 +2,8 @@
 # Set up AIGC Studio in ./.venv: a virtual environment, the CPU build of PyTorch, the package.
 #   scripts/setup.sh            package + test tools
 #   scripts/setup.sh --corpora  also the Debian packages with the named data sets (fortunes, fortunes-zh,
-#                               dataset-fashion-mnist; sonic-pi-samples, the drum hits, without recommends)
+#                               dataset-fashion-mnist; sonic-pi-samples, the drum hits, and opencv-doc, the
+#                               clip set vtest, without recommends)
 # AIGC_TORCH chooses the torch requirement (default torch==2.13.0, the CPU build on this machine kind;
 # on a CUDA machine use e.g. AIGC_TORCH=torch). Every other package is installed at the release in
 # requirements.lock (the versions the test suite passed with; scripts/lock.sh refreshes it).
@@ -22,6 +23,12 @@ if [ "${1:-}" = "--corpora" ]; then
         echo "installing the Debian package sonic-pi-samples (the drum hits of --data drums)..." >&2
         $SUDO apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends sonic-pi-samples >/dev/null
+    fi
+    if [ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ]; then
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        echo "installing the Debian package opencv-doc (vtest.avi, the clips of --data vtest; 96 MB)..." >&2
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends opencv-doc >/dev/null
     fi
 fi
 

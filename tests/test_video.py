@@ -208,10 +208,11 @@ def test_predictor_trains_generates_regenerates_and_evaluates(tmp_path, one_thre
 
     result = runner.invoke(app, ["generate", "pred", "-n", "2", "--seed", "3", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["000.gif", "001.gif", "sheet.png"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["000.gif", "000.mp4", "001.gif", "001.mp4",
+                                                                  "sheet.png"]
     again = service.generate("pred", {"n": 2}, seed=3)
     service.save(again, tmp_path / "b")
-    for name in ("000.gif", "001.gif", "sheet.png"):
+    for name in ("000.gif", "001.gif", "000.mp4", "001.mp4", "sheet.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     clip = v.read_video(tmp_path / "a" / "001.gif")
     assert clip.shape == (8, 24, 24, 3)
@@ -286,6 +287,10 @@ def test_the_api_makes_clips_as_gifs(one_thread):
         stored = client.get(made["data"][1]["gif_url"])  # the same file, kept in the store and served
         assert stored.headers["content-type"] == "image/gif" and stored.content == gif
         assert client.get(made["sheet_url"]).content == base64.b64decode(made["sheet_b64"])
+        mp4 = client.get(made["data"][1]["mp4_url"])  # and the clip as an MP4, its record in the comment tag
+        assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
+        (runs_dir().parent / "got.mp4").write_bytes(mp4.content)
+        assert v.read_record(runs_dir().parent / "got.mp4")["seed"] == 6
         wrong = client.post("/v1/images/generations", json={"model": "pred"})
         assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
         refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})
@@ -387,3 +392,134 @@ def test_frames_too_small_for_ssim_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="give --set ssim=0"):
         SimVP(SimVPConfig(), (1, 5, 8), 2, 2)
     SimVP(SimVPConfig(ssim=0.0), (1, 5, 8), 2, 2)  # the model alone is fine without the term
+
+
+# ---- MP4, the real clip set vtest, your own folder of GIF and MP4 files ---------------------------------------
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * math.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def test_mp4_round_trip_keeps_frames_size_and_record_within_the_stated_error(tmp_path):
+    import av
+
+    clip = v.named_clips("moving-digits", "test", 1, 0, v.VideoDataConfig(frames=12)).clips[0]  # (12, 32, 32, 1)
+    v.save_mp4(tmp_path / "a.mp4", clip, {"run": "x", "seed": 3})
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        codec = container.streams.video[0].codec_context
+        assert (codec.name, codec.pix_fmt) == ("h264", "yuv420p")
+        assert container.streams.video[0].average_rate == 1000 // v.FRAME_MS
+    back = v.read_video(tmp_path / "a.mp4")
+    assert back.shape == (12, 32, 32, 3)
+    assert np.array_equal(back[..., 0], back[..., 1]) and np.array_equal(back[..., 0], back[..., 2])  # still gray
+    # lossy (H.264 at crf 18): measured on moving-digits, mean error 0.19-0.25 levels of 255, PSNR about 50 dB
+    error = np.abs(back[..., :1].astype(int) - clip)
+    assert error.mean() < 1.0 and _psnr(back[..., :1], clip) > 40
+    assert v.read_record(tmp_path / "a.mp4") == {"run": "x", "seed": 3}
+    assert v.mp4_bytes(clip, {"run": "x", "seed": 3}) == (tmp_path / "a.mp4").read_bytes()  # the same bytes again
+    # an odd side: yuv420p needs even sides, so the clip is written twice as large (2x2 blocks)
+    odd = np.ascontiguousarray(clip[:, :25, :23])
+    v.save_mp4(tmp_path / "odd.mp4", odd)
+    big = v.read_video(tmp_path / "odd.mp4")
+    assert big.shape == (12, 50, 46, 3)
+    blocks = big[..., 0].reshape(12, 25, 2, 23, 2).mean(axis=(2, 4))
+    assert np.abs(blocks - odd[..., 0]).mean() < 1.0
+    # colour: yuv420p keeps one colour sample per 2x2 pixels (what browsers play), so sharp colour edges blur: a red
+    # digit on cyan (the strongest colour edge there is) measured 23.1 dB, mean error 6.1 levels
+    grad = np.broadcast_to(np.linspace(0, 255, 32).astype(np.uint8), clip.shape[:3])
+    rgb = np.stack([clip[..., 0], 255 - clip[..., 0], grad], axis=-1)
+    v.save_mp4(tmp_path / "rgb.mp4", rgb)
+    assert _psnr(v.read_video(tmp_path / "rgb.mp4"), rgb) > 20
+    with pytest.raises(UserError, match=r"rgb\.mp4 has no generation record"):
+        v.read_record(tmp_path / "rgb.mp4")
+
+
+@pytest.mark.parametrize("case", ["unreadable", "one frame", "10,000 frames"])
+def test_bad_mp4_files_are_one_clear_error(case, tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    moving = np.stack([np.full((16, 16, 1), 40 * i, dtype=np.uint8) for i in range(4)])
+    v.save_mp4(folder / "ok.mp4", moving)
+    if case == "unreadable":
+        (folder / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+        match = r"cannot read video .*bad\.mp4"
+    elif case == "one frame":
+        v.save_mp4(folder / "still.mp4", moving[:1])
+        match = r"still\.mp4 has 1 frame: a clip needs at least 2"
+    else:  # decoding stops at MAX_FRAMES: the rest is never read
+        frames = np.zeros((10_000, 16, 16, 1), dtype=np.uint8)
+        frames[::2] = 255
+        v.save_mp4(folder / "long.mp4", frames)
+        match = rf"long\.mp4 has more than {v.MAX_FRAMES} frames: cut it into shorter files"
+    with pytest.raises(UserError, match=match):
+        v.load_split(str(folder), v.VideoDataConfig(frames=4, context=2))
+    result = runner.invoke(app, ["train", "--family", "simvp", "--data", str(folder), "--name", "bad",
+                                 "--max-steps", "1", "--set", "frames=4", "--set", "context=2"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert not (Path(service.store.runs_dir()) / "bad").exists()
+
+
+def test_your_own_folder_of_gif_and_mp4_files_trains_end_to_end(tmp_path, one_thread):
+    """Your clips as files: three GIFs and three MP4s (moving digits written by this project's writers), a predictor
+    trained on them for a few steps, its clips generated and made again from an MP4's record."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    clips = v.named_clips("moving-digits", "test", 6, 0, v.VideoDataConfig(frames=16, size=24)).clips
+    for i, clip in enumerate(clips):
+        (v.save_gif if i % 2 else v.save_mp4)(folder / f"{i}.{'gif' if i % 2 else 'mp4'}", clip)
+    assert v.is_video_data(str(folder))
+    sets = {**TINY, **TINY_MODEL["simvp"], "frames": "8", "size": "0", "val_fraction": "0.2"}
+    run_dir, metrics = service.train("simvp", str(folder), name="mine", max_steps=6, sets=sets)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["clip_shape"] == [8, 24, 24, 1]  # gray: every frame of every file had R = G = B
+    assert record["data"]["train"]["clips"] + record["data"]["val"]["clips"] == 12  # 2 clips a file
+    assert math.isfinite(metrics["mse"])
+    result = runner.invoke(app, ["generate", "mine", "-n", "2", "--seed", "0", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["000.gif", "000.mp4", "001.gif", "001.mp4", "sheet.png"]
+    again = service.regenerate_image(str(tmp_path / "out" / "001.mp4"))  # the record the MP4 carries
+    assert np.array_equal(again.outputs[0], v.read_video(tmp_path / "out" / "001.gif")[..., :1])
+    service.save(again, tmp_path / "again")
+    for suffix in ("gif", "mp4"):  # made again: the same bytes
+        assert (tmp_path / "again" / f"001.{suffix}").read_bytes() == (tmp_path / "out" / f"001.{suffix}").read_bytes()
+
+
+vtest_installed = pytest.mark.skipif(not v.real_installed("vtest"), reason="vtest.avi is in the Debian package "
+                                     "opencv-doc (scripts/setup.sh --corpora installs it)")
+
+
+@vtest_installed
+def test_vtest_is_cut_into_consecutive_clips_split_by_time():
+    import av
+
+    cfg = v.VideoDataConfig(frames=16)
+    train, val = v.load_split("vtest", cfg)
+    assert (train.n, val.n) == (43, 5) and train.shape == (16, 48, 64, 1)  # 49 clips of 795 frames; one left out
+    assert train.labels is None and train.class_names is None
+    whole = v.real_clips("vtest", cfg).clips.reshape(-1, 48, 64)  # the video's first 784 frames in order
+    assert np.array_equal(train.clips.reshape(-1, 48, 64), whole[:43 * 16])
+    assert np.array_equal(val.clips.reshape(-1, 48, 64), whole[44 * 16:])  # the last 5 clips, after a gap of one
+    path = v.REAL_VIDEOS["vtest"].path
+    with av.open(path) as container:  # the oracle: PIL's box filter of the video's frame 17
+        frame = next(f for i, f in enumerate(container.decode(video=0)) if i == 17)
+    assert (frame.width, frame.height) == (768, 576)
+    box = np.asarray(Image.fromarray(frame.to_ndarray(format="gray")).reduce(12), dtype=int)
+    assert np.abs(box - train.clips[1, 1, ..., 0]).max() <= 1  # rounding
+    assert v.is_video_data("vtest") and service.modality_for("simvp", "vtest")[0] == "video"
+    rows = {r["name"]: r for r in service.datasets()}
+    assert rows["vtest"]["installed"] and "Apache-2.0 AND BSD-3-Clause" in rows["vtest"]["description"]
+    listed = runner.invoke(app, ["data", "list"])
+    assert listed.exit_code == 0 and "vtest" in listed.output and "opencv-doc" in listed.output
+    with pytest.raises(UserError, match="--conditional needs class labels, and vtest has none"):
+        v.load_split("vtest", v.VideoDataConfig(frames=16, conditional=True))
+
+
+def test_a_missing_real_clip_set_says_which_package_installs_it(monkeypatch):
+    monkeypatch.setitem(v.REAL_VIDEOS, "vtest", v.RealVideo("vtest", "/nonexistent/vtest.avi", "opencv-doc",
+                                                            "Apache-2.0", 48, 64, "moved away"))
+    assert not v.real_installed("vtest")
+    with pytest.raises(UserError, match=r"clip set 'vtest' needs the Debian package opencv-doc .*apt-get install "
+                                        r"--no-install-recommends opencv-doc"):
+        v.load_split("vtest", v.VideoDataConfig(frames=16))

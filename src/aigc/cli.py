@@ -123,7 +123,7 @@ def train(
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
                                            "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
                                            "elnino, or a .csv file; video: moving-fashion-mnist, "
-                                           "moving-digits, or GIFs")],
+                                           "moving-digits, vtest, or GIF/MP4 files")],
     val_data: Annotated[str | None, typer.Option(help="validation data (default: the last 10% of --data)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: FAMILY-DATA-TIMESTAMP)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,
@@ -323,8 +323,8 @@ def generate(
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image and sound runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image, series, music and sound runs: folder for the files")] = None,
-    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF) from the record it "
-                                                         "carries")] = None,
+    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF or MP4) from the "
+                                                         "record it carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
     eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,
@@ -430,7 +430,7 @@ def generate(
         for path in files:
             print(path)
         return
-    if generation.modality == "video":  # NNN.gif per clip and sheet.png
+    if generation.modality == "video":  # NNN.gif and NNN.mp4 per clip, and sheet.png
         if json_out:
             record = generation.record
             _emit_json({"files": files, "sheet": generation.extra.get("sheet"), "settings": record["settings"],
@@ -694,12 +694,17 @@ def data_list():
     for name, corpus in MUSIC_CORPORA.items():
         print(f"{name:<14} {corpus.package:<14} {corpus.licence:<44} {corpus.description}")
     print("\nYour own music: a .mid/.midi file or a folder of them (ngram, rnn, gpt; docs/audio.md).")
-    from aigc.data.video import NAMED_VIDEOS
+    from aigc.data.images import named_installed as images_installed
+    from aigc.data.video import NAMED_VIDEOS, REAL_VIDEOS, real_installed
 
-    print(f"\n{'video':<22} {'package':<22} description")
+    print(f"\n{'video':<22} {'installed':<9} {'package':<22} description")
     for name, clips in NAMED_VIDEOS.items():
-        print(f"{name:<22} {clips.package:<22} {clips.description}")
-    print("\nYour own clips: a GIF file or a folder of them (simvp predicts; vae, diffusion make clips; "
+        print(f"{name:<22} {'yes' if images_installed(clips.images) else 'no':<9} {clips.package:<22} "
+              f"{clips.description}")
+    for name, real in REAL_VIDEOS.items():
+        print(f"{name:<22} {'yes' if real_installed(name) else 'no':<9} {real.package:<22} {real.description} "
+              f"({real.licence})")
+    print("\nYour own clips: a GIF, MP4 or AVI file or a folder of them (simvp predicts; vae, diffusion make clips; "
           "docs/video.md).")
     from aigc.data.sounds import NAMED_SOUNDS, named_installed
 

@@ -38,7 +38,7 @@ from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.sounds import NAMED_SOUNDS, is_sound_data
 from aigc.data.sounds import named_installed as sound_installed
 from aigc.data.text import CORPORA, corpus_installed
-from aigc.data.video import NAMED_VIDEOS, is_video_data
+from aigc.data.video import NAMED_VIDEOS, REAL_VIDEOS, is_video_data, real_installed
 from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
@@ -624,14 +624,16 @@ def datasets() -> list[dict]:
               "package": d.package, "installed": True} for name, d in MUSIC_CORPORA.items()]
     rows += [{"name": name, "modality": "video", "description": d.description, "package": d.package,
               "installed": named_installed(d.images)} for name, d in NAMED_VIDEOS.items()]
+    rows += [{"name": name, "modality": "video", "description": f"{d.description} ({d.licence})",
+              "package": d.package, "installed": real_installed(name)} for name, d in REAL_VIDEOS.items()]
     rows += [{"name": name, "modality": "sound", "description": d.description, "package": d.package,
               "installed": sound_installed(name)} for name, d in NAMED_SOUNDS.items()]
     return rows
 
 
 def regenerate_image(path: str) -> Generation:
-    """An image again, from the generation record its PNG carries (a clip, from its GIF's)."""
-    return video.regenerate(path) if Path(path).suffix.lower() == ".gif" else image.regenerate(path)
+    """An image again, from the generation record its PNG carries (a clip, from its GIF's or MP4's)."""
+    return video.regenerate(path) if Path(path).suffix.lower() in (".gif", ".mp4") else image.regenerate(path)
 
 
 def default_out_dir(generation: Generation) -> Path:

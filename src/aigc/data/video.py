@@ -1,4 +1,5 @@
-"""Video data: moving-object clips made by seeded code, the user's own GIF (and MP4) files; writing GIFs.
+"""Video data: moving-object clips made by seeded code, the real clip set `vtest`, the user's own GIF and MP4
+files; writing GIFs and MP4s.
 
 Every source becomes clips as uint8 arrays shaped (N, T, H, W, C), C = 1 (grayscale) or 3 (RGB), with a class
 label per clip where the clip has one object of a labelled image set. Models see a clip as one tensor
@@ -10,6 +11,12 @@ Named clip sets (`NAMED_VIDEOS`) are made by `moving_objects`, the construction 
 heads in a uniform direction at 0.1 of the free span per frame, bouncing off the frame's edges; objects are
 combined by the pixel-wise maximum. Training clips are cut from the training images only, validation clips from
 the test images only, so no held-out image is ever seen in training.
+
+Real clip sets (`REAL_VIDEOS`) are one video file cut into consecutive clips, split by time: the last clips are the
+validation ones, one clip's length after the last training frame.
+
+MP4 is read and written with PyAV (FFmpeg's libraries in its wheel; H.264 by its bundled libx264), imported where
+it is used: it takes a second or more to import, which the CLI should not pay when it touches no MP4.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import functools
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +38,12 @@ from aigc.data.images import load_images
 from aigc.errors import UserError
 from aigc.fsutil import atomic_write_bytes
 
-VIDEO_EXTENSIONS = (".gif", ".mp4")  # files a folder of clips may hold (MP4 needs PyAV: pip install av)
+VIDEO_EXTENSIONS = (".gif", ".mp4", ".avi")  # files a folder of clips may hold (MP4 and AVI read by PyAV)
 MAX_FRAMES = 1000  # frames one file may hold: a longer one is refused, not read into memory
 MAX_SIDE = 512  # largest frame side read
 STEP = 0.1  # Moving MNIST: an object moves this share of the free span per frame
 FRAME_MS = 100  # how long a GIF frame shows (10 frames a second)
+MP4_CRF = 18  # H.264 constant rate factor of the MP4s written: 0 is lossless (a profile browsers do not play)
 
 
 @dataclass(frozen=True)
@@ -62,20 +71,48 @@ NAMED_VIDEOS: dict[str, NamedVideos] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RealVideo:
+    """A real clip set: one video file, cut into consecutive clips."""
+
+    name: str  # key in REAL_VIDEOS
+    path: str  # the video file
+    package: str  # the Debian package that installs it
+    licence: str
+    height: int  # default frame size (grayscale), a whole fraction of the file's
+    width: int
+    description: str
+
+
+REAL_VIDEOS: dict[str, RealVideo] = {
+    "vtest": RealVideo(
+        "vtest", "/usr/share/doc/opencv-doc/examples/data/vtest.avi", "opencv-doc", "Apache-2.0 AND BSD-3-Clause",
+        48, 64,
+        "OpenCV's vtest.avi: pedestrians on a square, filmed from a raised camera (795 frames of 768x576 at 10 "
+        "frames a second), grayscale (its luma), reduced to 48x64 (box filter, 12x), cut into consecutive clips (39 "
+        "of 20 frames; --set frames=16: 49); split by time: the last clips are the validation ones"),
+}  # fmt: skip
+
+
+def is_named(spec: str) -> bool:
+    """Whether --data names a clip set (made by code or a real one), not a path."""
+    return spec in NAMED_VIDEOS or spec in REAL_VIDEOS
+
+
 @dataclass
 class VideoDataConfig:
     frames: int = option(20, "frames per clip (a folder's files are cut into clips of this many frames)", min=2,
                          max=MAX_FRAMES)
-    size: int = option(0, "frame side in pixels; 0 = the data's own (moving-fashion-mnist 64, moving-digits 32, a "
-                          "folder as its files are)", min=0, max=MAX_SIDE)
+    size: int = option(0, "frame side in pixels; 0 = the data's own (moving-fashion-mnist 64, moving-digits 32, vtest "
+                          "48x64, a folder as its files are)", min=0, max=MAX_SIDE)
     objects: int = option(1, "named clip sets: objects per clip (2 is the standard Moving MNIST setting)", min=1,
                           max=4)
     context: int = option(10, "prediction: the frames given; the predictor predicts the remaining ones", min=1)
     val_clips: int = option(1000, "named clip sets: validation clips, made from the test images", min=1,
                             max=100_000)
     split_seed: int = option(0, "seed of the validation clips (named sets) and of a folder's split", min=0)
-    val_fraction: float = option(0.1, "a folder: share of its clips held out for validation", min=0.0, max=0.5,
-                                 min_exclusive=True)
+    val_fraction: float = option(0.1, "a folder or a real clip set: share of its clips held out for validation (a "
+                                      "real set's last ones)", min=0.0, max=0.5, min_exclusive=True)
     conditional: bool = option(False, "clip generators: the class-conditional variant (one-object named sets; set "
                                       "by --conditional)")
 
@@ -194,14 +231,14 @@ class ClipMaker:
 
 
 def is_video_data(spec: str) -> bool:
-    """Whether --data names clips: a named clip set, a .gif/.mp4 file with more than one frame, or a folder
-    holding an .mp4 or an animated GIF (a folder of still GIFs is an image set)."""
-    if spec in NAMED_VIDEOS:
+    """Whether --data names clips: a named clip set, a .gif/.mp4/.avi file (a GIF with more than one frame), or a
+    folder holding an .mp4, an .avi or an animated GIF (a folder of still GIFs is an image set)."""
+    if is_named(spec):
         return True
     path = Path(spec).expanduser()
     files = [path] if path.is_file() else sorted(video_files(path)) if path.is_dir() else []
     for file in files:
-        if file.suffix.lower() == ".mp4":
+        if file.suffix.lower() in (".mp4", ".avi"):
             return True
         if file.suffix.lower() == ".gif" and _gif_frames_over(file, 1):
             return True
@@ -225,11 +262,11 @@ def _gif_frames_over(path: Path, count: int) -> bool:
 
 
 def read_video(path: Path) -> np.ndarray:
-    """The frames of one GIF or MP4 file as uint8 (T, H, W, 3). Unreadable, a frame of another size, one frame,
-    more than MAX_FRAMES frames: a UserError naming the file."""
+    """The frames of one GIF, MP4 or AVI file as uint8 (T, H, W, 3). Unreadable, a frame of another size, one
+    frame, more than MAX_FRAMES frames: a UserError naming the file."""
     path = Path(path)
-    if path.suffix.lower() == ".mp4":
-        frames = _read_mp4(path)
+    if path.suffix.lower() != ".gif":
+        frames = _read_av(path)
     else:
         frames = _read_gif(path)
     if not frames:
@@ -268,19 +305,23 @@ def _read_gif(path: Path) -> list[np.ndarray]:
     return out
 
 
-def _read_mp4(path: Path) -> list[np.ndarray]:
-    try:
-        import av  # optional: pip install av (PyAV bundles its own FFmpeg libraries)
-    except ImportError:
-        raise UserError(f"reading {path} needs PyAV: pip install av (or convert it to GIF)") from None
+def _read_av(path: Path, *, max_frames: int = MAX_FRAMES, to: Callable[[object], np.ndarray] | None = None
+             ) -> list[np.ndarray]:
+    """The frames of a file FFmpeg reads (MP4, AVI, ...), decoded one by one: more than `max_frames` is a UserError
+    once that many are read, so a long file is never held in memory. `to` turns a decoded frame into the array
+    kept (default: RGB, uint8 (H, W, 3))."""
+    import av  # a second or more to import: only where a file is read
+
     frames = []
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"cannot read video {path}: it has no video stream")
             for frame in container.decode(video=0):
-                if len(frames) == MAX_FRAMES:
-                    raise UserError(f"{path} has more than {MAX_FRAMES} frames: cut it into shorter files")
-                frames.append(frame.to_ndarray(format="rgb24"))
-    except av.FFmpegError as err:
+                if len(frames) == max_frames:
+                    raise UserError(f"{path} has more than {max_frames} frames: cut it into shorter files")
+                frames.append(to(frame) if to is not None else frame.to_ndarray(format="rgb24"))
+    except (av.FFmpegError, OSError) as err:
         raise UserError(f"cannot read video {path}: {err}") from None
     return frames
 
@@ -331,6 +372,58 @@ def _resize(frames: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.Resampling.LANCZOS)) for f in frames])
 
 
+def real_installed(name: str) -> bool:
+    """Whether a real clip set's file is on this machine."""
+    return Path(REAL_VIDEOS[name].path).is_file()
+
+
+@functools.lru_cache(maxsize=4)  # a run's clips are read again to check them, to evaluate, to predict
+def _real_frames(path: str, height: int, width: int) -> np.ndarray:
+    """Every frame of a video file, grayscale (its luma plane as decoded), resized to height x width: uint8
+    (T, H, W), read-only. A whole fraction of the file's size is a box filter (each pixel the rounded mean of a
+    block), any other size Lanczos."""
+    def gray(frame) -> np.ndarray:
+        luma = frame.to_ndarray(format="gray")  # (H0, W0)
+        fy, fx = luma.shape[0] // height, luma.shape[1] // width
+        if (fy, fx) != (0, 0) and fy == fx and luma.shape == (height * fy, width * fx):
+            return np.rint(luma.reshape(height, fy, width, fx).mean(axis=(1, 3))).astype(np.uint8)
+        return np.asarray(Image.fromarray(luma).resize((width, height), Image.Resampling.LANCZOS))
+
+    frames = np.stack(_read_av(Path(path), to=gray))
+    frames.flags.writeable = False
+    return frames
+
+
+def real_clips(name: str, cfg: VideoDataConfig) -> Clips:
+    """A real clip set's video cut into consecutive clips of cfg.frames frames (the rest dropped), in time order,
+    grayscale, at the set's size (cfg.size: size x size)."""
+    real = REAL_VIDEOS[name]
+    if not real_installed(name):
+        raise UserError(f"clip set '{name}' needs the Debian package {real.package} ({real.path} is missing): "
+                        f"sudo apt-get install --no-install-recommends {real.package} (or scripts/setup.sh --corpora)")
+    height, width = (cfg.size, cfg.size) if cfg.size else (real.height, real.width)
+    frames = _real_frames(real.path, height, width)
+    n = len(frames) // cfg.frames
+    if n == 0:
+        raise UserError(f"{name} has {len(frames)} frames, fewer than a clip's {cfg.frames}: give --set frames=N "
+                        f"with a smaller N")
+    clips = frames[:n * cfg.frames].reshape(n, cfg.frames, height, width, 1)
+    return Clips(name, np.ascontiguousarray(clips), None, None)
+
+
+def split_by_time(data: Clips, cfg: VideoDataConfig) -> tuple[Clips, Clips]:
+    """Consecutive clips of one video split by time: the last cfg.val_fraction for validation, the clip before
+    them left out (a gap, so that no validation clip continues a training clip frame for frame), the rest for
+    training."""
+    n_val = max(1, int(round(data.n * cfg.val_fraction)))
+    n_train = data.n - n_val - 1
+    if n_train < 1:
+        raise UserError(f"{data.source}: {data.n} clip(s) of {cfg.frames} frames are too few to hold some out by "
+                        f"time: give --set frames=N with a smaller N")
+    return (Clips(data.source, data.clips[:n_train], None, None),
+            Clips(data.source, data.clips[data.n - n_val:], None, None))
+
+
 def load_split(spec: str, cfg: VideoDataConfig) -> tuple[Clips | ClipMaker, Clips]:
     """Training and validation clips. A named set: a ClipMaker of fresh training clips from the training images,
     and cfg.val_clips validation clips from the test images at cfg.split_seed. A folder: its clips, shuffled at
@@ -344,6 +437,10 @@ def load_split(spec: str, cfg: VideoDataConfig) -> tuple[Clips | ClipMaker, Clip
         return ClipMaker(spec, cfg), named_clips(spec, "test", cfg.val_clips, cfg.split_seed, cfg)
     if cfg.objects != 1:
         raise UserError("--set objects applies to the named clip sets (moving-fashion-mnist, moving-digits)")
+    if spec in REAL_VIDEOS:
+        if cfg.conditional:
+            raise UserError(f"--conditional needs class labels, and {spec} has none (one video, no classes)")
+        return split_by_time(real_clips(spec, cfg), cfg)
     data = load_folder(spec, cfg)
     if cfg.conditional and data.labels is None:
         raise UserError(f"--conditional needs class labels, and {spec} has none (use class sub-folders)")
@@ -399,6 +496,55 @@ def save_gif(path: Path, frames: np.ndarray, record: dict | None = None, *, scal
     atomic_write_bytes(Path(path), gif_bytes(frames, record, scale=scale))
 
 
+def mp4_bytes(frames: np.ndarray, record: dict | None = None) -> bytes:
+    """uint8 frames (T, H, W, C) as an MP4: H.264 (libx264, constant rate factor MP4_CRF, one thread and no
+    lookahead, so the same frames give the same bytes) in yuv420p at 10 frames a second, `record` as the file's
+    comment tag (JSON). yuv420p halves the colour planes, so both sides must be even: a clip with an odd side is
+    written twice as large (each pixel a 2x2 block; nearest neighbour). Grayscale frames are written as RGB with
+    R = G = B and read back so."""
+    import av  # a second or more to import: only where a file is written
+
+    t, h, w, c = frames.shape
+    if h % 2 or w % 2:
+        frames = frames.repeat(2, axis=1).repeat(2, axis=2)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        if record is not None:
+            out.metadata["comment"] = json.dumps(record, sort_keys=True)
+        # no macroblock tree and no rate-control lookahead: with them x264's bytes varied from run to run on a
+        # loaded machine (measured: 2-4 different files in 50 writes of one clip), without them they never did
+        stream = out.add_stream("libx264", rate=1000 // FRAME_MS, options={
+            "crf": str(MP4_CRF), "preset": "medium", "x264-params": "mbtree=0:rc-lookahead=0"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.thread_count = 1  # x264's output depends on its threads: one, for exact bytes
+        for frame in frames:
+            rgb = np.ascontiguousarray(np.repeat(frame, 3, axis=2) if c == 1 else frame)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())  # flush the encoder's delayed frames
+    return buffer.getvalue()
+
+
+def save_mp4(path: Path, frames: np.ndarray, record: dict | None = None) -> None:
+    atomic_write_bytes(Path(path), mp4_bytes(frames, record))
+
+
+def read_mp4_record(path: Path) -> dict:
+    """The generation record an MP4 written by `save_mp4` carries in its comment tag."""
+    import av  # a second or more to import: only where a file is read
+
+    try:
+        with av.open(str(path)) as container:
+            comment = container.metadata.get("comment")
+    except (av.FFmpegError, OSError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    return _record(path, comment, "an MP4")
+
+
+def read_record(path: Path) -> dict:
+    """The generation record of a clip file written by `aigc generate`: a GIF's comment or an MP4's comment tag."""
+    return read_mp4_record(path) if Path(path).suffix.lower() == ".mp4" else read_gif_record(path)
+
+
 def read_gif_record(path: Path) -> dict:
     """The generation record a GIF written by `save_gif` carries in its comment."""
     try:
@@ -406,8 +552,12 @@ def read_gif_record(path: Path) -> dict:
             comment = img.info.get("comment")
     except (OSError, SyntaxError, ValueError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
+    return _record(path, comment, "a GIF")
+
+
+def _record(path: Path, comment: bytes | str | None, kind: str) -> dict:
     if not comment:
-        raise UserError(f"{path} has no generation record: give a GIF written by `aigc generate`")
+        raise UserError(f"{path} has no generation record: give {kind} written by `aigc generate`")
     try:
         return json.loads(comment)
     except json.JSONDecodeError as err:

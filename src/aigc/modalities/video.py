@@ -1,4 +1,5 @@
-"""The video modality: clips in (moving objects made by seeded code, or the user's GIF and MP4 files), two jobs out.
+"""The video modality: clips in (moving objects made by seeded code, the real set vtest, or the user's GIF and MP4
+files), two jobs out.
 
 - predict: a predictor family (`simvp`, modality "video") learns the next frames of a clip from its first
   `context` frames; scored by MSE, MAE, PSNR and SSIM per frame beside three floors (the last frame copied, black
@@ -7,8 +8,9 @@
   frames of C x H x W is an image of T * C x H x W), so the families are reused, not copied; conditional on the
   clip's class where the clips have one object of a labelled set.
 
-A generation is clips as uint8 arrays (T, H, W, C) with one record each; `save` writes a GIF per clip (its record
-as the GIF comment) and a PNG frame sheet (the generation's record as its text chunk). The same run, seed and
+A generation is clips as uint8 arrays (T, H, W, C) with one record each; `save` writes a GIF and an MP4 per clip
+(its record as the GIF comment and the MP4 comment tag) and a PNG frame sheet (the generation's record as its text
+chunk). The same run, seed and
 options make the same bytes. See docs/video.md.
 """
 
@@ -66,7 +68,7 @@ def sections(fam: Family) -> dict[str, type]:
 
 
 def source_of(data: str) -> str:
-    return data if data in v.NAMED_VIDEOS else str(Path(data).expanduser().resolve())
+    return data if v.is_named(data) else str(Path(data).expanduser().resolve())
 
 
 def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
@@ -148,10 +150,16 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         "job": "predict" if predicts(fam) else "generate", "clip_shape": [t, h, w, c],
         "context": cfg.context if predicts(fam) else None, "num_classes": num_classes,
         "class_names": list(val.class_names) if num_classes else None,
-        "data": {"train": v.describe(train, source_of(data)), "val": v.describe(val, "test images" if data in
-                                                                                  v.NAMED_VIDEOS else "held out")},
+        "data": {"train": v.describe(train, source_of(data)), "val": v.describe(val, held_out(data))},
     }
     return Prepared(model, record, VideoBatches(train, val, cfg.conditional))
+
+
+def held_out(data: str) -> str:
+    """Where a set's validation clips come from, as run.json says."""
+    if data in v.NAMED_VIDEOS:
+        return "test images"
+    return "the last clips in time" if data in v.REAL_VIDEOS else "held out"
 
 
 def recorded_split(run_dir: Path, record: dict, cfg: v.VideoDataConfig) -> tuple[v.Clips | v.ClipMaker, v.Clips]:
@@ -356,11 +364,11 @@ def sample_clip(model, rec: dict, clip_shape: list[int]) -> np.ndarray:
 
 
 def regenerate(path: str) -> Generation:
-    """A clip again, from the generation record its GIF carries (`--from-image`)."""
+    """A clip again, from the generation record its GIF or MP4 carries (`--from-image`)."""
     file = Path(path)
     if not file.is_file():
         raise NotFound(f"no such file: {path}")
-    rec = v.read_gif_record(file)
+    rec = v.read_record(file)
     loaded = load(rec["run"])
     if loaded.record["job"] == "predict":
         clip = predict_clips(loaded.model, _context_clip(loaded, rec["seed"])[None], loaded.record["context"])[0]
@@ -371,16 +379,19 @@ def regenerate(path: str) -> Generation:
 
 
 def save(generation: Generation, out_dir: Path) -> list[str]:
-    """000.gif, 001.gif ... (each carrying its record as the GIF comment) and sheet.png (a row per clip, a column
-    per frame; a predictor's rows alternate the true clip and the prediction; the generation's record as its text
-    chunk)."""
+    """000.gif, 001.gif ..., then 000.mp4, 001.mp4 ... (each carrying its clip's record: the GIF comment, the MP4
+    comment tag) and sheet.png (a row per clip, a column per frame; a predictor's rows alternate the true clip and
+    the prediction; the generation's record as its text chunk). A clip made again from its file (`regenerate`) is
+    written under that file's name, as GIF and MP4."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = generation.extra.get("names") or [f"{i:03d}.gif" for i in range(len(generation.outputs))]
-    files = []
-    for name, clip, rec in zip(names, generation.outputs, generation.record["clips"], strict=True):
-        v.save_gif(out_dir / name, clip, rec)
-        files.append(str(out_dir / name))
+    stems = [Path(name).stem for name in generation.extra.get("names") or
+             [f"{i:03d}" for i in range(len(generation.outputs))]]
+    gifs, mp4s = [out_dir / f"{stem}.gif" for stem in stems], [out_dir / f"{stem}.mp4" for stem in stems]
+    for gif, mp4, clip, rec in zip(gifs, mp4s, generation.outputs, generation.record["clips"], strict=True):
+        v.save_gif(gif, clip, rec)
+        v.save_mp4(mp4, clip, rec)
+    files = [str(f) for f in gifs + mp4s]
     if "names" not in generation.extra:
         truths = generation.extra.get("truth") or []
         rows = [c for pair in zip(truths, generation.outputs, strict=True) for c in pair] if truths \

@@ -43,7 +43,7 @@ ERROR_RESPONSES = {status: {"model": schemas.ErrorResponse, "description": text}
 # the files in a generation's folder that the API serves (a music generation's pieces, a video generation's clips and
 # frame sheet), with their media types
 GENERATION_FILES = {".wav": "audio/wav", ".mid": "audio/midi", ".png": "image/png", ".json": "application/json",
-                    ".gif": "image/gif"}
+                    ".gif": "image/gif", ".mp4": "video/mp4"}
 # which modality an endpoint field belongs to, for the message about a field sent to the wrong endpoint
 FIELD_OWNERS = {**{f: "video" for f in schemas.VideoRequest.model_fields},  # first: the others own shared fields
                 **{f: "music" for f in schemas.AudioRequest.model_fields},
@@ -287,7 +287,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 "seed": generation.record["settings"]["seed"], "rendered_with": generation.extra["rendered_with"],
                 "data": data}
 
-    @app.post("/v1/videos/generations", response_model=schemas.VideoResponse, summary="make or predict clips (GIF)")
+    @app.post("/v1/videos/generations", response_model=schemas.VideoResponse,
+              summary="make or predict clips (GIF and MP4)")
     async def videos(body: schemas.VideoRequest, request: Request, key_id: str | None = Depends(caller)):
         modality, path = model_path(body.model)
         if modality != "video":
@@ -301,6 +302,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             return str(request.url_for("generation_files", generation_id=gen_id, name=name))
 
         data = [{"index": i, "frames": len(clip), "record": rec, "gif_url": url(Path(files[i]).name),
+                 "mp4_url": url(Path(files[i]).with_suffix(".mp4").name),
                  "gif_b64": base64.b64encode(Path(files[i]).read_bytes()).decode()}
                 for i, (clip, rec) in enumerate(zip(generation.outputs, generation.record["clips"], strict=True))]
         sheet = Path(generation.extra["sheet"])
@@ -354,9 +356,9 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/generations/{generation_id}/files/{name}", name="generation_files",
              summary="one of the files a generation wrote into its folder (music: NNN.wav, NNN.mid, NNN.png; "
-                     "video: NNN.gif, sheet.png)",
+                     "video: NNN.gif, NNN.mp4, sheet.png)",
              response_class=FileResponse, responses={200: {"content": {"audio/wav": {}, "audio/midi": {},
-                                                                       "image/gif": {}}}})
+                                                                       "image/gif": {}, "video/mp4": {}}}})
     def generation_files(generation_id: str, name: str, key_id: str | None = Depends(caller)):
         row = db.get_generation(generation_id)
         folder = Path(row["file"]).parent if row.get("file") else None

@@ -358,6 +358,7 @@ class VideoDatum(BaseModel):
     frames: int
     gif_b64: str  # the clip as a looping GIF, its record as the GIF comment
     gif_url: str  # the same file, kept in the store: GET /v1/generations/{id}/files/NNN.gif
+    mp4_url: str  # the clip as an MP4 (H.264), its record as the comment tag: GET .../files/NNN.mp4
     record: dict  # the clip's generation record (run, seed, class, sampling options)
 
 
