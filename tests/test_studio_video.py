@@ -87,6 +87,11 @@ def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
     assert distinct_pictures(clips.nth(0).locator("img.gif")) > 1  # it plays: the moving digit changes the picture
     gif = page.request.get(clips.nth(0).locator("img.gif").get_attribute("src"))
     assert gif.headers["content-type"] == "image/gif" and gif.body()[:6] == b"GIF89a"
+    mp4 = clips.nth(0).get_by_role("link", name="MP4 file")  # the clip's MP4, to download: the answer's own file
+    assert mp4.get_attribute("download") == "clip-1.mp4"
+    video = page.request.get(mp4.get_attribute("href"))
+    assert video.headers["content-type"] == "video/mp4" and video.body()[4:8] == b"ftyp"
+    assert mp4.get_attribute("href") == made["data"][0]["mp4_url"]
     sheet = page.locator("main img.sheet")
     page.wait_for_function("document.querySelector('main img.sheet').complete")
     assert sheet.evaluate("i => [i.naturalWidth, i.naturalHeight]")[1] > 2 * 24  # the truth above each prediction

@@ -191,7 +191,8 @@ function videoClips(v, generationId) {  // each clip: its GIF (the browser plays
     h("div", {class: "clip-row"}, v.clips.map((c, i) => h("figure", {class: "clip", "data-clip": i},
       h("img", {class: "gif", src: c.gif, alt: t("video.clip", {i: i + 1})}),
       h("figcaption", {class: "meta"}, c.seed !== undefined && c.seed !== null ? t("video.seed", {seed: c.seed}) : "",
-        " · ", h("a", {href: c.gif, download: `clip-${i + 1}.gif`, text: t("video.gif")})),
+        " · ", h("a", {href: c.gif, download: `clip-${i + 1}.gif`, text: t("video.gif")}),
+        c.mp4 ? [" · ", h("a", {href: c.mp4, download: `clip-${i + 1}.mp4`, text: t("video.mp4")})] : null),
       generationId ? rating(generationId, i) : null))),
     v.sheet ? h("figure", {class: "sheet"}, h("img", {class: "sheet", src: v.sheet, alt: t("video.sheet")}),
                 h("figcaption", {class: "meta", text: t(v.job === "predict" ? "video.sheetpredict" : "video.sheethelp")}))
@@ -488,7 +489,7 @@ function buildGenerateForm(form, out, spec) {
       } else if (spec.modality === "video") {
         body.prompt = classPick ? classPick.value : "";
         const made = await api("/v1/videos/generations", {body});
-        out.append(videoClips({clips: made.data.map(d => ({gif: d.gif_url, seed: d.record.seed})), sheet: made.sheet_url,
+        out.append(videoClips({clips: made.data.map(d => ({gif: d.gif_url, mp4: d.mp4_url, seed: d.record.seed})), sheet: made.sheet_url,
                                job: made.job}, made.generation_id),
                    h("p", {class: "meta", text: t("gen.seedwas", {seed: made.seed})}));
       } else {
@@ -609,7 +610,7 @@ function regenerated(g, made) {  // the result made again, and whether it is the
     same = JSON.stringify(made.data.map(d => d.record.tokens)) === JSON.stringify((g.output || []).map(o => o.tokens));
     shown = musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars, notes: d.notes})));
   } else if (g.modality === "video") {  // the same run, seed and options: the same GIF bytes
-    shown = videoClips({clips: made.data.map(d => ({gif: d.gif_url, seed: d.record.seed})), sheet: made.sheet_url,
+    shown = videoClips({clips: made.data.map(d => ({gif: d.gif_url, mp4: d.mp4_url, seed: d.record.seed})), sheet: made.sheet_url,
                         job: made.job});
     same = null;
     compareFiles(made.data.map(d => d.gif_url), storedClips(g).clips.map(c => c.gif))
