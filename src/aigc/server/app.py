@@ -226,8 +226,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             names = record.get("class_names") or [str(i) for i in range(record["num_classes"])]
             raise ApiError(400, f"model {body.model!r} is conditional: send a class as the prompt "
                                 f"(one of: {', '.join(names)})", param="prompt")
-        options = {"n": body.n or 1, "class_": class_, "sampler": body.sampler, "steps": body.steps,
-                   "eta": body.eta, "guidance_scale": body.guidance_scale, "truncation": body.truncation,
+        options = {"n": body.n or 1, "class_": class_, **body.sampling(), "truncation": body.truncation,
                    "best_of": body.best_of}
         requested = {"endpoint": "images", **body.model_dump(exclude_none=True)}
 
@@ -293,8 +292,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         modality, path = model_path(body.model)
         if modality != "video":
             raise _wrong_modality(body.model, modality)
-        options = {"n": body.n or 1, "class_": body.prompt.strip() or None, "sampler": body.sampler,
-                   "steps": body.steps, "eta": body.eta, "guidance_scale": body.guidance_scale}
+        options = {"n": body.n or 1, "class_": body.prompt.strip() or None, **body.sampling()}
         requested = {"endpoint": "videos", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)

@@ -123,7 +123,21 @@ class ChatRequest(TextControls):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="= max_tokens")
 
 
-class ImageRequest(Strict):
+class DiffusionSampling(Strict):
+    """A diffusion run's sampling options, for the endpoints of the modalities it draws (an option the run's family
+    does not take: 400)."""
+
+    sampler: Literal["ddpm", "ddim", "dpm-solver"] | None = Field(None, description="diffusion")
+    steps: int | None = Field(None, ge=1, le=1000, description="diffusion: sampling steps (default 20)")
+    eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
+
+    def sampling(self) -> dict:
+        """The options as the modality's `generate` takes them (None: the run's default)."""
+        return {"sampler": self.sampler, "steps": self.steps, "eta": self.eta, "guidance_scale": self.guidance_scale}
+
+
+class ImageRequest(DiffusionSampling):
     model: str = Field(min_length=1, max_length=256)
     prompt: str = Field("", max_length=1000, description="conditional runs: a class name or index; else empty")
     n: int | None = Field(None, ge=1, le=MAX_IMAGES, description="images (default 1)")
@@ -132,11 +146,7 @@ class ImageRequest(Strict):
     output_format: Literal["png"] | None = None
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
-    # our extras: the family's sampling options (an option the family does not take: 400)
-    sampler: Literal["ddpm", "ddim", "dpm-solver"] | None = Field(None, description="diffusion")
-    steps: int | None = Field(None, ge=1, le=1000, description="diffusion: sampling steps (default 20)")
-    eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
+    # our extras beside diffusion's: the family's sampling options (an option the family does not take: 400)
     truncation: float | None = Field(None, gt=0, le=100, description="dcgan: truncate latents to [-T, T]")
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
 
@@ -168,18 +178,13 @@ class AudioRequest(Strict):
     steps: int | None = Field(None, ge=1, le=1000, description="sound runs, diffusion: sampling steps (default 20)")
 
 
-class VideoRequest(Strict):
+class VideoRequest(DiffusionSampling):
     model: str = Field(min_length=1, max_length=256, description="a video run (a clip generator or a predictor)")
     prompt: str = Field("", max_length=1000, description="conditional clip generators: a class name or index; "
                                                          "else empty")
     n: int | None = Field(None, ge=1, le=MAX_CLIPS, description="clips (default 1)")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
-    # a diffusion clip generator's sampling options (another family: 400)
-    sampler: Literal["ddpm", "ddim", "dpm-solver"] | None = Field(None, description="diffusion")
-    steps: int | None = Field(None, ge=1, le=1000, description="diffusion: sampling steps (default 20)")
-    eta: float | None = Field(None, ge=0, le=1, description="diffusion, ddim: 0 = deterministic")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="diffusion, conditional: 1 = none")
 
 
 class RatingRequest(Strict):
