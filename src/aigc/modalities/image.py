@@ -275,13 +275,17 @@ def _grid_classes(num_classes: int) -> torch.Tensor | None:
 
 
 class LoadedImages:
-    """A finished image run, its weights verified."""
+    """A finished run of an image family, its weights verified, and its configuration. Sound and video runs are
+    drawn by the same families: they load as this, with their modality's name and configuration sections."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, modality: str = NAME,
+                 sections_of: Callable[[Family], dict[str, type]] = sections):
         self.path = Path(run_dir)
-        self.record = finished_run(self.path, NAME)
+        self.record = finished_run(self.path, modality)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()
+        self.configs = build(sections_of(self.family), read_toml(self.path / "config.toml"),
+                             family=self.record["family"])
 
 
 def load(spec: str) -> LoadedImages:

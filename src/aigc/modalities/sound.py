@@ -24,7 +24,7 @@ import torch
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint
-from aigc.config import build, read_toml, to_toml
+from aigc.config import to_toml
 from aigc.data import sounds as s
 from aigc.data.images import ImageData, make_grid, save_png, to_tensor, to_uint8
 from aigc.data.music import wav_bytes
@@ -33,8 +33,8 @@ from aigc.errors import BadRequest, Cancelled, UserError
 from aigc.evaluate.images import feature_net, score_against_data
 from aigc.fsutil import atomic_write_bytes, write_json
 from aigc.modalities import image
-from aigc.modalities.base import Generation, Prepared, finished_run
-from aigc.models import FAMILIES, Family
+from aigc.modalities.base import Generation, Prepared
+from aigc.models import Family
 from aigc.store import card_header, find_run
 from aigc.train import ImageBatches
 
@@ -139,15 +139,11 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
 # generation
 
 
-class LoadedSounds:
+class LoadedSounds(image.LoadedImages):
     """A finished sound run, its weights verified, and its configuration."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir)
-        self.record = finished_run(self.path, NAME)
-        self.family = FAMILIES[self.record["family"]]
-        self.model = self.family.load(self.path).eval()
-        self.configs = build(sections(self.family), read_toml(self.path / "config.toml"), family=self.record["family"])
+        super().__init__(run_dir, NAME, sections)
 
 
 def load(spec: str) -> LoadedSounds:

@@ -27,7 +27,7 @@ import torch
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint
-from aigc.config import build, read_toml, to_toml
+from aigc.config import to_toml
 from aigc.data import video as v
 from aigc.data.images import load_images, save_png
 from aigc.data.images import to_tensor as to_image_tensor
@@ -38,8 +38,8 @@ from aigc.evaluate import video as metrics_of
 from aigc.evaluate.images import extract_features, feature_net, fid_from_features
 from aigc.fsutil import write_json
 from aigc.modalities import image
-from aigc.modalities.base import Generation, Prepared, finished_run
-from aigc.models import FAMILIES, Family
+from aigc.modalities.base import Generation, Prepared
+from aigc.models import Family
 from aigc.store import card_header, find_run
 from aigc.train import train_loop
 
@@ -285,15 +285,11 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
 # generation
 
 
-class LoadedVideo:
+class LoadedVideo(image.LoadedImages):
     """A finished video run, its weights verified, and its configuration."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir)
-        self.record = finished_run(self.path, NAME)
-        self.family = FAMILIES[self.record["family"]]
-        self.model = self.family.load(self.path).eval()
-        self.configs = build(sections(self.family), read_toml(self.path / "config.toml"), family=self.record["family"])
+        super().__init__(run_dir, NAME, sections)
         self._val: v.Clips | None = None
 
     def val(self) -> v.Clips:
