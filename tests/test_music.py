@@ -278,6 +278,43 @@ def test_the_api_composes_music_as_wav_and_midi(midi_folder):
         assert unknown.status_code == 400 and "bars" in unknown.text
 
 
+def test_the_api_continues_the_opening_of_a_validation_piece(midi_folder):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+
+    service.train("ngram", str(midi_folder), name="chorales", sets={"max_order": "3", "val_fraction": "0.4"})
+    record = json.loads((runs_dir() / "chorales" / "run.json").read_text())
+    names = record["data"]["val"]["names"]
+    assert service.openings("chorales") == names and len(names) == 2
+    val = {json.loads(line)["name"]: json.loads(line)["tokens"].split()
+           for line in (runs_dir() / "chorales" / "val.jsonl").read_text().splitlines()}
+    home = runs_dir().parent
+    server = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(server) as client:
+        assert client.get("/v1/models/chorales/controls").json()["openings"] == names
+        body = {"model": "chorales", "n": 2, "bars": 2, "seed": 5, "prompt_piece": names[1], "prompt_bars": 1}
+        answer = client.post("/v1/audio/generations", json=body)
+        assert answer.status_code == 200, answer.text
+        made = answer.json()
+        opening = m.first_bars(val[names[1]], 1)  # the piece's time signature and first bar, then the model's 2 bars
+        for datum in made["data"]:
+            assert datum["record"]["tokens"].split()[:len(opening)] == opening
+            assert datum["bars"] == 3 and datum["record"]["settings"]["prompt_piece"] == names[1]
+        replay = client.get(f"/v1/generations/{made['generation_id']}/replay").json()
+        assert f"--prompt-piece {names[1]}" in replay["cli"] and replay["body"]["prompt_bars"] == 1
+        assert [d["midi_b64"] for d in client.post(replay["endpoint"], json=replay["body"]).json()["data"]] == \
+            [d["midi_b64"] for d in made["data"]]
+        for wrong, says in (({"prompt_piece": "bwv000"}, "not a validation piece of chorales: one of"),
+                            ({"prompt_bars": 2}, "--prompt-bars applies with --prompt-midi or --prompt-piece"),
+                            ({"prompt_piece": names[0], "prompt_bars": 0}, "prompt_bars")):
+            refused = client.post("/v1/audio/generations", json={"model": "chorales", **wrong})
+            assert refused.status_code == 400 and says in refused.text, refused.text
+    done = runner.invoke(app, ["generate", "chorales", "--prompt-piece", names[0], "--prompt-midi",
+                               str(midi_folder / "copy.mid"), "--no-record"])
+    assert done.exit_code != 0 and "exclude each other" in done.output and "Traceback" not in done.output
+
+
 def test_the_arena_battles_two_music_runs(midi_folder):
     from fastapi.testclient import TestClient
 

@@ -339,8 +339,11 @@ def generate(
     bars: Annotated[int | None, typer.Option(help="music runs: bars per piece (default 8)")] = None,
     prompt_midi: Annotated[str | None, typer.Option(help="music runs: continue the first bars of this MIDI "
                                                          "file")] = None,
-    prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi to continue "
-                                                         "(default 2)")] = None,
+    prompt_piece: Annotated[str | None, typer.Option(help="music runs: continue the first bars of this validation "
+                                                          "piece of the run (a name of run.json's data.val.names)")
+                            ] = None,
+    prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi or --prompt-piece to "
+                                                         "continue (default 2)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
     best_of: Annotated[int | None, typer.Option(help="text, image, music and series runs (sample paths) with a reward "
@@ -390,7 +393,8 @@ def generate(
                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
-               "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_bars": prompt_bars}
+               "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
+               "prompt_bars": prompt_bars}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:
