@@ -26,7 +26,8 @@ Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick
    tail), the others train for the budget.
 2. `aigc eval RUN -n N` on each: held-out NLL per token and per note (nats), beside the n-gram's fitted on the same
    (augmented) training split; target: the best neural family at least 10% below the n-gram per token.
-3. The statistics of N samples (seed 0, temperature 1, 8 bars) against the validation chorales' first 8 bars:
+3. The statistics of N samples (seed 0, 8 bars, sampled at the music defaults: aigc.modalities.music.
+   SAMPLING_DEFAULTS, chosen on these validation statistics) against the validation chorales' first 8 bars:
    pitch-class entropy, scale consistency and polyphony (muspy), groove consistency (ours, muspy's definition
    without its extra empty bar); the floor is the training chorales' distance from the validation chorales; target:
    3 of 4 within the floor or 2 standard errors.
@@ -122,7 +123,8 @@ def main() -> None:
                                "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s"),
                                "train_tokens_per_s": metrics.get("tokens_per_s"), "order": metrics.get("order"),
                                "eval_s": time.perf_counter() - t0, **{k: evaluation[k] for k in (
-                                   "metrics", "statistics", "within_floor", "validation")}})
+                                   "metrics", "statistics", "within_floor", "validation")},
+                               "sampling": {k: v for k, v in evaluation["samples"].items() if k != "tokens"}})
         save()
     save()
     print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
@@ -220,6 +222,15 @@ def sounds_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sampling(row: dict) -> str:
+    """How a row's pieces were sampled: the music defaults (aigc.modalities.music.SAMPLING_DEFAULTS), as eval.json
+    recorded them."""
+    how = row.get("sampling") or {"seed": 0, "temperature": 1.0}  # rows of results written before it was recorded
+    return (f"seed {how['seed']}, temperature {how['temperature']:g}"
+            + (f", top-p {how['top_p']:g}" if how.get("top_p", 1.0) < 1 else "")
+            + (", the music defaults" if "top_p" in how else ""))
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     if not rows:
@@ -232,7 +243,7 @@ def markdown(result: dict) -> str:
              f" at the start, {result.get('load_average_end', '-')} at the end (the machine was shared: timings are "
              f"ratios). {first['validation']['pieces']} validation chorales ({first['validation']['notes']:,} notes, "
              f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
-             f"±{result['transpose']} semitones; {result['samples']} samples per model (seed 0, temperature 1, "
+             f"±{result['transpose']} semitones; {result['samples']} samples per model ({sampling(first)}, "
              f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all.", "",
              "## Held-out likelihood (nats, lower is better)", "",
              "| model | training | NLL/token | NLL/note | n-gram NLL/token (same split) | below the n-gram |",

@@ -513,6 +513,10 @@ def eval_(
                                                      "(default 1)")] = None,
     level: Annotated[float | None, typer.Option(help="series runs: the interval level whose coverage is "
                                                      "scored (default 0.95)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="music runs: the sampling temperature of the pieces "
+                                                           "(default: the music default)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="music runs: the pieces' top-p (default: the music "
+                                                     "default)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Score a run on its validation split (bits per character, perplexity), sample from it
@@ -538,12 +542,15 @@ def eval_(
         for flag, value in (("--data", data), ("--out", out)):
             if value is not None:
                 raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
-        result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level})
+        result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level, "temperature": temperature,
+                                        "top_p": top_p})
     else:
         if data is None:
             raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
         if horizon is not None or level is not None:
             raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
+        if temperature is not None or top_p is not None:
+            raise UserError(f"--{'temperature' if temperature is not None else 'top-p'} applies to music runs")
         result = service.evaluate_image_folder(images, data, n, out=out)
     if json_out:
         _emit_json(result)  # the same object as <run>/eval.json (or --out FILE)

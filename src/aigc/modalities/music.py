@@ -49,14 +49,19 @@ from aigc.train import TextBatches, train_loop
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_piece", "prompt_bars")
-EVALUATE_OPTIONS = ("n",)  # `aigc eval RUN -n N`: pieces sampled for the statistics (default EVAL_SAMPLES)
+# `aigc eval RUN -n N --temperature T --top-p P`: the pieces sampled for the statistics (default EVAL_SAMPLES, at
+# SAMPLING_DEFAULTS)
+EVALUATE_OPTIONS = ("n", "temperature", "top_p")
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued unless --prompt-bars says otherwise
-GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, "temperature": 0.8, "top_k": 0, "top_p": 1.0}  # as shown
+# how a music run samples unless asked otherwise: chosen on the validation chorales' statistics (docs/audio.md,
+# "Sampling defaults"); the held-out NLL does not depend on it
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
+GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, **SAMPLING_DEFAULTS}  # as shown
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
 MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
-EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying (-n N)
+EVAL_SAMPLES = 8  # pieces sampled at seed 0 (at SAMPLING_DEFAULTS) for the statistics and copying (-n N)
 
 
 # ----------------------------------------------------------------------------------
@@ -247,7 +252,7 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     more."""
     if stream is not None:
         raise BadRequest("--stream applies to text runs")
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {**SAMPLING_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     bars = options.pop("bars", DEFAULT_BARS)
     if not 1 <= bars <= 256:
         raise BadRequest(f"--bars must be in 1..256, got {bars}")
@@ -354,9 +359,10 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                                            None)
         base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
 
-    # 2. samples at seed 0, temperature 1 (the model as it is)
+    # 2. samples at seed 0, sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
     n_samples = int(options.get("n") or EVAL_SAMPLES)
-    generation = generate(loaded, {"n": n_samples, "temperature": 1.0}, 0)
+    sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p") if k in options}}
+    generation = generate(loaded, {"n": n_samples, **sampling}, 0)
     samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
     if not any(p.notes for p in samples):
         raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every piece at once)")
@@ -389,7 +395,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     }
     result = {"run": str(run_dir), "metrics": metrics, "statistics": stats, "within_floor": floors,
               "validation": {"pieces": len(val), "tokens": n_tokens, "notes": val_notes},
-              "samples": {"n": n_samples, "seed": 0, "temperature": 1.0, "bars": DEFAULT_BARS,
+              "samples": {"n": n_samples, "seed": 0, **sampling, "bars": DEFAULT_BARS,
                           "tokens": [o["tokens"] for o in generation.outputs]}}
     write_json(Path(run_dir) / "eval.json", result)
     return result
