@@ -9,6 +9,7 @@ import shutil
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ from aigc.evaluate.music import (
     statistics_with_errors,
     within_floor,
 )
+from aigc.modalities.music import SAMPLING_DEFAULTS
 from aigc.store import runs_dir
 from conftest import TINY_SETS
 
@@ -61,6 +63,22 @@ def test_tokens_and_midi_round_trip_keep_every_note(chorales, tmp_path):
         assert back.notes == piece.notes and back.time_signature == piece.time_signature
         assert m.midi_text(path) == "record"
     assert all(len(piece.notes) > 100 for piece in chorales)
+
+
+def test_the_round_trip_and_the_excerpts_keep_the_chorales_polyphony(chorales):
+    """Polyphony above 4 in samples is not made by the encoding: tokens -> notes keeps a chorale's polyphony exactly,
+    its 8-bar excerpt never sounds more than its four voices, and muspy's polyphony equals a plain count of the notes
+    sounding per 16th (the oracle), on the same grid as the samples'."""
+    from aigc.modalities.music import excerpts
+
+    for piece, excerpt in zip(chorales, excerpts(chorales, 8), strict=True):
+        assert polyphony(m.decode(m.encode(piece)).notes) == polyphony(piece.notes)
+        end = max(o + d for o, d, _ in excerpt.notes)
+        sounding = np.zeros(end, dtype=int)
+        for onset, dur, _ in excerpt.notes:
+            sounding[onset:onset + dur] += 1
+        assert sounding.max() <= 4
+        assert polyphony(excerpt.notes) == pytest.approx(sounding[sounding > 0].mean())
 
 
 def test_quantize_clips_long_notes_and_drops_grace_notes():
@@ -190,8 +208,11 @@ def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_pat
     made = json.loads((out / "000.json").read_text())
     assert made["tokens"].startswith(" ".join(m.first_bars(m.encode(m.read_midi(midi_folder / "copy.mid")), 1)))
     assert made["settings"]["prompt_bars"] == 1
-    done = runner.invoke(app, ["eval", "chorales"])
+    assert {k: made["settings"][k] for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS  # sampled as the defaults say
+    done = runner.invoke(app, ["eval", "chorales", "--temperature", "1"])
     assert done.exit_code == 0 and "scale_consistency" in done.output
+    samples = json.loads((runs_dir() / "chorales" / "eval.json").read_text())["samples"]
+    assert samples["temperature"] == 1 and samples["top_p"] == SAMPLING_DEFAULTS["top_p"]
 
 
 def test_render_falls_back_to_plain_synthesis(chorales, tmp_path, monkeypatch):
