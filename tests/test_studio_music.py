@@ -150,10 +150,10 @@ def test_a_person_picks_a_chorale_opening_and_hears_it_continued(composers, brow
     [opening] = service.openings(str(home / "runs" / "bach3"))  # its one validation chorale (a quarter of four)
     page = new_page(browser, "en-US")
     visit(page, url, "generate?model=bach3")
-    playwright.expect(page.get_by_label("Bars of the opening")).to_be_disabled()  # nothing to continue yet
+    playwright.expect(page.get_by_label("Length of the opening")).to_be_disabled()  # nothing to continue yet
     page.get_by_label("Continue an opening").select_option(opening)
-    page.get_by_label("Bars of the opening").fill("1")
-    page.get_by_label("Bars", exact=True).fill("2")
+    page.get_by_label("Length of the opening").fill("1")
+    page.get_by_label("Bars").fill("2")
     with page.expect_response(lambda r: r.url.endswith("/v1/audio/generations")) as answer:
         page.get_by_role("button", name="Generate", exact=True).click()
     made = answer.value.json()
@@ -175,7 +175,7 @@ def test_a_person_picks_a_chorale_opening_and_hears_it_continued(composers, brow
     page = new_page(browser, "zh-CN")  # the same in Chinese
     visit(page, url, "generate?model=bach3")
     page.get_by_label("续写开头").select_option(opening)
-    page.get_by_label("小节数", exact=True).fill("1")
+    page.get_by_label("小节数").fill("1")
     page.get_by_role("button", name="生成", exact=True).last.click()
     playwright.expect(page.get_by_test_id("continued")).to_have_text(f"前 2 小节是 {opening} 的开头，其余是模型写的。")
     playwright.expect(page.locator(".piece")).to_contain_text("3 小节")
