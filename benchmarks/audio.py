@@ -3,6 +3,7 @@ budget, on the same split and the same encoding (docs/audio.md).
 
     python benchmarks/audio.py            # rnn and gpt 10 minutes each (about 30 minutes in all)
     python benchmarks/audio.py --quick    # 2 minutes each (about 12 minutes)
+    python benchmarks/audio.py --models ngram,gpt --temperatures 1,0.9,0.8,0.7   # + the statistics by temperature
 
 Writes benchmarks/results/audio.json and audio.md (--quick: audio-quick.json and .md). Runs live in a private AIGC
 home (default benchmarks/.work), away from a user's own runs.
@@ -26,7 +27,8 @@ Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick
    tail), the others train for the budget.
 2. `aigc eval RUN -n N` on each: held-out NLL per token and per note (nats), beside the n-gram's fitted on the same
    (augmented) training split; target: the best neural family at least 10% below the n-gram per token.
-3. The statistics of N samples (seed 0, temperature 1, 8 bars) against the validation chorales' first 8 bars:
+3. The statistics of N samples (seed 0, 8 bars, sampled at the music defaults: aigc.modalities.music.
+   SAMPLING_DEFAULTS, chosen on these validation statistics) against the validation chorales' first 8 bars:
    pitch-class entropy, scale consistency and polyphony (muspy), groove consistency (ours, muspy's definition
    without its extra empty bar); the floor is the training chorales' distance from the validation chorales; target:
    3 of 4 within the floor or 2 standard errors.
@@ -77,6 +79,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--transpose", type=int, default=5, help="training-split augmentation, semitones")
     parser.add_argument("--samples", type=int, default=32, help="pieces sampled per model for the statistics")
+    parser.add_argument("--temperatures", default="", help="also the statistics of each trained model's samples at "
+                                                           "these temperatures (e.g. 1,0.9,0.8,0.7): how the music "
+                                                           "default is chosen")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--part", choices=("music", "sounds"), default="music",
@@ -122,7 +127,16 @@ def main() -> None:
                                "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s"),
                                "train_tokens_per_s": metrics.get("tokens_per_s"), "order": metrics.get("order"),
                                "eval_s": time.perf_counter() - t0, **{k: evaluation[k] for k in (
-                                   "metrics", "statistics", "within_floor", "validation")}})
+                                   "metrics", "statistics", "within_floor", "validation")},
+                               "sampling": {k: v for k, v in evaluation["samples"].items() if k != "tokens"},
+                               "by_temperature": []})
+        for temperature in [float(t) for t in args.temperatures.split(",") if t]:
+            print(f"   {row} at temperature {temperature:g}", file=sys.stderr)
+            other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature})
+            result["rows"][-1]["by_temperature"].append({
+                "sampling": {k: v for k, v in other["samples"].items() if k != "tokens"},
+                "statistics": other["statistics"]["samples"], "within_floor": other["within_floor"]})
+            save()
         save()
     save()
     print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
@@ -220,6 +234,15 @@ def sounds_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sampling(row: dict) -> str:
+    """How a row's pieces were sampled: the music defaults (aigc.modalities.music.SAMPLING_DEFAULTS), as eval.json
+    recorded them."""
+    how = row.get("sampling") or {"seed": 0, "temperature": 1.0}  # rows of results written before it was recorded
+    return (f"seed {how['seed']}, temperature {how['temperature']:g}"
+            + (f", top-p {how['top_p']:g}" if how.get("top_p", 1.0) < 1 else "")
+            + (", the music defaults" if "top_p" in how else ""))
+
+
 def markdown(result: dict) -> str:
     rows = result["rows"]
     if not rows:
@@ -232,7 +255,7 @@ def markdown(result: dict) -> str:
              f" at the start, {result.get('load_average_end', '-')} at the end (the machine was shared: timings are "
              f"ratios). {first['validation']['pieces']} validation chorales ({first['validation']['notes']:,} notes, "
              f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
-             f"±{result['transpose']} semitones; {result['samples']} samples per model (seed 0, temperature 1, "
+             f"±{result['transpose']} semitones; {result['samples']} samples per model ({sampling(first)}, "
              f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all.", "",
              "## Held-out likelihood (nats, lower is better)", "",
              "| model | training | NLL/token | NLL/note | n-gram NLL/token (same split) | below the n-gram |",
@@ -269,6 +292,19 @@ def markdown(result: dict) -> str:
         within = sum(f["met"] for f in r["within_floor"].values())
         verdicts.append(f"{r['model']} {within}/4 **{'met' if within >= TARGET_STATS else 'missed'}**")
     lines += ["", f"Target: {TARGET_STATS} of 4 within the floor or 2 standard errors: {', '.join(verdicts)}."]
+    swept = [(r, t) for r in rows for t in r.get("by_temperature", [])]
+    if swept:
+        lines += ["", "## The statistics against the sampling temperature", "",
+                  "The same runs, the same seed and number of samples, sampled at other temperatures (the NLL does "
+                  "not depend on it); ✓ as above.", "",
+                  "| model | temperature | " + " | ".join(STATS) + " | within |",
+                  "|---|---|" + "---|" * len(STATS) + "---|"]
+        for r, t in swept:
+            cells = [f"{fmt(t['statistics'][k]['mean'])} ± {fmt(t['statistics'][k]['se'])} "
+                     f"{'✓' if t['within_floor'][k]['met'] else '✗'}" for k in STATS]
+            within = sum(f["met"] for f in t["within_floor"].values())
+            lines.append(f"| {r['model']} | {t['sampling']['temperature']:g} | " + " | ".join(cells)
+                         + f" | {within}/4 |")
     lines += ["", "## Novelty", "",
               "| model | longest copy (notes, mean / max) | 8-note runs found in training |", "|---|---|---|"]
     for r in rows:

@@ -9,6 +9,7 @@ import shutil
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ from aigc.evaluate.music import (
     statistics_with_errors,
     within_floor,
 )
+from aigc.modalities.music import SAMPLING_DEFAULTS
 from aigc.store import runs_dir
 from conftest import TINY_SETS
 
@@ -61,6 +63,22 @@ def test_tokens_and_midi_round_trip_keep_every_note(chorales, tmp_path):
         assert back.notes == piece.notes and back.time_signature == piece.time_signature
         assert m.midi_text(path) == "record"
     assert all(len(piece.notes) > 100 for piece in chorales)
+
+
+def test_the_round_trip_and_the_excerpts_keep_the_chorales_polyphony(chorales):
+    """Polyphony above 4 in samples is not made by the encoding: tokens -> notes keeps a chorale's polyphony exactly,
+    its 8-bar excerpt never sounds more than its four voices, and muspy's polyphony equals a plain count of the notes
+    sounding per 16th (the oracle), on the same grid as the samples'."""
+    from aigc.modalities.music import excerpts
+
+    for piece, excerpt in zip(chorales, excerpts(chorales, 8), strict=True):
+        assert polyphony(m.decode(m.encode(piece)).notes) == polyphony(piece.notes)
+        end = max(o + d for o, d, _ in excerpt.notes)
+        sounding = np.zeros(end, dtype=int)
+        for onset, dur, _ in excerpt.notes:
+            sounding[onset:onset + dur] += 1
+        assert sounding.max() <= 4
+        assert polyphony(excerpt.notes) == pytest.approx(sounding[sounding > 0].mean())
 
 
 def test_quantize_clips_long_notes_and_drops_grace_notes():
@@ -190,8 +208,11 @@ def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_pat
     made = json.loads((out / "000.json").read_text())
     assert made["tokens"].startswith(" ".join(m.first_bars(m.encode(m.read_midi(midi_folder / "copy.mid")), 1)))
     assert made["settings"]["prompt_bars"] == 1
-    done = runner.invoke(app, ["eval", "chorales"])
+    assert {k: made["settings"][k] for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS  # sampled as the defaults say
+    done = runner.invoke(app, ["eval", "chorales", "--temperature", "1"])
     assert done.exit_code == 0 and "scale_consistency" in done.output
+    samples = json.loads((runs_dir() / "chorales" / "eval.json").read_text())["samples"]
+    assert samples["temperature"] == 1 and samples["top_p"] == SAMPLING_DEFAULTS["top_p"]
 
 
 def test_render_falls_back_to_plain_synthesis(chorales, tmp_path, monkeypatch):
@@ -276,6 +297,43 @@ def test_the_api_composes_music_as_wav_and_midi(midi_folder):
         assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text
         unknown = client.post("/v1/forecasts", json={"model": "chorales", "horizon": 1, "bars": 2})
         assert unknown.status_code == 400 and "bars" in unknown.text
+
+
+def test_the_api_continues_the_opening_of_a_validation_piece(midi_folder):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+
+    service.train("ngram", str(midi_folder), name="chorales", sets={"max_order": "3", "val_fraction": "0.4"})
+    record = json.loads((runs_dir() / "chorales" / "run.json").read_text())
+    names = record["data"]["val"]["names"]
+    assert service.openings("chorales") == names and len(names) == 2
+    val = {json.loads(line)["name"]: json.loads(line)["tokens"].split()
+           for line in (runs_dir() / "chorales" / "val.jsonl").read_text().splitlines()}
+    home = runs_dir().parent
+    server = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(server) as client:
+        assert client.get("/v1/models/chorales/controls").json()["openings"] == names
+        body = {"model": "chorales", "n": 2, "bars": 2, "seed": 5, "prompt_piece": names[1], "prompt_bars": 1}
+        answer = client.post("/v1/audio/generations", json=body)
+        assert answer.status_code == 200, answer.text
+        made = answer.json()
+        opening = m.first_bars(val[names[1]], 1)  # the piece's time signature and first bar, then the model's 2 bars
+        for datum in made["data"]:
+            assert datum["record"]["tokens"].split()[:len(opening)] == opening
+            assert datum["bars"] == 3 and datum["record"]["settings"]["prompt_piece"] == names[1]
+        replay = client.get(f"/v1/generations/{made['generation_id']}/replay").json()
+        assert f"--prompt-piece {names[1]}" in replay["cli"] and replay["body"]["prompt_bars"] == 1
+        assert [d["midi_b64"] for d in client.post(replay["endpoint"], json=replay["body"]).json()["data"]] == \
+            [d["midi_b64"] for d in made["data"]]
+        for wrong, says in (({"prompt_piece": "bwv000"}, "not a validation piece of chorales: one of"),
+                            ({"prompt_bars": 2}, "--prompt-bars applies with --prompt-midi or --prompt-piece"),
+                            ({"prompt_piece": names[0], "prompt_bars": 0}, "prompt_bars")):
+            refused = client.post("/v1/audio/generations", json={"model": "chorales", **wrong})
+            assert refused.status_code == 400 and says in refused.text, refused.text
+    done = runner.invoke(app, ["generate", "chorales", "--prompt-piece", names[0], "--prompt-midi",
+                               str(midi_folder / "copy.mid"), "--no-record"])
+    assert done.exit_code != 0 and "exclude each other" in done.output and "Traceback" not in done.output
 
 
 def test_the_arena_battles_two_music_runs(midi_folder):

@@ -11,6 +11,7 @@ Screenshots go to $AIGC_STUDIO_SHOTS (default: test-artifacts/studio/).
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -141,6 +142,45 @@ def test_a_person_listens_rates_votes_and_regenerates_music(composers, browser):
     assert [(r["score"], r["index"]) for r in rated] == [(1, 1)]
     assert [v["winner"] for v in votes] == ["right"]
     assert Path(gens[made["generation_id"]]["file"]).with_suffix(".wav").is_file()
+    page.context.close()
+
+
+def test_a_person_picks_a_chorale_opening_and_hears_it_continued(composers, browser):
+    home, url, _ = composers
+    [opening] = service.openings(str(home / "runs" / "bach3"))  # its one validation chorale (a quarter of four)
+    page = new_page(browser, "en-US")
+    visit(page, url, "generate?model=bach3")
+    playwright.expect(page.get_by_label("Length of the opening")).to_be_disabled()  # nothing to continue yet
+    page.get_by_label("Continue an opening").select_option(opening)
+    page.get_by_label("Length of the opening").fill("1")
+    page.get_by_label("Bars").fill("2")
+    with page.expect_response(lambda r: r.url.endswith("/v1/audio/generations")) as answer:
+        page.get_by_role("button", name="Generate", exact=True).click()
+    made = answer.value.json()
+    playwright.expect(page.get_by_test_id("continued")).to_have_text(
+        f"The first 1 bar(s) are the opening of {opening}; the rest is the model's.")
+    playwright.expect(page.locator(".piece")).to_contain_text("3 bars")  # the opening's bar and 2 of the model's
+    [duration] = wait_playable(page, "main")
+    assert duration > 3 * 4 * 60 / m.TEMPO_BPM - 0.5
+    assert rolls_drawn(page, "main")[0] > 0
+    record = made["data"][0]["record"]
+    assert record["settings"]["prompt_piece"] == opening and record["settings"]["prompt_bars"] == 1
+    val = next(json.loads(line) for line in (home / "runs" / "bach3" / "val.jsonl").read_text().splitlines())
+    first_bar = m.first_bars(val["tokens"].split(), 1)
+    assert record["tokens"].split()[:len(first_bar)] == first_bar  # the piece begins with the chorale's own bar
+    shot(page, "music-continue")
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+    page = new_page(browser, "zh-CN")  # the same in Chinese
+    visit(page, url, "generate?model=bach3")
+    page.get_by_label("续写开头").select_option(opening)
+    page.get_by_label("小节数").fill("1")
+    page.get_by_role("button", name="生成", exact=True).last.click()
+    playwright.expect(page.get_by_test_id("continued")).to_have_text(f"前 2 小节是 {opening} 的开头，其余是模型写的。")
+    playwright.expect(page.locator(".piece")).to_contain_text("3 小节")
+    wait_playable(page, "main")
+    assert page.errors == [] and left_the_server(page, url) == []
     page.context.close()
 
 

@@ -339,8 +339,11 @@ def generate(
     bars: Annotated[int | None, typer.Option(help="music runs: bars per piece (default 8)")] = None,
     prompt_midi: Annotated[str | None, typer.Option(help="music runs: continue the first bars of this MIDI "
                                                          "file")] = None,
-    prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi to continue "
-                                                         "(default 2)")] = None,
+    prompt_piece: Annotated[str | None, typer.Option(help="music runs: continue the first bars of this validation "
+                                                          "piece of the run (a name of run.json's data.val.names)")
+                            ] = None,
+    prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi or --prompt-piece to "
+                                                         "continue (default 2)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
     best_of: Annotated[int | None, typer.Option(help="text, image, music and series runs (sample paths) with a reward "
@@ -390,7 +393,8 @@ def generate(
                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "stop": stop or None,
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
-               "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_bars": prompt_bars}
+               "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
+               "prompt_bars": prompt_bars}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:
@@ -509,6 +513,10 @@ def eval_(
                                                      "(default 1)")] = None,
     level: Annotated[float | None, typer.Option(help="series runs: the interval level whose coverage is "
                                                      "scored (default 0.95)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="music runs: the sampling temperature of the pieces "
+                                                           "(default: the music default)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="music runs: the pieces' top-p (default: the music "
+                                                     "default)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Score a run on its validation split (bits per character, perplexity), sample from it
@@ -534,12 +542,15 @@ def eval_(
         for flag, value in (("--data", data), ("--out", out)):
             if value is not None:
                 raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
-        result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level})
+        result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level, "temperature": temperature,
+                                        "top_p": top_p})
     else:
         if data is None:
             raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
         if horizon is not None or level is not None:
             raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
+        if temperature is not None or top_p is not None:
+            raise UserError(f"--{'temperature' if temperature is not None else 'top-p'} applies to music runs")
         result = service.evaluate_image_folder(images, data, n, out=out)
     if json_out:
         _emit_json(result)  # the same object as <run>/eval.json (or --out FILE)

@@ -611,6 +611,13 @@ def generation_defaults(run: str) -> dict:
                        if name in keywords and keywords[name].default is not inspect.Parameter.empty}, **own}
 
 
+def openings(run: str) -> list[str]:
+    """The pieces whose opening a music run continues (`prompt_piece`): its validation pieces, by name; none for a
+    run of another modality."""
+    run_dir, modality = resolve(run)
+    return music.openings(run_dir) if modality.NAME == "music" and store.is_run(run_dir) else []
+
+
 def datasets() -> list[dict]:
     """The named data sets, each with its modality, a description and whether it is installed here (a missing
     one says which package provides it)."""

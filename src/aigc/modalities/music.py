@@ -48,14 +48,20 @@ from aigc.train import TextBatches, train_loop
 
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
-GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_bars")
-EVALUATE_OPTIONS = ("n",)  # `aigc eval RUN -n N`: pieces sampled for the statistics (default EVAL_SAMPLES)
+GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_piece", "prompt_bars")
+# `aigc eval RUN -n N --temperature T --top-p P`: the pieces sampled for the statistics (default EVAL_SAMPLES, at
+# SAMPLING_DEFAULTS)
+EVALUATE_OPTIONS = ("n", "temperature", "top_p")
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
-GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, "temperature": 0.8, "top_k": 0, "top_p": 1.0}  # as shown
+PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued unless --prompt-bars says otherwise
+# how a music run samples unless asked otherwise: chosen on the validation chorales' statistics (docs/audio.md,
+# "Sampling defaults"); the held-out NLL does not depend on it
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
+GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, **SAMPLING_DEFAULTS}  # as shown
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
 MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
-EVAL_SAMPLES = 8  # pieces sampled at seed 0, temperature 1, for the statistics and copying (-n N)
+EVAL_SAMPLES = 8  # pieces sampled at seed 0 (at SAMPLING_DEFAULTS) for the statistics and copying (-n N)
 
 
 # ----------------------------------------------------------------------------------
@@ -188,17 +194,24 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
 def read_split(run_dir: Path, record: dict | None = None) -> tuple[list[m.Piece], list[m.Piece]]:
     """The run's training and validation pieces, checked against the sha256 in run.json."""
     record = record or read_run(run_dir)
-    out = []
-    for part in ("train", "val"):
-        path = Path(run_dir) / record["data"][part]["file"]
-        if not path.is_file():
-            raise UserError(f"{run_dir}: {path.name} is missing")
-        content = path.read_text(encoding="utf-8")
-        if sha256_text(content) != record["data"][part]["sha256"]:
-            raise UserError(f"{run_dir}: {path.name} does not match the sha256 recorded in run.json")
-        rows = [json.loads(line) for line in content.splitlines() if line]
-        out.append([m.decode(row["tokens"].split(), row["name"]) for row in rows])
-    return out[0], out[1]
+    return _read_part(run_dir, record, "train"), _read_part(run_dir, record, "val")
+
+
+def _read_part(run_dir: Path, record: dict, part: str) -> list[m.Piece]:
+    path = Path(run_dir) / record["data"][part]["file"]
+    if not path.is_file():
+        raise UserError(f"{run_dir}: {path.name} is missing")
+    content = path.read_text(encoding="utf-8")
+    if sha256_text(content) != record["data"][part]["sha256"]:
+        raise UserError(f"{run_dir}: {path.name} does not match the sha256 recorded in run.json")
+    rows = [json.loads(line) for line in content.splitlines() if line]
+    return [m.decode(row["tokens"].split(), row["name"]) for row in rows]
+
+
+def openings(run_dir: Path) -> list[str]:
+    """The names of the run's validation pieces, in the order of its split: the openings a person can have continued
+    (`prompt_piece`). Held-out pieces, so a continuation is not the model reciting what it trained on."""
+    return list(read_run(run_dir)["data"]["val"].get("names", []))
 
 
 # ----------------------------------------------------------------------------------
@@ -219,19 +232,42 @@ def prompt_tokens(path: str, bars: int) -> list[str]:
     return m.first_bars(m.encode(m.read_midi(Path(path).expanduser())), bars)
 
 
+def piece_prompt_tokens(run_dir: Path, name: str, bars: int) -> list[str]:
+    """The first `bars` bars of the run's validation piece `name` (`openings`), as tokens."""
+    if bars < 1:
+        raise BadRequest(f"--prompt-bars must be >= 1, got {bars}")
+    record = read_run(run_dir)
+    names = record["data"]["val"].get("names", [])
+    if name not in names:
+        shown = ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
+        raise BadRequest(f"--prompt-piece {name!r} is not a validation piece of {Path(run_dir).name}: one of {shown}")
+    piece = _read_part(run_dir, record, "val")[names.index(name)]
+    return m.first_bars(m.encode(piece), bars)
+
+
 def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[str], None] | None = None,
              cancel: threading.Event | None = None, *, batched: bool = False) -> Generation:
-    """`n` pieces of `bars` bars (after the prompt's bars with --prompt-midi), decoded by the text decoding."""
+    """`n` pieces of `bars` bars, decoded by the text decoding; with a prompt (the first `prompt_bars` bars of a MIDI
+    file, `prompt_midi`, or of one of the run's validation pieces, `prompt_piece`) the piece is those bars and `bars`
+    more."""
     if stream is not None:
         raise BadRequest("--stream applies to text runs")
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {**SAMPLING_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     bars = options.pop("bars", DEFAULT_BARS)
     if not 1 <= bars <= 256:
         raise BadRequest(f"--bars must be in 1..256, got {bars}")
-    prompt_midi, prompt_bars = options.pop("prompt_midi", None), options.pop("prompt_bars", None)
-    if prompt_bars is not None and prompt_midi is None:
-        raise BadRequest("--prompt-bars applies with --prompt-midi")
-    prompt = prompt_tokens(prompt_midi, prompt_bars or 2) if prompt_midi else []
+    prompt_midi, prompt_piece = options.pop("prompt_midi", None), options.pop("prompt_piece", None)
+    prompt_bars = options.pop("prompt_bars", None)
+    if prompt_midi is not None and prompt_piece is not None:
+        raise BadRequest("--prompt-midi and --prompt-piece exclude each other: give one opening to continue")
+    if prompt_bars is not None and prompt_midi is None and prompt_piece is None:
+        raise BadRequest("--prompt-bars applies with --prompt-midi or --prompt-piece")
+    if prompt_midi is not None:
+        prompt = prompt_tokens(prompt_midi, prompt_bars or PROMPT_BARS)
+    elif prompt_piece is not None:
+        prompt = piece_prompt_tokens(loaded.path, prompt_piece, prompt_bars or PROMPT_BARS)
+    else:
+        prompt = []
     record = read_run(loaded.path)
     per_bar = record["encoding"]["tokens_per_bar"]
     budget = math.ceil(bars * per_bar * BUDGET_MARGIN) + 2
@@ -249,8 +285,8 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
         tokens = m.first_bars(sample, want)
         piece = m.decode(tokens)
         outputs.append({"tokens": " ".join(tokens), "bars": m.bars_of(tokens), "notes": len(piece.notes)})
-    settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi,
-                    "prompt_bars": (prompt_bars or 2) if prompt_midi else None}
+    settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
+                    "prompt_bars": (prompt_bars or PROMPT_BARS) if prompt else None}
     settings_out.pop("stop")
     return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
                                       "stats": stats})
@@ -323,9 +359,10 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                                            None)
         base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
 
-    # 2. samples at seed 0, temperature 1 (the model as it is)
+    # 2. samples at seed 0, sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
     n_samples = int(options.get("n") or EVAL_SAMPLES)
-    generation = generate(loaded, {"n": n_samples, "temperature": 1.0}, 0)
+    sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p") if k in options}}
+    generation = generate(loaded, {"n": n_samples, **sampling}, 0)
     samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
     if not any(p.notes for p in samples):
         raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every piece at once)")
@@ -358,7 +395,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     }
     result = {"run": str(run_dir), "metrics": metrics, "statistics": stats, "within_floor": floors,
               "validation": {"pieces": len(val), "tokens": n_tokens, "notes": val_notes},
-              "samples": {"n": n_samples, "seed": 0, "temperature": 1.0, "bars": DEFAULT_BARS,
+              "samples": {"n": n_samples, "seed": 0, **sampling, "bars": DEFAULT_BARS,
                           "tokens": [o["tokens"] for o in generation.outputs]}}
     write_json(Path(run_dir) / "eval.json", result)
     return result

@@ -170,6 +170,11 @@ class AudioRequest(Strict):
     top_k: int | None = Field(None, ge=0, le=100_000, description="0 = off")
     top_p: float | None = Field(None, gt=0, le=1, description="1 = off")
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
+    prompt_piece: str | None = Field(None, min_length=1, max_length=256,
+                                     description="music runs: continue the opening of this validation piece of the "
+                                                 "run (GET /v1/models/{model}/controls lists them as `openings`)")
+    prompt_bars: int | None = Field(None, ge=1, le=16, description="music runs: bars of prompt_piece continued "
+                                                                   "(default 2)")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
     # sound runs (drum hits): the class of a conditional run, and a diffusion run's sampling steps

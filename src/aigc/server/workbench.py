@@ -96,6 +96,7 @@ def install(app: FastAPI, ctx: Context) -> None:
         classes = record.get("class_names") or ([str(i) for i in range(record["num_classes"])]
                                                 if record.get("num_classes") else None)
         return {"model": model, "modality": modality, "family": record["family"], "classes": classes,
+                "openings": service.openings(str(path)) if modality == "music" else None,
                 "controls": _controls(modality, extra, defaults)}
 
     @app.get("/v1/models/{model}/feedback", summary="what the ratings and votes stored for a run allow: counts, and "
@@ -523,7 +524,7 @@ def _replay(row: dict, base_url: str) -> dict:
             cli += ["--class", body["prompt"]]
     elif modality == "music":
         body = {"model": run, "seed": seed}
-        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of"):
+        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of", "prompt_piece", "prompt_bars"):
             if request.get(field) is not None:
                 body[field] = request[field]
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now

@@ -439,6 +439,15 @@ function buildGenerateForm(form, out, spec) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
+  let opening = null, openingBars = null;
+  if (spec.modality === "music" && spec.openings && spec.openings.length) {  // a held-out piece's first bars, continued
+    opening = h("select", {name: "prompt_piece"}, h("option", {value: "", text: t("music.nothing")}),
+                spec.openings.map(name => h("option", {value: name, text: name})));
+    openingBars = h("input", {type: "number", name: "prompt_bars", min: 1, max: 16, step: 1, value: 2, disabled: true});
+    opening.addEventListener("change", () => { openingBars.disabled = !opening.value; });
+    form.append(h("div", {class: "row"}, field("music.opening", opening, t("music.openinghelp")),
+                  field("music.openingbars", openingBars)));
+  }
   for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c),
     c.name === "best_of" ? t("gen.bestofhelp", {k: c.default}) : c.help));
   const seed = h("input", {type: "number", name: "seed", min: 0, step: 1});
@@ -482,7 +491,13 @@ function buildGenerateForm(form, out, spec) {
         out.append(musicPieces(madeSounds(made), made.generation_id),
                    h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
       } else if (spec.modality === "music") {
+        if (opening && opening.value) {
+          body.prompt_piece = opening.value;
+          body.prompt_bars = parseInt(openingBars.value, 10);
+        }
         const made = await api("/v1/audio/generations", {body});
+        if (body.prompt_piece) out.append(h("p", {class: "meta", "data-testid": "continued",
+                                                  text: t("music.continued", {bars: body.prompt_bars, name: body.prompt_piece})}));
         out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
                                                      notes: d.notes})), made.generation_id),
                    h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
