@@ -338,6 +338,7 @@ def test_image_sft_learns_a_taste_read_from_the_picture(rated_pictures, monkeypa
     record = store.read_run(run_dir)
     assert record["init_from"] == str((home / "runs" / "pics").resolve())
     assert record["data"] == parent["data"] and record["optimize"]["feedback"]["liked"] == 80
+    assert record["pool"]["drawn"] == 2000 and record["pool"]["kept"] > 0  # fresh images the reward judged liked
     with pytest.raises(UserError, match="feedback_share: must be > 0"):
         service.optimize("pics", "sft", name="never", sets={"feedback_share": "0"})
 
@@ -357,6 +358,9 @@ def test_image_rerank_moves_a_taste_read_from_the_picture(rated_pictures, monkey
     before, after = _share_bright("pics", cut), _share_bright(run_dir.name, cut)
     assert significantly_higher(before, after, 200), (before, after)
     kept = service.generate(run_dir.name, {"n": 3}, seed=7)
+    assert kept.record["rerank"]["pick"] == "first-liked"  # images' default: rejection sampling by the reward
+    for chosen, score in zip(kept.record["rerank"]["chosen"], kept.record["rerank"]["scores"], strict=True):
+        assert score > 0 or chosen % 3 == 0  # one the reward does not like is kept only as its group's first
     assert [r["seed"] for r in kept.record["images"]] == [7 + i for i in kept.record["rerank"]["chosen"]]
     for pixels, rec in zip(kept.outputs, kept.record["images"], strict=True):
         alone = service.generate("pics", {"n": 1}, seed=rec["seed"]).outputs[0]
