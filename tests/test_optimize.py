@@ -338,7 +338,6 @@ def test_image_sft_learns_a_taste_read_from_the_picture(rated_pictures, monkeypa
     record = store.read_run(run_dir)
     assert record["init_from"] == str((home / "runs" / "pics").resolve())
     assert record["data"] == parent["data"] and record["optimize"]["feedback"]["liked"] == 80
-    assert record["pool"] == {"drawn": 0, "kept": 0}  # the pool is off by default (docs/optimize.md)
     with pytest.raises(UserError, match="feedback_share: must be > 0"):
         service.optimize("pics", "sft", name="never", sets={"feedback_share": "0"})
 

@@ -97,7 +97,6 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
     prepared.state = LikedImageBatches(prepared.state, to_tensor(pixels),
                                        None if labels is None else torch.tensor(labels), weights,
                                        cfg.feedback_share)
-    prepared.record["pool"] = {"drawn": cfg.pool if feedback.disliked else 0, "kept": len(weights) - len(liked)}
 
     def write_files(staging: Path) -> None:
         if prepared.write_files is not None:
