@@ -357,6 +357,9 @@ def test_image_rerank_moves_a_taste_read_from_the_picture(rated_pictures, monkey
     before, after = _share_bright("pics", cut), _share_bright(run_dir.name, cut)
     assert significantly_higher(before, after, 200), (before, after)
     kept = service.generate(run_dir.name, {"n": 3}, seed=7)
+    assert kept.record["rerank"]["pick"] == "first-liked"  # images' default: rejection sampling by the reward
+    for chosen, score in zip(kept.record["rerank"]["chosen"], kept.record["rerank"]["scores"], strict=True):
+        assert score > 0 or chosen % 3 == 0  # one the reward does not like is kept only as its group's first
     assert [r["seed"] for r in kept.record["images"]] == [7 + i for i in kept.record["rerank"]["chosen"]]
     for pixels, rec in zip(kept.outputs, kept.record["images"], strict=True):
         alone = service.generate("pics", {"n": 1}, seed=rec["seed"]).outputs[0]

@@ -110,6 +110,20 @@ def test_best_of_per_group_first_on_ties():
         best_of(scores, 2, 3)
 
 
+def test_first_liked_keeps_the_first_candidate_judged_liked_else_the_first():
+    scores = torch.tensor([-1.0, 0.5, 3.0, -5.0, -2.0, -0.1, 2.0, 0.0, 1.0])
+    # by hand: group 0 -> its first score > 0 (0.5, not the best 3.0); group 1 none > 0 -> its first; group 2 -> 2.0
+    assert best_of(scores, 3, 3, "first-liked") == [1, 3, 6]
+    assert best_of(scores, 3, 3, "best") == [2, 5, 6]
+    # with random scores, against a loop written from the definition
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(400, generator=generator) - 1.0
+    expected = [next((g * 4 + i for i in range(4) if scores[g * 4 + i] > 0), g * 4) for g in range(100)]
+    assert best_of(scores, 100, 4, "first-liked") == expected
+    with pytest.raises(BadRequest, match="pick must be one of best, first-liked"):
+        best_of(scores, 100, 4, "softmax")
+
+
 @pytest.fixture(scope="module")
 def vocab():
     docs = make_poems(20)

@@ -85,11 +85,17 @@ class OptimizeConfig:
     beta: float = option(0.3, "dpo: how strongly the new run is held near the parent (DPO's beta; larger: "
                               "nearer)", min=0.0, max=100.0, min_exclusive=True)
     best_of: int = option(4, "rerank: candidates drawn per sample, the reward model keeps the best", min=1, max=64)
+    pick: str = option("best", "rerank: which of the best_of candidates is kept: best (the highest reward) or "
+                               "first-liked (the first the reward judges liked, else the first drawn: rejection "
+                               "sampling, which keeps the variety of what is liked)", choices=("best", "first-liked"))
     l2: float = option(0.01, "rerank: L2 penalty of the reward model", min=0.0, max=100.0)
     count_weight: float = option(20.0, "sft on an n-gram: times each liked completion's n-grams are counted per "
                                        "unit of its rating", min=0.0, max=1e6, min_exclusive=True)
     feedback_share: float = option(0.5, "sft on images: the share of each batch drawn from the liked images (the "
                                         "rest from the training data)", min=0.0, max=1.0, min_exclusive=True)
+    pool: int = option(0, "sft on images: fresh images of the parent drawn and added to the liked ones where a "
+                          "reward fitted on the ratings judges them liked (0: the rated liked images alone)",
+                       min=0, max=100_000)
     eval_samples: int = option(200, "fresh outputs of the parent and of the new run judged before and after "
                                     "(0: none)", min=0, max=10_000)
 

@@ -9,7 +9,9 @@ A reward reads features that the run itself, or its evaluation, computes (`featu
   trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0).
 
 Best of k: a request for n outputs draws n * k candidates with its seed (text: one request of n * k samples;
-images: seeds seed .. seed + n * k - 1), scores each, and keeps the highest of each consecutive group of k. The
+images: seeds seed .. seed + n * k - 1), scores each, and keeps one of each consecutive group of k: the highest
+(`pick` "best", text's default) or the first the reward judges liked, else the first (`pick` "first-liked",
+rejection sampling: images' default, measured in docs/optimize.md). The
 same request and seed give the same outputs; an image kept carries its own seed, so its PNG makes it again alone.
 """
 
@@ -158,7 +160,7 @@ def fit_for_run(modality: str, loaded, feedback: Feedback, cfg) -> rewards.Rewar
     best_of, the k its generations use unless a request says otherwise)."""
     t0 = time.perf_counter()
     reward = fit_from_feedback(modality, loaded, feedback, l2=cfg.l2)
-    reward.info.update(best_of=cfg.best_of, fit_seconds=time.perf_counter() - t0)
+    reward.info.update(best_of=cfg.best_of, pick=cfg.pick, fit_seconds=time.perf_counter() - t0)
     return reward
 
 
@@ -246,11 +248,13 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     prompt = options.get("prompt") or ""
     X = features_of(name, loaded, [prompt] * (n * k), candidates.outputs)
     scores = reward.score(X)
-    chosen = rewards.best_of(scores, n, k)
+    pick = reward.info.get("pick", "best")  # a reward fitted before `pick` existed keeps the best
+    chosen = rewards.best_of(scores, n, k, pick)
     outputs = [candidates.outputs[i] for i in chosen]
     record = dict(candidates.record)
     record["settings"] = {**record["settings"], "n": n, "best_of": k}
-    record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
+    record["rerank"] = {"candidates": n * k, "pick": pick, "chosen": chosen,
+                        "scores": [float(scores[i]) for i in chosen],
                         "features": reward.info.get("features")}
     if name in ("text", "music"):
         stats = dict(record["stats"])
@@ -272,10 +276,12 @@ def _best_paths(modality, loaded, options: dict, seed: int, k: int, reward: rewa
     candidates = modality.generate(loaded, {**options, "paths": n * k}, seed, None)
     paths = candidates.outputs["paths"]
     scores = reward.score(path_features(loaded.series.values, paths))
-    chosen = rewards.best_of(scores, n, k)
+    pick = reward.info.get("pick", "best")  # a reward fitted before `pick` existed keeps the best
+    chosen = rewards.best_of(scores, n, k, pick)
     record = dict(candidates.record)
     record["settings"] = {**record["settings"], "paths": n, "best_of": k}
-    record["rerank"] = {"candidates": n * k, "chosen": chosen, "scores": [float(scores[i]) for i in chosen],
+    record["rerank"] = {"candidates": n * k, "pick": pick, "chosen": chosen,
+                        "scores": [float(scores[i]) for i in chosen],
                         "features": reward.info.get("features")}
     extra = dict(candidates.extra)
     extra["sampled"] = candidates.extra["sampled"][chosen]

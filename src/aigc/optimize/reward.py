@@ -235,12 +235,25 @@ def fit(X: torch.Tensor, labels: torch.Tensor | None, pairs: list[tuple[int, int
     return reward
 
 
-def best_of(scores: torch.Tensor, n: int, k: int) -> list[int]:
-    """Scores of n * k candidates, n groups of k consecutive ones -> per group, the index (into the n * k) of its
-    highest score, the first of equal ones."""
+PICKS = ("best", "first-liked")
+
+
+def best_of(scores: torch.Tensor, n: int, k: int, pick: str = "best") -> list[int]:
+    """Scores of n * k candidates, n groups of k consecutive ones -> per group, the index (into the n * k) of the one
+    kept. pick "best": its highest score, the first of equal ones; "first-liked": its first candidate the reward
+    judges liked (score > 0, a probability of "liked" over one half), else its first candidate. The second is
+    rejection sampling with at most k tries: within what the reward judges liked, and within what it does not, the
+    kept outputs are distributed as the model's own, where the highest score is the most extreme of them."""
     if n < 1 or k < 1 or scores.ndim != 1 or len(scores) != n * k:
         raise BadRequest(f"{tuple(scores.shape)} scores for {n} groups of {k}: need a 1-D tensor of n * k = {n * k}")
+    if pick not in PICKS:
+        raise BadRequest(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
     if not bool(torch.isfinite(scores).all()):
         raise BadRequest("scores must be finite to rank candidates")
-    best = scores.reshape(n, k).argmax(dim=1)  # torch: the first maximal index on ties
-    return [g * k + int(i) for g, i in enumerate(best)]
+    groups = scores.reshape(n, k)
+    if pick == "best":
+        chosen = groups.argmax(dim=1)  # torch: the first maximal index on ties
+    else:
+        liked = groups > 0
+        chosen = torch.where(liked.any(dim=1), liked.int().argmax(dim=1), 0)  # argmax: the first True
+    return [g * k + int(i) for g, i in enumerate(chosen)]
