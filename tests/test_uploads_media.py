@@ -141,10 +141,13 @@ def test_one_gif_file_is_an_upload_too(served):
     assert response.status_code == 200, response.text
     upload = response.json()
     assert Path(upload["data"]).name == "walk.gif" and v.is_video_data(upload["data"])
-    assert upload["summary"]["frames"] == [24, 24] and "train_sets" not in upload["summary"]  # 24 >= 20: one clip
-    # ... and one clip is too few to hold one out: refused
-    refused = post(client, "video", "short.gif", v.gif_bytes(moving(1, frames=12)[0]))
-    assert refused.status_code == 400 and "1 clip of 12 frames: training needs at least 2" in refused.text
+    # one clip of the default 20 frames is too few to hold one out: two clips of 12 are what training needs
+    assert upload["summary"]["frames"] == [24, 24] and upload["summary"]["train_sets"] == {"frames": "12"}
+    assert v.load_folder(upload["data"], v.VideoDataConfig(frames=12)).n == 2  # the oracle: the reader's clips
+    long = post(client, "video", "long.gif", v.gif_bytes(moving(1, frames=40)[0]))
+    assert long.status_code == 200 and "train_sets" not in long.json()["summary"]  # two clips of 20: the defaults
+    refused = post(client, "video", "short.gif", v.gif_bytes(moving(1, frames=3)[0]))
+    assert refused.status_code == 400 and "3 frames in all are too few for two clips of 2 frames" in refused.text
 
 
 def _long_wav() -> bytes:

@@ -276,9 +276,9 @@ def _lay_out_sounds(upload: Upload) -> tuple[str, dict]:
 def _lay_out_video(upload: Upload) -> tuple[str, dict]:
     """One GIF/MP4/AVI file, or a zip of them (a sub-folder per class, or every file at the top), read as `aigc train
     --data` reads them (aigc.data.video.read_video): every file readable, of 2 to MAX_FRAMES frames of one size, at
-    most MAX_SIDE pixels a side; every file the same size; enough frames for two clips (one to hold out).
-    A file shorter than a training clip's default length gives the record's `train_sets` (frames, context) that
-    training on it needs."""
+    most MAX_SIDE pixels a side; every file the same size; enough frames for two clips (one to hold out). Where
+    clips of the default length (20 frames) do not fit, the summary's `train_sets` says the clip length (and the
+    predictor's context) that training on the files needs."""
     raw = upload.folder / _RAW
     name = _folder_name(upload, "clips")
     with open(raw, "rb") as f:
@@ -314,11 +314,12 @@ def _lay_out_video(upload: Upload) -> tuple[str, dict]:
         gray = gray and bool((frames[..., 0] == frames[..., 1]).all() and (frames[..., 0] == frames[..., 2]).all())
         del frames
     default = VideoDataConfig()
-    frames = min(default.frames, min(lengths.values()))  # the clip length training on every file can use
-    clips = sum(n // frames for n in lengths.values())
-    if clips < 2:
-        raise BadRequest(f"{clips} clip of {frames} frames: training needs at least 2 (one to hold out); upload "
-                         f"another clip file")
+    # the longest clip, at most the default length, that every file holds and that makes two clips (one held out)
+    frames = next((n for n in range(min(default.frames, min(lengths.values())), 1, -1)
+                   if sum(k // n for k in lengths.values()) >= 2), None)
+    if frames is None:
+        raise BadRequest(f"{sum(lengths.values())} frames in all are too few for two clips of 2 frames (training "
+                         f"holds one out): upload a longer clip or more files")
     summary = {"files": len(files), "frames": [min(lengths.values()), max(lengths.values())],
                "size": [int(shape[1][1]), int(shape[1][0])], "channels": 1 if gray else 3, "classes": class_names}
     if class_names:
