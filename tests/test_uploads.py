@@ -121,8 +121,8 @@ def test_abort_deletes_everything():
 
 
 def test_unknown_kind_and_filename_sanitised():
-    with pytest.raises(BadRequest, match="text, images, series"):
-        Upload.begin("video", "x.mp4", 10**6)
+    with pytest.raises(BadRequest, match="text, images, series, music, sounds, video"):
+        Upload.begin("pdf", "x.pdf", 10**6)
     up = Upload.begin("text", "C:\\Users\\me\\..\\.secret\x07.txt", 10**6)
     assert up.filename == "secret.txt"
     up.abort()

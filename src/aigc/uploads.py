@@ -1,4 +1,5 @@
-"""Data a person uploads from a browser: a text file, a zip of images, a CSV series, or a zip of MIDI files.
+"""Data a person uploads from a browser: a text file, a zip of images, a CSV series, a zip of MIDI files, a zip of
+sounds (WAV/FLAC/OGG, a folder per class), or clips (a GIF/MP4/AVI file, or a zip of them).
 
 An upload arrives in chunks (`Upload.begin`, `.write` ..., `.finish`) into a hidden folder under
 `$AIGC_HOME/uploads/`; `finish` checks that the data can be trained on, as `aigc train` would read it, and
@@ -6,7 +7,8 @@ only then moves the folder into place as `uploads/<id>/` with its record `upload
 leaves nothing behind. The record's `data` is the path to pass to `aigc train --data` (or to
 `aigc.jobs.start_training(data=...)`).
 
-Plain Python at import (no torch, no pandas): the image and CSV checks import what they need.
+The CSV check imports pandas where it runs; the clip check reads with aigc.data.video (torch at import: only the
+server, which has torch loaded already, imports this module).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path, PurePosixPath
 from aigc import store
 from aigc.data.images import IMAGE_EXTENSIONS, load_images
 from aigc.data.music import MIDI_EXTENSIONS, load_music, remove_copies
+from aigc.data.sounds import SOUND_EXTENSIONS, SoundDataConfig, list_files, read_audio, split_files
 from aigc.data.text import load_corpus
+from aigc.data.video import VIDEO_EXTENSIONS, VideoDataConfig, read_video
 from aigc.errors import BadRequest, NotFound, TooLarge, UserError
 from aigc.fsutil import fsync_dir, read_json, write_json
 
-KINDS = ("text", "images", "series", "music")
+KINDS = ("text", "images", "series", "music", "sounds", "video")
 RECORD = "upload.json"
 MIN_TEXT_CHARS = 200  # less text than this is too little to train on (and to split off a validation part)
 MIN_SERIES_ROWS = 24  # two years of monthly values: the least a series model and its back-test can use
@@ -106,7 +110,7 @@ class Upload:
             if self.bytes == 0:
                 raise BadRequest("the file is empty")
             check = {"text": _lay_out_text, "images": _lay_out_images, "series": _lay_out_series,
-                     "music": _lay_out_music}[self.kind]
+                     "music": _lay_out_music, "sounds": _lay_out_sounds, "video": _lay_out_video}[self.kind]
             data_name, summary = check(self)
             record = {"id": self.id, "kind": self.kind, "filename": self.filename, "bytes": self.bytes,
                       "sha256": self._sha256.hexdigest(), "created": store.now(), "data": str(final / data_name),
@@ -200,18 +204,10 @@ def _lay_out_series(upload: Upload) -> tuple[str, dict]:
 
 
 def _lay_out_images(upload: Upload) -> tuple[str, dict]:
-    raw = upload.folder / _RAW
-    name = _safe_stem(upload.filename, "images")
-    name = "images" if name in (RECORD, _RAW) else name
+    name = _folder_name(upload, "images")
     out = upload.folder / name
-    try:
-        archive = zipfile.ZipFile(raw)
-    except (zipfile.BadZipFile, OSError):
-        raise BadRequest("this is not a zip file: upload a .zip of images") from None
-    with archive:
-        members = _zip_members(archive, upload.max_bytes, IMAGE_EXTENSIONS)
-        _extract(archive, members, out, upload.max_bytes)
-    raw.unlink()
+    _unzip(upload, out, IMAGE_EXTENSIONS, "this is not a zip file: upload a .zip of images",
+           f"no images in the zip ({_IMAGE_NAMES})")
     _check_image_files(out)
     try:
         data = load_images(str(out))
@@ -229,8 +225,7 @@ def _lay_out_music(upload: Upload) -> tuple[str, dict]:
     """A zip of MIDI files (or one MIDI file), read as `aigc train --data` reads a folder of them: every file must
     parse and have notes, and there must be two different pieces (one to train on, one to hold out)."""
     raw = upload.folder / _RAW
-    name = _safe_stem(upload.filename, "music")
-    name = "music" if name in (RECORD, _RAW) else name
+    name = _folder_name(upload, "music")
     with open(raw, "rb") as f:
         midi = f.read(4) == b"MThd"
     if midi:
@@ -238,15 +233,9 @@ def _lay_out_music(upload: Upload) -> tuple[str, dict]:
         name += suffix if suffix in MIDI_EXTENSIONS else ".mid"
         os.replace(raw, upload.folder / name)
     else:
-        try:
-            archive = zipfile.ZipFile(raw)
-        except (zipfile.BadZipFile, OSError):
-            raise BadRequest("this is neither a MIDI file nor a zip file: upload a .zip of MIDI files") from None
-        with archive:
-            members = _zip_members(archive, upload.max_bytes, MIDI_EXTENSIONS,
-                                  "no MIDI files in the zip (.mid, .midi)")
-            _extract(archive, members, upload.folder / name, upload.max_bytes)
-        raw.unlink()
+        _unzip(upload, upload.folder / name, MIDI_EXTENSIONS,
+               "this is neither a MIDI file nor a zip file: upload a .zip of MIDI files",
+               "no MIDI files in the zip (.mid, .midi)")
     try:
         pieces, _ = load_music(str(upload.folder / name))
     except UserError as e:
@@ -257,6 +246,100 @@ def _lay_out_music(upload: Upload) -> tuple[str, dict]:
                          f"hold out); upload a .zip of MIDI files")
     return name, {"pieces": len(pieces), "copies": len(pieces) - len(unique),
                   "notes": sum(len(p.notes) for p in pieces)}
+
+
+def _lay_out_sounds(upload: Upload) -> tuple[str, dict]:
+    """A zip of WAV/FLAC/OGG files, read as `aigc train --data` reads a folder of them (aigc.data.sounds): a
+    sub-folder per class, or every file at the top (no classes); every file a sound that can be read, of at most
+    MAX_FILE_SECONDS; at least two files (one to train on, one to hold out) and, with classes, two classes."""
+    name = _folder_name(upload, "sounds")
+    out = upload.folder / name
+    _unzip(upload, out, SOUND_EXTENSIONS, "this is not a zip file: upload a .zip of WAV/FLAC files (a folder per "
+           "class)", "no sounds in the zip (WAV, FLAC, OGG)")
+    cfg = SoundDataConfig()
+    try:
+        files, class_names, _ = list_files(str(out))
+        for file in files:
+            read_audio(file.path, cfg)  # every check training makes: readable, not too long, finite
+        split_files(files, cfg)
+    except UserError as e:
+        raise BadRequest(_plain(str(e), out, "the zip")) from None
+    if class_names is not None and len(class_names) < 2:
+        raise BadRequest(f"one class folder ({class_names[0]}): classes need two or more folders; add another class, "
+                         f"or put every file at the top of the zip for sounds without classes")
+    summary = {"sounds": len(files), "classes": list(class_names or ())}
+    if class_names:
+        summary["class_counts"] = {c: sum(f.label == i for f in files) for i, c in enumerate(class_names)}
+    return name, summary
+
+
+def _lay_out_video(upload: Upload) -> tuple[str, dict]:
+    """One GIF/MP4/AVI file, or a zip of them (a sub-folder per class, or every file at the top), read as `aigc train
+    --data` reads them (aigc.data.video.read_video): every file readable, of 2 to MAX_FRAMES frames of one size, at
+    most MAX_SIDE pixels a side; every file the same size; enough frames for two clips (one to hold out). Where
+    clips of the default length (20 frames) do not fit, the summary's `train_sets` says the clip length (and the
+    predictor's context) that training on the files needs."""
+    raw = upload.folder / _RAW
+    name = _folder_name(upload, "clips")
+    with open(raw, "rb") as f:
+        head = f.read(12)
+    suffix = _clip_suffix(head)
+    if suffix:  # one clip file: the data is the file (named by what it holds, whatever the browser called it)
+        name += suffix
+        os.replace(raw, upload.folder / name)
+        root, files = upload.folder, [upload.folder / name]
+    else:
+        root = upload.folder / name
+        _unzip(upload, root, VIDEO_EXTENSIONS, "this is neither a clip (GIF, MP4, AVI) nor a zip file: upload a "
+               ".gif or .mp4 file, or a .zip of them", "no clips in the zip (GIF, MP4, AVI)")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    rels = [f.relative_to(root).as_posix() for f in files]
+    class_names = sorted({r.split("/")[0] for r in rels if "/" in r})
+    if class_names and any("/" not in r for r in rels):
+        raise BadRequest(f"the zip has class folders ({', '.join(class_names)}) and also clips at its top "
+                         f"({next(r for r in rels if '/' not in r)}): put every clip in a class folder, or none")
+    shape, lengths, gray = None, {}, True
+    for file, rel in zip(files, rels, strict=True):
+        try:
+            frames = read_video(file)  # (T, H, W, 3); refuses unreadable, 1 frame, mixed sizes, too many, too large
+        except UserError as e:
+            raise BadRequest(_plain(str(e), root, "the zip")) from None
+        if shape is None:
+            shape = (rel, frames.shape[1:3])
+        elif frames.shape[1:3] != shape[1]:
+            (h0, w0), (h, w) = shape[1], frames.shape[1:3]
+            raise BadRequest(f"the clips differ in size: {shape[0]} is {w0}x{h0} but {rel} is {w}x{h}; make them all "
+                             f"one size")
+        lengths[rel] = len(frames)
+        gray = gray and bool((frames[..., 0] == frames[..., 1]).all() and (frames[..., 0] == frames[..., 2]).all())
+        del frames
+    default = VideoDataConfig()
+    # the longest clip, at most the default length, that every file holds and that makes two clips (one held out)
+    frames = next((n for n in range(min(default.frames, min(lengths.values())), 1, -1)
+                   if sum(k // n for k in lengths.values()) >= 2), None)
+    if frames is None:
+        raise BadRequest(f"{sum(lengths.values())} frames in all are too few for two clips of 2 frames (training "
+                         f"holds one out): upload a longer clip or more files")
+    summary = {"files": len(files), "frames": [min(lengths.values()), max(lengths.values())],
+               "size": [int(shape[1][1]), int(shape[1][0])], "channels": 1 if gray else 3, "classes": class_names}
+    if class_names:
+        summary["class_counts"] = {c: sum(r.split("/")[0] == c for r in rels) for c in class_names}
+    if frames < default.frames:  # the defaults would refuse these files: what `aigc train --set` needs for them
+        summary["train_sets"] = {"frames": str(frames)}
+        if frames <= default.context:
+            summary["train_sets"]["context"] = str(frames // 2)
+    return name, summary
+
+
+def _clip_suffix(head: bytes) -> str | None:
+    """The suffix of a clip file by its first 12 bytes (GIF, MP4 and its ISO-media kin, AVI), None for another."""
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return ".gif"
+    if head[4:8] == b"ftyp":
+        return ".mp4"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return ".avi"
+    return None
 
 
 def _check_image_files(out: Path) -> None:
@@ -284,11 +367,30 @@ def _check_image_files(out: Path) -> None:
                              f"{size[0]}x{size[1]}; resize them all to one size")
 
 
+def _folder_name(upload: Upload, default: str) -> str:
+    name = _safe_stem(upload.filename, default)
+    return default if name in (RECORD, _RAW) else name
+
+
+def _unzip(upload: Upload, out: Path, extensions: tuple[str, ...], not_zip: str, none: str) -> None:
+    """Unpack the upload's zip (its files with `extensions`) into `out`, then delete the zip; `not_zip`: the error
+    for a file that is no zip, `none`: for a zip without such files."""
+    raw = upload.folder / _RAW
+    try:
+        archive = zipfile.ZipFile(raw)
+    except (zipfile.BadZipFile, OSError):
+        raise BadRequest(not_zip) from None
+    with archive:
+        members = _zip_members(archive, upload.max_bytes, extensions, none)
+        _extract(archive, members, out, upload.max_bytes)
+    raw.unlink()
+
+
 def _zip_members(archive: zipfile.ZipFile, max_bytes: int, extensions: tuple[str, ...],
-                 none: str = f"no images in the zip ({_IMAGE_NAMES})") -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
-    """The zip's files with `extensions` (images; MIDI files) and where each goes, after refusing paths that lead
-    outside the folder, a zip that unpacks to more than ZIP_RATIO x max_bytes, and encrypted files. One folder that
-    holds everything (how most zips are made) is unwrapped, so that its sub-folders are the classes."""
+                 none: str) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The zip's files with `extensions` (images, MIDI files, sounds, clips) and where each goes, after refusing paths
+    that lead outside the folder, a zip that unpacks to more than ZIP_RATIO x max_bytes, and encrypted files. One
+    folder that holds everything (how most zips are made) is unwrapped, so that its sub-folders are the classes."""
     infos = archive.infolist()
     for info in infos:
         parts = PurePosixPath(info.filename.replace("\\", "/")).parts

@@ -709,12 +709,13 @@ pages.arena = async main => {
 };
 
 const FAMILIES = {text: ["ngram", "rnn", "gpt"], image: ["vae", "dcgan", "diffusion"], series: ["ar", "rnn"],
-                  music: ["ngram", "rnn", "gpt"]};
+                  music: ["ngram", "rnn", "gpt"], sound: ["vae", "dcgan", "diffusion"], video: ["vae", "diffusion", "simvp"]};
+const UPLOAD_KINDS = {image: "images", sound: "sounds"};  // a modality's upload kind where the names differ
 
 pages.train = async main => {
   main.append(h("h1", {text: t("nav.train")}));
   const sets = await api("/v1/datasets");
-  const kind = h("select", {name: "kind"}, ["text", "image", "series", "music"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const kind = h("select", {name: "kind"}, Object.keys(FAMILIES).map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const file = h("input", {type: "file", name: "file"});
   const uploadBtn = h("button", {type: "button", text: t("train.upload")});
   const data = h("select", {name: "data"}), family = h("select", {name: "family"});
@@ -726,7 +727,7 @@ pages.train = async main => {
   const formError = h("p", {class: "error", role: "alert"});
   const uploaded = [...sets.uploads];
   const fill = () => {
-    const m = kind.value, upKind = m === "image" ? "images" : m;
+    const m = kind.value, upKind = UPLOAD_KINDS[m] || m;
     data.textContent = "";
     for (const u of uploaded.filter(u => u.kind === upKind))
       data.append(h("option", {value: u.id, text: `${t("train.yours")}: ${u.filename}`}));
@@ -735,7 +736,7 @@ pages.train = async main => {
                                text: `${d.name}${d.installed ? "" : ` (${t("train.missing", {pkg: d.package})})`}`}));
     family.textContent = "";
     for (const f of FAMILIES[m]) family.append(h("option", {value: f, text: f}));
-    conditional.closest(".field").style.display = m === "image" ? "" : "none";
+    conditional.closest(".field").style.display = ["image", "sound", "video"].includes(m) ? "" : "none";
   };
   const form = h("form", {},
     h("div", {class: "row"}, field("train.kind", kind), field("train.file", file, t("train.filehelp")), uploadBtn),
@@ -751,7 +752,7 @@ pages.train = async main => {
   uploadBtn.addEventListener("click", async () => {
     showError(file, "");
     if (!file.files.length) { showError(file, t("train.nofile")); return; }
-    const f = file.files[0], upKind = kind.value === "image" ? "images" : kind.value;
+    const f = file.files[0], upKind = UPLOAD_KINDS[kind.value] || kind.value;
     uploadBtn.disabled = true;
     try {
       const u = await api(`/v1/uploads?kind=${upKind}&filename=${encodeURIComponent(f.name)}`, {body: f, raw: true});
@@ -768,7 +769,9 @@ pages.train = async main => {
     const body = {family: family.value, data: data.value};
     if (preset.value === "custom") body.minutes = parseFloat(minutes.value); else body.preset = preset.value;
     if (name.value) body.name = name.value;
-    if (kind.value === "image") body.conditional = conditional.checked;
+    if (["image", "sound", "video"].includes(kind.value)) body.conditional = conditional.checked;
+    const mine = uploaded.find(u => u.id === data.value);  // clips shorter than a clip's default length say
+    if (mine && mine.summary.train_sets) body.sets = mine.summary.train_sets;  // what training on them needs
     try {
       await api("/v1/training", {body});
       await showJobs(jobsBox);
