@@ -246,18 +246,19 @@ def test_each_image_of_a_best_of_generation_keeps_its_own_choice_and_replays_alo
         for i, gen in enumerate(service.record(made, db, source="api", request={"prompt": "3"})):
             db.add_rating(gen, score=1 if i % 2 else -1)
         service.optimize("digits", "rerank", name="digits-picky", sets={"eval_samples": "0"}, db=db)
-    # an image rerank run keeps the best of 2 by default (text runs: 4; docs/optimize.md has the measurement)
+    # an image rerank run keeps the first liked of 3 by default (text runs: the best of 4; docs/optimize.md has the
+    # measurement)
     assert {c["name"]: c for c in served.get("/v1/models/digits-picky/controls").json()["controls"]}["best_of"][
-        "default"] == 2
+        "default"] == 3
     answer = served.post("/v1/images/generations", json={"model": "digits-picky", "prompt": "3", "n": 2, "seed": 9,
                                                          "response_format": "b64_json"}).json()
     rows = [served.get(f"/v1/generations/{d['generation_id']}").json() for d in answer["data"]]
-    assert [r["rerank"]["best_of"] for r in rows] == [2, 2] and [r["rerank"]["candidates"] for r in rows] == [4, 4]
-    assert [r["rerank"]["chosen"][0] // 2 for r in rows] == [0, 1]  # image i: one of candidates 2i, 2i + 1
+    assert [r["rerank"]["best_of"] for r in rows] == [3, 3] and [r["rerank"]["candidates"] for r in rows] == [6, 6]
+    assert [r["rerank"]["chosen"][0] // 3 for r in rows] == [0, 1]  # image i: one of candidates 3i .. 3i + 2
     assert [r["seed"] for r in rows] == [9 + r["rerank"]["chosen"][0] for r in rows]  # the kept candidate's seed
     for datum, row in zip(answer["data"], rows, strict=True):
         replay = served.get(f"/v1/generations/{row['id']}/replay").json()
-        assert replay["body"]["best_of"] == 1  # alone at its own seed: not best of 2 again
+        assert replay["body"]["best_of"] == 1  # alone at its own seed: not the first liked of 3 again
         again = served.post(replay["endpoint"], json=replay["body"]).json()["data"][0]["b64_json"]
         assert np.array_equal(pixels(again), pixels(datum["b64_json"]))  # the pixels (the PNGs' records differ)
 
