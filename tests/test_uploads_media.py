@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import time
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import soundfile
 from tests.test_server import start_server, stop_server
+from tests.test_sounds import burst
+from tests.test_uploads import make_zip
 
 from aigc.data import sounds as s
 from aigc.data import video as v
@@ -40,19 +41,6 @@ def wav(signal: np.ndarray, rate: int = RATE, fmt: str = "WAV") -> bytes:
 def tone(freq: float, seconds: float = 0.3, rate: int = RATE) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.8 * np.sin(2 * np.pi * freq * t) * np.exp(-8 * t)).astype(np.float32)
-
-
-def burst(seed: int, seconds: float = 0.3) -> np.ndarray:
-    t = np.arange(int(seconds * RATE)) / RATE
-    return (np.random.default_rng(seed).uniform(-0.5, 0.5, len(t)) * np.exp(-20 * t)).astype(np.float32)
-
-
-def make_zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buf.getvalue()
 
 
 def hits() -> dict[str, bytes]:
