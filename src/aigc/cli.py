@@ -346,8 +346,7 @@ def generate(
                                                          "continue (default 2)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
-    best_of: Annotated[int | None, typer.Option(help="text, image, music and series runs (sample paths) with a reward "
-                                                     "model (aigc optimize "
+    best_of: Annotated[int | None, typer.Option(help="runs with a reward model (aigc optimize "
                                                      "--method rerank): keep the best of N candidates per output "
                                                      "(default: the run's own; 1 = off)")] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="do not record it in the store (aigc history)")

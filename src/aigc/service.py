@@ -47,7 +47,7 @@ from aigc.modalities import MODALITIES, Generation, Modality, image, music, seri
 from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
-from aigc.optimize import judge, rerank
+from aigc.optimize import judge, rerank, rerank_only
 from aigc.optimize import music as optimize_music
 from aigc.optimize import series as optimize_series
 from aigc.optimize import text as optimize_text
@@ -270,7 +270,8 @@ def recording_failure(run_dir: Path, record: dict):
 OPTIMIZE_METHODS = ("sft", "dpo", "rerank")
 # each optimizer: METHODS, TRAIN_DEFAULTS, OPTIMIZE_DEFAULTS, STEPS (the budget of sft and dpo when neither
 # --max-steps nor --max-minutes is given), prepare, fit, finish
-OPTIMIZERS = {"text": optimize_text, "image": optimize_image, "music": optimize_music, "series": optimize_series}
+OPTIMIZERS = {"text": optimize_text, "image": optimize_image, "music": optimize_music, "series": optimize_series,
+              "video": rerank_only, "sound": rerank_only}
 
 
 def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool = False,
@@ -311,7 +312,7 @@ def optimize(run: str, method: str, *, name: str | None = None, overwrite: bool 
     prepared = optimizer.prepare(fam, parent_dir, parent, configs, feedback, method, sets or {})
     record = {"family": family, "modality": modality_name, "created": store.now(), "aigc_version": __version__,
               **{k: v for k, v in parent.items() if k in ("data", "image_shape", "num_classes", "class_names",
-                                                          "encoding")},
+                                                          "encoding", "job", "clip_shape", "context")},
               "init_from": str(parent_dir.resolve()),
               "optimize": {"parent": parent_dir.name, "parent_path": str(parent_dir.resolve()),
                            "parent_sha256": weights_sha256(parent_dir), "method": method,
@@ -371,6 +372,9 @@ def check_optimizable(run_dir: Path, record: dict, method: str) -> None:
         article = "an" if modality_name == "image" else "a"
         raise BadRequest(f"--method {method} takes {takes} runs; {run_dir.name!r} is {article} {modality_name} "
                          f"run (use: {', '.join(optimizer.METHODS)})")
+    if modality_name == "video" and record.get("job") == "predict":
+        raise BadRequest(f"run {run_dir.name!r} predicts the frames of a given clip: there is nothing to choose "
+                         f"among or to prefer (aigc optimize takes clip generators: vae, diffusion)")
     if method == "dpo" and FAMILIES[family].trainer != "gradient":
         raise BadRequest(f"--method dpo fine-tunes a gradient-trained family; {family} is counted: use "
                          f"--method sft (its counts) or rerank")
@@ -474,12 +478,13 @@ def generate(run: str, options: dict | None = None, *, seed: int | None = None,
              stream: Callable[[str], None] | None = None, cancel: threading.Event | None = None,
              batch: bool = False) -> Generation:
     """Generate from a run: options are the modality's (`Modality.GENERATE_OPTIONS`; None means the default);
-    one that belongs to another modality is an error that says which. `best_of` k (text, images, music): each output
-    is the best of k candidates by the run's reward model (aigc.optimize.rerank); a run made by `aigc optimize
-    --method rerank` uses its own k unless asked otherwise, best_of 1 turns it off. `cancel` set while it works: it
-    stops and raises errors.Cancelled. `batch`: share a decoding batch with the requests other threads make at the
-    same time, where the modality can (`Modality.BATCHES`); the outputs are the same. The time it took (model
-    loading and waiting for the batch included) is `extra["latency_s"]`."""
+    one that belongs to another modality is an error that says which. `best_of` k (every modality's sampled
+    outputs: texts, images, pieces, sample paths, clips, sounds): each output is the best of k candidates by the
+    run's reward model (aigc.optimize.rerank); a run made by `aigc optimize --method rerank` uses its own k unless
+    asked otherwise, best_of 1 turns it off. `cancel` set while it works: it stops and raises errors.Cancelled.
+    `batch`: share a decoding batch with the requests other threads make at the same time, where the modality can
+    (`Modality.BATCHES`); the outputs are the same. The time it took (model loading and waiting for the batch
+    included) is `extra["latency_s"]`."""
     t0 = time.perf_counter()
     run_dir, modality = resolve(run)
     options = {k: v for k, v in (options or {}).items() if v is not None}

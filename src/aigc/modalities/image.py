@@ -281,6 +281,7 @@ class LoadedImages:
     def __init__(self, run_dir: Path, modality: str = NAME,
                  sections_of: Callable[[Family], dict[str, type]] = sections):
         self.path = Path(run_dir)
+        self.modality = modality
         self.record = finished_run(self.path, modality)
         self.family = FAMILIES[self.record["family"]]
         self.model = self.family.load(self.path).eval()

@@ -13,10 +13,11 @@ What counts (docs/optimize.md):
   series, which have no prompt: MAX_PAIRS_UNPROMPTED, spread over the outputs).
 
 An output is a text (the prompt and its continuation), an image (the path of its PNG, as the store keeps it), a
-piece of music (its event tokens, one string) or a series forecast's sample path (its values as JSON); an image's
-"prompt" is its class (the class index as a string; "" for an unconditional run), so images pair within a class as
-texts pair within a prompt; a piece's and a path's is "" (pieces are judged whole, those continued from a MIDI
-prompt with their prompt bars).
+piece of music (its event tokens, one string), a series forecast's sample path (its values as JSON), or a clip or a
+sound (its generation record as JSON: run, seed, class and sampling options, from which the run makes it again,
+byte for byte); an image's, a clip's and a sound's "prompt" is its class (the class index as a string; "" for an
+unconditional run), so they pair within a class as texts pair within a prompt; a piece's and a path's is "" (pieces
+are judged whole, those continued from a MIDI prompt with their prompt bars).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from aigc.db import Store
 from aigc.errors import BadRequest
 
-MODALITIES = ("text", "image", "music", "series")  # whose outputs feedback reads
+MODALITIES = ("text", "image", "music", "series", "video", "sound")  # whose outputs feedback reads
+RECORDED = ("video", "sound")  # whose outputs are their generation records (the store keeps them as the output)
 MAX_PAIRS_PER_PROMPT = 16  # so one prompt rated many times does not outweigh the rest
 UNPROMPTED = ("music", "series")  # whose outputs have no prompt: every rated output is in one group
 # their pairs from ratings (the strongest first, then each liked output against a different disliked one before any
@@ -42,8 +44,9 @@ class Rated:
 
     generation_id: str
     index: int  # which of the generation's outputs
-    prompt: str  # text: the prompt; image: the class index ("" unconditional); music: ""
-    output: str  # text: the full text (the prompt and its continuation); image: the PNG's path; music: its tokens
+    prompt: str  # text: the prompt; image, video, sound: the class index ("" unconditional); music, series: ""
+    output: str  # text: the full text (prompt and continuation); image: the PNG's path; music: its tokens; series: the
+    # path as JSON; video, sound: the clip's or the sound's record as JSON
     score: int  # the sum of the ratings' scores (see the module docstring)
 
 
@@ -58,7 +61,7 @@ class Pair:
 @dataclass
 class Feedback:
     run: str
-    modality: str = "text"  # "text", "image" or "music"
+    modality: str = "text"  # one of MODALITIES
     rated: list[Rated] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     rating_ids: list[str] = field(default_factory=list)
@@ -89,11 +92,14 @@ def _verdict(rating: dict) -> int:
 
 
 def _outputs(generation: dict) -> list[str]:
-    """A generation's outputs as feedback reads them: its texts, its image's PNG path (one image a row), or its
-    pieces' token strings."""
+    """A generation's outputs as feedback reads them: its texts, its image's PNG path (one image a row), its
+    pieces' token strings, its paths' JSON, or its clips' or sounds' records as JSON."""
     if generation["modality"] == "image":
         return [generation["file"]] if generation.get("file") else []
     output = generation.get("output")
+    if generation["modality"] in RECORDED:
+        return [json.dumps(o, sort_keys=True) for o in output if isinstance(o, dict) and "seed" in o] \
+            if isinstance(output, list) else []
     if generation["modality"] == "music":
         return [o.get("tokens") or "" for o in output if isinstance(o, dict)] if isinstance(output, list) else []
     if generation["modality"] == "series":  # a forecast's sample paths, each as its JSON
@@ -107,6 +113,11 @@ def _prompt(generation: dict) -> str:
         return ""
     if generation["modality"] == "image":
         label = (generation.get("output") or {}).get("class")
+        return "" if label is None else str(label)
+    if generation["modality"] in RECORDED:  # one class a generation (its request's)
+        output = generation.get("output")
+        label = output[0].get("class") if isinstance(output, list) and output and isinstance(output[0], dict) \
+            else None
         return "" if label is None else str(label)
     return generation["request"].get("prompt") or ""
 

@@ -6,13 +6,18 @@ A reward reads features that the run itself, or its evaluation, computes (`featu
 - music: the same, over a piece's event tokens (a music run is a text family on token ids);
 - series: summary statistics of a sample path in the units of the run's own series (`path_features`);
 - images: the penultimate layer of the evaluation's feature net, the classifier (or autoencoder) that `aigc eval`
-  trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0).
+  trains once on the run's training split and caches (aigc.evaluate.images.feature_net, seed 0);
+- sounds: the same, the net trained on the sound run's training spectrograms (the one its KID reads);
+- clips: summary statistics of a clip (`clip_statistics`: its coarse mean frame, brightness, where the object is
+  and how it moves), and for a named one-object clip set also the clip net's features (aigc.evaluate.clipnet: the
+  net the clip-level Fréchet distance reads, which knows the object's class and the clip's motion).
 
 Best of k: a request for n outputs draws n * k candidates with its seed (text: one request of n * k samples;
-images: seeds seed .. seed + n * k - 1), scores each, and keeps one of each consecutive group of k: the highest
-(`pick` "best", text's default) or the first the reward judges liked, else the first (`pick` "first-liked",
-rejection sampling: images' default, measured in docs/optimize.md). The
-same request and seed give the same outputs; an image kept carries its own seed, so its PNG makes it again alone.
+images, clips and sounds: seeds seed .. seed + n * k - 1), scores each, and keeps one of each consecutive group of
+k: the highest (`pick` "best", text's default) or the first the reward judges liked, else the first (`pick`
+"first-liked", rejection sampling: images' default, measured in docs/optimize.md). The same request and seed give
+the same outputs; an image, a clip or a sound kept carries its own seed, so its file makes it again alone. Rated
+clips and sounds are read as their records (aigc.optimize.feedback) and made again from them.
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ import numpy as np
 import torch
 
 from aigc.checkpoint import MANIFEST
-from aigc.config import build, read_toml
 from aigc.data.images import read_png, to_tensor
 from aigc.errors import BadRequest, UserError
+from aigc.evaluate import clipnet
 from aigc.evaluate.images import feature_net
 from aigc.fsutil import read_json
+from aigc.modalities import image as image_modality
+from aigc.modalities import sound as sound_modality
+from aigc.modalities import video as video_modality
 from aigc.modalities.base import Generation
-from aigc.modalities.image import recorded_split, sections
 from aigc.optimize import reward as rewards
 from aigc.optimize.feedback import Feedback
 
@@ -51,8 +58,9 @@ MIN_HELD_OUT = 10  # rated outputs needed before a held-out accuracy is measured
 
 def features_of(modality: str, loaded, prompts: list[str], outputs: list) -> torch.Tensor:
     """(N, D) float32 features of N outputs of a loaded run: texts (each starting with its prompt), pieces of music
-    (their token strings, or the outputs of a generation, whole: prompts are ignored) or uint8 (H, W, C) images
-    (prompts are ignored)."""
+    (their token strings, or the outputs of a generation, whole: prompts are ignored), uint8 (H, W, C) images,
+    uint8 (T, H, W, C) clips, or sounds (a generation's outputs, or their (H, W, 1) spectrograms) (prompts are
+    ignored)."""
     if modality == "text":
         return rewards.features(loaded, prompts, outputs)
     if modality == "music":
@@ -62,7 +70,12 @@ def features_of(modality: str, loaded, prompts: list[str], outputs: list) -> tor
         return path_features(loaded.series.values, outputs)
     if modality == "image":
         return image_features(loaded, outputs)
-    raise BadRequest(f"best-of-n reranking takes text, image, music and series runs, not {modality} runs")
+    if modality == "sound":
+        return image_features(loaded, [o["spectrogram"] if isinstance(o, dict) else o for o in outputs])
+    if modality == "video":
+        return video_features(loaded, outputs)
+    raise BadRequest(f"best-of-n reranking takes text, image, music, series, video and sound runs, not {modality} "
+                     f"runs")
 
 
 PATH_FEATURES = ("end", "start", "mean", "end_minus_start", "slope", "std", "max", "min", "mean_abs_step",
@@ -93,22 +106,66 @@ _NETS: dict[tuple[str, str], torch.nn.Module] = {}
 _NETS_LOCK = threading.Lock()
 
 
+SPLITS = {"image": image_modality.recorded_split, "sound": sound_modality.recorded_split}
+
+
 def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
-    """The evaluation feature net's features (N, F) of an image run's images, the net trained on (or loaded from
-    the cache for) the run's training split."""
+    """The evaluation feature net's features (N, F) of an image (or sound) run's images (spectrograms), the net
+    trained on (or loaded from the cache for) the run's training split."""
     key = (str(loaded.path), loaded.record["data"]["train"]["sha256"])
     with _NETS_LOCK:
         net = _NETS.get(key)
     if net is None:
-        configs = build(sections(loaded.family), read_toml(loaded.path / "config.toml"),
-                        family=loaded.record["family"])
-        train, _ = recorded_split(loaded.path, loaded.record, configs["data"])
+        train, _ = SPLITS[loaded.modality](loaded.path, loaded.record, loaded.configs["data"])
         net, _ = feature_net(train, seed=0)
         with _NETS_LOCK:
             _NETS[key] = net
     x = to_tensor(np.stack(images))
     with torch.no_grad():
         return torch.cat([net.features(x[i:i + 500]) for i in range(0, len(x), 500)]).float()
+
+
+CLIP_STATISTICS = 16 + 3 + 6 + 2  # see clip_statistics
+
+
+def clip_statistics(clips: np.ndarray) -> torch.Tensor:
+    """(N, CLIP_STATISTICS) float32 summary statistics of uint8 clips (N, T, H, W, C), pixels in [0, 1] averaged over
+    the channels: the mean frame pooled to 4 x 4; the mean brightness of the first and the last frame and of all;
+    the brightness centre (as a fraction of the frame) at the first and the last frame and its mean speed and
+    spread; the mean absolute change of a pixel from one frame to the next and the pixels' standard deviation."""
+    x = torch.from_numpy(np.ascontiguousarray(clips)).double().mean(dim=4) / 255.0  # (N, T, H, W)
+    n, t, h, w = x.shape
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 4).reshape(n, 16)
+    brightness = x.mean(dim=(2, 3))  # (N, T)
+    mass = x.sum(dim=(2, 3)).clamp_min(1e-9)
+    cy = (x.sum(3) * torch.arange(h, dtype=torch.float64)).sum(2) / mass / max(h - 1, 1)
+    cx = (x.sum(2) * torch.arange(w, dtype=torch.float64)).sum(2) / mass / max(w - 1, 1)
+    speed = torch.hypot(cy.diff(dim=1), cx.diff(dim=1)).mean(1) if t > 1 else torch.zeros(n, dtype=torch.float64)
+    spread = (cy.std(1, unbiased=False) + cx.std(1, unbiased=False))
+    change = x.diff(dim=1).abs().mean(dim=(1, 2, 3)) if t > 1 else torch.zeros(n, dtype=torch.float64)
+    rows = [pooled, brightness[:, :1], brightness[:, -1:], brightness.mean(1, keepdim=True), cy[:, :1], cx[:, :1],
+            cy[:, -1:], cx[:, -1:], speed[:, None], spread[:, None], change[:, None], x.std(dim=(1, 2, 3))[:, None]]
+    return torch.cat(rows, dim=1).float()
+
+
+def _reads_clip_net(loaded) -> bool:
+    return loaded.record["data"]["train"]["source"] in video_modality.v.NAMED_VIDEOS and \
+        loaded.configs["data"].objects == 1
+
+
+def _clip_kind(loaded) -> str:
+    return "clip-statistics+clip-net" if _reads_clip_net(loaded) else "clip-statistics"
+
+
+def video_features(loaded, clips: list[np.ndarray]) -> torch.Tensor:
+    """Clips' features (module docstring): their statistics, and the clip net's features for a named one-object
+    clip set."""
+    stacked = np.stack(clips)
+    features = [clip_statistics(stacked)]
+    if _reads_clip_net(loaded):
+        net, _ = clipnet.clip_net(loaded.record["data"]["train"]["source"], loaded.configs["data"])
+        features.append(clipnet.clip_features(net, stacked).float())
+    return torch.cat(features, dim=1)
 
 
 # ----------------------------------------------------------------------------------
@@ -133,7 +190,8 @@ def fit_from_feedback(modality: str, loaded, feedback: Feedback, *, l2: float) -
         labels[row_of[r.prompt, r.output]] = 1.0 if r.score > 0 else 0.0
     pairs = [(row_of[p.prompt, p.chosen], row_of[p.prompt, p.rejected]) for p in feedback.pairs]
     kind = rewards.feature_kind(loaded) if modality in ("text", "music") else \
-        "path-statistics" if modality == "series" else "evaluation-features"
+        "path-statistics" if modality == "series" else _clip_kind(loaded) if modality == "video" else \
+        "evaluation-features"
     reward = rewards.fit(X, labels, pairs, l2=l2, kind=kind)
 
     # accuracy on rated outputs the reward did not see: a fit on the others (each output held out or not by a hash of
@@ -183,9 +241,12 @@ def fitted(reward: rewards.Reward) -> dict:
 
 def _contents(modality: str, loaded, outputs: list[str]) -> list:
     """What features read: texts and pieces' tokens as they are; images' PNG files as (H, W, C) uint8 arrays of the
-    run's shape."""
+    run's shape; clips and sounds made again from their records (the run's weights, the record's seed, class and
+    sampling options: the same bytes that were rated)."""
     if modality in ("text", "music", "series"):  # series: paths as JSON, read by path_features
         return outputs
+    if modality in ("video", "sound"):
+        return [_remade(modality, loaded, json.loads(output)) for output in outputs]
     channels, height, width = loaded.record["image_shape"]
     images = []
     for path in outputs:
@@ -197,6 +258,17 @@ def _contents(modality: str, loaded, outputs: list[str]) -> list:
                             f"{width}x{height}")
         images.append(image)
     return images
+
+
+def _remade(modality: str, loaded, rec: dict) -> np.ndarray:
+    """A rated clip (T, H, W, C) or sound's spectrogram (H, W, 1), made again from its record by `loaded`."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("seed"), int) or "class" not in rec:
+        raise UserError(f"a rated {modality} output's record has no seed and class: {str(rec)[:80]}")
+    if modality == "video":
+        if loaded.record.get("job") == "predict":
+            raise BadRequest(f"run {loaded.path.name} predicts clips: there is nothing to choose among")
+        return video_modality.sample_clip(loaded.model, rec, loaded.record["clip_shape"])
+    return image_modality.sample_one(loaded.model, rec)
 
 
 # ----------------------------------------------------------------------------------
@@ -244,7 +316,7 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
     if name in ("text", "music") and options.get("temperature") == 0:
         raise BadRequest(f"--best-of {k} with --temperature 0 would score {k} identical candidates: sample with a "
                          f"temperature > 0, or pass --best-of 1")
-    candidates = modality.generate(loaded, {**options, "n": n * k}, seed, None, cancel, batched=batched)
+    candidates = _candidates(modality, loaded, options, seed, n * k, cancel, batched)
     prompt = options.get("prompt") or ""
     X = features_of(name, loaded, [prompt] * (n * k), candidates.outputs)
     scores = reward.score(X)
@@ -262,9 +334,28 @@ def generate_best_of(modality, loaded, options: dict, seed: int, k: int, reward:
         record["stats"] = stats  # generated_tokens stays every candidate's: what was computed
         if stream is not None:
             stream(outputs[0][len(prompt):])
-    else:
-        record["images"] = [{**record["images"][i], "best_of": k} for i in chosen]
+    else:  # each image, clip or sound carries its own record
+        key = PER_ITEM[name]
+        record[key] = [{**record[key][i], "best_of": k} for i in chosen]
     return Generation(name, outputs, record, dict(candidates.extra))
+
+
+PER_ITEM = {"image": "images", "video": "clips", "sound": "sounds"}  # the record's list of each output's own record
+CANDIDATE_CHUNK = 64  # images, clips or sounds drawn at a time (output i uses seed + i: chunks change nothing)
+
+
+def _candidates(modality, loaded, options: dict, seed: int, total: int, cancel: threading.Event | None,
+                batched: bool) -> Generation:
+    """`total` candidates; images, clips and sounds CANDIDATE_CHUNK at a time (a request's own cap on n bounds what
+    a person asks for, not the candidates of a best of k), as one generation."""
+    key = PER_ITEM.get(modality.NAME)
+    if key is None or total <= CANDIDATE_CHUNK:
+        return modality.generate(loaded, {**options, "n": total}, seed, None, cancel, batched=batched)
+    parts = [modality.generate(loaded, {**options, "n": min(CANDIDATE_CHUNK, total - start)}, seed + start, None,
+                               cancel, batched=batched) for start in range(0, total, CANDIDATE_CHUNK)]
+    record = {**parts[0].record, key: [r for part in parts for r in part.record[key]]}
+    record["settings"] = {**record["settings"], "n": total, "seed": seed}
+    return Generation(modality.NAME, [o for part in parts for o in part.outputs], record, dict(parts[0].extra))
 
 
 def _best_paths(modality, loaded, options: dict, seed: int, k: int, reward: rewards.Reward) -> Generation:

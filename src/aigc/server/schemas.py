@@ -188,6 +188,7 @@ class VideoRequest(DiffusionSampling):
     prompt: str = Field("", max_length=1000, description="conditional clip generators: a class name or index; "
                                                          "else empty")
     n: int | None = Field(None, ge=1, le=MAX_CLIPS, description="clips (default 1)")
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description="clip generators: " + BEST_OF)
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
 

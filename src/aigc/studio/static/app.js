@@ -250,7 +250,7 @@ pages.models = async (main, params) => {
                                                  text: t("models.report")}));
       const shown = h("div");
       body.append(links, shown);
-      if (m.status === "done" && ["text", "image", "music", "series"].includes(m.modality)) body.append(improvePanel(m.id, !!only));
+      if (m.status === "done" && ["text", "image", "music", "series", "video", "sound"].includes(m.modality)) body.append(improvePanel(m.id, !!only));
       if (m.status === "done") return api(`/v1/models/${m.id}/preview`).then(p => shown.append(showOutputs(p)));
     }).catch(e => { body.append(h("p", {class: "error", text: e.message})); });
   }
