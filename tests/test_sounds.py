@@ -187,6 +187,15 @@ def test_each_family_trains_on_sounds_and_generates_the_same_bytes_for_a_seed(fa
     rec = read_png_record(tmp_path / "a" / "001.png")
     assert rec["seed"] == 6 and rec["class_name"] == "noise" and rec["run"] == str(run_dir)
     assert json.loads((tmp_path / "a" / "001.json").read_text())["sample_rate"] == RATE
+    for source in ("001.png", "001.json"):  # --from-image: the sound again from its record, the same bytes
+        out = tmp_path / f"again-{source}"
+        result = runner.invoke(app, ["generate", "--from-image", str(tmp_path / "a" / source), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        for name in ("001.wav", "001.png"):
+            assert (out / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), (source, name)
+    (tmp_path / "bad.json").write_text('{"seed": 1}')
+    with pytest.raises(UserError, match="holds no sound's generation record"):
+        service.regenerate_image(str(tmp_path / "bad.json"))
     with pytest.raises(UserError, match="this run is conditional: give --class"):
         service.generate(run_dir.name, {"n": 1}, seed=0)
 

@@ -323,8 +323,8 @@ def generate(
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image and sound runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image, series, music and sound runs: folder for the files")] = None,
-    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (or a video run's GIF or MP4) from the "
-                                                         "record it carries")] = None,
+    from_image: Annotated[str | None, typer.Option(help="regenerate a PNG (a video run's GIF or MP4, a sound's PNG or "
+                                                         "JSON) from the record it carries")] = None,
     sampler: Annotated[str | None, typer.Option(help="diffusion: ddpm | ddim | dpm-solver (default)")] = None,
     steps: Annotated[int | None, typer.Option(help="diffusion: sampling steps (default 20)")] = None,
     eta: Annotated[float | None, typer.Option(help="diffusion, ddim only: 0 = deterministic, 1 = DDPM-like")] = None,

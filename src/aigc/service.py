@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aigc import __version__, store, studies
 from aigc.config import OptimizeConfig, build, read_toml, to_toml
-from aigc.data.images import NAMED_IMAGES, named_installed, save_png
+from aigc.data.images import NAMED_IMAGES, named_installed, read_png_record, save_png
 from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
 from aigc.data.sounds import NAMED_SOUNDS, is_sound_data
@@ -43,7 +43,7 @@ from aigc.db import Store, default_url, new_id
 from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Conflict, Interrupted, NotFound, UserError
 from aigc.fsutil import atomic_write_text, json_safe
-from aigc.modalities import MODALITIES, Generation, Modality, image, music, series, video
+from aigc.modalities import MODALITIES, Generation, Modality, image, music, series, sound, video
 from aigc.models import FAMILIES, Family
 from aigc.optimize import feedback as fb
 from aigc.optimize import image as optimize_image
@@ -644,8 +644,23 @@ def datasets() -> list[dict]:
 
 
 def regenerate_image(path: str) -> Generation:
-    """An image again, from the generation record its PNG carries (a clip, from its GIF's or MP4's)."""
-    return video.regenerate(path) if Path(path).suffix.lower() in (".gif", ".mp4") else image.regenerate(path)
+    """An image again, from the generation record its PNG carries (a clip, from its GIF's or MP4's; a sound, from
+    its spectrogram PNG's or its JSON)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".gif", ".mp4"):
+        return video.regenerate(path)
+    if suffix == ".json" or (Path(path).is_file() and _made_by_sound_run(Path(path))):
+        return sound.regenerate(path)
+    return image.regenerate(path)
+
+
+def _made_by_sound_run(png: Path) -> bool:
+    """Whether the run a PNG's record names is a sound run (a spectrogram), by that run's record."""
+    try:
+        run = read_png_record(png).get("run")
+        return store.modality_of(store.read_run(store.find_run(run))) == "sound"
+    except (UserError, NotFound, OSError, ValueError, AttributeError):
+        return False  # image.regenerate says what is wrong with it
 
 
 def default_out_dir(generation: Generation) -> Path:
@@ -653,7 +668,7 @@ def default_out_dir(generation: Generation) -> Path:
     run_dir, settings = Path(generation.record["run"]), generation.record["settings"]
     if generation.modality == "series":
         return run_dir / "generated" / f"horizon-{settings['horizon']}-seed-{settings['seed']}"
-    if generation.modality in ("image", "video") and "source" in generation.extra:  # --from-image: beside it
+    if generation.modality in ("image", "video", "sound") and "source" in generation.extra:  # --from-image
         return Path(generation.extra["source"]).parent / "regenerated"
     return run_dir / "generated" / f"seed-{settings['seed']}"
 

@@ -26,12 +26,12 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint
 from aigc.config import to_toml
 from aigc.data import sounds as s
-from aigc.data.images import ImageData, make_grid, save_png, to_tensor, to_uint8
+from aigc.data.images import ImageData, make_grid, read_png_record, save_png, to_tensor, to_uint8
 from aigc.data.music import wav_bytes
 from aigc.distributed import on_main
-from aigc.errors import BadRequest, Cancelled, UserError
+from aigc.errors import BadRequest, Cancelled, NotFound, UserError
 from aigc.evaluate.images import feature_net, score_against_data
-from aigc.fsutil import atomic_write_bytes, write_json
+from aigc.fsutil import atomic_write_bytes, read_json, write_json
 from aigc.modalities import image
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family
@@ -184,6 +184,25 @@ def generate(loaded: LoadedSounds, options: dict, seed: int, stream: Callable[[s
                       extra={"rendered_with": f"Griffin-Lim, {cfg.griffin_lim_iters} iterations (librosa)"})
 
 
+def regenerate(path: str) -> Generation:
+    """A sound again, from the record its spectrogram PNG carries or its JSON holds (`--from-image`): the same
+    spectrogram and the same Griffin-Lim start, so the same WAV bytes."""
+    file = Path(path)
+    if not file.is_file():
+        raise NotFound(f"no such file: {path}")
+    rec = read_json(file) if file.suffix.lower() == ".json" else read_png_record(file)
+    if not isinstance(rec, dict) or not {"run", "seed", "class"} <= set(rec):
+        raise UserError(f"{file.name} holds no sound's generation record (run, seed, class)")
+    rec = {k: v for k, v in rec.items() if k not in ("index", "sample_rate", "settings")}  # the JSON's extras
+    loaded = load(rec["run"])
+    spectrogram = image.sample_one(loaded.model, rec)
+    cfg = loaded.configs["data"]
+    return Generation(NAME, [{"spectrogram": spectrogram, "audio": s.to_audio(spectrogram, cfg, rec["seed"])}],
+                      {"run": str(loaded.path), "family": loaded.record["family"], "settings": rec, "sounds": [rec],
+                       "sample_rate": cfg.sample_rate},
+                      extra={"names": [file.stem], "source": str(file)})
+
+
 def spectrogram_png(path: Path, spectrogram: np.ndarray, record: dict | None = None, scale: int = 4) -> None:
     """The spectrogram enlarged `scale` times (nearest neighbour), the highest band on top, `record` as its text
     chunk."""
@@ -194,13 +213,15 @@ def spectrogram_png(path: Path, spectrogram: np.ndarray, record: dict | None = N
 def save(generation: Generation, out_dir: Path) -> list[str]:
     """Per sound: NNN.wav (16-bit PCM mono, peak 0.9), NNN.png (its spectrogram, the record as the PNG text chunk)
     and NNN.json (the record, the sample rate and the settings: no timing, so the same seed writes the same bytes);
-    for several, grid.png."""
+    for several, grid.png. A sound made again from its file (`regenerate`) is written under that file's stem."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rate = generation.record["sample_rate"]
+    stems = generation.extra.get("names") or [f"{i:03d}" for i in range(len(generation.outputs))]
     files = []
-    for i, (output, rec) in enumerate(zip(generation.outputs, generation.record["sounds"], strict=True)):
-        stem = out_dir / f"{i:03d}"
+    for i, (name, output, rec) in enumerate(zip(stems, generation.outputs, generation.record["sounds"],
+                                                strict=True)):
+        stem = out_dir / name
         atomic_write_bytes(stem.with_suffix(".wav"), wav_bytes(output["audio"], rate))
         spectrogram_png(stem.with_suffix(".png"), output["spectrogram"], rec)
         write_json(stem.with_suffix(".json"), {**rec, "index": i, "sample_rate": rate,
