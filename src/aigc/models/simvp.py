@@ -8,8 +8,7 @@ Given the first `context` frames of a clip it predicts the next `future` ones in
                 conv blocks (GroupNorm, SiLU, 3x3 conv) at hid_t channels -> conv -> (future * hid_s, H/p, W/p)
     decoder     each future code -> 2 conv blocks, joined by the last context frame's patches (a skip: the model
                 can copy what does not move) -> 1x1 conv -> (p*p*C, H/p, W/p) -> depth to space ->
-                hardtanh -> (C, H, W) in [-1, 1] (the pixel range, reached exactly: black stays black; in
-                training its gradient passes straight through, so a saturated frame can come back)
+                hardtanh -> (C, H, W) in [-1, 1] (the pixel range, reached exactly: black stays black)
 
 SimVP codes frames with strided convs and its translator is a stack of Inception blocks, with a skip from each
 frame's own encoder features (so it needs as many future as context frames); here space to depth (cheaper on a
@@ -116,14 +115,9 @@ class SimVP(nn.Module):
         decoded = self.decoder(future.reshape(n * self.future, s, hp, wp))  # (N * future, s, H'/p, W'/p)
         last = patches.reshape(n, self.context, -1, hp, wp)[:, -1:]  # (N, 1, p*p*C, H'/p, W'/p)
         last = last.expand(n, self.future, *last.shape[2:]).reshape(n * self.future, -1, hp, wp)
-        out = F.pixel_shuffle(self.readout(torch.cat([decoded, last], dim=1)), p)[:, :, :h, :w]  # (N * future, C, H, W)
-        # the pixel range, reached exactly (an empty background is black, not a faint grey). In training the clamp
-        # passes the gradient straight through: hardtanh's is 0 outside [-1, 1], so a frame whose outputs all fell
-        # below -1 could never come back (measured: a 15-minute run drew its 9th predicted frame black in every clip)
-        clamped = F.hardtanh(out)
-        if self.training and torch.is_grad_enabled():
-            clamped = out + (clamped - out).detach()
-        return clamped.reshape(n, self.future * c, h, w)
+        out = F.pixel_shuffle(self.readout(torch.cat([decoded, last], dim=1)), p)  # (N * future, C, H', W')
+        # hardtanh: the pixel range, reached exactly (an empty background is black, not a faint grey)
+        return F.hardtanh(out[:, :, :h, :w]).reshape(n, self.future * c, h, w)
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, noise: dict | None = None) -> dict[str, Tensor]:
         """x: whole clips (N, (context + future) * C, H, W) -> {"loss": MSE + l1 * MAE of the predicted future frames,
