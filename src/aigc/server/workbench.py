@@ -42,7 +42,7 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
              "no_repeat_ngram_size"),
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
-    "music": ("n", "bars", "temperature", "top_k", "top_p"),
+    "music": ("n", "bars", "temperature", "top_k", "top_p", "constrained"),
     "video": ("n",),  # a diffusion clip generator adds its sampler options
     "sound": ("n",),
 }
