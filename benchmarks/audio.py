@@ -4,6 +4,8 @@ budget, on the same split and the same encoding (docs/audio.md).
     python benchmarks/audio.py            # rnn and gpt 10 minutes each (about 30 minutes in all)
     python benchmarks/audio.py --quick    # 2 minutes each (about 12 minutes)
     python benchmarks/audio.py --models ngram,gpt --temperatures 1,0.9,0.8,0.7   # + the statistics by temperature
+    python benchmarks/audio.py --constrained both     # + the statistics without grammar-constrained sampling
+    python benchmarks/audio.py --data folk-abc --models ngram,rnn,gpt   # the Essen folk tunes instead
 
 Writes benchmarks/results/audio.json and audio.md (--quick: audio-quick.json and .md). Runs live in a private AIGC
 home (default benchmarks/.work), away from a user's own runs.
@@ -82,6 +84,12 @@ def main() -> None:
     parser.add_argument("--temperatures", default="", help="also the statistics of each trained model's samples at "
                                                            "these temperatures (e.g. 1,0.9,0.8,0.7): how the music "
                                                            "default is chosen")
+    parser.add_argument("--constrained", choices=("on", "off", "both"), default="on",
+                        help="grammar-constrained sampling of the samples (docs/audio.md): on (the music default), "
+                             "off, or both side by side (each temperature of --temperatures with and without)")
+    parser.add_argument("--data", choices=("bach-chorales", "folk-abc"), default="bach-chorales",
+                        help="the music data (folk-abc: the Essen tunes, 8,306 melodies; its cold parse takes minutes, "
+                             "then it is cached in the home)")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--part", choices=("music", "sounds"), default="music",
@@ -93,7 +101,7 @@ def main() -> None:
         sounds(args)
         return
     minutes = args.minutes or (2.0 if args.quick else 10.0)
-    stem = "audio-quick" if args.quick else "audio"
+    stem = ("audio-quick" if args.quick else "audio") + ("" if args.data == "bach-chorales" else f"-{args.data}")
     models = [m for m in args.models.split(",") if m]
     if sorted(set(models) - set(MODELS)):
         raise SystemExit(f"unknown models: use {', '.join(MODELS)}")
@@ -101,10 +109,18 @@ def main() -> None:
 
     from aigc import service
     from aigc.data import music as m
+    from aigc.modalities.music import SAMPLING_DEFAULTS
 
     started = time.time()
-    result = {"benchmark": stem, "minutes_per_model": minutes, "quick": args.quick, "transpose": args.transpose,
-              "samples": args.samples, "machine": machine(), "load_average_start": load(), "rows": []}
+    result = {"benchmark": stem, "data": args.data, "minutes_per_model": minutes, "quick": args.quick,
+              "transpose": args.transpose, "samples": args.samples, "machine": machine(), "load_average_start": load(),
+              "rows": []}
+    # the sampling the main table uses is the music default; each other (temperature, constrained) asked for is a row
+    # of the sampling table (the NLL does not depend on it)
+    grammar = {"on": [True], "off": [False], "both": [True, False]}[args.constrained]
+    default = (SAMPLING_DEFAULTS["temperature"], SAMPLING_DEFAULTS["constrained"])
+    variants = [(t, c) for t in [float(t) for t in args.temperatures.split(",") if t] or [default[0]]
+                for c in grammar if (t, c) != default]
 
     def save() -> None:
         result["wall_s"] = time.time() - started
@@ -112,13 +128,14 @@ def main() -> None:
         write_results(args.out, stem, result, markdown(result))
 
     t0 = time.perf_counter()
-    result["chorales"] = len(m.bach_chorales())  # parsed once (about a minute cold), then cached in the home
+    result["chorales"] = len(m.load_music(args.data)[0])  # parsed once (minutes cold), then cached in the home
     result["parse_s"] = time.perf_counter() - t0
     for row in models:
         family, sets = MODELS[row]
         print(f"\n== {row}: {'counted' if family == 'ngram' else f'{minutes:g} min'}", file=sys.stderr)
-        name = f"bench-{row}-{minutes:g}min-t{args.transpose}"
-        run_dir, metrics = service.train(family, "bach-chorales", name=name, overwrite=True,
+        name = f"bench-{row}-{minutes:g}min-t{args.transpose}" + ("" if args.data == "bach-chorales" else
+                                                                  f"-{args.data}")
+        run_dir, metrics = service.train(family, args.data, name=name, overwrite=True,
                                          max_minutes=None if family == "ngram" else minutes,
                                          sets={**sets, "transpose": str(args.transpose)})
         t0 = time.perf_counter()
@@ -129,11 +146,12 @@ def main() -> None:
                                "eval_s": time.perf_counter() - t0, **{k: evaluation[k] for k in (
                                    "metrics", "statistics", "within_floor", "validation")},
                                "sampling": {k: v for k, v in evaluation["samples"].items() if k != "tokens"},
-                               "by_temperature": []})
-        for temperature in [float(t) for t in args.temperatures.split(",") if t]:
-            print(f"   {row} at temperature {temperature:g}", file=sys.stderr)
-            other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature})
-            result["rows"][-1]["by_temperature"].append({
+                               "by_sampling": []})
+        for temperature, constrained in variants:
+            print(f"   {row} at temperature {temperature:g}, constrained {constrained}", file=sys.stderr)
+            other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature,
+                                                    "constrained": constrained})
+            result["rows"][-1]["by_sampling"].append({
                 "sampling": {k: v for k, v in other["samples"].items() if k != "tokens"},
                 "statistics": other["statistics"]["samples"], "within_floor": other["within_floor"]})
             save()
@@ -240,7 +258,8 @@ def sampling(row: dict) -> str:
     how = row.get("sampling") or {"seed": 0, "temperature": 1.0}  # rows of results written before it was recorded
     return (f"seed {how['seed']}, temperature {how['temperature']:g}"
             + (f", top-p {how['top_p']:g}" if how.get("top_p", 1.0) < 1 else "")
-            + (", the music defaults" if "top_p" in how else ""))
+            + (", grammar-constrained" if how.get("constrained") else ", not constrained" if "constrained" in how
+               else "") + (", the music defaults" if "top_p" in how else ""))
 
 
 def markdown(result: dict) -> str:
@@ -249,11 +268,12 @@ def markdown(result: dict) -> str:
         return "# Audio benchmark\n\nNo rows yet.\n"
     by = {r["model"]: r for r in rows}
     first = rows[0]
-    lines = [f"# Audio benchmark: bach-chorales, {result['minutes_per_model']:g} min per trained model"
+    data = result.get("data", "bach-chorales")
+    lines = [f"# Audio benchmark: {data}, {result['minutes_per_model']:g} min per trained model"
              + (" (--quick)" if result["quick"] else ""), "",
              f"Machine: {describe_machine(result['machine'])}; load average (1/5/15 min) {result['load_average_start']}"
              f" at the start, {result.get('load_average_end', '-')} at the end (the machine was shared: timings are "
-             f"ratios). {first['validation']['pieces']} validation chorales ({first['validation']['notes']:,} notes, "
+             f"ratios). {first['validation']['pieces']} validation pieces ({first['validation']['notes']:,} notes, "
              f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
              f"±{result['transpose']} semitones; {result['samples']} samples per model ({sampling(first)}, "
              f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all.", "",
@@ -275,7 +295,7 @@ def markdown(result: dict) -> str:
                       f"Best: {best['model']}, {100 * gain:.1f}% below: **{'met' if gain >= TARGET_GAIN else 'missed'}"
                       "**."]
     val, train = first["statistics"]["val"], first["statistics"]["train"]
-    lines += ["", "## Musical statistics of the samples (first 8 bars of the chorales for val and train)", "",
+    lines += ["", "## Musical statistics of the samples (first 8 bars of the pieces for val and train)", "",
               "Each cell: the samples' mean ± its standard error; ✓ where it lies no farther from the validation "
               "chorales' mean than the training chorales' mean does (the floor) or within 2 standard errors of it.", "",
               "| statistic | validation | training (floor) | " + " | ".join(r["model"] for r in rows) + " |",
@@ -292,18 +312,19 @@ def markdown(result: dict) -> str:
         within = sum(f["met"] for f in r["within_floor"].values())
         verdicts.append(f"{r['model']} {within}/4 **{'met' if within >= TARGET_STATS else 'missed'}**")
     lines += ["", f"Target: {TARGET_STATS} of 4 within the floor or 2 standard errors: {', '.join(verdicts)}."]
-    swept = [(r, t) for r in rows for t in r.get("by_temperature", [])]
+    swept = [(r, t) for r in rows for t in r.get("by_sampling", r.get("by_temperature", []))]
     if swept:
-        lines += ["", "## The statistics against the sampling temperature", "",
-                  "The same runs, the same seed and number of samples, sampled at other temperatures (the NLL does "
-                  "not depend on it); ✓ as above.", "",
-                  "| model | temperature | " + " | ".join(STATS) + " | within |",
-                  "|---|---|" + "---|" * len(STATS) + "---|"]
+        lines += ["", "## The statistics against the sampling (temperature, grammar)", "",
+                  "The same runs, the same seed and number of samples, sampled otherwise (the NLL does not depend on "
+                  "it); constrained: grammar-constrained sampling (docs/audio.md); ✓ as above.", "",
+                  "| model | temperature | constrained | " + " | ".join(STATS) + " | within |",
+                  "|---|---|---|" + "---|" * len(STATS) + "---|"]
         for r, t in swept:
             cells = [f"{fmt(t['statistics'][k]['mean'])} ± {fmt(t['statistics'][k]['se'])} "
                      f"{'✓' if t['within_floor'][k]['met'] else '✗'}" for k in STATS]
             within = sum(f["met"] for f in t["within_floor"].values())
-            lines.append(f"| {r['model']} | {t['sampling']['temperature']:g} | " + " | ".join(cells)
+            grammar = {True: "yes", False: "no"}.get(t["sampling"].get("constrained"), "-")
+            lines.append(f"| {r['model']} | {t['sampling']['temperature']:g} | {grammar} | " + " | ".join(cells)
                          + f" | {within}/4 |")
     lines += ["", "## Novelty", "",
               "| model | longest copy (notes, mean / max) | 8-note runs found in training |", "|---|---|---|"]
@@ -322,7 +343,7 @@ def markdown(result: dict) -> str:
         train_ratio = r["train_tokens_per_s"] / gpt if gpt and r["train_tokens_per_s"] else None
         sample_ratio = r["metrics"]["tokens_per_s"] / ngram if ngram else None
         lines.append(f"| {r['model']} | {fmt(train_ratio, 2)} | {fmt(sample_ratio, 2)} |")
-    lines += ["", f"Corpus parse: {result['chorales']} chorales in {result['parse_s']:.0f} s (0 when cached)."]
+    lines += ["", f"Corpus parse: {result['chorales']} pieces in {result['parse_s']:.0f} s (0 when cached)."]
     return "\n".join(lines) + "\n"
 
 

@@ -366,8 +366,11 @@ def test_the_arena_battles_two_music_runs(midi_folder):
         replay = client.get(f"/v1/generations/{gen['id']}/replay").json()
         assert replay["body"]["bars"] == 4 and replay["body"]["n"] == 1
         controls = client.get("/v1/models/bach3/controls").json()
-        assert [c["name"] for c in controls["controls"]] == ["n", "bars", "temperature", "top_k", "top_p"]
-        assert {c["name"]: c["default"] for c in controls["controls"]}["bars"] == 8
+        assert [c["name"] for c in controls["controls"]] == ["n", "bars", "temperature", "top_k", "top_p",
+                                                             "constrained"]
+        by_name = {c["name"]: c for c in controls["controls"]}
+        assert by_name["bars"]["default"] == 8
+        assert by_name["constrained"]["default"] is True and by_name["constrained"]["type"] == "boolean"
         preview = client.get("/v1/models/bach3/preview").json()
         assert preview["pieces"][0]["wav"].startswith("data:audio/wav;base64,")
 

@@ -344,6 +344,9 @@ def generate(
                             ] = None,
     prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi or --prompt-piece to "
                                                          "continue (default 2)")] = None,
+    constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
+                                                     help="music runs: grammar-constrained sampling (default on; "
+                                                          "docs/audio.md)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
     best_of: Annotated[int | None, typer.Option(help="runs with a reward model (aigc optimize "
@@ -393,7 +396,7 @@ def generate(
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
                "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
-               "prompt_bars": prompt_bars}
+               "prompt_bars": prompt_bars, "constrained": constrained}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:
@@ -516,6 +519,9 @@ def eval_(
                                                            "(default: the music default)")] = None,
     top_p: Annotated[float | None, typer.Option(help="music runs: the pieces' top-p (default: the music "
                                                      "default)")] = None,
+    constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
+                                                     help="music runs: sample the pieces with the grammar (default: "
+                                                          "the music default, on)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Score a run on its validation split (bits per character, perplexity), sample from it
@@ -542,14 +548,15 @@ def eval_(
             if value is not None:
                 raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
         result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level, "temperature": temperature,
-                                        "top_p": top_p})
+                                        "top_p": top_p, "constrained": constrained})
     else:
         if data is None:
             raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
         if horizon is not None or level is not None:
             raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
-        if temperature is not None or top_p is not None:
-            raise UserError(f"--{'temperature' if temperature is not None else 'top-p'} applies to music runs")
+        if temperature is not None or top_p is not None or constrained is not None:
+            flag = "temperature" if temperature is not None else "top-p" if top_p is not None else "constrained"
+            raise UserError(f"--{flag} applies to music runs")
         result = service.evaluate_image_folder(images, data, n, out=out)
     if json_out:
         _emit_json(result)  # the same object as <run>/eval.json (or --out FILE)

@@ -33,6 +33,7 @@ from transformers import (
     EtaLogitsWarper,
     GenerationMixin,
     LogitNormalization,
+    LogitsProcessor,
     LogitsProcessorList,
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
@@ -314,23 +315,29 @@ def sampling_processors(s: GenerateSettings, model: GenerationMixin, device: tor
 
 
 def generate(loaded: LoadedModel, settings: GenerateSettings, *, stream: Callable[[str], None] | None = None,
-             cancel: threading.Event | None = None, batched: bool = False) -> tuple[list[str], dict]:
+             cancel: threading.Event | None = None, batched: bool = False,
+             processors: list[LogitsProcessor] | None = None) -> tuple[list[str], dict]:
     """Generate `settings.n` samples. Each sample is the prompt followed by its continuation.
 
     Returns the samples and a stats dict (prompt and generated tokens, why each sample ended: "stop" or
     "length", seconds, tokens/s). Leaves the global RNG alone. `cancel` set: generation stops at the next
     token and raises `Cancelled`. Sampling and greedy decoding are `generate_many` with one request (so a
     request decodes the same alone or batched with others); beam search is transformers' own. `batched`:
-    decode together with the requests that other threads make at the same time (`BATCHER`).
+    decode together with the requests that other threads make at the same time (`BATCHER`). `processors`: logits
+    processors of this request alone, applied first (before the penalties and the sampling warpers), e.g. a
+    grammar's mask (aigc.data.music_grammar); one instance per request, since they may hold each row's state.
     """
     s = settings.validate()
+    processors = list(processors or [])
+    if processors and s.num_beams > 1:
+        raise UserError("beam search does not take a request's own logits processors (a grammar): sample instead")
     if stream is not None and (s.n > 1 or s.num_beams > 1):
         raise UserError("--stream works with one sample and no beam search (-n 1, --num-beams 1)")
     if s.num_beams > 1:
         return _beam_search(loaded, s, cancel)
     if batched:
-        return BATCHER.generate(loaded, Ask(s, stream, cancel))
-    [result] = generate_many(loaded, [Ask(s, stream, cancel)])
+        return BATCHER.generate(loaded, Ask(s, stream, cancel, processors))
+    [result] = generate_many(loaded, [Ask(s, stream, cancel, processors)])
     if isinstance(result, BaseException):
         raise result
     return result
@@ -343,6 +350,7 @@ class Ask:
     settings: GenerateSettings
     stream: Callable[[str], None] | None = None
     cancel: threading.Event | None = None
+    processors: list[LogitsProcessor] = field(default_factory=list)  # its own, applied before the others
 
 
 def prompt_ids_of(loaded: LoadedModel, s: GenerateSettings) -> list[int]:
@@ -545,7 +553,7 @@ class Decoder:
         return failed
 
     def _request(self, tag: object, ask: Ask, prompt: list[int]) -> _Request:
-        s, procs, draw = ask.settings, [], None
+        s, procs, draw = ask.settings, list(ask.processors), None
         if s.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
         if s.no_repeat_ngram_size > 0:

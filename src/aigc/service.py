@@ -538,6 +538,8 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
               "modality": generation.modality, "latency_s": generation.extra.get("latency_s", 0.0),
               "key_id": key_id, "source": source}
     settings = generation.record["settings"]
+    if generation.modality == "music":  # what remakes it, whatever the default is by then (older rows: without)
+        request = {**request, "constrained": settings.get("constrained", False)}
     reranked = generation.record.get("rerank")
     rerank_of = None if reranked is None else json_safe({"best_of": settings.get("best_of"), **reranked})
     if generation.modality == "image":

@@ -27,6 +27,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import fields_of, read_toml, to_toml
 from aigc.data import music as m
+from aigc.data.music_grammar import RemiGrammar, limits_of
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
 from aigc.evaluate.music import (
@@ -48,15 +49,18 @@ from aigc.train import TextBatches, train_loop
 
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
-GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "prompt_midi", "prompt_piece", "prompt_bars")
-# `aigc eval RUN -n N --temperature T --top-p P`: the pieces sampled for the statistics (default EVAL_SAMPLES, at
-# SAMPLING_DEFAULTS)
-EVALUATE_OPTIONS = ("n", "temperature", "top_p")
+GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "constrained", "prompt_midi", "prompt_piece",
+                    "prompt_bars")
+# `aigc eval RUN -n N --temperature T --top-p P --no-constrained`: the pieces sampled for the statistics (default
+# EVAL_SAMPLES, at SAMPLING_DEFAULTS)
+EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained")
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued unless --prompt-bars says otherwise
 # how a music run samples unless asked otherwise: chosen on the validation chorales' statistics (docs/audio.md,
 # "Sampling defaults"); the held-out NLL does not depend on it
-SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
+# `constrained`: grammar-constrained sampling (aigc.data.music_grammar: positions only forward, no more notes at one
+# onset or sounding at once than the training pieces have, every note whole); a record without it was made without
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "constrained": True}
 GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, **SAMPLING_DEFAULTS}  # as shown
 BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
@@ -119,6 +123,7 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         info["train_time_s"] = time.perf_counter() - t0
     train_text, val_text = _lines(train_pieces), _lines(val_pieces)
     bars = sum(m.bars_of(m.encode(p)) for p in train_pieces)
+    grammar = limits_of(train_pieces)  # what constrained sampling allows (transpositions do not change it)
     record = {
         "data": {
             "train": {"source": source, "file": "train.jsonl", "sha256": sha256_text(train_text),
@@ -131,7 +136,7 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
             "copies_removed": len(read) - len(pieces),  # bach-chorales: already removed when the corpus is read
         },
         "encoding": {"name": "remi-16th", "version": m.ENCODING_VERSION, "vocab_size": tokenizer.vocab_size,
-                     "tokens_per_bar": len(ids_of(tokenizer, train_pieces)) / max(1, bars)},
+                     "tokens_per_bar": len(ids_of(tokenizer, train_pieces)) / max(1, bars), "grammar": grammar},
     }
 
     def write_files(staging: Path) -> None:
@@ -253,6 +258,9 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     if stream is not None:
         raise BadRequest("--stream applies to text runs")
     options = {**SAMPLING_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    constrained = options.pop("constrained")
+    if not isinstance(constrained, bool):
+        raise BadRequest(f"constrained must be true or false, got {constrained!r}")
     bars = options.pop("bars", DEFAULT_BARS)
     if not 1 <= bars <= 256:
         raise BadRequest(f"--bars must be in 1..256, got {bars}")
@@ -269,6 +277,7 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     else:
         prompt = []
     record = read_run(loaded.path)
+    grammar = grammar_of(loaded.path, record) if constrained else None
     per_bar = record["encoding"]["tokens_per_bar"]
     budget = math.ceil(bars * per_bar * BUDGET_MARGIN) + 2
     room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
@@ -277,23 +286,36 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
                          f"{loaded.max_context} tokens: use fewer --prompt-bars")
     settings = text.settings_of({**options, "max_new_tokens": min(budget, room, MAX_NEW_TOKENS_CAP),
                                  "prompt": " ".join(prompt) + " " if prompt else ""}, seed)
-    samples, stats = decode(loaded, settings, cancel=cancel, batched=batched)
+    samples, stats = decode(loaded, settings, cancel=cancel, batched=batched, processors=_grammar(grammar))
     want = m.bars_of(prompt) + bars
-    samples = [_extend(loaded, settings, sample.split(), want, seed, i, cancel) for i, sample in enumerate(samples)]
+    samples = [_extend(loaded, settings, sample.split(), want, seed, i, cancel, grammar)
+               for i, sample in enumerate(samples)]
     outputs = []
     for sample in samples:
         tokens = m.first_bars(sample, want)
         piece = m.decode(tokens)
         outputs.append({"tokens": " ".join(tokens), "bars": m.bars_of(tokens), "notes": len(piece.notes)})
     settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
-                    "prompt_bars": (prompt_bars or PROMPT_BARS) if prompt else None}
+                    "prompt_bars": (prompt_bars or PROMPT_BARS) if prompt else None, "constrained": constrained,
+                    "grammar": grammar}
     settings_out.pop("stop")
     return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
                                       "stats": stats})
 
 
+def grammar_of(run_dir: Path, record: dict) -> dict[str, int]:
+    """The limits constrained sampling keeps a run's pieces to (the most notes at one onset and sounding at once in
+    its training pieces): stored in run.json at training, counted from train.jsonl for a run made before."""
+    return record["encoding"].get("grammar") or limits_of(read_split(run_dir, record)[0])
+
+
+def _grammar(grammar: dict | None) -> list[RemiGrammar]:
+    """The logits processors of one decoding request: a fresh grammar (it holds each row's state), or none."""
+    return [] if grammar is None else [RemiGrammar(grammar)]
+
+
 def _extend(loaded: LoadedModel, settings, tokens: list[str], bars: int, seed: int, index: int,
-            cancel: threading.Event | None) -> list[str]:
+            cancel: threading.Event | None, grammar: dict | None = None) -> list[str]:
     """A piece the model ended before `bars` bars (a chorale's final cadence) goes on: the text decoding continues
     it from a new bar, at the seed `seed + 1000 * round + index` (so the same request gives the same piece), at most
     MAX_EXTENSIONS times; what it then has is what it is (its bars are in the record)."""
@@ -307,7 +329,7 @@ def _extend(loaded: LoadedModel, settings, tokens: list[str], bars: int, seed: i
         options = {k: v for k, v in settings_dict(settings).items() if k != "seed"}
         more = text.settings_of({**options, "n": 1, "prompt": " ".join(prompt) + " ",
                                  "max_new_tokens": min(settings.max_new_tokens, room)}, seed + 1000 * round_ + index)
-        [sample], _ = decode(loaded, more, cancel=cancel)
+        [sample], _ = decode(loaded, more, cancel=cancel, processors=_grammar(grammar))
         tokens = sample.split()
     return tokens
 
@@ -361,7 +383,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
 
     # 2. samples at seed 0, sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
     n_samples = int(options.get("n") or EVAL_SAMPLES)
-    sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p") if k in options}}
+    sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p", "constrained") if k in options}}
     generation = generate(loaded, {"n": n_samples, **sampling}, 0)
     samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
     if not any(p.notes for p in samples):

@@ -175,6 +175,8 @@ class AudioRequest(Strict):
                                                  "run (GET /v1/models/{model}/controls lists them as `openings`)")
     prompt_bars: int | None = Field(None, ge=1, le=16, description="music runs: bars of prompt_piece continued "
                                                                    "(default 2)")
+    constrained: bool | None = Field(None, description="music runs: grammar-constrained sampling (default true; "
+                                                       "docs/audio.md)")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
     # sound runs (drum hits): the class of a conditional run, and a diffusion run's sampling steps

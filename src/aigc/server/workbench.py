@@ -42,7 +42,7 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
              "no_repeat_ngram_size"),
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
-    "music": ("n", "bars", "temperature", "top_k", "top_p"),
+    "music": ("n", "bars", "temperature", "top_k", "top_p", "constrained"),
     "video": ("n",),  # a diffusion clip generator adds its sampler options
     "sound": ("n",),
 }
@@ -527,6 +527,7 @@ def _replay(row: dict, base_url: str) -> dict:
         for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of", "prompt_piece", "prompt_bars"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
             body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
@@ -563,6 +564,9 @@ def _replay(row: dict, base_url: str) -> dict:
         if field in ("model", "prompt", "response_format") or (modality == "image" and field == "n"):
             continue
         for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool):  # a switch: --constrained / --no-constrained
+                cli.append(("--" if item else "--no-") + field.replace("_", "-"))
+                continue
             cli += [flags.get(field, "--" + field.replace("_", "-")), str(item)]
     curl = (f"curl -s {base_url}{path} -H 'Content-Type: application/json' "
             f"-d {shlex.quote(json.dumps(body, ensure_ascii=False))}")

@@ -398,6 +398,9 @@ function controlInput(c) {  // an input made from the API's declaration of the f
   if (c.type === "choice") {
     input = h("select", {}, c.choices.map(v => h("option", {value: v, text: v})));
     if (c.default !== null && c.default !== undefined) input.value = c.default;
+  } else if (c.type === "boolean") {  // a switch, e.g. music's grammar-constrained sampling
+    input = h("input", {type: "checkbox"});
+    input.checked = Boolean(c.default);
   } else {
     input = h("input", {type: "number", step: c.type === "integer" ? 1 : "any",
                         min: c.minimum ?? c.exclusiveMinimum, max: c.maximum ?? c.exclusiveMaximum,
@@ -413,6 +416,10 @@ function readControls(form, controls) {
   for (const c of controls) {
     const input = form.elements[c.name];
     showError(input, "");
+    if (c.type === "boolean") {
+      body[c.name] = input.checked;
+      continue;
+    }
     if (input.value === "") continue;
     body[c.name] = c.type === "integer" ? parseInt(input.value, 10) : c.type === "number" ? parseFloat(input.value)
       : input.value;
