@@ -269,8 +269,6 @@ def fit_stages(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, bu
     whole model). Each stage is one training loop with its own schedule and checkpoints, so a resumed run goes on
     in the stage it stopped in, exactly (a finished stage 1 is not trained again)."""
     model, batches, cfg = prepared.model, prepared.state, configs["train"]
-    if budget.max_steps is not None and budget.max_steps < 2:
-        raise BadRequest(f"{prepared.record['family']} trains in two stages: give --max-steps 2 or more")
     first_budget, second_budget = stage_budgets(budget, configs["model"].vae_share)
     stage_dir = run_dir / STAGE_DIR
     if (stage_dir / STAGE_DONE).is_file():
