@@ -111,8 +111,8 @@ def test_bad_options_are_one_clear_error(sets, steps, message):
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-RESUME = {**TINY, "eval_interval": "5", "z_dim": "8", "base_channels": "16", "n_hidden": "64", "val_clips": "4"}
-RESUME_STEPS = 120  # 60 a stage
+RESUME = {**TINY, "eval_interval": "20", "z_dim": "8", "base_channels": "16", "n_hidden": "64", "val_clips": "4"}
+RESUME_STEPS = 400  # 200 a stage: Ctrl-C lands well inside the stage
 
 
 def _interrupt(aigc_home: Path, name: str, log: Path, resume: bool) -> None:
@@ -122,7 +122,7 @@ def _interrupt(aigc_home: Path, name: str, log: Path, resume: bool) -> None:
     cmd += ["--resume"] if resume else [a for k, val in RESUME.items() for a in ("--set", f"{k}={val}")]
     env = {**os.environ, "AIGC_HOME": str(aigc_home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a loaded machine may take minutes to import torch
     while time.time() < deadline and proc.poll() is None:
         if log.is_file() and len(log.read_text().splitlines()) >= 10:
             break
@@ -142,7 +142,7 @@ def test_an_interrupted_run_resumes_in_either_stage_exactly(aigc_home, one_threa
     assert (run / STAGE_DIR / "done.json").exists()
     assert 0 < json.loads((run / "checkpoints/last/state.json").read_text())["step"] < RESUME_STEPS // 2  # in stage 2
     resumed, metrics = service.train("vae-rnn", "moving-digits", name="halted", resume=True, max_steps=RESUME_STEPS)
-    assert (metrics["vae_steps"], metrics["rnn_steps"]) == (60, 60)
+    assert (metrics["vae_steps"], metrics["rnn_steps"]) == (200, 200)
     for where in (".", STAGE_DIR):
         a, b = load_file(reference / where / "model.safetensors"), load_file(resumed / where / "model.safetensors")
         assert a.keys() == b.keys()

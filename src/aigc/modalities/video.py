@@ -226,6 +226,7 @@ def recorded_split(run_dir: Path, record: dict, cfg: v.VideoDataConfig) -> tuple
 def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared:
     train, val = recorded_split(run_dir, record, configs["data"])
     if fam.stages:  # fit finds the stage to go on with and loads its checkpoint
+        torch.manual_seed(configs["train"].seed)  # the initial weights of a stage not begun yet, as prepare made them
         model = _build_staged(family, fam, configs, record["clip_shape"], record["num_classes"])
     else:
         model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
