@@ -15,6 +15,13 @@ clip-level Fréchet distance in the clip net's features, each with its real-vs-r
     python benchmarks/video.py                           # both jobs, 15 minutes each training (45 min in all)
     python benchmarks/video.py --minutes 1 --name video-quick   # a quick look
     python benchmarks/video.py --job predict --set ssim=0  # one job; --set passes simvp's options
+    python benchmarks/video.py --generator vae-rnn --predictor vae-rnn --name video-vae-rnn  # the per-frame VAE
+                                                          # and GRU (vae-rnn) for both jobs, at the same minutes
+
+`--generator vae|vae-rnn` picks the clip generator (vae: frames stacked as channels; vae-rnn: a per-frame VAE and
+a GRU over its latents, conditional, both stages inside --minutes), `--predictor simvp|vae-rnn` the predictor
+(vae-rnn unconditional there, scored on the same clips and floors). The single-image reference is the image vae
+in both cases. `--set` goes to the predictor's run.
 
 Writes benchmarks/results/NAME.json and NAME.md (NAME: --name, default video).
 """
@@ -33,10 +40,12 @@ METRICS = ("mse", "mae", "psnr", "ssim")
 
 def predict(service, args) -> tuple[dict, list[str]]:
     sets = dict(s.split("=", 1) for s in args.set)
-    run_dir, metrics = service.train("simvp", args.data, name="predict", max_minutes=args.minutes, sets=sets or None)
+    run_dir, metrics = service.train(args.predictor, args.data, name="predict", max_minutes=args.minutes,
+                                     sets=sets or None)
     scored = service.evaluate(run_dir.name)
     m, floors = scored["metrics"], scored["floors"]
-    rows = [f"| simvp{' ' + ' '.join(args.set) if args.set else ''}, {args.minutes:g} min ({metrics['steps']} steps)"
+    rows = [f"| {args.predictor}{' ' + ' '.join(args.set) if args.set else ''}, {args.minutes:g} min "
+            f"({metrics['steps']} steps)"
             f" | " + " | ".join(f"{m[k]:.4f}" for k in METRICS) + " |"]
     rows += [f"| floor: {name} | " + " | ".join(f"{f[k]:.4f}" for k in METRICS) + " |" for name, f in floors.items()]
     rows += [f"| OpenSTL {name} (Moving MNIST digits) | {mse} | | | {ssim} |" for name, (mse, ssim) in OPENSTL.items()]
@@ -48,7 +57,7 @@ def predict(service, args) -> tuple[dict, list[str]]:
 
 
 def generate(service, args) -> tuple[dict, list[str]]:
-    run_dir, metrics = service.train("vae", args.data, name="generate", max_minutes=args.minutes,
+    run_dir, metrics = service.train(args.generator, args.data, name="generate", max_minutes=args.minutes,
                                      sets={"conditional": "true"})
     scored = service.evaluate(run_dir.name, {"n": args.clips})
     m = scored["metrics"]
@@ -60,7 +69,10 @@ def generate(service, args) -> tuple[dict, list[str]]:
     image_fid = service.evaluate(image_dir.name, {"n": args.clips})["metrics"]["fid"]
     within = m["frame_fid"] <= 3 * image_fid
     consistent = m["class_consistency"] >= 0.9
-    lines = [f"## Generation on {args.data}: vae, conditional, {args.minutes:g} min ({metrics['steps']} steps)", "",
+    stages = f", {metrics['vae_steps']} of the per-frame VAE + {metrics['rnn_steps']} of the GRU" \
+        if "vae_steps" in metrics else ""
+    lines = [f"## Generation on {args.data}: {args.generator}, conditional, {args.minutes:g} min ({metrics['steps']} "
+             f"steps{stages})", "",
              f"{args.clips} clips against as many validation clips; the floors: fresh training clips against the same.",
              "", "| metric | clips | floor (real vs real) | target |", "|---|---|---|---|",
              f"| per-frame FID, the object's window | {m['frame_fid']:.2f} | {m['frame_fid_floor']:.2f} | <= 3 x the "
@@ -84,7 +96,10 @@ def main() -> None:
     parser.add_argument("--data", default="moving-fashion-mnist")
     parser.add_argument("--job", choices=("both", "predict", "generate"), default="both")
     parser.add_argument("--clips", type=int, default=200, help="generated clips scored")
-    parser.add_argument("--set", action="append", default=[], help="simvp option KEY=VALUE (repeatable)")
+    parser.add_argument("--generator", choices=("vae", "vae-rnn"), default="vae",
+                        help="clip generator: vae (frames as channels) or vae-rnn (per-frame VAE + GRU)")
+    parser.add_argument("--predictor", choices=("simvp", "vae-rnn"), default="simvp", help="predictor family")
+    parser.add_argument("--set", action="append", default=[], help="predictor option KEY=VALUE (repeatable)")
     parser.add_argument("--name", default="video", help="results file name")
     args = parser.parse_args()
     result, lines = {"args": vars(args), "machine": machine()}, [f"# Video on {args.data}", "",

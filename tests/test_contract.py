@@ -29,11 +29,62 @@ def corpus():
 TEXT = [name for name, fam in FAMILIES.items() if fam.modality == "text"]
 IMAGE = [name for name, fam in FAMILIES.items() if fam.modality == "image"]
 SERIES = [name for name, fam in FAMILIES.items() if fam.modality == "series"]  # contract: test_series_models.py
-VIDEO = [name for name, fam in FAMILIES.items() if fam.modality == "video"]  # predictors
+VIDEO = [name for name, fam in FAMILIES.items() if fam.modality == "video" and not fam.stages]  # predictors
+STAGED = [name for name, fam in FAMILIES.items() if fam.modality == "video" and fam.stages]  # make and predict clips
 
 
 def test_every_family_is_covered():
-    assert set(TEXT) | set(IMAGE) | set(SERIES) | set(VIDEO) == set(FAMILIES)
+    assert set(TEXT) | set(IMAGE) | set(SERIES) | set(VIDEO) | set(STAGED) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", STAGED)
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_staged_video_family_contract(family, num_classes, tmp_path):
+    fam = FAMILIES[family]
+    configs = build(sections_for(family), {"z_dim": 4, "n_hidden": 16}, family=family)
+    torch.manual_seed(0)
+    model = fam.build(configs["model"], (1, 12, 10), 5, 3, num_classes)  # clips of 5 frames of 1 x 12 x 10, 3 given
+    x = torch.rand(4, 5, 12, 10) * 2 - 1  # (N, T * C, H, W)
+    y = torch.tensor([0, 1, 2, 0]) if num_classes else None
+    labels = {} if y is None else {"y": y}
+
+    # 1. stage 1 is the vae family's own loss on single frames; its gradients stay in the VAE
+    frames = x.reshape(20, 1, 12, 10)
+    model.vae(frames, None if y is None else y.repeat_interleave(5))["loss"].backward()
+    assert all(p.grad is not None for p in model.vae.parameters())
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("vae."))
+
+    # 2. stage 2: the Gaussian NLL of each frame's latent mean given the ones before (torch.distributions as the
+    # oracle), with gradients in the recurrent net and none in the (frozen) VAE
+    model.zero_grad(set_to_none=True)
+    out = model(x, **labels)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.vae.parameters())
+    rest = [p.grad for name, p in model.named_parameters() if not name.startswith("vae.")]
+    assert all(g is not None and torch.isfinite(g).all() for g in rest) and any(g.abs().sum() > 0 for g in rest)
+    with torch.no_grad():
+        m = model.latents(x, y)
+        inputs = torch.cat([model.start.expand(4, 1, -1), m[:, :-1]], dim=1)
+        mu, log_var, _ = model.step(inputs, model.initial_state(y, 4))
+        oracle = -torch.distributions.Normal(mu, torch.exp(0.5 * log_var)).log_prob(m).sum(-1).mean()
+    torch.testing.assert_close(out["loss"], oracle)
+
+    # 3. seeded sampling is reproducible; prediction continues the context; save/load gives the same outputs
+    model.eval()
+    sample = model.sample(2, generator=torch.Generator().manual_seed(1), y=None if y is None else y[:2])
+    assert sample.shape == (2, 5, 12, 10) and sample.abs().max() <= 1
+    assert torch.equal(sample, model.sample(2, generator=torch.Generator().manual_seed(1),
+                                            y=None if y is None else y[:2]))
+    future = model.predict(x[:, :3], **labels)
+    assert future.shape == (4, 2, 12, 10)
+    out_dir = tmp_path / "saved"
+    out_dir.mkdir()
+    save_model_files(model, out_dir)
+    verify_manifest(out_dir)
+    loaded = fam.load(out_dir)
+    assert torch.equal(loaded.predict(x[:, :3], **labels), future)
+    assert torch.equal(loaded.sample(2, generator=torch.Generator().manual_seed(1), y=None if y is None else y[:2]),
+                       sample)
 
 
 @pytest.mark.parametrize("family", VIDEO)

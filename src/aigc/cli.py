@@ -119,7 +119,7 @@ class TrainCommand(TyperCommand):
 def train(
     family: Annotated[str, typer.Option(help="ngram | rnn | gpt (text); vae | dcgan | diffusion (images)"
                                              "; ar | rnn (series); simvp (video prediction; vae and diffusion "
-                                             "make clips)", is_eager=True)],
+                                             "make clips; vae-rnn both)", is_eager=True)],
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
                                            "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
                                            "elnino, or a .csv file; video: moving-fashion-mnist, "

@@ -96,9 +96,11 @@ def image_flag_sets(family: str, image_size: int | None, conditional: bool) -> d
     family)."""
     if image_size is None and not conditional:
         return {}
-    if modality_for(family)[0] != "image":
-        raise BadRequest(f"--{'image-size' if image_size is not None else 'conditional'} applies to image "
-                         f"families, not {family}")
+    image_family = modality_for(family)[0] == "image"
+    if image_size is not None and not image_family:
+        raise BadRequest(f"--image-size applies to image families, not {family}")
+    if conditional and not (image_family or FAMILIES[family].stages):  # vae-rnn makes clips of a class too
+        raise BadRequest(f"--conditional applies to image families and vae-rnn, not {family}")
     return {**({"image_size": str(image_size)} if image_size is not None else {}),
             **({"conditional": "true"} if conditional else {})}
 
@@ -141,6 +143,9 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
     if not gradient and (max_steps is not None or max_minutes is not None or resume):
         raise BadRequest(f"--max-steps, --max-minutes and --resume apply to gradient-trained families; {family} "
                          f"is fitted in closed form")
+    if max_steps is not None and max_steps < len(fam.stages):
+        raise BadRequest(f"{family} trains in {len(fam.stages)} stages ({', '.join(fam.stages)}), a step each at "
+                         f"least: give --max-steps {len(fam.stages)} or more")
     budget = Budget(max_steps, max_minutes if (max_minutes or max_steps) else DEFAULT_MAX_MINUTES) if gradient \
         else None
     if resume:

@@ -7,6 +7,9 @@ files), two jobs out.
 - generate: an image family (vae, diffusion) trained on clips with the frames stacked as channels (a clip of T
   frames of C x H x W is an image of T * C x H x W), so the families are reused, not copied; conditional on the
   clip's class where the clips have one object of a labelled set.
+- both: a video family trained in stages (`vae-rnn`: a per-frame VAE, then a GRU on its latent sequence; one
+  training loop a stage, the budget split by the family's `vae_share`) makes clips and predicts them: its run's job
+  is "generate" (`aigc generate` samples clips) and it is scored on both jobs.
 
 A generation is clips as uint8 arrays (T, H, W, C) with one record each; `save` writes a GIF and an MP4 per clip
 (its record as the GIF comment and the MP4 comment tag) and a PNG frame sheet (the generation's record as its text
@@ -31,17 +34,18 @@ from aigc.config import to_toml
 from aigc.data import video as v
 from aigc.data.images import load_images, save_png
 from aigc.data.images import to_tensor as to_image_tensor
-from aigc.distributed import on_main
+from aigc.distributed import is_main_process, on_main
 from aigc.errors import BadRequest, Cancelled, NotFound, UserError
 from aigc.evaluate import clipnet
 from aigc.evaluate import video as metrics_of
 from aigc.evaluate.images import extract_features, feature_net, fid_from_features
-from aigc.fsutil import write_json
+from aigc.fsutil import read_json, write_json
 from aigc.modalities import image
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family
+from aigc.models.vae import VAE
 from aigc.store import card_header, find_run
-from aigc.train import train_loop
+from aigc.train import Budget, train_loop
 
 NAME = "video"
 BATCHES = False
@@ -55,7 +59,13 @@ FINISH_CLIPS = 200  # a predictor's validation clips scored when training ends (
 
 
 def predicts(fam: Family) -> bool:
-    """Whether the family is a predictor (its own modality is video); else it makes clips (an image family)."""
+    """Whether the family only predicts (a video family in one stage, simvp); else it makes clips (an image family,
+    frames as channels, or a staged video family, which also predicts: `scores_prediction`)."""
+    return fam.modality == NAME and not fam.stages
+
+
+def scores_prediction(fam: Family) -> bool:
+    """Whether the family's runs predict the frames after `context` and are scored on that job."""
     return fam.modality == NAME
 
 
@@ -79,8 +89,8 @@ def check_request(family: str, fam: Family, data: str, val_data: str | None, ini
     if init_from is not None:
         raise BadRequest("--init-from does not apply to video runs yet")
     if fam.phases:
-        raise BadRequest(f"{family} does not make clips yet: use vae or diffusion (frames as channels), or simvp "
-                         f"to predict")
+        raise BadRequest(f"{family} does not make clips yet: use vae or diffusion (frames as channels), vae-rnn (a "
+                         f"per-frame VAE and a GRU), or simvp to predict")
 
 
 class VideoBatches:
@@ -121,6 +131,37 @@ class VideoBatches:
         return {}
 
 
+class FrameBatches(VideoBatches):
+    """Single frames (N, C, H, W) of the clips, for a staged family's per-frame VAE: FRAMES_PER_CLIP distinct frames
+    of each fresh clip (making a clip costs about as much as a VAE step on one frame), the validation clips' frames
+    in order."""
+
+    unit = "frames"
+    FRAMES_PER_CLIP = 4
+
+    def __init__(self, train: v.Clips | v.ClipMaker, val: v.Clips, conditional: bool, channels: int):
+        super().__init__(train, val, conditional)
+        self.channels = channels
+
+    def _frames(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = batch[0]  # (N, T * C, H, W) -> (N, T, C, H, W)
+        return (x.reshape(x.shape[0], -1, self.channels, *x.shape[2:]), *batch[1:])
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        k = min(self.FRAMES_PER_CLIP, self.val.shape[0])
+        x, *y = self._frames(super().sample(generator, math.ceil(n / k)))
+        pick = torch.rand(x.shape[:2], generator=generator).argsort(dim=1)[:, :k]  # (M, k) distinct frames a clip
+        frames = x[torch.arange(len(x))[:, None], pick].flatten(0, 1)[:n]  # (n, C, H, W)
+        return (frames, *(labels.repeat_interleave(k)[:n] for labels in y))
+
+    def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        clips = super().val_batches(math.ceil(n_batches * batch / self.val.shape[0]), batch)
+        frames = [self._frames(b) for b in clips]
+        x = torch.cat([f[0].flatten(0, 1) for f in frames])[:n_batches * batch]
+        y = torch.cat([f[1].repeat_interleave(f[0].shape[1]) for f in frames])[:len(x)] if self.conditional else None
+        return [(x[i:i + batch],) if y is None else (x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
             values: dict) -> Prepared:
     """Make or read the clips, split them, build the model: a predictor of the frames after `context`, or an image
@@ -129,12 +170,16 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     train, val = v.load_split(data, cfg)
     t, h, w, c = val.shape
     torch.manual_seed(configs["train"].seed)  # the initial weights depend on the seed alone
-    if predicts(fam):
+    if scores_prediction(fam) and min(h, w) <= metrics_of.SSIM_MIN_SIDE:
+        raise BadRequest(f"{family}: frames of {h}x{w} are too small to score: SSIM (the evaluation's, and the "
+                         f"loss's) needs more than {metrics_of.SSIM_MIN_SIDE} pixels a side; give --set size=N")
+    if fam.stages:
+        num_classes = len(val.class_names) if cfg.conditional else 0
+        model = _build_staged(family, fam, configs, val.shape, num_classes)
+    elif predicts(fam):
         if cfg.conditional:
-            raise BadRequest(f"--conditional applies to clip generators (vae, diffusion), not the predictor {family}")
-        if min(h, w) <= metrics_of.SSIM_MIN_SIDE:
-            raise BadRequest(f"{family}: frames of {h}x{w} are too small to score: SSIM (the evaluation's, and the "
-                             f"loss's) needs more than {metrics_of.SSIM_MIN_SIDE} pixels a side; give --set size=N")
+            raise BadRequest(f"--conditional applies to clip generators (vae, diffusion, vae-rnn), not the predictor "
+                             f"{family}")
         try:
             model = fam.build(configs["model"], (c, h, w), cfg.context, t - cfg.context)
         except ValueError as e:
@@ -148,11 +193,19 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
             raise BadRequest(f"{family}: {e}") from None
     record = {
         "job": "predict" if predicts(fam) else "generate", "clip_shape": [t, h, w, c],
-        "context": cfg.context if predicts(fam) else None, "num_classes": num_classes,
+        "context": cfg.context if scores_prediction(fam) else None, "num_classes": num_classes,
         "class_names": list(val.class_names) if num_classes else None,
         "data": {"train": v.describe(train, source_of(data)), "val": v.describe(val, held_out(data))},
     }
     return Prepared(model, record, VideoBatches(train, val, cfg.conditional))
+
+
+def _build_staged(family: str, fam: Family, configs: dict, clip_shape, num_classes: int):
+    t, h, w, c = clip_shape
+    try:
+        return fam.build(configs["model"], (c, h, w), t, configs["data"].context, num_classes)
+    except ValueError as e:
+        raise BadRequest(f"{family}: {e}") from None
 
 
 def held_out(data: str) -> str:
@@ -172,7 +225,11 @@ def recorded_split(run_dir: Path, record: dict, cfg: v.VideoDataConfig) -> tuple
 
 def reload(family: str, fam: Family, run_dir: Path, record: dict, configs: dict) -> Prepared:
     train, val = recorded_split(run_dir, record, configs["data"])
-    model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
+    if fam.stages:  # fit finds the stage to go on with and loads its checkpoint
+        torch.manual_seed(configs["train"].seed)  # the initial weights of a stage not begun yet, as prepare made them
+        model = _build_staged(family, fam, configs, record["clip_shape"], record["num_classes"])
+    else:
+        model = fam.load(on_main(find_checkpoint, run_dir))  # the main process tidies an interrupted save
     return Prepared(model, record, VideoBatches(train, val, configs["data"].conditional))
 
 
@@ -186,9 +243,61 @@ def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, r
         (run_dir / "samples").mkdir(exist_ok=True)
         save_png(run_dir / "samples" / f"step-{step:06d}.png", v.frame_sheet(clips))
 
+    if fam.stages:
+        return fit_stages(fam, prepared, configs, run_dir, budget, resume, save_sheet)
     return train_loop(prepared.model, batches, configs["train"], run_dir, budget, resume=resume,
                       cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain, on_eval=save_sheet,
                       after_step=fam.after_step, phases=fam.phases)
+
+
+STAGE_DIR = "stage-vae"  # a staged run's first stage: its own checkpoints, metrics.jsonl and best VAE weights
+STAGE_DONE = "done.json"  # written when the first stage has spent its budget: resume goes on with the second
+
+
+def stage_budgets(budget: Budget, share: float) -> tuple[Budget, Budget]:
+    """The run's budget split: `share` of the minutes and of the steps for the first stage, the rest for the
+    second (each stage at least one step)."""
+    steps, minutes = budget.max_steps, budget.max_minutes
+    first = None if steps is None else max(1, min(steps - 1, round(steps * share)))
+    return (Budget(first, None if minutes is None else minutes * share),
+            Budget(None if steps is None else steps - first, None if minutes is None else minutes * (1 - share)))
+
+
+def fit_stages(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget: Budget, resume: bool,
+               save_sheet: Callable) -> dict:
+    """vae-rnn: stage 1 trains the per-frame VAE (`model.vae`) on single frames in `run_dir/stage-vae`; stage 2
+    freezes it and trains the recurrent net on the clips' latent means in the run root (whose best weights are the
+    whole model). Each stage is one training loop with its own schedule and checkpoints, so a resumed run goes on
+    in the stage it stopped in, exactly (a finished stage 1 is not trained again)."""
+    model, batches, cfg = prepared.model, prepared.state, configs["train"]
+    first_budget, second_budget = stage_budgets(budget, configs["model"].vae_share)
+    stage_dir = run_dir / STAGE_DIR
+    if (stage_dir / STAGE_DONE).is_file():
+        first = read_json(stage_dir / STAGE_DONE)
+    else:
+        go_on = resume and (stage_dir / "checkpoints").is_dir()
+        if go_on:  # the VAE as its last checkpoint left it
+            model.vae.load_state_dict(VAE.load(on_main(find_checkpoint, stage_dir)).state_dict())
+        stage_dir.mkdir(exist_ok=True)
+        frames = FrameBatches(batches.train, batches.val, batches.conditional, prepared.record["clip_shape"][3])
+        first = train_loop(model.vae, frames, cfg, stage_dir, first_budget, resume=go_on, cpu_bf16=fam.cpu_bf16,
+                           compile_gain=fam.compile_gain)
+        if is_main_process():
+            write_json(stage_dir / STAGE_DONE, first)
+    go_on = resume and (run_dir / "checkpoints").is_dir()
+    if go_on:  # the whole model as stage 2's last checkpoint left it
+        model.load_state_dict(fam.load(on_main(find_checkpoint, run_dir)).state_dict())
+    else:
+        model.vae.load_state_dict(VAE.load(stage_dir).state_dict())  # stage 1's best weights
+    model.vae.requires_grad_(False)
+    second = train_loop(model, batches, cfg, run_dir, second_budget, resume=go_on, cpu_bf16=fam.cpu_bf16,
+                        compile_gain=fam.compile_gain, on_eval=save_sheet)
+    return {**second, "steps": first["steps"] + second["steps"],
+            "train_time_s": first["train_time_s"] + second["train_time_s"],
+            "vae_steps": first["steps"], "vae_time_s": first["train_time_s"],
+            "vae_frames_per_s": first.get("frames_per_s"), "vae_val_loss": first["best_val_loss_periodic"],
+            "rnn_steps": second["steps"], "rnn_time_s": second["train_time_s"],
+            "rnn_val_loss": second["best_val_loss_periodic"]}
 
 
 def _sheet_clips(model, record: dict, val: v.Clips) -> np.ndarray:
@@ -196,7 +305,7 @@ def _sheet_clips(model, record: dict, val: v.Clips) -> np.ndarray:
     channels = record["clip_shape"][3]
     if record["job"] == "predict":
         truth = val.clips[:SHEET_CLIPS]
-        made = predict_clips(model, truth, record["context"])
+        made = predict_clips(model, truth, record["context"], None)
         return np.stack([clip for pair in zip(truth, made, strict=True) for clip in pair])
     y = torch.arange(SHEET_CLIPS) % record["num_classes"] if record["num_classes"] else None
     x = model.sample(SHEET_CLIPS, generator=torch.Generator().manual_seed(0), y=y)
@@ -204,13 +313,15 @@ def _sheet_clips(model, record: dict, val: v.Clips) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_clips(model, clips: np.ndarray, context: int) -> np.ndarray:
-    """Clips (N, T, H, W, C) uint8 -> the same clips with frames context.. predicted from the first `context`."""
+def predict_clips(model, clips: np.ndarray, context: int, labels: np.ndarray | None) -> np.ndarray:
+    """Clips (N, T, H, W, C) uint8 -> the same clips with frames context.. predicted from the first `context`
+    (a conditional model is given each clip's class, `labels`)."""
     channels = clips.shape[4]
     out = []
     for i in range(0, len(clips), EVAL_BATCH):
         x = v.to_tensor(clips[i:i + EVAL_BATCH])
-        future = model.predict(x[:, :context * channels]).clamp(-1, 1)
+        y = {} if labels is None else {"y": torch.from_numpy(labels[i:i + EVAL_BATCH]).long()}
+        future = model.predict(x[:, :context * channels], **y).clamp(-1, 1)
         out.append(v.to_uint8(torch.cat([x[:, :context * channels], future], dim=1), channels))
     return np.concatenate(out)
 
@@ -218,12 +329,16 @@ def predict_clips(model, clips: np.ndarray, context: int) -> np.ndarray:
 def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
     best = fam.load(run_dir)
     batches = prepared.state
-    kept = {k: fit[k] for k in ("steps", "train_time_s", "train_loss", "best_step", "clips_per_s", "schedule_steps")}
-    if predicts(fam):
-        scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], FINISH_CLIPS)
+    kept = {k: fit[k] for k in ("steps", "train_time_s", "train_loss", "best_step", "clips_per_s", "schedule_steps",
+                                *(f"{s}_{k}" for s in fam.stages for k in ("steps", "time_s", "val_loss")))}
+    if scores_prediction(fam):
+        labels = batches.val.labels if prepared.record["num_classes"] else None
+        scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], labels, FINISH_CLIPS)
         floors = {f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS for k in metrics_of.METRICS}
+        bound = score_bound(best.vae, FrameBatches(batches.train, batches.val, batches.conditional,
+                                                   prepared.record["clip_shape"][3])) if fam.stages else {}
         return {**scores["metrics"], **floors, "beats_floors": scores["beats_floors"], "scored_clips": scores["clips"],
-                **kept}
+                **bound, **kept}
     if fam.bound_score:
         return {**score_bound(best, batches), **kept}
     return {"val_loss": fit["best_val_loss_periodic"], **kept}
@@ -231,21 +346,25 @@ def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir:
 
 @torch.no_grad()
 def score_bound(model, batches: VideoBatches) -> dict:
-    """The VAE's negative ELBO over every validation clip (nats per clip)."""
+    """The VAE's negative ELBO over every validation clip (nats per clip; a staged family's VAE: every validation
+    clip's every frame, nats per frame)."""
     model.eval()
-    total = 0.0
-    for batch in batches.val_batches(math.ceil(batches.val.n / EVAL_BATCH), EVAL_BATCH):
+    total, count = 0.0, 0
+    per_clip = batches.val.shape[0] if isinstance(batches, FrameBatches) else 1
+    for batch in batches.val_batches(math.ceil(batches.val.n * per_clip / EVAL_BATCH), EVAL_BATCH):
         terms = model.loss_terms(*batch, generator=torch.Generator().manual_seed(0))
-        total += terms["nelbo"].item() * len(batch[0])
-    nelbo = total / batches.val.n
+        total, count = total + terms["nelbo"].item() * len(batch[0]), count + len(batch[0])
+    nelbo = total / count
     return {"val_nelbo": nelbo, "val_bits_per_dim": nelbo / math.log(2) / math.prod(model.image_shape)}
 
 
-def score_prediction(model, train: v.Clips | v.ClipMaker, val: v.Clips, context: int, n: int | None = None) -> dict:
-    """MSE, MAE, PSNR and SSIM of the predicted frames of the (first n) validation clips, each floor's beside."""
+def score_prediction(model, train: v.Clips | v.ClipMaker, val: v.Clips, context: int, labels: np.ndarray | None,
+                     n: int | None = None) -> dict:
+    """MSE, MAE, PSNR and SSIM of the predicted frames of the (first n) validation clips, each floor's beside
+    (`labels`: the clips' classes, for a conditional model)."""
     model.eval()
     clips = val.clips[:n]
-    made = predict_clips(model, clips, context)
+    made = predict_clips(model, clips, context, None if labels is None else labels[:n])
 
     def unit(a: np.ndarray) -> torch.Tensor:  # (N, T, H, W, C) uint8 -> (N, T, C, H, W) in [0, 1]
         return torch.from_numpy(a).permute(0, 1, 4, 2, 3).double() / 255.0
@@ -261,16 +380,24 @@ def score_prediction(model, train: v.Clips | v.ClipMaker, val: v.Clips, context:
 def card(run_dir: Path, record: dict, configs: dict) -> str:
     m = record["metrics"]
     t, h, w, c = record["clip_shape"]
-    if record["job"] == "predict":
+    score, jobs = [], []
+    if record["context"] is not None:  # the run predicts
         rows = [f"| {k} | {m[k]:.4f} | " + " | ".join(f"{m[f'{k}_{f}']:.4f}" for f in metrics_of.FLOORS) + " |"
                 for k in metrics_of.METRICS]
-        score = ["| metric | model | copy last frame | black frames | mean frame |", "|---|---|---|---|---|", *rows,
-                 "", f"Beats every floor on every metric: {'yes' if m['beats_floors'] else 'no'}."]
-        what = f"predicts frames {record['context'] + 1}..{t} from the first {record['context']}"
-    else:
-        score = [f"- negative ELBO: {m['val_nelbo']:.2f} nats per clip" if "val_nelbo" in m
-                 else f"- validation loss: {m['val_loss']:.4f}"]
-        what = "makes clips (frames stacked as channels)"
+        score += ["| metric | model | copy last frame | black frames | mean frame |", "|---|---|---|---|---|", *rows,
+                  "", f"Beats every floor on every metric: {'yes' if m['beats_floors'] else 'no'}.", ""]
+        jobs.append(f"predicts frames {record['context'] + 1}..{t} from the first {record['context']}")
+    if record["job"] == "generate":
+        staged = "rnn_val_loss" in m
+        score += [f"- negative ELBO: {m['val_nelbo']:.2f} nats per {'frame' if staged else 'clip'}"
+                  if "val_nelbo" in m else f"- validation loss: {m['val_loss']:.4f}"]
+        if staged:
+            score += [f"- the recurrent net's validation loss: {m['rnn_val_loss']:.2f} nats per frame's latent",
+                      f"- stage 1 (the per-frame VAE): {m['vae_steps']} steps; stage 2 (the recurrent net): "
+                      f"{m['rnn_steps']} steps"]
+        jobs.insert(0, "makes clips (a per-frame VAE, a recurrent net over its latents)" if staged
+                    else "makes clips (frames stacked as channels)")
+    what = " and ".join(jobs)
     lines = [*card_header(record, "video-generation" if record["job"] == "generate" else "video-prediction"),
              f"# {run_dir.name}", "",
              f"A `{record['family']}` video model trained by AIGC Studio {__version__} on "
@@ -329,7 +456,7 @@ def generate(loaded: LoadedVideo, options: dict, seed: int, stream: Callable[[st
                        **{key: options.get(kw) for key, kw in image.RECORD_OPTIONS.items() if kw in options}}
         if predictor:
             truth = _context_clip(loaded, seed + i)
-            clips.append(predict_clips(loaded.model, truth[None], record["context"])[0])
+            clips.append(predict_clips(loaded.model, truth[None], record["context"], None)[0])
             truths.append(truth)
             clip_record["context"] = record["context"]
         else:
@@ -367,7 +494,8 @@ def regenerate(path: str) -> Generation:
     rec = v.read_record(file)
     loaded = load(rec["run"])
     if loaded.record["job"] == "predict":
-        clip = predict_clips(loaded.model, _context_clip(loaded, rec["seed"])[None], loaded.record["context"])[0]
+        clip = predict_clips(loaded.model, _context_clip(loaded, rec["seed"])[None], loaded.record["context"],
+                             None)[0]
     else:
         clip = sample_clip(loaded.model, rec, loaded.record["clip_shape"])
     return Generation(NAME, [clip], {"run": str(loaded.path), "settings": rec, "clips": [rec]},
@@ -408,27 +536,34 @@ def save(generation: Generation, out_dir: Path) -> list[str]:
 def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     """A predictor: MSE, MAE, PSNR and SSIM per frame on the validation clips (the first n), each beside the three
     floors. A generator: its validation objective and the motion statistics of n clips against as many
-    validation clips. Writes eval.json."""
+    validation clips. A staged family (vae-rnn) both: the generator's metrics, and the predictor's beside them
+    (`predicted_clips` of them). Writes eval.json."""
     n = options.get("n")
     if n is not None and n < 1:
         raise BadRequest(f"-n must be at least 1, got {n}")
     loaded = load(str(run_dir))
     val = loaded.val()
-    t0 = time.perf_counter()
-    if record["job"] == "predict":
-        scores = score_prediction(loaded.model, v.load_split(record["data"]["train"]["source"],
-                                                             loaded.configs["data"])[0], val, record["context"], n)
-        result = {"run": str(run_dir), "metrics": {**scores["metrics"], "beats_floors": scores["beats_floors"],
-                                                   "clips_per_s": scores["clips"] / (time.perf_counter() - t0)},
-                  "floors": scores["floors"], "clips": scores["clips"]}
-    else:
+    result: dict = {"run": str(run_dir)}
+    if record["context"] is not None:  # the run predicts
+        t0 = time.perf_counter()
+        train = v.load_split(record["data"]["train"]["source"], loaded.configs["data"])[0]
+        scores = score_prediction(loaded.model, train, val, record["context"],
+                                  val.labels if record["num_classes"] else None, n)
+        rate = "clips_per_s" if record["job"] == "predict" else "predicted_clips_per_s"
+        result.update(metrics={**scores["metrics"], "beats_floors": scores["beats_floors"],
+                               rate: scores["clips"] / (time.perf_counter() - t0)},
+                      floors=scores["floors"], clips=scores["clips"])
+    if record["job"] == "generate":
         n = min(n or EVAL_CLIPS, val.n)
         made, labels, clips_per_s = sample_clips(loaded, n)
-        result = {"run": str(run_dir), "clips": n,
-                  "metrics": {**{k: record["metrics"][k] for k in ("val_nelbo", "val_loss") if k in record["metrics"]},
-                              **metrics_of.motion(made),
-                              **{f"{k}_real": x for k, x in metrics_of.motion(val.clips[:n]).items()},
-                              "clips_per_s": clips_per_s}}
+        if "floors" in result:
+            result["predicted_clips"] = result["clips"]
+        result["clips"] = n
+        result["metrics"] = {**result.get("metrics", {}),
+                             **{k: record["metrics"][k] for k in ("val_nelbo", "val_loss") if k in record["metrics"]},
+                             **metrics_of.motion(made),
+                             **{f"{k}_real": x for k, x in metrics_of.motion(val.clips[:n]).items()},
+                             "clips_per_s": clips_per_s}
         source = record["data"]["train"]["source"]
         cfg = loaded.configs["data"]
         if source in v.NAMED_VIDEOS and cfg.objects == 1:

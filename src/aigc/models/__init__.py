@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from transformers.utils import logging as hf_logging
 
 from aigc.config import TrainConfig
-from aigc.models import ar, dcgan, diffusion, gpt, ngram, rnn, rnn_series, simvp, vae
+from aigc.models import ar, dcgan, diffusion, gpt, ngram, rnn, rnn_series, simvp, vae, vae_rnn
 
 hf_logging.disable_progress_bar()  # no "Loading weights" bars around every save and load
 
@@ -27,7 +27,8 @@ class Family:
     build: Callable | None = None  # text: build(config, vocab_size, eot_id); image: build(config, shape, classes);
     #                                series: build(config) -> model.fit(x), or with "gradient":
     #                                build(config, context=, loc=, scale=, history=); video (a predictor):
-    #                                build(config, frame_shape, context, future)
+    #                                build(config, frame_shape, context, future); video (stages):
+    #                                build(config, frame_shape, frames, context, num_classes)
     init_from: bool = False  # accepts --init-from: a run of the family to continue from (gpt: any GPT-2 folder too)
     init_keys: tuple[str, ...] = ()  # [model] keys a run continued with --init-from may still set (regularisation);
     #                                  the others are the checkpoint's (its architecture)
@@ -43,6 +44,9 @@ class Family:
     # step runs the phases in order, the loss of each being model(*batch, phase=phase)["loss"] (GANs)
     phases: tuple[str, ...] = ()
     train_config: type = TrainConfig  # the [train] keys and their defaults (a GAN's differ)
+    # trained in stages, one training loop each, in this order (vae-rnn: the per-frame VAE, then the recurrent net
+    # on its latents); a video family with stages makes clips and predicts them (modalities/video.py)
+    stages: tuple[str, ...] = ()
     series: Family | None = None  # the family's variant for a numeric series (modality "series"), if any
     description: str = ""
 
@@ -76,6 +80,10 @@ FAMILIES: dict[str, Family] = {
     # a video predictor; vae and diffusion also make clips (frames as channels) when --data is a clip set
     "simvp": Family("video", simvp.SimVPConfig, "gradient", simvp.SimVP.load, simvp.build,
                     description="SimVP-style video predictor (ours): the next frames from the first ones"),
+    # a clip generator and a predictor: a per-frame VAE, then a GRU on its latent sequence (two stages, one run)
+    "vae-rnn": Family("video", vae_rnn.VAERNNConfig, "gradient", vae_rnn.VAERNN.load, vae_rnn.build,
+                      stages=vae_rnn.STAGES, bound_score=True,
+                      description="per-frame VAE + GRU over its latent sequence: makes and predicts clips"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),
 }

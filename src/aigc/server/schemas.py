@@ -203,7 +203,8 @@ class RatingRequest(Strict):
 
 
 ARENA_MODALITIES = ("text", "image", "music", "video")
-FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "ar"]  # = aigc.models.FAMILIES
+FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "vae-rnn",
+                      "ar"]  # = aigc.models.FAMILIES
 
 
 class TrainingRequest(Strict):
