@@ -366,6 +366,7 @@ class AudioResponse(BaseModel):
 class VideoDatum(BaseModel):
     index: int
     frames: int
+    fps: float  # frames a second of the GIF and the MP4 (the MP4 lasts frames / fps seconds)
     gif_b64: str  # the clip as a looping GIF, its record as the GIF comment
     gif_url: str  # the same file, kept in the store: GET /v1/generations/{id}/files/NNN.gif
     mp4_url: str  # the clip as an MP4 (H.264), its record as the comment tag: GET .../files/NNN.mp4

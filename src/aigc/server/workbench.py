@@ -371,7 +371,8 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             return _clips(generation.record["clips"], request, gen_id)
         with tempfile.TemporaryDirectory() as tmp:  # not recorded: the files travel in the answer
             service.save(generation, Path(tmp))
-            return {"clips": [{"gif": _data_url(Path(tmp) / f"{i:03d}.gif", "image/gif"), "seed": rec["seed"]}
+            return {"clips": [{"gif": _data_url(Path(tmp) / f"{i:03d}.gif", "image/gif"),
+                               "mp4": _data_url(Path(tmp) / f"{i:03d}.mp4", "video/mp4"), "seed": rec["seed"]}
                               for i, rec in enumerate(generation.record["clips"])],
                     "sheet": _data_url(Path(tmp) / "sheet.png", "image/png"),
                     "job": generation.record["settings"]["job"]}
@@ -403,12 +404,13 @@ def _pieces(outputs: list[dict], request: Request, gen_id: str) -> list[dict]:
 
 
 def _clips(records: list[dict], request: Request, gen_id: str) -> dict:
-    """A stored video generation's clips as a page plays them: the URLs of each clip's GIF and of the frame sheet
-    (GET /v1/generations/{id}/files/NNN.gif, sheet.png)."""
+    """A stored video generation's clips as a page plays them: the URLs of each clip's GIF and MP4 and of the frame
+    sheet (GET /v1/generations/{id}/files/NNN.gif, NNN.mp4, sheet.png)."""
     def url(name: str) -> str:
         return str(request.url_for("generation_files", generation_id=gen_id, name=name))
 
-    return {"clips": [{"gif": url(f"{i:03d}.gif"), "seed": rec.get("seed")} for i, rec in enumerate(records)],
+    return {"clips": [{"gif": url(f"{i:03d}.gif"), "mp4": url(f"{i:03d}.mp4"), "seed": rec.get("seed")}
+                      for i, rec in enumerate(records)],
             "sheet": url("sheet.png"), "job": "predict" if any("context" in rec for rec in records) else "generate"}
 
 
