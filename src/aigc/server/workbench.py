@@ -188,12 +188,10 @@ def install(app: FastAPI, ctx: Context) -> None:
     @app.post("/v1/training", summary="start training a run (a separate process); returns the job")
     def start_training(body: schemas.TrainingRequest, key_id: str | None = Depends(ctx.caller)):
         check_runs_dir()
-        data = body.data
-        if data.startswith("upl-"):
-            data = uploads.get_upload(data)["data"]
-        elif data not in {row["name"] for row in service.datasets()}:
+        if not body.data.startswith("upl-") and body.data not in {row["name"] for row in service.datasets()}:
             raise ApiError(400, f"data {body.data!r}: give a named data set (GET /v1/datasets) or an upload id "
                                 f"(POST /v1/uploads)", param="data")
+        data, sets = service.training_data(body.data, body.sets)  # an upload: its files and the keys they need
         if body.minutes is not None and body.preset is not None:
             raise ApiError(400, "give minutes or preset, not both", param="preset")
         minutes = PRESETS[body.preset] if body.preset else body.minutes
@@ -202,7 +200,7 @@ def install(app: FastAPI, ctx: Context) -> None:
         elif minutes is None:
             minutes = PRESETS["quick"]
         return jobs.start_training(family=body.family, data=data, name=body.name, minutes=minutes,
-                                   sets=body.sets or None, conditional=bool(body.conditional))
+                                   sets=sets or None, conditional=bool(body.conditional))
 
     @app.post("/v1/optimizations", summary="a new run from a run and the feedback stored for it (aigc optimize, a "
                                            "separate process); returns the job")

@@ -774,8 +774,6 @@ pages.train = async main => {
     if (preset.value === "custom") body.minutes = parseFloat(minutes.value); else body.preset = preset.value;
     if (name.value) body.name = name.value;
     if (["image", "sound", "video"].includes(kind.value)) body.conditional = conditional.checked;
-    const mine = uploaded.find(u => u.id === data.value);  // clips shorter than a clip's default length say
-    if (mine && mine.summary.train_sets) body.sets = mine.summary.train_sets;  // what training on them needs
     try {
       await api("/v1/training", {body});
       await showJobs(jobsBox);
