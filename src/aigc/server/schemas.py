@@ -199,7 +199,7 @@ class RatingRequest(Strict):
     index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
 
 
-ARENA_MODALITIES = ("text", "image", "music", "video")
+ARENA_MODALITIES = ("text", "image", "music", "video", "sound")
 FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "ar"]  # = aigc.models.FAMILIES
 
 
@@ -232,10 +232,10 @@ class EvaluationRequest(Strict):
 
 
 class BattleRequest(Strict):
-    modality: Literal["text", "image", "music", "video"] = "text"
-    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image, video: "
-                                                                  "the class both draw (conditional runs); music: "
-                                                                  "none")
+    modality: Literal["text", "image", "music", "video", "sound"] = "text"
+    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image, video, "
+                                                                  "sound: the class both draw (conditional runs); "
+                                                                  "music: none")
     seed: Seed | None = None
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=2, description="the two runs (default: drawn at random)")

@@ -668,7 +668,7 @@ async function compareFiles(a, b) {  // whether two lists of URLs hold the same 
 
 pages.arena = async main => {
   main.append(h("h1", {text: t("nav.arena")}), h("p", {class: "meta", text: t("arena.intro")}));
-  const modality = h("select", {name: "modality"}, ["text", "image", "music", "video"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const modality = h("select", {name: "modality"}, ["text", "image", "music", "video", "sound"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const prompt = h("input", {type: "text", name: "prompt", size: 40});
   const form = h("form", {class: "row"}, field("hist.modality", modality), field("arena.prompt", prompt, t("arena.prompthelp")),
                  h("button", {type: "submit", class: "primary", text: t("arena.go")}));
