@@ -5,6 +5,7 @@ rates; a short training end to end for each family with exact regeneration and t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import wave
@@ -263,3 +264,43 @@ def test_the_audio_endpoint_makes_sounds_and_they_can_be_rated(hits, one_thread)
         assert unknown.status_code == 400 and "unknown class 'cowbell'" in unknown.text
         wrong = client.post("/v1/images/generations", json={"model": "drumkit"})
         assert wrong.status_code == 400 and "/v1/audio/generations" in wrong.text
+
+
+def test_the_arena_battles_two_sound_runs_on_a_class(hits, one_thread):
+    from fastapi.testclient import TestClient
+
+    from aigc.server.app import ServerConfig, create_app
+    from aigc.store import runs_dir
+
+    for name, seed in (("kit-a", "0"), ("kit-b", "1")):
+        _train("vae", hits, name, conditional="true", seed=seed)
+    home = runs_dir().parent
+    app_ = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    with TestClient(app_) as client:
+        battle = client.post("/v1/arena/battles", json={"modality": "sound", "prompt": "noise", "seed": 2})
+        assert battle.status_code == 200, battle.text
+        b = battle.json()
+        for side in ("left", "right"):
+            [piece] = b[side]["pieces"]
+            assert "run" not in b[side] and piece["sound"] is True and piece["cls"] == "noise"  # anonymous
+            samples, rate = read_wav_bytes(client.get(piece["wav"]).content)
+            assert rate == RATE and len(samples) == 4410  # one 0.2 s hit
+            assert client.get(piece["roll"]).content[:4] == b"\x89PNG"
+        voted = client.post(f"/v1/arena/battles/{b['id']}/vote", json={"winner": "left"}).json()
+        assert {voted["left"]["run"], voted["right"]["run"]} == {"kit-a", "kit-b"}
+        assert voted["left"]["pieces"] == b["left"]["pieces"]
+        board = client.get("/v1/arena/leaderboard", params={"modality": "sound"}).json()
+        assert board["votes"] == 1 and [r["run"] for r in board["data"]][0] == voted["left"]["run"]
+        gen = client.get(f"/v1/generations/{b['left']['generation_id']}").json()
+        assert gen["modality"] == "sound" and [o["class_name"] for o in gen["output"]] == ["noise"]
+        replay = client.get(f"/v1/generations/{gen['id']}/replay").json()  # made again: the same WAV bytes
+        assert replay["endpoint"] == "/v1/audio/generations" and replay["body"]["instrument"] == "noise"
+        again = client.post(replay["endpoint"], json=replay["body"]).json()
+        assert client.get(again["data"][0]["wav_url"]).content == client.get(b["left"]["pieces"][0]["wav"]).content
+        unknown = client.post("/v1/arena/battles", json={"modality": "sound", "prompt": "cowbell"})
+        assert unknown.status_code == 409 and "two finished sound runs that can draw class 'cowbell'" in unknown.text
+
+
+def read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    with wave.open(io.BytesIO(data), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()

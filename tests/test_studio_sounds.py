@@ -2,7 +2,8 @@
 against a real `aigc serve` over a tiny conditional vae sound run (hits the test writes): the run's preview is a
 sound to hear; a generation of a chosen class is played in the page (an <audio> element on the WAV, which the
 browser decodes) beside its spectrogram, and rated; History finds sounds, plays them and makes them again to the
-same WAV bytes. In Chinese too; no request leaves the server and no page error.
+same WAV bytes; two sound runs meet in the arena on a class, and the vote names them and fills the sound leaderboard.
+In Chinese too; no request leaves the server and no page error.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get 
 
 @pytest.fixture(scope="module")
 def drumkit(tmp_path_factory):
-    """A conditional vae on two classes of hits (tones and noise bursts), and a server over it."""
+    """Two conditional vaes on two classes of hits (tones and noise bursts), and a server over them."""
     home = tmp_path_factory.mktemp("studio-sounds")
     root = home / "hits"
     (root / "tone").mkdir(parents=True)
@@ -36,8 +37,9 @@ def drumkit(tmp_path_factory):
         soundfile.write(root / "noise" / f"n{i}.flac", burst(i), RATE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AIGC_HOME", str(home))
-        service.train("vae", str(root), name="kit", max_steps=3,
-                      sets={**TINY, **TINY_MODEL["vae"], "conditional": "true"})
+        for name, seed in (("kit", "1337"), ("kit2", "1")):  # kit2: a rival in the arena
+            service.train("vae", str(root), name=name, max_steps=3,
+                          sets={**TINY, **TINY_MODEL["vae"], "conditional": "true", "seed": seed})
     proc, url = start_server(home)
     yield home, url
     stop_server(proc)
@@ -103,5 +105,33 @@ def test_sounds_in_chinese(drumkit, browser):
     wait_playable(page, "main")
     visit(page, url, "history")
     assert "声音" in page.get_by_label("类型").inner_text()
+    visit(page, url, "arena")
+    assert "声音" in page.get_by_label("类型").inner_text()
     assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+
+def test_two_sound_runs_meet_in_the_arena(drumkit, browser):
+    home, url = drumkit
+    page = new_page(browser, "en-US")
+    visit(page, url, "arena")
+    page.get_by_label("Kind").select_option("sound")
+    page.get_by_label("Prompt or class").fill("noise")
+    page.get_by_role("button", name="New battle").click()
+    playwright.expect(page.locator("[data-side] .piece audio")).to_have_count(2)
+    assert wait_playable(page, "[data-side]") == [pytest.approx(0.2, abs=0.01)] * 2  # a hit each, to hear
+    assert all(w > 0 for w in rolls_drawn(page, "[data-side]"))
+    playwright.expect(page.locator("[data-side=right] .piece")).to_contain_text("class: noise")
+    playwright.expect(page.locator("[data-side=left] .who")).to_have_text("")  # anonymous until the vote
+    page.get_by_role("button", name="Model A").click()
+    playwright.expect(page.locator("[data-side=left] .who")).to_contain_text("This was kit")
+    playwright.expect(page.get_by_test_id("leaderboard").locator("tbody tr")).to_have_count(2)
+    shot(page, "sound-arena")
+
+    assert page.errors == [] and left_the_server(page, url) == []
+    with Store(f"sqlite:///{home / 'aigc.db'}") as db:
+        votes = db.list_votes(modality="sound")
+        battle = [g for g in db.list_generations(limit=100) if g["request"].get("endpoint") == "arena"]
+    assert [v["winner"] for v in votes] == ["left"]
+    assert sorted(g["run"] for g in battle) == ["kit", "kit2"] and {g["modality"] for g in battle} == {"sound"}
     page.context.close()

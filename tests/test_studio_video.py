@@ -2,18 +2,22 @@
 a real `aigc serve` over three tiny video runs on moving-digits (scikit-learn's digits, no apt package): a simvp
 predictor and two conditional vae clip generators (frames as channels). The runs are listed with clips to watch; a
 generation's GIFs play in the page (the browser animates them: the picture changes while we look) beside the frame
-sheet, and a clip is rated; a video battle in the arena is voted on and fills the video leaderboard; History finds
-the clips, plays them and makes them again byte for byte. In Chinese too; no request leaves the server and no page
-error.
+sheet, and so does each clip's MP4 in an HTML5 player (the browser decodes the H.264 we write: its first frame is
+the GIF's, it lasts the clip's frames / fps and it plays); a clip is rated; a video battle in the arena is voted on
+and fills the video leaderboard; History finds the clips, plays them and makes them again byte for byte. In Chinese
+too; no request leaves the server and no page error.
 
 Screenshots go to $AIGC_STUDIO_SHOTS (default: test-artifacts/studio/).
 """
 
 from __future__ import annotations
 
+import io
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 from tests.browser import CHROMIUM
 from tests.test_server import start_server, stop_server
 from tests.test_studio import TIMEOUT_MS, left_the_server, new_page, shot, visit
@@ -53,6 +57,33 @@ def gifs_loaded(page, selector: str) -> list[int]:
     return page.evaluate(f"[...document.querySelectorAll('{selector} img.gif')].map(i => i.naturalWidth)")
 
 
+def videos_loaded(page, selector: str) -> list[float]:
+    """The durations (s) of the MP4 players under `selector`, once the browser has decoded their first frame."""
+    page.wait_for_function(f"[...document.querySelectorAll('{selector} video.mp4')].every(v => v.readyState >= 2)",
+                           timeout=TIMEOUT_MS)
+    return page.evaluate(f"[...document.querySelectorAll('{selector} video.mp4')].map(v => v.duration)")
+
+
+def decoded_frame(player) -> np.ndarray:
+    """The frame a <video> shows now, as the browser decoded it: drawn into a canvas, read back (H, W) (red)."""
+    rgba = player.evaluate("""v => {
+        const c = document.createElement("canvas");
+        c.width = v.videoWidth; c.height = v.videoHeight;
+        const ctx = c.getContext("2d");
+        ctx.drawImage(v, 0, 0);
+        return [c.width, c.height, [...ctx.getImageData(0, 0, c.width, c.height).data]];
+    }""")
+    w, h, data = rgba
+    return np.array(data, dtype=np.uint8).reshape(h, w, 4)[..., 0]
+
+
+def plays(player) -> bool:
+    """Whether the <video> plays: started from its beginning, its currentTime advances."""
+    player.evaluate("v => { v.currentTime = 0; return v.play(); }")
+    player.page.wait_for_function("v => v.currentTime > 0.15", arg=player.element_handle(), timeout=TIMEOUT_MS)
+    return player.evaluate("v => v.error === null")
+
+
 def distinct_pictures(locator, looks: int = 8, every_s: float = 0.13) -> int:
     """How many different pictures an element shows over `looks` screenshots: above 1 for a GIF that plays."""
     seen = set()
@@ -72,6 +103,7 @@ def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
     playwright.expect(card).to_contain_text("video")
     playwright.expect(card.locator("img.gif")).to_have_count(2)
     assert all(w == 24 for w in gifs_loaded(page, "[data-model=mover]"))
+    assert videos_loaded(page, "[data-model=mover]") == [pytest.approx(0.8, abs=1e-3)] * 2  # their MP4s (data URLs)
     playwright.expect(card.locator("img.sheet")).to_have_count(1)
     shot(page, "video-models")
 
@@ -92,6 +124,18 @@ def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
     video = page.request.get(mp4.get_attribute("href"))
     assert video.headers["content-type"] == "video/mp4" and video.body()[4:8] == b"ftyp"
     assert mp4.get_attribute("href") == made["data"][0]["mp4_url"]
+    # each clip's MP4 plays in the page (an HTML5 player): it lasts frames / fps of the answer, its first frame as the
+    # browser decodes it is the GIF's first frame (the exact clip) up to H.264's loss, and it plays
+    durations = videos_loaded(page, "main")
+    assert durations == [pytest.approx(d["frames"] / d["fps"], abs=1e-3) for d in made["data"]]
+    assert made["data"][0]["frames"] == 8 and made["data"][0]["fps"] == 10
+    player = clips.nth(0).locator("video.mp4")
+    assert player.get_attribute("src") == made["data"][0]["mp4_url"]
+    first = np.asarray(Image.open(io.BytesIO(gif.body())).convert("L"), dtype=int)  # the GIF's frame 0
+    shown = decoded_frame(player).astype(int)
+    assert shown.shape == first.shape == (24, 24) and first.std() > 10
+    assert np.abs(shown - first).mean() < 3, np.abs(shown - first).mean()
+    assert plays(player)
     sheet = page.locator("main img.sheet")
     page.wait_for_function("document.querySelector('main img.sheet').complete")
     assert sheet.evaluate("i => [i.naturalWidth, i.naturalHeight]")[1] > 2 * 24  # the truth above each prediction
@@ -108,6 +152,7 @@ def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
     page.get_by_role("button", name="New battle").click()
     playwright.expect(page.locator("[data-side] img.gif")).to_have_count(2)
     assert gifs_loaded(page, "[data-side]") == [24, 24]
+    assert videos_loaded(page, "[data-side]") == [pytest.approx(0.8, abs=1e-3)] * 2  # 8 frames at 10 a second
     page.get_by_role("button", name="Model B").click()
     playwright.expect(page.locator("[data-side=right] .who")).to_contain_text("This was clips-")
     playwright.expect(page.get_by_test_id("leaderboard").locator("tbody tr")).to_have_count(2)
@@ -121,6 +166,7 @@ def test_a_person_watches_rates_votes_and_regenerates_clips(movies, browser):
     page.locator("tbody tr", has_text="2 clip(s)").locator("button.open").click()
     playwright.expect(page.locator("section .clip img.gif")).to_have_count(2)
     assert gifs_loaded(page, "section") == [24, 24]
+    assert videos_loaded(page, "section") == [pytest.approx(0.8, abs=1e-3)] * 2
     page.get_by_role("button", name="Regenerate exactly").click()
     playwright.expect(page.get_by_test_id("same")).to_have_text("Same as the stored result")
     shot(page, "video-history")
@@ -144,6 +190,7 @@ def test_video_in_chinese(movies, browser):
     page.get_by_label("类别").select_option("3")
     page.get_by_role("button", name="生成", exact=True).last.click()
     playwright.expect(page.locator(".clip img.gif")).to_have_attribute("alt", "第 1 段视频（循环播放）")
+    playwright.expect(page.locator(".clip video.mp4")).to_have_attribute("aria-label", "第 1 段视频（MP4 播放器）")
     playwright.expect(page.locator(".sheet figcaption")).to_have_text("帧图：每段视频一行，每帧一列。")
     gifs_loaded(page, "main")
     shot(page, "video-generate-zh")

@@ -81,7 +81,7 @@ def train(client: httpx.Client, upload: dict, name: str, sets: dict) -> dict:
     while (done := client.get(f"/v1/jobs/{job.json()['id']}").json())["status"] == "running":
         assert time.monotonic() < deadline, done
         time.sleep(0.5)
-    assert done["status"] == "done", done
+    assert done["status"] == "done", done.get("error") or done
     return done
 
 
@@ -118,7 +118,10 @@ def test_gif_and_mp4_clips_are_unpacked_and_a_clip_run_trains_on_them(served):
     assert upload["summary"] == {"files": 4, "frames": [8, 8], "size": [24, 24], "channels": 1, "classes": [],
                                  "train_sets": {"frames": "8", "context": "4"}}
     assert v.load_folder(str(folder), v.VideoDataConfig(frames=8)).clips.shape == (4, 8, 24, 24, 1)  # the oracle
-    train(client, upload, "myclips", {**VIDEO_SETS, **upload["summary"]["train_sets"]})
+    # the training request names none of it: the service applies the upload's train_sets (8 frames, not 20)
+    assert "frames" not in VIDEO_SETS
+    job = train(client, upload, "myclips", VIDEO_SETS)
+    assert "--set=frames=8" in job["args"] and "--set=context=4" in job["args"]
     record = json.loads((home / "runs" / "myclips" / "run.json").read_text())
     assert record["modality"] == "video" and record["clip_shape"] == [8, 24, 24, 1]
 
@@ -136,6 +139,11 @@ def test_one_gif_file_is_an_upload_too(served):
     assert long.status_code == 200 and "train_sets" not in long.json()["summary"]  # two clips of 20: the defaults
     refused = post(client, "video", "short.gif", v.gif_bytes(moving(1, frames=3)[0]))
     assert refused.status_code == 400 and "3 frames in all are too few for two clips of 2 frames" in refused.text
+    # the request's own keys win over the upload's: 6 frames asked for (and a context that fits), where it says 12
+    train(client, upload, "walk6", {**VIDEO_SETS, "frames": "6", "context": "3"})
+    assert json.loads((home / "runs" / "walk6" / "run.json").read_text())["clip_shape"] == [6, 24, 24, 1]
+    missing = client.post("/v1/training", json={"family": "vae", "data": "upl-00000000000000000000", "name": "none"})
+    assert missing.status_code == 404 and "no such upload" in missing.text
 
 
 def _long_wav() -> bytes:
@@ -185,3 +193,24 @@ def test_bad_uploads_are_one_clear_4xx_and_leave_nothing(served, case):
     error = response.json()["error"]["message"]
     assert message in error and str(home) not in error  # no server paths in the answer
     assert left(home) == before
+
+
+def test_the_cli_trains_on_an_upload_by_its_id_with_what_its_clips_need(one_thread):
+    """`aigc train --data upl-...`: the same service call as POST /v1/training, so the upload's train_sets apply."""
+    from typer.testing import CliRunner
+
+    from aigc import uploads
+    from aigc.cli import app
+    from aigc.store import runs_dir
+
+    upload = uploads.Upload.begin("video", "walk.gif", 2**20)
+    upload.write(v.gif_bytes(moving(1, frames=24)[0]))
+    record = upload.finish()
+    assert record["summary"]["train_sets"] == {"frames": "12"}
+    sets = [f"--set={k}={value}" for k, value in VIDEO_SETS.items()]
+    done = CliRunner().invoke(app, ["train", "--family", "vae", "--data", record["id"], "--name", "walk",
+                                    "--max-steps", "1", *sets])
+    assert done.exit_code == 0, done.output
+    assert json.loads((runs_dir() / "walk" / "run.json").read_text())["clip_shape"] == [12, 24, 24, 1]
+    wrong = CliRunner().invoke(app, ["train", "--family", "vae", "--data", "upl-00000000000000000000"])
+    assert wrong.exit_code != 0 and "no such upload" in wrong.output and "Traceback" not in wrong.output

@@ -291,6 +291,11 @@ def test_the_api_makes_clips_as_gifs(one_thread):
         assert mp4.headers["content-type"] == "video/mp4" and mp4.content[4:8] == b"ftyp"
         (runs_dir().parent / "got.mp4").write_bytes(mp4.content)
         assert v.read_record(runs_dir().parent / "got.mp4")["seed"] == 6
+        import av
+
+        with av.open(str(runs_dir().parent / "got.mp4")) as container:  # the answer's frames and fps: the file's own
+            stream = container.streams.video[0]
+            assert (stream.frames, float(stream.average_rate)) == (made["data"][1]["frames"], made["data"][1]["fps"])
         wrong = client.post("/v1/images/generations", json={"model": "pred"})
         assert wrong.status_code == 400 and "/v1/videos/generations" in wrong.text
         refused = client.post("/v1/videos/generations", json={"model": "pred", "steps": 4})

@@ -123,7 +123,8 @@ def train(
     data: Annotated[str, typer.Option(help="tang300, song100, fortunes-zh, fortunes, or a .txt/.jsonl/"
                                            "fortune file or a folder; series: sunspots, co2, macrodata, nile, "
                                            "elnino, or a .csv file; video: moving-fashion-mnist, "
-                                           "moving-digits, vtest, or GIF/MP4 files")],
+                                           "moving-digits, vtest, or GIF/MP4 files; or an upload's id "
+                                           "(upl-..., from the studio's Train page or POST /v1/uploads)")],
     val_data: Annotated[str | None, typer.Option(help="validation data (default: the last 10% of --data)")] = None,
     name: Annotated[str | None, typer.Option(help="run name (default: FAMILY-DATA-TIMESTAMP)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run of this name")] = False,

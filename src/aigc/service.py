@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aigc import __version__, store, studies
+from aigc import __version__, store, studies, uploads
 from aigc.config import OptimizeConfig, build, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, read_png_record, save_png
 from aigc.data.music import MUSIC_CORPORA, is_music_data
@@ -118,10 +118,11 @@ def train(family: str, data: str, *, val_data: str | None = None, name: str | No
           overwrite: bool = False, resume: bool = False, max_minutes: float | None = None,
           max_steps: int | None = None, init_from: str | None = None, config_file: str | None = None,
           sets: dict[str, str] | None = None) -> tuple[Path, dict]:
-    """Train (or fit) a new run, or resume one; returns the run directory and its final metrics."""
+    """Train (or fit) a new run, or resume one; returns the run directory and its final metrics. `data` may be an
+    upload's id (training_data)."""
+    data, sets = training_data(data, sets)
     modality_name, fam = modality_for(family, data)
     modality = MODALITIES[modality_name]
-    sets = sets or {}
     if overwrite and resume:
         raise BadRequest("--overwrite and --resume exclude each other")
     if resume and not name:
@@ -628,6 +629,18 @@ def openings(run: str) -> list[str]:
     run of another modality."""
     run_dir, modality = resolve(run)
     return music.openings(run_dir) if modality.NAME == "music" and store.is_run(run_dir) else []
+
+
+def training_data(data: str, sets: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """The data a training reads and the configuration keys it takes. An upload's id (`upl-...`, POST /v1/uploads)
+    is the upload's files, with the keys its check found those files need (the upload's `summary.train_sets`: clips
+    shorter than a clip's default length say the clip length and the predictor's context) under `sets`: the
+    caller's own keys win. Anything else is returned as given. The CLI, the API and the studio train through here,
+    so an upload trains the same from each (NotFound for an upload id that is not one)."""
+    if not (isinstance(data, str) and data.startswith("upl-")):
+        return data, dict(sets or {})
+    upload = uploads.get_upload(data)
+    return upload["data"], {**upload["summary"].get("train_sets", {}), **(sets or {})}
 
 
 def datasets() -> list[dict]:

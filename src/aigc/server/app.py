@@ -28,6 +28,7 @@ from fastapi_offline import FastAPIOffline  # /docs with Swagger UI from the whe
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc import __version__, service, store, studio
+from aigc.data.video import FRAME_MS
 from aigc.db import Store, new_id
 from aigc.errors import BadRequest, Cancelled, Conflict, NotFound, TooLarge, UserError
 from aigc.fsutil import json_safe
@@ -301,8 +302,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         def url(name: str) -> str:
             return str(request.url_for("generation_files", generation_id=gen_id, name=name))
 
-        data = [{"index": i, "frames": len(clip), "record": rec, "gif_url": url(Path(files[i]).name),
-                 "mp4_url": url(Path(files[i]).with_suffix(".mp4").name),
+        data = [{"index": i, "frames": len(clip), "fps": 1000 / FRAME_MS, "record": rec,
+                 "gif_url": url(Path(files[i]).name), "mp4_url": url(Path(files[i]).with_suffix(".mp4").name),
                  "gif_b64": base64.b64encode(Path(files[i]).read_bytes()).decode()}
                 for i, (clip, rec) in enumerate(zip(generation.outputs, generation.record["clips"], strict=True))]
         sheet = Path(generation.extra["sheet"])

@@ -202,7 +202,7 @@ class RatingRequest(Strict):
     index: int | None = Field(None, ge=0, le=MAX_IMAGES, description="which output of several (text n > 1)")
 
 
-ARENA_MODALITIES = ("text", "image", "music", "video")
+ARENA_MODALITIES = ("text", "image", "music", "video", "sound")
 FAMILY_NAMES = Literal["ngram", "rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "vae-rnn",
                       "ar"]  # = aigc.models.FAMILIES
 
@@ -236,10 +236,10 @@ class EvaluationRequest(Strict):
 
 
 class BattleRequest(Strict):
-    modality: Literal["text", "image", "music", "video"] = "text"
-    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image, video: "
-                                                                  "the class both draw (conditional runs); music: "
-                                                                  "none")
+    modality: Literal["text", "image", "music", "video", "sound"] = "text"
+    prompt: str | None = Field(None, max_length=2000, description="text: the prompt both continue; image, video, "
+                                                                  "sound: the class both draw (conditional runs); "
+                                                                  "music: none")
     seed: Seed | None = None
     models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=2, description="the two runs (default: drawn at random)")
@@ -370,6 +370,7 @@ class AudioResponse(BaseModel):
 class VideoDatum(BaseModel):
     index: int
     frames: int
+    fps: float  # frames a second of the GIF and the MP4 (the MP4 lasts frames / fps seconds)
     gif_b64: str  # the clip as a looping GIF, its record as the GIF comment
     gif_url: str  # the same file, kept in the store: GET /v1/generations/{id}/files/NNN.gif
     mp4_url: str  # the clip as an MP4 (H.264), its record as the comment tag: GET .../files/NNN.mp4

@@ -53,6 +53,7 @@ RUN_FILES = (".png", ".html", ".md", ".json", ".jsonl", ".csv", ".toml")  # a ru
 PREVIEW_TEXT = {"n": 3, "max_new_tokens": 60}
 ARENA_TOKENS = 60  # tokens each side of a text battle writes
 ARENA_BARS = 4  # bars each side of a music battle composes (a preview: as many)
+CLASSED = ("image", "video", "sound")  # the arena's modalities whose prompt is the class both sides draw
 MAX_CURVE = 500  # points of a loss curve returned
 
 
@@ -188,12 +189,10 @@ def install(app: FastAPI, ctx: Context) -> None:
     @app.post("/v1/training", summary="start training a run (a separate process); returns the job")
     def start_training(body: schemas.TrainingRequest, key_id: str | None = Depends(ctx.caller)):
         check_runs_dir()
-        data = body.data
-        if data.startswith("upl-"):
-            data = uploads.get_upload(data)["data"]
-        elif data not in {row["name"] for row in service.datasets()}:
+        if not body.data.startswith("upl-") and body.data not in {row["name"] for row in service.datasets()}:
             raise ApiError(400, f"data {body.data!r}: give a named data set (GET /v1/datasets) or an upload id "
                                 f"(POST /v1/uploads)", param="data")
+        data, sets = service.training_data(body.data, body.sets)  # an upload: its files and the keys they need
         if body.minutes is not None and body.preset is not None:
             raise ApiError(400, "give minutes or preset, not both", param="preset")
         minutes = PRESETS[body.preset] if body.preset else body.minutes
@@ -202,7 +201,7 @@ def install(app: FastAPI, ctx: Context) -> None:
         elif minutes is None:
             minutes = PRESETS["quick"]
         return jobs.start_training(family=body.family, data=data, name=body.name, minutes=minutes,
-                                   sets=body.sets or None, conditional=bool(body.conditional))
+                                   sets=sets or None, conditional=bool(body.conditional))
 
     @app.post("/v1/optimizations", summary="a new run from a run and the feedback stored for it (aigc optimize, a "
                                            "separate process); returns the job")
@@ -242,7 +241,8 @@ def install(app: FastAPI, ctx: Context) -> None:
         options = {"text": {"prompt": body.prompt or "", "max_new_tokens": ARENA_TOKENS},
                    "image": {"n": 1, "class_": body.prompt or None},
                    "music": {"n": 1, "bars": ARENA_BARS},
-                   "video": {"n": 1, "class_": body.prompt or None}}[body.modality]
+                   "video": {"n": 1, "class_": body.prompt or None},
+                   "sound": {"n": 1, "class_": body.prompt or None}}[body.modality]
         requested = {"endpoint": "arena", "modality": body.modality, "prompt": body.prompt, "seed": seed}
 
         def work(emit, cancel):
@@ -371,7 +371,8 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             return _clips(generation.record["clips"], request, gen_id)
         with tempfile.TemporaryDirectory() as tmp:  # not recorded: the files travel in the answer
             service.save(generation, Path(tmp))
-            return {"clips": [{"gif": _data_url(Path(tmp) / f"{i:03d}.gif", "image/gif"), "seed": rec["seed"]}
+            return {"clips": [{"gif": _data_url(Path(tmp) / f"{i:03d}.gif", "image/gif"),
+                               "mp4": _data_url(Path(tmp) / f"{i:03d}.mp4", "video/mp4"), "seed": rec["seed"]}
                               for i, rec in enumerate(generation.record["clips"])],
                     "sheet": _data_url(Path(tmp) / "sheet.png", "image/png"),
                     "job": generation.record["settings"]["job"]}
@@ -383,7 +384,10 @@ def _shown(generation, request: Request | None = None, gen_id: str | None = None
             return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
                                 "roll": _data_url(Path(tmp) / f"{i:03d}.png", "image/png"),
                                 "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(generation.outputs)]}
-    if generation.modality == "sound":  # a preview (not recorded): the WAV and the spectrogram as data URLs
+    if generation.modality == "sound":
+        if request is not None and gen_id is not None:
+            return {"pieces": _sounds(generation.record["sounds"], request, gen_id)}
+        # a preview (not recorded): the WAV and the spectrogram as data URLs
         with tempfile.TemporaryDirectory() as tmp:
             service.save(generation, Path(tmp))
             return {"pieces": [{"wav": _data_url(Path(tmp) / f"{i:03d}.wav", "audio/wav"),
@@ -402,13 +406,24 @@ def _pieces(outputs: list[dict], request: Request, gen_id: str) -> list[dict]:
              "bars": o["bars"], "notes": o["notes"]} for i, o in enumerate(outputs)]
 
 
-def _clips(records: list[dict], request: Request, gen_id: str) -> dict:
-    """A stored video generation's clips as a page plays them: the URLs of each clip's GIF and of the frame sheet
-    (GET /v1/generations/{id}/files/NNN.gif, sheet.png)."""
+def _sounds(records: list[dict], request: Request, gen_id: str) -> list[dict]:
+    """A stored sound generation's sounds as a page plays and shows them: the URLs of each one's WAV and spectrogram
+    (GET /v1/generations/{id}/files/NNN.wav, NNN.png) and its class."""
     def url(name: str) -> str:
         return str(request.url_for("generation_files", generation_id=gen_id, name=name))
 
-    return {"clips": [{"gif": url(f"{i:03d}.gif"), "seed": rec.get("seed")} for i, rec in enumerate(records)],
+    return [{"wav": url(f"{i:03d}.wav"), "roll": url(f"{i:03d}.png"), "sound": True, "cls": rec.get("class_name")}
+            for i, rec in enumerate(records)]
+
+
+def _clips(records: list[dict], request: Request, gen_id: str) -> dict:
+    """A stored video generation's clips as a page plays them: the URLs of each clip's GIF and MP4 and of the frame
+    sheet (GET /v1/generations/{id}/files/NNN.gif, NNN.mp4, sheet.png)."""
+    def url(name: str) -> str:
+        return str(request.url_for("generation_files", generation_id=gen_id, name=name))
+
+    return {"clips": [{"gif": url(f"{i:03d}.gif"), "mp4": url(f"{i:03d}.mp4"), "seed": rec.get("seed")}
+                      for i, rec in enumerate(records)],
             "sheet": url("sheet.png"), "job": "predict" if any("context" in rec for rec in records) else "generate"}
 
 
@@ -436,7 +451,7 @@ def _opponents(root: Path, modality: str, prompt: str | None, models: list[str] 
         if missing:
             raise NotFound(f"no finished {modality} run {missing[0]!r} to battle")
         runs = [named[m] for m in models]
-    if modality in ("image", "video"):
+    if modality in CLASSED:
         runs = [r for r in runs if _draws(Path(r["path"]), prompt)]
     if modality == "video" and not models:  # clips against clips, predictions against predictions
         jobs_of = {r["name"]: store.read_run(Path(r["path"])).get("job") for r in runs}
@@ -445,7 +460,7 @@ def _opponents(root: Path, modality: str, prompt: str | None, models: list[str] 
             job = random.SystemRandom().choice(paired)
             runs = [r for r in runs if jobs_of[r["name"]] == job]
     if len({r["name"] for r in runs}) < 2:
-        what = f"that can draw class {prompt!r}" if modality in ("image", "video") and prompt else ""
+        what = f"that can draw class {prompt!r}" if modality in CLASSED and prompt else ""
         raise Conflict(f"the arena needs two finished {modality} runs {what}; there are {len(runs)} "
                        f"(train another in Train)")
     left, right = random.SystemRandom().sample(runs, 2)
@@ -475,6 +490,8 @@ def _battle(row: dict, request: Request) -> dict:
             shown["pieces"] = _pieces(gen["output"] or [], request, gen["id"])
         elif gen["modality"] == "video":
             shown.update(_clips(gen["output"] or [], request, gen["id"]))
+        elif gen["modality"] == "sound":
+            shown["pieces"] = _sounds(gen["output"] or [], request, gen["id"])
         if voted:
             shown["run"] = gen["run"]
             shown["family"] = gen.get("family")
@@ -538,6 +555,10 @@ def _replay(row: dict, base_url: str) -> dict:
         for field in ("n", "instrument", "steps"):
             if request.get(field) is not None:
                 body[field] = request[field]
+        if endpoint == "arena":  # one sound of the class the battle asked for
+            body["n"] = 1
+            if request.get("prompt"):
+                body["instrument"] = request["prompt"]
         path, cli = "/v1/audio/generations", ["aigc", "generate", run]
     elif modality == "video":
         body = {"model": run, "prompt": request.get("prompt") or "", "seed": seed}

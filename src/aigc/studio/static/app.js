@@ -186,10 +186,13 @@ function storedPieces(g) {  // a stored music generation's pieces (or sounds), f
   });
 }
 
-function videoClips(v, generationId) {  // each clip: its GIF (the browser plays it, looping) and its seed; the frame sheet
+function videoClips(v, generationId) {  // each clip: its GIF (the browser plays it, looping), its MP4 in a player
+  // (H.264, which the browser decodes; controls to play, pause and step), its seed; the frame sheet
   return h("div", {class: "clips"},
     h("div", {class: "clip-row"}, v.clips.map((c, i) => h("figure", {class: "clip", "data-clip": i},
       h("img", {class: "gif", src: c.gif, alt: t("video.clip", {i: i + 1})}),
+      c.mp4 ? h("video", {class: "mp4", src: c.mp4, controls: true, muted: true, playsinline: true, preload: "auto",
+                          "aria-label": t("video.player", {i: i + 1})}) : null,
       h("figcaption", {class: "meta"}, c.seed !== undefined && c.seed !== null ? t("video.seed", {seed: c.seed}) : "",
         " · ", h("a", {href: c.gif, download: `clip-${i + 1}.gif`, text: t("video.gif")}),
         c.mp4 ? [" · ", h("a", {href: c.mp4, download: `clip-${i + 1}.mp4`, text: t("video.mp4")})] : null),
@@ -201,7 +204,8 @@ function videoClips(v, generationId) {  // each clip: its GIF (the browser plays
 
 function storedClips(g) {  // a stored video generation's clips, from the files the server kept
   const file = name => `/v1/generations/${g.id}/files/${name}`;
-  return {clips: (g.output || []).map((o, i) => ({gif: file(`${String(i).padStart(3, "0")}.gif`), seed: o.seed})),
+  const stem = i => String(i).padStart(3, "0");
+  return {clips: (g.output || []).map((o, i) => ({gif: file(`${stem(i)}.gif`), mp4: file(`${stem(i)}.mp4`), seed: o.seed})),
           sheet: file("sheet.png"), job: (g.output || []).some(o => o.context) ? "predict" : "generate"};
 }
 
@@ -671,7 +675,7 @@ async function compareFiles(a, b) {  // whether two lists of URLs hold the same 
 
 pages.arena = async main => {
   main.append(h("h1", {text: t("nav.arena")}), h("p", {class: "meta", text: t("arena.intro")}));
-  const modality = h("select", {name: "modality"}, ["text", "image", "music", "video"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
+  const modality = h("select", {name: "modality"}, ["text", "image", "music", "video", "sound"].map(v => h("option", {value: v, text: t(`modality.${v}`)})));
   const prompt = h("input", {type: "text", name: "prompt", size: 40});
   const form = h("form", {class: "row"}, field("hist.modality", modality), field("arena.prompt", prompt, t("arena.prompthelp")),
                  h("button", {type: "submit", class: "primary", text: t("arena.go")}));
@@ -777,8 +781,6 @@ pages.train = async main => {
     if (preset.value === "custom") body.minutes = parseFloat(minutes.value); else body.preset = preset.value;
     if (name.value) body.name = name.value;
     if (["image", "sound", "video"].includes(kind.value)) body.conditional = conditional.checked;
-    const mine = uploaded.find(u => u.id === data.value);  // clips shorter than a clip's default length say
-    if (mine && mine.summary.train_sets) body.sets = mine.summary.train_sets;  // what training on them needs
     try {
       await api("/v1/training", {body});
       await showJobs(jobsBox);
