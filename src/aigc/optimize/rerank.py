@@ -96,6 +96,11 @@ _NETS_LOCK = threading.Lock()
 def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
     """The evaluation feature net's features (N, F) of an image run's images, the net trained on (or loaded from
     the cache for) the run's training split."""
+    return pixel_features(loaded, to_tensor(np.stack(images)))
+
+
+def pixel_features(loaded, x: torch.Tensor) -> torch.Tensor:
+    """`image_features` of images already as pixels (N, C, H, W) in [-1, 1]."""
     key = (str(loaded.path), loaded.record["data"]["train"]["sha256"])
     with _NETS_LOCK:
         net = _NETS.get(key)
@@ -106,7 +111,6 @@ def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
         net, _ = feature_net(train, seed=0)
         with _NETS_LOCK:
             _NETS[key] = net
-    x = to_tensor(np.stack(images))
     with torch.no_grad():
         return torch.cat([net.features(x[i:i + 500]) for i in range(0, len(x), 500)]).float()
 
