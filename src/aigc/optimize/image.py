@@ -6,7 +6,11 @@
   its liked images mixed with its own training data: each batch is `feedback_share` liked images, drawn in
   proportion to their ratings' sum, and the rest training images; validated on the parent's validation split. The
   families that sample with an EMA of their weights (dcgan, diffusion) show the change slowly, as the average
-  catches up (its decay, 0.999 by default, spans about a thousand steps).
+  catches up (its decay, 0.999 by default, spans about a thousand steps). Two keys hold the new run nearer the
+  parent's quality: `tilt` k draws the training data as rerank's rule would keep it (of k images, the first a
+  reward fitted on the ratings judges liked, else the first: `tilted_weights`), so the preference moves the class
+  mix with real pictures rather than with the parent's own; `anchor` pulls the weights towards the parent's (an L2
+  term on their distance). Measured in docs/optimize.md (benchmarks/feedback_sft.py).
 """
 
 from __future__ import annotations
@@ -144,7 +148,10 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
         labels = None if labels is None else labels + more_labels
         weights += more_weights
     data_weights = None
-    if cfg.tilt and feedback.disliked:  # as the pool: a reward needs both verdicts
+    if cfg.tilt and not feedback.disliked:
+        raise BadRequest(f"tilt needs a reward, and a reward needs disliked images as well as liked ones: rate some "
+                         f"images of {parent_dir.name} bad, or leave tilt at 0")
+    if cfg.tilt:
         loaded = image_modality.load(str(parent_dir))
         reward = rerank.fit_from_feedback("image", loaded, feedback, l2=cfg.l2)
         data_weights = tilted_weights(reward.score(rerank.pixel_features(loaded, prepared.state.x_train)) > 0,
