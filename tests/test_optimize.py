@@ -338,8 +338,25 @@ def test_image_sft_learns_a_taste_read_from_the_picture(rated_pictures, monkeypa
     record = store.read_run(run_dir)
     assert record["init_from"] == str((home / "runs" / "pics").resolve())
     assert record["data"] == parent["data"] and record["optimize"]["feedback"]["liked"] == 80
-    with pytest.raises(UserError, match="feedback_share: must be > 0"):
-        service.optimize("pics", "sft", name="never", sets={"feedback_share": "0"})
+    with pytest.raises(UserError, match="feedback_share"):
+        service.optimize("pics", "sft", name="never", sets={"feedback_share": "1.5"})
+
+
+@pytest.mark.slow
+def test_image_sft_on_the_data_alone_keeps_the_parents_loss_and_tilt_moves_the_taste(rated_pictures, monkeypatch):
+    """The continuation costs nothing by itself: sft on the data alone (feedback_share 0: sft's learning rate,
+    warm-up and fresh optimizer, no liked image) leaves the validation -ELBO within noise of the parent's; the data
+    tilted by the reward (tilt 3, no liked image either) makes brighter digits."""
+    home, cut = rated_pictures
+    monkeypatch.setenv("AIGC_HOME", str(home))
+    parent = store.read_run(home / "runs" / "pics")["metrics"]["val_nelbo"]
+    _, alone = service.optimize("pics", "sft", name="pics-data", max_steps=60,
+                                sets={"feedback_share": "0", "eval_samples": "0"})
+    assert alone["val_nelbo"] <= parent * 1.02, (parent, alone["val_nelbo"])
+    run_dir, tilted = service.optimize("pics", "sft", name="pics-tilted", max_steps=60,
+                                       sets={"feedback_share": "0", "tilt": "3", "eval_samples": "0"})
+    assert significantly_higher(_share_bright("pics", cut), _share_bright(run_dir.name, cut), 200)
+    assert tilted["val_nelbo"] <= parent * 1.05, (parent, tilted["val_nelbo"])
 
 
 @pytest.mark.slow
@@ -381,6 +398,67 @@ def test_liked_image_batches_mix_liked_images_by_weight_with_the_data():
     assert (values[:1000] == 2).float().mean().item() == pytest.approx(0.75, abs=0.04)  # drawn 1 : 3 by weight
     x, _ = batches.sample(torch.Generator().manual_seed(0), 1)
     assert x[0, 0, 0, 0] > 0  # at least one liked image in every batch
+
+
+def test_tilted_weights_draw_the_data_as_first_liked_of_k_keeps_it():
+    """Oracle: every k-tuple of draws from 5 images enumerated, the first liked of each kept (else the first): the
+    probability of each image kept is its weight / N."""
+    import itertools
+
+    from aigc.optimize.image import tilted_weights
+
+    liked = torch.tensor([False, True, False, False, True])
+    for k in (1, 2, 3):
+        kept = torch.zeros(5, dtype=torch.float64)
+        for draws in itertools.product(range(5), repeat=k):
+            kept[next((i for i in draws if liked[i]), draws[0])] += 1
+        kept /= 5**k
+        assert torch.allclose(tilted_weights(liked, k) / 5, kept, atol=1e-12), k
+    assert torch.equal(tilted_weights(torch.zeros(3, dtype=torch.bool), 3), torch.ones(3, dtype=torch.float64))
+
+
+def test_liked_image_batches_draw_the_data_by_its_weights_and_share_0_is_the_data_alone():
+    from aigc.optimize.image import LikedImageBatches
+    from aigc.train import ImageBatches
+
+    x = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 1, 2, 2).clone()
+    data = ImageBatches(x, None, x[:1], None)
+    batches = LikedImageBatches(data, torch.full((1, 1, 2, 2), 9.0), None, [1.0], share=0.0,
+                                data_weights=torch.tensor([0.0, 1.0, 0.0, 3.0], dtype=torch.float64))
+    (drawn,) = batches.sample(torch.Generator().manual_seed(0), 4000)
+    values = drawn[:, 0, 0, 0]
+    assert set(values.tolist()) == {1.0, 3.0}  # never a liked image, never a row of weight 0
+    assert (values == 3).float().mean().item() == pytest.approx(0.75, abs=0.03)
+
+
+def test_the_anchor_adds_its_formula_to_the_training_loss_alone():
+    """loss = data loss + anchor / 2 * ||w - w_parent||^2 (the same noise), its gradient the data's plus
+    anchor * (w - w_parent); in eval mode (the validation loss) the data's alone."""
+    from aigc.models.vae import VAE, VAEConfig
+    from aigc.optimize.image import LikedImageBatches
+    from aigc.train import ImageBatches
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(z_dim=2, base_channels=4), (1, 8, 8))
+    parent = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = torch.rand(6, 1, 8, 8) * 2 - 1
+    plain = ImageBatches(x, None, x, None)
+    anchored = LikedImageBatches(plain, x[:1], None, [1.0], share=0.5, anchor=3.0, parent=parent)
+    noise = model.draw_noise(6, generator=torch.Generator().manual_seed(1))
+    vector = torch.nn.utils.parameters_to_vector
+    distance = (vector(model.parameters()) - vector(parent)).pow(2).sum()
+    data_loss = plain.loss(model, (x,), noise=noise)
+    loss = anchored.loss(model, (x,), noise=noise)
+    assert loss.item() == pytest.approx(data_loss.item() + 1.5 * distance.item(), rel=1e-6)
+    data_grads = torch.autograd.grad(data_loss, list(model.parameters()))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    for g, g0, p, p0 in zip(grads, data_grads, model.parameters(), parent, strict=True):
+        assert torch.allclose(g, g0 + 3.0 * (p - p0), atol=1e-5)
+    model.eval()
+    assert anchored.loss(model, (x,), noise=noise).item() == pytest.approx(data_loss.item(), rel=1e-6)
 
 
 def test_class_matched_images_follow_the_class_mix_the_classifier_reads(aigc_home):

@@ -92,7 +92,12 @@ class OptimizeConfig:
     count_weight: float = option(20.0, "sft on an n-gram: times each liked completion's n-grams are counted per "
                                        "unit of its rating", min=0.0, max=1e6, min_exclusive=True)
     feedback_share: float = option(0.5, "sft on images: the share of each batch drawn from the liked images (the "
-                                        "rest from the training data)", min=0.0, max=1.0, min_exclusive=True)
+                                        "rest from the training data; 0: the data alone)", min=0.0, max=1.0)
+    tilt: int = option(0, "sft on images: the training data drawn as a reward fitted on the ratings keeps it, the "
+                          "first it judges liked of this many (rerank's rule applied to the data; 0: the data as it "
+                          "is)", min=0, max=64)
+    anchor: float = option(0.0, "sft on images: weight of the pull towards the parent's weights, "
+                                "anchor / 2 * sum((w - w_parent)^2) added to the loss (0: none)", min=0.0, max=1e6)
     pool: int = option(0, "sft on images: fresh images of the parent drawn and added to the liked ones where a "
                           "reward fitted on the ratings judges them liked (0: the rated liked images alone)",
                        min=0, max=100_000)

@@ -6,7 +6,11 @@
   its liked images mixed with its own training data: each batch is `feedback_share` liked images, drawn in
   proportion to their ratings' sum, and the rest training images; validated on the parent's validation split. The
   families that sample with an EMA of their weights (dcgan, diffusion) show the change slowly, as the average
-  catches up (its decay, 0.999 by default, spans about a thousand steps).
+  catches up (its decay, 0.999 by default, spans about a thousand steps). Two keys hold the new run nearer the
+  parent's quality: `tilt` k draws the training data as rerank's rule would keep it (of k images, the first a
+  reward fitted on the ratings judges liked, else the first: `tilted_weights`), so the preference moves the class
+  mix with real pictures rather than with the parent's own; `anchor` pulls the weights towards the parent's (an L2
+  term on their distance). Measured in docs/optimize.md (benchmarks/feedback_sft.py).
 """
 
 from __future__ import annotations
@@ -43,24 +47,73 @@ POOL_CHUNK = 500  # pool images drawn and judged at a time
 
 
 class LikedImageBatches(ImageBatches):
-    """sft: each training batch is round(share * n) liked images, drawn with replacement in proportion to their
-    weights, then n minus that many images of the training data, as ImageBatches draws them."""
+    """sft: each training batch is round(share * n) liked images (at least one where share > 0), drawn with
+    replacement in proportion to their weights, then n minus that many images of the training data, as ImageBatches
+    draws them or, with `data_weights`, drawn with replacement in proportion to those (`tilted_weights`). With
+    `anchor` > 0 the training loss
+    also pulls the weights towards `parent` (the parent's, in the order of model.parameters()):
+
+        loss = loss_data + anchor / 2 * sum_i (w_i - w_parent_i)^2          (an L2 anchor, as in L2-SP)
+    """
 
     def __init__(self, data: ImageBatches, x_liked: torch.Tensor, y_liked: torch.Tensor | None,
-                 weights: list[float], share: float):
+                 weights: list[float], share: float, *, data_weights: torch.Tensor | None = None,
+                 anchor: float = 0.0, parent: list[torch.Tensor] | None = None):
         super().__init__(data.x_train, data.y_train, data.x_val, data.y_val, hflip=data.hflip)
         self.x_liked, self.y_liked = x_liked, y_liked
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.share = share
+        self.data_weights = data_weights
+        if anchor and parent is None:
+            raise ValueError("anchor > 0 needs the parent's weights")
+        self.anchor, self.parent = anchor, parent
 
     def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
-        m = min(n, max(1, round(self.share * n)))
-        rows = torch.multinomial(self.weights, m, replacement=True, generator=generator)
-        liked = (self.x_liked[rows],) if self.y_liked is None else (self.x_liked[rows], self.y_liked[rows])
-        if m == n:
-            return liked
-        rest = super().sample(generator, n - m)
-        return tuple(torch.cat([a, b]) for a, b in zip(liked, rest, strict=True))
+        m = min(n, max(1, round(self.share * n))) if self.share > 0 and len(self.x_liked) else 0
+        parts = []
+        if m:
+            rows = torch.multinomial(self.weights, m, replacement=True, generator=generator)
+            parts.append((self.x_liked[rows],) if self.y_liked is None else (self.x_liked[rows], self.y_liked[rows]))
+        if m < n and self.data_weights is None:
+            parts.append(super().sample(generator, n - m))
+        elif m < n:
+            idx = torch.multinomial(self.data_weights, n - m, replacement=True, generator=generator)
+            x = self.x_train[idx]
+            if self.hflip:
+                flip = torch.rand(n - m, generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            parts.append((x,) if self.y_train is None else (x, self.y_train[idx]))
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(t) for t in zip(*parts, strict=True))
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...], *, phase: str | None = None,
+             noise: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        loss = super().loss(model, batch, phase=phase, noise=noise)
+        if not self.anchor or not model.training:  # the validation loss (eval mode) is the data's alone
+            return loss
+        return loss + self.anchor / 2 * anchor_distance(model.parameters(), self.parent)
+
+
+def anchor_distance(params, parent: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i (w_i - w_parent_i)^2 over every parameter (the parent's moved to each parameter's device once)."""
+    total = None
+    for i, (p, p0) in enumerate(zip(params, parent, strict=True)):
+        if p0.device != p.device or p0.dtype != p.dtype:
+            parent[i] = p0 = p0.to(device=p.device, dtype=p.dtype)
+        term = (p - p0).pow(2).sum()
+        total = term if total is None else total + term
+    return total
+
+
+def tilted_weights(liked: torch.Tensor, k: int) -> torch.Tensor:
+    """Weights (N,) that make a draw from N images distributed as rerank's first-liked of k makes it from draws of
+    them: of k draws, the first the reward judges liked (`liked`, bool (N,)), else the first. With q the share
+    liked, the kept image is a liked one with probability 1 - (1 - q)^k, then uniform among them, else uniform
+    among the others: weights (1 - (1 - q)^k) / q for a liked image and (1 - q)^(k - 1) for another (N times the
+    probability of each)."""
+    q = float(liked.double().mean())
+    if q in (0.0, 1.0):
+        return torch.ones(len(liked), dtype=torch.float64)
+    return torch.where(liked, (1 - (1 - q) ** k) / q, (1 - q) ** (k - 1)).double()
 
 
 def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedback, method: str,
@@ -94,9 +147,20 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
         pixels = np.concatenate([pixels, more]) if len(more) else pixels
         labels = None if labels is None else labels + more_labels
         weights += more_weights
+    data_weights = None
+    if cfg.tilt and not feedback.disliked:
+        raise BadRequest(f"tilt needs a reward, and a reward needs disliked images as well as liked ones: rate some "
+                         f"images of {parent_dir.name} bad, or leave tilt at 0")
+    if cfg.tilt:
+        loaded = image_modality.load(str(parent_dir))
+        reward = rerank.fit_from_feedback("image", loaded, feedback, l2=cfg.l2)
+        data_weights = tilted_weights(reward.score(rerank.pixel_features(loaded, prepared.state.x_train)) > 0,
+                                      cfg.tilt)
+    parent_weights = [p.detach().clone() for p in prepared.model.parameters()] if cfg.anchor else None
     prepared.state = LikedImageBatches(prepared.state, to_tensor(pixels),
                                        None if labels is None else torch.tensor(labels), weights,
-                                       cfg.feedback_share)
+                                       cfg.feedback_share, data_weights=data_weights, anchor=cfg.anchor,
+                                       parent=parent_weights)
 
     def write_files(staging: Path) -> None:
         if prepared.write_files is not None:

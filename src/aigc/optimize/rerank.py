@@ -112,6 +112,11 @@ SPLITS = {"image": image_modality.recorded_split, "sound": sound_modality.record
 def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
     """The evaluation feature net's features (N, F) of an image (or sound) run's images (spectrograms), the net
     trained on (or loaded from the cache for) the run's training split."""
+    return pixel_features(loaded, to_tensor(np.stack(images)))
+
+
+def pixel_features(loaded, x: torch.Tensor) -> torch.Tensor:
+    """`image_features` of images already as pixels (N, C, H, W) in [-1, 1]."""
     key = (str(loaded.path), loaded.record["data"]["train"]["sha256"])
     with _NETS_LOCK:
         net = _NETS.get(key)
@@ -120,7 +125,6 @@ def image_features(loaded, images: list[np.ndarray]) -> torch.Tensor:
         net, _ = feature_net(train, seed=0)
         with _NETS_LOCK:
             _NETS[key] = net
-    x = to_tensor(np.stack(images))
     with torch.no_grad():
         return torch.cat([net.features(x[i:i + 500]) for i in range(0, len(x), 500)]).float()
 
