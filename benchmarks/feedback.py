@@ -283,6 +283,19 @@ def bench_images(home: Path, url: str, family: str, steps: int, methods: list[st
 # ----------------------------------------------------------------------------------
 
 
+def image_parent(home: Path) -> None:
+    """The quick image benchmark's parent and its ratings (run "closet") in `home`, made once through the benchmark's
+    own code with no optimization (benchmarks/feedback_picks.py and feedback_sft.py measure variants against it)."""
+    if (home / "runs" / "closet").is_dir():
+        return
+    proc, url = start_server(home)
+    try:
+        bench_images(home, url, "vae", IMAGE_STEPS[True], [])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def table(result: dict) -> str:
     lines = [f"# Feedback loop: one round of {RATINGS} ratings, then aigc optimize", "",
              f"{describe_machine(result['machine'])}; {'quick' if result['quick'] else 'full'} run; "

@@ -62,13 +62,7 @@ def measure(home: Path) -> list[dict]:
     from aigc.optimize import feedback as fbk
     from aigc.optimize import rerank
 
-    if not (home / "runs" / "closet").is_dir():  # the benchmark's parent and ratings, through its own code
-        proc, url = bench.start_server(home)
-        try:
-            bench.bench_images(home, url, "vae", bench.IMAGE_STEPS[True], [])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    bench.image_parent(home)  # the benchmark's parent and ratings, through its own code
     clf, _ = bench.user_classifier()
     parent = im.load(str(home / "runs" / "closet"))
     with Store() as db:

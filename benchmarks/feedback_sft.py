@@ -92,13 +92,7 @@ def measure(home: Path, names: list[str]) -> list[dict]:
     from aigc.optimize import judge
     from aigc.store import read_run
 
-    if not (home / "runs" / "closet").is_dir():  # the benchmark's parent and ratings, through its own code
-        proc, url = bench.start_server(home)
-        try:
-            bench.bench_images(home, url, "vae", bench.IMAGE_STEPS[True], [])
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    bench.image_parent(home)  # the benchmark's parent and ratings, through its own code
     cached = home / "user-classifier.pickle"  # the user's eyes, trained once a home (minutes on a busy machine)
     if cached.is_file():
         clf = pickle.loads(cached.read_bytes())

@@ -13,8 +13,7 @@ import math
 
 import numpy as np
 import pytest
-import soundfile
-from tests.test_sounds import RATE, burst, tone
+from tests import test_sounds
 from tests.test_sounds import TINY as SOUND_TINY
 from tests.test_video import TINY as VIDEO_TINY
 from tests.test_video import TINY_MODEL
@@ -27,6 +26,7 @@ from aigc.optimize import rerank
 from aigc.optimize.reward import Reward, best_of
 
 RATED = 200
+hits = test_sounds.hits  # the fixture: two classes of six hits, written by that test module
 
 
 def significantly_higher(before: float, after: float, n: int) -> bool:
@@ -125,14 +125,8 @@ def test_the_api_makes_best_of_k_clips(one_thread):
         assert refused.status_code == 400 and "needs a reward model" in refused.text
 
 
-def test_rerank_on_a_sound_run_keeps_sounds_the_listener_likes(tmp_path, one_thread):
-    root = tmp_path / "hits"
-    (root / "low").mkdir(parents=True)
-    (root / "noise").mkdir()
-    for i in range(6):
-        soundfile.write(root / "low" / f"t{i}.wav", tone(110 + 20 * i), RATE, subtype="PCM_16")
-        soundfile.write(root / "noise" / f"n{i}.flac", burst(i), RATE)
-    service.train("vae", str(root), name="hits", max_steps=3, sets={**SOUND_TINY, "z_dim": "4", "base_channels": "8"})
+def test_rerank_on_a_sound_run_keeps_sounds_the_listener_likes(hits, one_thread):
+    service.train("vae", str(hits), name="hits", max_steps=3, sets={**SOUND_TINY, "z_dim": "4", "base_channels": "8"})
     spectrogram = lambda o: o["spectrogram"] if isinstance(o, dict) else o  # noqa: E731
     threshold = rate_all("hits", {}, spectrogram)
     check_rerank("hits", "sound", {}, spectrogram, threshold)
