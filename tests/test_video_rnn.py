@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 from aigc import service
 from aigc.cli import app
 from aigc.data import video as v
+from aigc.errors import BadRequest
 from aigc.evaluate import video as vm
 from aigc.modalities.video import STAGE_DIR, stage_budgets
-from aigc.models.vae_rnn import VAERNN
+from aigc.models import vae
+from aigc.models.vae_rnn import VAERNN, ContentSwap, VAERNNConfig
 from aigc.train import Budget
 
 runner = CliRunner()
@@ -63,6 +65,12 @@ def test_trains_both_stages_makes_the_same_clips_for_a_seed_and_scores_both_jobs
     again = service.regenerate_image(str(tmp_path / "a" / "001.gif"))  # from the record the GIF carries
     assert np.array_equal(again.outputs[0], other.outputs[0])  # clip 1 at seed 3 is seed 4
 
+    means = [service.generate("vr", {"n": 1, "class_": "7", "temperature": 0}, seed=s) for s in (3, 4)]
+    assert np.array_equal(means[0].outputs[0], means[1].outputs[0])  # no noise: the seed does not matter
+    assert not np.array_equal(means[0].outputs[0], other.outputs[0])
+    with pytest.raises(BadRequest, match="temperature must be in 0..4"):
+        service.generate("vr", {"n": 1, "class_": "7", "temperature": 5}, seed=3)
+
     result = service.evaluate("vr", {"n": 4})  # trains the digits' feature net and clip net (cached)
     m = result["metrics"]
     assert {"frame_fid", "class_consistency", "class_accuracy", "clip_fd", "speed"} <= set(m)  # generation
@@ -95,12 +103,69 @@ def test_the_split_option_moves_the_steps(one_thread):
     assert (metrics["vae_steps"], metrics["rnn_steps"]) == (2, 8)
 
 
+def test_a_split_frame_vae_decodes_each_frame_from_the_other_frames_content():
+    """Stage 1 of a split run against its formula: frame a decoded from [z_b[:k], z_a[k:]] and b from [z_a[:k],
+    z_b[k:]], the KL of both; with k = 0 it is the VAE's own loss on the same frames and noise."""
+    torch.manual_seed(0)
+    net = vae.VAE(vae.VAEConfig(z_dim=6, base_channels=8, label_dim=4), (1, 12, 12), num_classes=3)
+    x, y = torch.rand(5, 2, 12, 12) * 2 - 1, torch.tensor([0, 2, 1, 1, 0])
+    noise = {"eps": torch.randn(5, 2, 6)}
+    frames, labels, eps = x.reshape(10, 1, 12, 12), y.repeat_interleave(2), noise["eps"].reshape(10, 6)
+    mu, log_var = net.encode(frames, labels)
+    z = mu + torch.exp(0.5 * log_var) * eps
+    a, b = z[0::2], z[1::2]
+    swapped = torch.stack([torch.cat([b[:, :4], a[:, 4:]], 1), torch.cat([a[:, :4], b[:, 4:]], 1)], 1).reshape(10, 6)
+    recon = net.recon_nll(net.decode(swapped, labels), frames).mean()
+    terms = ContentSwap(net, 4)(x, y, noise=noise)
+    torch.testing.assert_close(terms["recon"], recon)
+    torch.testing.assert_close(terms["kl"], vae.kl_normal(mu, log_var).mean())
+    plain = net.loss_terms(frames, labels, noise={"eps": eps})
+    torch.testing.assert_close(ContentSwap(net, 0)(x, y, noise=noise)["loss"], plain["loss"])
+
+
+def test_a_split_run_keeps_one_content_per_clip_and_scores_it_by_its_formula(one_thread):
+    """The split model's stage-2 loss against torch.distributions.Normal (the content's prior once, every motion
+    given the ones before, per frame); a sampled clip holds one content in every frame and moves the rest."""
+    torch.manual_seed(0)
+    model = VAERNN(VAERNNConfig(z_dim=6, content_dim=4, base_channels=8, label_dim=4, n_hidden=16), (1, 12, 12),
+                   frames=5, context=2, num_classes=3)
+    x, y = torch.rand(3, 5, 12, 12) * 2 - 1, torch.tensor([0, 2, 1])
+    m = model.latents(x, y)
+    c, p = m[:, :, :4].mean(1), m[:, :, 4:]
+    state = model.initial_state(y, 3)
+    inputs = torch.cat([c[:, None].expand(-1, 5, -1), torch.cat([model.start.expand(3, 1, -1), p[:, :-1]], 1)], -1)
+    mu, log_var, _ = model.step(inputs, state)
+    mu_c, log_var_c = model.content_prior(state)
+    log_p = (torch.distributions.Normal(mu_c, torch.exp(0.5 * log_var_c)).log_prob(c).sum(-1)
+             + torch.distributions.Normal(mu, torch.exp(0.5 * log_var)).log_prob(p).sum((1, 2)))
+    torch.testing.assert_close(model(x, y)["loss"], (-log_p / 5).mean())
+
+    z = model.sample_latents(4, generator=torch.Generator().manual_seed(1), y=torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(z[:, :, :4], z[:, :1, :4].expand(-1, 5, -1))  # one content a clip
+    assert not torch.equal(z[:, 0, 4:], z[:, 1, 4:]) and not torch.equal(z[0, :, :4], z[1, :, :4])
+    future = model.predict(x[:, :2].reshape(3, 2, 12, 12), y)
+    assert future.shape == (3, 3, 12, 12) and future.abs().max() <= 1
+
+
+def test_a_split_run_trains_both_stages_and_makes_clips(tmp_path, one_thread):
+    run_dir, metrics = _train("split-c", conditional="true", content_dim="2")
+    assert metrics["vae_steps"] == 4 and metrics["rnn_steps"] == 4
+    for key in ("mse", "ssim", "val_nelbo", "rnn_val_loss", "vae_val_loss"):
+        assert math.isfinite(metrics[key]), key
+    model = VAERNN.load(run_dir)
+    assert model.config.content_dim == 2
+    first = service.generate("split-c", {"n": 2, "class_": "3"}, seed=5).outputs
+    again = service.generate("split-c", {"n": 2, "class_": "3"}, seed=5).outputs
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)) and first[0].shape[:3] == (8, 24, 24)
+
+
 @pytest.mark.parametrize(("sets", "steps", "message"), [
     ({"vae_share": "1.5"}, 4, "vae_share"),
     ({"vae_share": "half"}, 4, "vae_share"),
     ({"cell": "transformer"}, 4, "cell"),
     ({}, 1, "trains in 2 stages (vae, rnn), a step each at least: give --max-steps 2 or more"),
     ({"context": "8"}, 4, "context"),
+    ({"content_dim": "4"}, 4, "content_dim must be below z_dim (4)"),
 ])
 def test_bad_options_are_one_clear_error(sets, steps, message):
     args = ["train", "--family", "vae-rnn", "--data", "moving-digits", "--name", "bad", "--max-steps", str(steps)]

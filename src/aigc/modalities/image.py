@@ -52,7 +52,7 @@ MAX_IMAGES = 10_000  # `aigc generate -n` cap
 EVAL_IMAGES = 2000  # N generated images scored against N real ones (fewer when the data has fewer)
 HELD_OUT = ("held out", "test split")  # how run.json records a validation split made from --data itself
 RECORD_OPTIONS = {"sampler": "sampler", "steps": "steps", "eta": "eta", "guidance": "guidance_scale",
-                  "truncation": "truncation"}  # PNG record key -> sample() keyword
+                  "truncation": "truncation", "temperature": "temperature"}  # PNG record key -> sample() keyword
 
 
 # ----------------------------------------------------------------------------------

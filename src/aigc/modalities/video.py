@@ -44,12 +44,13 @@ from aigc.modalities import image
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family
 from aigc.models.vae import VAE
+from aigc.models.vae_rnn import ContentSwap
 from aigc.store import card_header, find_run
 from aigc.train import Budget, train_loop
 
 NAME = "video"
 BATCHES = False
-GENERATE_OPTIONS = ("n", "class_", "sampler", "steps", "eta", "guidance_scale")
+GENERATE_OPTIONS = ("n", "class_", "sampler", "steps", "eta", "guidance_scale", "temperature")
 EVALUATE_OPTIONS = ("n",)
 MAX_CLIPS = 256  # `aigc generate -n` cap
 SHEET_CLIPS = 4  # clips in the frame sheet saved at every evaluation in training
@@ -160,6 +161,32 @@ class FrameBatches(VideoBatches):
         x = torch.cat([f[0].flatten(0, 1) for f in frames])[:n_batches * batch]
         y = torch.cat([f[1].repeat_interleave(f[0].shape[1]) for f in frames])[:len(x)] if self.conditional else None
         return [(x[i:i + batch],) if y is None else (x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+class FramePairs(FrameBatches):
+    """Pairs of frames of one clip (N, 2 * C, H, W), for a split run's first stage (models/vae_rnn.py's
+    `ContentSwap`): two pairs of distinct frames from each fresh clip; of each validation clip, the frames half a
+    clip apart (t, t + T // 2) in order."""
+
+    unit = "pairs"
+
+    def sample(self, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        per = 2 if self.val.shape[0] >= 4 else 1  # pairs a clip (of distinct frames)
+        x, *y = self._frames(VideoBatches.sample(self, generator, math.ceil(n / per)))  # (M, T, C, H, W)
+        pick = torch.rand(x.shape[:2], generator=generator).argsort(dim=1)[:, :2 * per]
+        pairs = x[torch.arange(len(x))[:, None], pick].reshape(len(x) * per, 2 * x.shape[2], *x.shape[3:])[:n]
+        return (pairs, *(labels.repeat_interleave(per)[:n] for labels in y))
+
+    def val_batches(self, n_batches: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+        t, half = self.val.shape[0], self.val.shape[0] // 2
+        clips = VideoBatches.val_batches(self, math.ceil(n_batches * batch / half), batch)
+        x = torch.cat([b[0] for b in clips])
+        x = x.reshape(x.shape[0], t, self.channels, *x.shape[2:])
+        pairs = torch.stack([x[:, :half], x[:, half:2 * half]], dim=2)  # (M, half, 2, C, H, W)
+        pairs = pairs.flatten(0, 1).flatten(1, 2)[:n_batches * batch]  # (M * half, 2 * C, H, W)
+        y = torch.cat([b[1] for b in clips]).repeat_interleave(half)[:len(pairs)] if self.conditional else None
+        return [(pairs[i:i + batch],) if y is None else (pairs[i:i + batch], y[i:i + batch])
+                for i in range(0, len(pairs), batch)]
 
 
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
@@ -279,8 +306,13 @@ def fit_stages(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, bu
         if go_on:  # the VAE as its last checkpoint left it
             model.vae.load_state_dict(VAE.load(on_main(find_checkpoint, stage_dir)).state_dict())
         stage_dir.mkdir(exist_ok=True)
-        frames = FrameBatches(batches.train, batches.val, batches.conditional, prepared.record["clip_shape"][3])
-        first = train_loop(model.vae, frames, cfg, stage_dir, first_budget, resume=go_on, cpu_bf16=fam.cpu_bf16,
+        k, channels = configs["model"].content_dim, prepared.record["clip_shape"][3]
+        if k:  # a split latent: the VAE learns from pairs of frames which dimensions stay the same
+            net, frames = ContentSwap(model.vae, k), FramePairs(batches.train, batches.val, batches.conditional,
+                                                                 channels)
+        else:
+            net, frames = model.vae, FrameBatches(batches.train, batches.val, batches.conditional, channels)
+        first = train_loop(net, frames, cfg, stage_dir, first_budget, resume=go_on, cpu_bf16=fam.cpu_bf16,
                            compile_gain=fam.compile_gain)
         if is_main_process():
             write_json(stage_dir / STAGE_DONE, first)

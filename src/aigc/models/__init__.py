@@ -82,7 +82,7 @@ FAMILIES: dict[str, Family] = {
                     description="SimVP-style video predictor (ours): the next frames from the first ones"),
     # a clip generator and a predictor: a per-frame VAE, then a GRU on its latent sequence (two stages, one run)
     "vae-rnn": Family("video", vae_rnn.VAERNNConfig, "gradient", vae_rnn.VAERNN.load, vae_rnn.build,
-                      stages=vae_rnn.STAGES, bound_score=True,
+                      stages=vae_rnn.STAGES, bound_score=True, sampler_options=("temperature",),
                       description="per-frame VAE + GRU over its latent sequence: makes and predicts clips"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),

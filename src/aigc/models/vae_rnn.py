@@ -14,6 +14,19 @@ recurrent net learns only how the latents move and what stays the same:
                    loss = mean over clips and steps of  0.5 * sum_d (log 2 pi + log var + (m - mu)^2 / var)
                    (nats per frame's latent; the first step is the learned start distribution p(m_1 | y))
 
+Split latents (`content_dim` k > 0): a clip's object does not change, only where it is. The first k dimensions of a
+frame's latent are the clip's content, the other z_dim - k its motion:
+
+    stage 1  trained on pairs of frames (a, b) of one clip (`FramePairs`), each decoded from the OTHER frame's
+             content and its own motion:  x_a ~ p(x | [z_b[:k], z_a[k:]], y), and b likewise (as DRNet, Denton &
+             Birodkar 2017, separates content from pose): the content can carry only what the two frames share,
+             and the KL term leaves the motion no room for more than it must (where the object is)
+    stage 2  c = the mean of the clip's frames' content means (N, k), drawn once per clip from a Gaussian p(c | y)
+             read from the initial state; the GRU reads [c, motion_{t-1}] and gives the next motion's Gaussian
+                 loss = (-log p(c | y) - sum_t log p(motion_t | motion_<t, c, y)) / T        (nats per frame)
+             every frame of a clip decodes from the same c, so the object keeps what it is (issue 18's class
+             consistency) while the GRU moves it; k = 0 is the plain model above.
+
 Generation (`sample`): h_0 from the label, then for t = 1..T: z_t = mu_t + temperature * exp(log var_t / 2) * eps_t
 (eps drawn up front from the caller's generator: one seed, one clip), fed back as the next input; every z_t is
 decoded by the VAE decoder (its pixel mean, as the vae family samples). Prediction (`predict`): the context frames'
@@ -43,6 +56,7 @@ CONFIG_FILE = "vae_rnn_config.json"
 WEIGHTS_FILE = "model.safetensors"
 STAGES = ("vae", "rnn")  # trained in this order, one training loop each (modalities/video.py)
 RECURRENT_CELLS = ("gru", "lstm")
+MAX_TEMPERATURE = 4.0
 
 
 @dataclass
@@ -54,8 +68,11 @@ class VAERNNConfig(vae.VAEConfig):
     cell: str = option("gru", "recurrent core over the latents: gru or lstm", choices=RECURRENT_CELLS)
     n_layer: int = option(1, "stacked recurrent layers", min=1, max=8)
     n_hidden: int = option(256, "hidden state size of the recurrent net", min=8, max=8192)
-    temperature: float = option(1.0, "generation: scale of the next latent's standard deviation (0: its mean)",
-                                min=0.0, max=4.0)
+    temperature: float = option(1.0, "generation's default: scale of the next latent's standard deviation (0: its "
+                                     "mean); `aigc generate --temperature` overrides it", min=0.0, max=MAX_TEMPERATURE)
+    content_dim: int = option(0, "latent dimensions fixed for a whole clip (what the object is; drawn once, and "
+                                 "stage 1 learns them from pairs of frames); the other z_dim - content_dim move "
+                                 "from frame to frame. 0: no split", min=0, max=1023)
     vae_share: float = option(0.5, "share of the training budget (minutes and steps) spent on stage 1, the "
                                    "per-frame VAE; the rest trains the recurrent net", min=0.05, max=0.95)
 
@@ -74,16 +91,21 @@ class VAERNN(nn.Module):
         self.config, self.frames, self.context, self.num_classes = config, frames, context, num_classes
         self.frame_shape = tuple(int(s) for s in frame_shape)
         self.ema = None
+        if not 0 <= config.content_dim < config.z_dim:
+            raise ValueError(f"content_dim must be below z_dim ({config.z_dim}): some of a frame's latent has to move, "
+                             f"got {config.content_dim}")
         self.vae = vae.VAE(vae_config(config), self.frame_shape, num_classes)
-        z, hidden = config.z_dim, config.n_hidden
-        self.core = CELLS[config.cell](z, hidden, config.n_layer, batch_first=True)
-        self.start = nn.Parameter(torch.zeros(z))  # the input before the first latent
+        z, hidden, k = config.z_dim, config.n_hidden, config.content_dim
+        self.core = CELLS[config.cell](z, hidden, config.n_layer, batch_first=True)  # reads [content, motion]
+        self.start = nn.Parameter(torch.zeros(z - k))  # the motion before the first frame
         if num_classes:  # the class sets the initial state: identity for the whole clip
             self.label_emb = nn.Embedding(num_classes, config.label_dim)
             self.to_state = nn.Linear(config.label_dim, config.n_layer * hidden)
         else:
             self.h0 = nn.Parameter(torch.zeros(config.n_layer, 1, hidden))
-        self.head = nn.Linear(hidden, 2 * z)  # -> (mu, log var) of the next latent
+        self.head = nn.Linear(hidden, 2 * (z - k))  # -> (mu, log var) of the next motion
+        if k:  # the initial state -> (mu, log var) of the clip's content
+            self.content_head = nn.Linear(hidden, 2 * k)
 
     # ----------------------------------------------------------------------------------
     # the latent sequence
@@ -96,6 +118,18 @@ class VAERNN(nn.Module):
         labels = None if y is None else y.repeat_interleave(f)
         mu, _ = self.vae.encode(frames, labels)
         return mu.reshape(n, f, -1)
+
+    def split(self, m: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent means (N, F, z_dim) -> the clip's content (N, k: the mean over its frames) and the motion
+        (N, F, z_dim - k)."""
+        k = self.config.content_dim
+        return m[:, :, :k].mean(1), m[:, :, k:]
+
+    def content_prior(self, state) -> tuple[Tensor, Tensor]:
+        """The initial state -> mean and log variance of the clip's content, each (N, k)."""
+        h = state[0] if self.config.cell == "lstm" else state
+        mu, log_var = self.content_head(h[-1]).float().chunk(2, dim=-1)
+        return mu, log_var.clamp(-12.0, 8.0)
 
     def initial_state(self, y: Tensor | None, n: int):
         """The recurrent state before the first latent: (n_layer, n, n_hidden), and a zero cell for an LSTM."""
@@ -117,19 +151,28 @@ class VAERNN(nn.Module):
         mu, log_var = self.head(out).float().chunk(2, dim=-1)
         return mu, log_var.clamp(-12.0, 8.0), state
 
-    def _inputs(self, m: Tensor) -> Tensor:
-        """Latents (N, L, z) -> the inputs that predict them: the start vector, then each but the last."""
-        start = self.start.to(m.dtype).expand(m.shape[0], 1, -1)
-        return torch.cat([start, m[:, :-1]], dim=1)
+    def _with_content(self, c: Tensor, p: Tensor) -> Tensor:
+        """Content (N, k) and motions (N, L, z - k) -> the latents (N, L, z): the same content in every frame."""
+        return torch.cat([c[:, None].expand(-1, p.shape[1], -1).to(p.dtype), p], dim=-1)
+
+    def _inputs(self, c: Tensor, p: Tensor) -> Tensor:
+        """Content (N, k), motions (N, L, z - k) -> the inputs that predict the motions: the start vector, then each
+        but the last, beside the content."""
+        start = self.start.to(p.dtype).expand(p.shape[0], 1, -1)
+        return self._with_content(c, torch.cat([start, p[:, :-1]], dim=1))
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, noise: dict | None = None) -> dict[str, Tensor]:
         """Stage 2: whole clips (N, T * C, H, W) -> {"loss": the Gaussian NLL of each frame's latent mean given the
-        ones before (nats per frame, summed over the latent's dimensions), "mse": of the predicted means}."""
+        ones before (a split run: of the clip's content once, and of each frame's motion; nats per frame, summed
+        over the latent's dimensions), "mse": of the predicted motions}."""
         with torch.no_grad():  # the VAE is trained (stage 1) and frozen
-            m = self.latents(x, y).float()  # (N, T, z)
-        mu, log_var, _ = self.step(self._inputs(m), self.initial_state(y, x.shape[0]))
-        nll = 0.5 * (math.log(2 * math.pi) + log_var + (m - mu) ** 2 * torch.exp(-log_var))  # (N, T, z)
-        return {"loss": nll.sum(-1).mean(), "mse": ((m - mu) ** 2).mean()}
+            c, p = self.split(self.latents(x, y).float())  # (N, k), (N, T, z - k)
+        state = self.initial_state(y, x.shape[0])
+        mu, log_var, _ = self.step(self._inputs(c, p), state)
+        nll = gaussian_nll(p, mu, log_var).sum(-1).sum(1)  # (N,)
+        if self.config.content_dim:
+            nll = nll + gaussian_nll(c, *self.content_prior(state)).sum(-1)
+        return {"loss": (nll / p.shape[1]).mean(), "mse": ((p - mu) ** 2).mean()}
 
     def loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         return self(x, y)["loss"]
@@ -148,21 +191,37 @@ class VAERNN(nn.Module):
     # the two jobs
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
-        """n clips (N, T * C, H, W) in [-1, 1], the latents drawn step by step (ancestral sampling)."""
+    def sample(self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None,
+               temperature: float | None = None) -> Tensor:
+        """n clips (N, T * C, H, W) in [-1, 1], the latents drawn step by step (ancestral sampling), decoded
+        (`temperature`: the run's own when None)."""
+        return self.decode(self.sample_latents(n, generator=generator, y=y, temperature=temperature), y)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None,
+                       temperature: float | None = None) -> Tensor:
+        """The latents (N, T, z_dim) of n clips: a split run's content once, then every frame's motion."""
         if generator is None:
             raise ValueError("pass generator= (sampling randomness is explicit)")
-        device = next(self.parameters()).device
-        eps = torch.randn((n, self.frames, self.config.z_dim), generator=generator, device=generator.device)
-        eps = eps.to(device)
+        temperature = self.config.temperature if temperature is None else float(temperature)
+        if not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"--temperature must be in 0..{MAX_TEMPERATURE:g} (0: the means), got {temperature:g}")
+        device, k = next(self.parameters()).device, self.config.content_dim
+        eps = torch.randn((n, self.frames, self.config.z_dim - k), generator=generator, device=generator.device)
+        eps_c = torch.randn((n, k), generator=generator, device=generator.device)
+        eps, eps_c = eps.to(device), eps_c.to(device)
         y = None if y is None else y.to(device)
-        state, z = self.initial_state(y, n), self.start.expand(n, 1, -1)
+        state, p = self.initial_state(y, n), self.start.expand(n, 1, -1)
+        c = eps_c  # (N, 0) without a split
+        if k:
+            mu_c, log_var_c = self.content_prior(state)
+            c = mu_c + temperature * torch.exp(0.5 * log_var_c) * eps_c
         out = []
         for t in range(self.frames):
-            mu, log_var, state = self.step(z, state)  # (N, 1, z)
-            z = mu + self.config.temperature * torch.exp(0.5 * log_var) * eps[:, t:t + 1]
-            out.append(z)
-        return self.decode(torch.cat(out, dim=1), y)
+            mu, log_var, state = self.step(self._with_content(c, p), state)  # (N, 1, z - k)
+            p = mu + temperature * torch.exp(0.5 * log_var) * eps[:, t:t + 1]
+            out.append(p)
+        return self._with_content(c, torch.cat(out, dim=1))
 
     @torch.no_grad()
     def predict(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -171,14 +230,14 @@ class VAERNN(nn.Module):
         c, h, w = self.frame_shape
         if tuple(x.shape[1:]) != (self.context * c, h, w):
             raise ValueError(f"expected context clips (N, {self.context * c}, {h}, {w}), got {tuple(x.shape)}")
-        m = self.latents(x, y).float()  # (N, context, z)
-        inputs = torch.cat([self.start.expand(x.shape[0], 1, -1), m], dim=1)  # the last output predicts m_{k+1}
-        mu, _, state = self.step(inputs, self.initial_state(y, x.shape[0]))
-        z, out = mu[:, -1:], [mu[:, -1:]]
+        c, p = self.split(self.latents(x, y).float())  # the content of the context frames, their motions
+        inputs = torch.cat([self.start.expand(x.shape[0], 1, -1), p], dim=1)  # the last output predicts p_{k+1}
+        mu, _, state = self.step(self._with_content(c, inputs), self.initial_state(y, x.shape[0]))
+        p, out = mu[:, -1:], [mu[:, -1:]]
         for _ in range(self.frames - self.context - 1):
-            z, _, state = self.step(z, state)
-            out.append(z)
-        return self.decode(torch.cat(out, dim=1), y)
+            p, _, state = self.step(self._with_content(c, p), state)
+            out.append(p)
+        return self.decode(self._with_content(c, torch.cat(out, dim=1)), y)
 
     # ----------------------------------------------------------------------------------
     # files
@@ -198,6 +257,46 @@ class VAERNN(nn.Module):
                     num_classes)
         model.load_state_dict(state)
         return model.eval()
+
+
+def gaussian_nll(x: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+    """-log N(x; mu, diag exp(log_var)) per dimension (nats), elementwise."""
+    return 0.5 * (math.log(2 * math.pi) + log_var + (x - mu) ** 2 * torch.exp(-log_var))
+
+
+class ContentSwap(nn.Module):
+    """Stage 1 of a split run (`content_dim` k > 0): the per-frame VAE (`vae`, shared with the whole model) on pairs
+    of frames of one clip, (N, 2 * C, H, W), each frame decoded from the other's content (the first k latent
+    dimensions) and its own motion. Its loss, like the VAE's, is in nats per frame; it saves the VAE's files."""
+
+    def __init__(self, frame_vae: vae.VAE, content_dim: int):
+        super().__init__()
+        self.vae, self.content_dim, self.ema = frame_vae, content_dim, None
+
+    def draw_noise(self, n: int, *, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
+        where = generator.device if generator is not None else device
+        eps = torch.randn((n, 2, self.vae.config.z_dim), generator=generator, device=where)
+        return {"eps": eps.to(device)}
+
+    def forward(self, x: Tensor, y: Tensor | None = None, *, noise: dict[str, Tensor] | None = None,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        c, h, w = self.vae.image_shape
+        n, k = x.shape[0], self.content_dim
+        if tuple(x.shape[1:]) != (2 * c, h, w):
+            raise ValueError(f"expected pairs of frames (N, {2 * c}, {h}, {w}), got {tuple(x.shape)}")
+        if noise is None:
+            noise = self.draw_noise(n, generator=generator, device=x.device)
+        frames = x.reshape(2 * n, c, h, w)  # a0, b0, a1, b1, ...
+        labels = None if y is None else y.repeat_interleave(2)
+        mu, log_var = self.vae.encode(frames, labels)
+        z = (mu + torch.exp(0.5 * log_var) * noise["eps"].to(mu).reshape(2 * n, -1)).reshape(n, 2, -1)
+        swapped = torch.cat([z.flip(1)[..., :k], z[..., k:]], dim=-1).reshape(2 * n, -1)  # the other's content
+        recon = self.vae.recon_nll(self.vae.decode(swapped, labels), frames).mean()
+        kl = vae.kl_normal(mu, log_var).mean()
+        return {"recon": recon, "kl": kl, "nelbo": recon + kl, "loss": recon + self.vae.config.beta * kl}
+
+    def save(self, directory: Path) -> None:
+        self.vae.save(directory)
 
 
 def build(config: VAERNNConfig, frame_shape: tuple[int, int, int], frames: int, context: int,

@@ -295,7 +295,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         if modality != "video":
             raise _wrong_modality(body.model, modality)
         options = {"n": body.n or 1, "class_": body.prompt.strip() or None, **body.sampling(),
-                   "best_of": body.best_of}
+                   "temperature": body.temperature, "best_of": body.best_of}
         requested = {"endpoint": "videos", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)

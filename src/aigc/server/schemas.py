@@ -191,6 +191,8 @@ class VideoRequest(DiffusionSampling):
                                                          "else empty")
     n: int | None = Field(None, ge=1, le=MAX_CLIPS, description="clips (default 1)")
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description="clip generators: " + BEST_OF)
+    temperature: float | None = Field(None, ge=0, le=4, description="vae-rnn: the scale of each latent's noise "
+                                                                     "(default: the run's, 1; 0 = the means)")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
 
