@@ -21,7 +21,10 @@ clip-level Fréchet distance in the clip net's features, each with its real-vs-r
 `--generator vae|vae-rnn` picks the clip generator (vae: frames stacked as channels; vae-rnn: a per-frame VAE and
 a GRU over its latents, conditional, both stages inside --minutes), `--predictor simvp|vae-rnn` the predictor
 (vae-rnn unconditional there, scored on the same clips and floors). The single-image reference is the image vae
-in both cases. `--set` goes to the predictor's run.
+in both cases. `--set` goes to the predictor's run, `--generator-set` to the generator's:
+
+    python benchmarks/video.py --job generate --generator vae-rnn --generator-set window=32 \
+        --generator-set content_dim=32 --name video-vae-rnn-window   # the object drawn once a clip, then moved
 
 Writes benchmarks/results/NAME.json and NAME.md (NAME: --name, default video).
 """
@@ -57,8 +60,9 @@ def predict(service, args) -> tuple[dict, list[str]]:
 
 
 def generate(service, args) -> tuple[dict, list[str]]:
+    own = dict(s.split("=", 1) for s in args.generator_set)
     run_dir, metrics = service.train(args.generator, args.data, name="generate", max_minutes=args.minutes,
-                                     sets={"conditional": "true"})
+                                     sets={"conditional": "true", **own})
     scored = service.evaluate(run_dir.name, {"n": args.clips})
     m = scored["metrics"]
     from aigc.data.video import NAMED_VIDEOS
@@ -71,8 +75,8 @@ def generate(service, args) -> tuple[dict, list[str]]:
     consistent = m["class_consistency"] >= 0.9
     stages = f", {metrics['vae_steps']} of the per-frame VAE + {metrics['rnn_steps']} of the GRU" \
         if "vae_steps" in metrics else ""
-    lines = [f"## Generation on {args.data}: {args.generator}, conditional, {args.minutes:g} min ({metrics['steps']} "
-             f"steps{stages})", "",
+    lines = [f"## Generation on {args.data}: {args.generator}{' ' + ' '.join(args.generator_set) if own else ''}, "
+             f"conditional, {args.minutes:g} min ({metrics['steps']} steps{stages})", "",
              f"{args.clips} clips against as many validation clips; the floors: fresh training clips against the same.",
              "", "| metric | clips | floor (real vs real) | target |", "|---|---|---|---|",
              f"| per-frame FID, the object's window | {m['frame_fid']:.2f} | {m['frame_fid_floor']:.2f} | <= 3 x the "
@@ -100,6 +104,8 @@ def main() -> None:
                         help="clip generator: vae (frames as channels) or vae-rnn (per-frame VAE + GRU)")
     parser.add_argument("--predictor", choices=("simvp", "vae-rnn"), default="simvp", help="predictor family")
     parser.add_argument("--set", action="append", default=[], help="predictor option KEY=VALUE (repeatable)")
+    parser.add_argument("--generator-set", action="append", default=[],
+                        help="clip generator option KEY=VALUE (repeatable), e.g. window=32")
     parser.add_argument("--name", default="video", help="results file name")
     args = parser.parse_args()
     result, lines = {"args": vars(args), "machine": machine()}, [f"# Video on {args.data}", "",

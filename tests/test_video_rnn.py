@@ -5,6 +5,7 @@ the budget split, bad options, and the API serving its clips. The model's contra
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -27,7 +29,7 @@ from aigc.errors import BadRequest
 from aigc.evaluate import video as vm
 from aigc.modalities.video import STAGE_DIR, stage_budgets
 from aigc.models import vae
-from aigc.models.vae_rnn import VAERNN, ContentSwap, VAERNNConfig
+from aigc.models.vae_rnn import VAERNN, FrameStage, VAERNNConfig, cut_windows, paste_windows, window_corners
 from aigc.train import Budget
 
 runner = CliRunner()
@@ -116,11 +118,11 @@ def test_a_split_frame_vae_decodes_each_frame_from_the_other_frames_content():
     a, b = z[0::2], z[1::2]
     swapped = torch.stack([torch.cat([b[:, :4], a[:, 4:]], 1), torch.cat([a[:, :4], b[:, 4:]], 1)], 1).reshape(10, 6)
     recon = net.recon_nll(net.decode(swapped, labels), frames).mean()
-    terms = ContentSwap(net, 4)(x, y, noise=noise)
+    terms = FrameStage(net, 4)(x, y, noise=noise)
     torch.testing.assert_close(terms["recon"], recon)
     torch.testing.assert_close(terms["kl"], vae.kl_normal(mu, log_var).mean())
     plain = net.loss_terms(frames, labels, noise={"eps": eps})
-    torch.testing.assert_close(ContentSwap(net, 0)(x, y, noise=noise)["loss"], plain["loss"])
+    torch.testing.assert_close(FrameStage(net)(frames, labels, noise={"eps": eps[:, None]})["loss"], plain["loss"])
 
 
 def test_a_split_run_keeps_one_content_per_clip_and_scores_it_by_its_formula(one_thread):
@@ -159,6 +161,40 @@ def test_a_split_run_trains_both_stages_and_makes_clips(tmp_path, one_thread):
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)) and first[0].shape[:3] == (8, 24, 24)
 
 
+def test_windows_are_cut_where_the_evaluation_finds_the_object_and_paste_back():
+    """The window around each frame's brightness centre is the evaluation's (evaluate/video.py's object_windows,
+    on uint8 clips); pasting a frame's window back on black gives the frame where nothing lies outside it."""
+    clips = v.named_clips("moving-fashion-mnist", "test", 3, 0, v.VideoDataConfig(frames=6)).clips  # (3, 6, 64, 64, 1)
+    frames = v.to_tensor(clips).reshape(18, 1, 64, 64)
+    corners = window_corners(frames, 32)
+    windows = cut_windows(frames, corners, 32)
+    expected = vm.object_windows(clips, 32).reshape(18, 32, 32, 1)
+    np.testing.assert_array_equal(v.to_uint8(windows.reshape(3, 6, 32, 32), 1).reshape(18, 32, 32, 1), expected)
+    pasted = paste_windows(windows, corners, (64, 64))
+    outside = pasted.clone()
+    outside[torch.arange(18)[:, None, None], 0, corners[:, 0, None, None] + torch.arange(32)[:, None],
+            corners[:, 1, None, None] + torch.arange(32)] = 5.0
+    assert torch.all(outside[outside != 5.0] == -1)  # black outside the window
+    torch.testing.assert_close(cut_windows(pasted, corners, 32), windows)
+
+
+def test_a_window_run_draws_one_object_a_clip_and_moves_it(tmp_path, one_thread):
+    """window with content_dim = z_dim: every dimension of the window's latent is the clip's, so a clip's every
+    frame shows the same drawn window, at places the recurrent net moves."""
+    run_dir, metrics = _train("win", conditional="true", window="16", content_dim="4")
+    for key in ("ssim", "val_nelbo", "rnn_val_loss", "vae_val_loss"):
+        assert math.isfinite(metrics[key]), key
+    model = VAERNN.load(run_dir)
+    z = model.sample_latents(3, generator=torch.Generator().manual_seed(0), y=torch.tensor([1, 2, 3]))
+    assert z.shape == (3, 8, 6) and torch.equal(z[:, :, :4], z[:, :1, :4].expand(-1, 8, -1))
+    clips = model.decode(z, torch.tensor([1, 2, 3])).reshape(3, 8, 1, 24, 24)
+    corners = torch.minimum(torch.round((z[..., 4:] + 1) / 2 * 8).clamp(min=0), torch.tensor(8.0)).long()
+    windows = cut_windows(clips.flatten(0, 1), corners.flatten(0, 1), 16).reshape(3, 8, 1, 16, 16)
+    torch.testing.assert_close(windows, windows[:, :1].expand(-1, 8, -1, -1, -1))  # the same object in every frame
+    first = service.generate("win", {"n": 1, "class_": "2"}, seed=1).outputs[0]
+    assert first.shape[:3] == (8, 24, 24)
+
+
 @pytest.mark.parametrize(("sets", "steps", "message"), [
     ({"vae_share": "1.5"}, 4, "vae_share"),
     ({"vae_share": "half"}, 4, "vae_share"),
@@ -166,6 +202,7 @@ def test_a_split_run_trains_both_stages_and_makes_clips(tmp_path, one_thread):
     ({}, 1, "trains in 2 stages (vae, rnn), a step each at least: give --max-steps 2 or more"),
     ({"context": "8"}, 4, "context"),
     ({"content_dim": "4"}, 4, "content_dim must be below z_dim (4)"),
+    ({"window": "25"}, 4, "window must fit in a frame (24x24)"),
 ])
 def test_bad_options_are_one_clear_error(sets, steps, message):
     args = ["train", "--family", "vae-rnn", "--data", "moving-digits", "--name", "bad", "--max-steps", str(steps)]
@@ -234,4 +271,14 @@ def test_the_api_serves_its_clips(one_thread):
         assert [d["gif_b64"] for d in again.json()["data"]] == [d["gif_b64"] for d in made["data"]]
         refused = client.post("/v1/videos/generations", json={"model": "vr", "steps": 4})
         assert refused.status_code == 400 and "--steps does not apply to vae-rnn" in refused.text
+        controls = {c["name"]: c for c in client.get("/v1/models/vr/controls").json()["controls"]}
+        assert controls["temperature"]["default"] == 1.0 and controls["temperature"]["maximum"] == 4
+        means = [client.post("/v1/videos/generations", json={**body, "n": 1, "seed": s, "temperature": 0})
+                 for s in (1, 2)]
+        assert means[0].status_code == 200, means[0].text
+        frames = [[np.asarray(f.convert("L")) for f in ImageSequence.Iterator(Image.open(io.BytesIO(
+            base64.b64decode(m.json()["data"][0]["gif_b64"]))))] for m in means]
+        assert len(frames[0]) == 8 and np.array_equal(frames[0], frames[1])  # the means: the seed does not matter
+        hot = client.post("/v1/videos/generations", json={**body, "temperature": 9})
+        assert hot.status_code == 400 and "temperature" in hot.text
 

@@ -620,7 +620,9 @@ def generation_defaults(run: str) -> dict:
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None and fam.sampler_options \
         else {}  # a video predictor has no sampler
-    return {"n": 1, **{name: keywords[name].default for name in fam.sampler_options
+    settings = read_toml(run_dir / "config.toml")  # a keyword whose default is None takes the run's own setting
+    return {"n": 1, **{name: settings.get(name) if keywords[name].default is None else keywords[name].default
+                       for name in fam.sampler_options
                        if name in keywords and keywords[name].default is not inspect.Parameter.empty}, **own}
 
 

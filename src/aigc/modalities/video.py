@@ -44,7 +44,7 @@ from aigc.modalities import image
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family
 from aigc.models.vae import VAE
-from aigc.models.vae_rnn import ContentSwap
+from aigc.models.vae_rnn import FrameStage
 from aigc.store import card_header, find_run
 from aigc.train import Budget, train_loop
 
@@ -165,7 +165,7 @@ class FrameBatches(VideoBatches):
 
 class FramePairs(FrameBatches):
     """Pairs of frames of one clip (N, 2 * C, H, W), for a split run's first stage (models/vae_rnn.py's
-    `ContentSwap`): two pairs of distinct frames from each fresh clip; of each validation clip, the frames half a
+    `FrameStage`): two pairs of distinct frames from each fresh clip; of each validation clip, the frames half a
     clip apart (t, t + T // 2) in order."""
 
     unit = "pairs"
@@ -306,12 +306,11 @@ def fit_stages(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, bu
         if go_on:  # the VAE as its last checkpoint left it
             model.vae.load_state_dict(VAE.load(on_main(find_checkpoint, stage_dir)).state_dict())
         stage_dir.mkdir(exist_ok=True)
-        k, channels = configs["model"].content_dim, prepared.record["clip_shape"][3]
-        if k:  # a split latent: the VAE learns from pairs of frames which dimensions stay the same
-            net, frames = ContentSwap(model.vae, k), FramePairs(batches.train, batches.val, batches.conditional,
-                                                                 channels)
-        else:
-            net, frames = model.vae, FrameBatches(batches.train, batches.val, batches.conditional, channels)
+        k, window, channels = configs["model"].content_dim, configs["model"].window, prepared.record["clip_shape"][3]
+        # a split latent: the VAE learns from pairs of frames which dimensions stay the same; a window: it draws
+        # the window around each frame's object
+        net = FrameStage(model.vae, k, window) if k or window else model.vae
+        frames = (FramePairs if k else FrameBatches)(batches.train, batches.val, batches.conditional, channels)
         first = train_loop(net, frames, cfg, stage_dir, first_budget, resume=go_on, cpu_bf16=fam.cpu_bf16,
                            compile_gain=fam.compile_gain)
         if is_main_process():
@@ -367,8 +366,11 @@ def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir:
         labels = batches.val.labels if prepared.record["num_classes"] else None
         scores = score_prediction(best, batches.train, batches.val, prepared.record["context"], labels, FINISH_CLIPS)
         floors = {f"{k}_{f}": scores["floors"][f][k] for f in metrics_of.FLOORS for k in metrics_of.METRICS}
-        bound = score_bound(best.vae, FrameBatches(batches.train, batches.val, batches.conditional,
-                                                   prepared.record["clip_shape"][3])) if fam.stages else {}
+        bound = {}
+        if fam.stages:  # the per-frame VAE's bound (a window's: on the windows)
+            frame_net = FrameStage(best.vae, 0, best.config.window) if best.config.window else best.vae
+            bound = score_bound(frame_net, FrameBatches(batches.train, batches.val, batches.conditional,
+                                                        prepared.record["clip_shape"][3]))
         return {**scores["metrics"], **floors, "beats_floors": scores["beats_floors"], "scored_clips": scores["clips"],
                 **bound, **kept}
     if fam.bound_score:

@@ -27,6 +27,13 @@ frame's latent are the clip's content, the other z_dim - k its motion:
              every frame of a clip decodes from the same c, so the object keeps what it is (issue 18's class
              consistency) while the GRU moves it; k = 0 is the plain model above.
 
+A window (`window` N > 0), for clips of one object on a dark ground: each frame's object is cut out in the N x N
+window around its brightness centre (the frame's centre of mass, as MNIST's digits were centred; the evaluation
+finds the object the same way, evaluate/video.py), the VAE draws the window, and a frame's latent is the window's
+latent followed by where the window sits (its corner, scaled to [-1, 1]): the recurrent net moves the window, and
+decoding pastes the drawn window at its place on a black frame. With `content_dim` = z_dim every dimension of
+the window's latent is the clip's content: the object is drawn once and only moved.
+
 Generation (`sample`): h_0 from the label, then for t = 1..T: z_t = mu_t + temperature * exp(log var_t / 2) * eps_t
 (eps drawn up front from the caller's generator: one seed, one clip), fed back as the next input; every z_t is
 decoded by the VAE decoder (its pixel mean, as the vae family samples). Prediction (`predict`): the context frames'
@@ -73,6 +80,9 @@ class VAERNNConfig(vae.VAEConfig):
     content_dim: int = option(0, "latent dimensions fixed for a whole clip (what the object is; drawn once, and "
                                  "stage 1 learns them from pairs of frames); the other z_dim - content_dim move "
                                  "from frame to frame. 0: no split", min=0, max=1023)
+    window: int = option(0, "0: the VAE draws whole frames; N: it draws the N x N window around each frame's "
+                            "brightness centre (one object on a dark ground) and the recurrent net moves the window",
+                         min=0, max=4096)
     vae_share: float = option(0.5, "share of the training budget (minutes and steps) spent on stage 1, the "
                                    "per-frame VAE; the rest trains the recurrent net", min=0.05, max=0.95)
 
@@ -91,19 +101,24 @@ class VAERNN(nn.Module):
         self.config, self.frames, self.context, self.num_classes = config, frames, context, num_classes
         self.frame_shape = tuple(int(s) for s in frame_shape)
         self.ema = None
-        if not 0 <= config.content_dim < config.z_dim:
-            raise ValueError(f"content_dim must be below z_dim ({config.z_dim}): some of a frame's latent has to move, "
-                             f"got {config.content_dim}")
-        self.vae = vae.VAE(vae_config(config), self.frame_shape, num_classes)
-        z, hidden, k = config.z_dim, config.n_hidden, config.content_dim
-        self.core = CELLS[config.cell](z, hidden, config.n_layer, batch_first=True)  # reads [content, motion]
-        self.start = nn.Parameter(torch.zeros(z - k))  # the motion before the first frame
+        z, hidden, k, window = config.z_dim, config.n_hidden, config.content_dim, config.window
+        if window and not window <= min(self.frame_shape[1:]):
+            raise ValueError(f"window must fit in a frame ({self.frame_shape[1]}x{self.frame_shape[2]}), got {window}")
+        if not 0 <= k < z + (1 if window else 0):
+            raise ValueError(f"content_dim must be below z_dim ({z}): some of a frame's latent has to move (with a "
+                             f"window: at most z_dim, the window itself moves), got {k}")
+        self.vae = vae.VAE(vae_config(config), (self.frame_shape[0], window, window) if window else self.frame_shape,
+                           num_classes)
+        self.latent_dim = z + (2 if window else 0)  # a frame's latent: the VAE's, then where its window sits
+        motion = self.latent_dim - k
+        self.core = CELLS[config.cell](self.latent_dim, hidden, config.n_layer, batch_first=True)  # [content, motion]
+        self.start = nn.Parameter(torch.zeros(motion))  # the motion before the first frame
         if num_classes:  # the class sets the initial state: identity for the whole clip
             self.label_emb = nn.Embedding(num_classes, config.label_dim)
             self.to_state = nn.Linear(config.label_dim, config.n_layer * hidden)
         else:
             self.h0 = nn.Parameter(torch.zeros(config.n_layer, 1, hidden))
-        self.head = nn.Linear(hidden, 2 * (z - k))  # -> (mu, log var) of the next motion
+        self.head = nn.Linear(hidden, 2 * motion)  # -> (mu, log var) of the next motion
         if k:  # the initial state -> (mu, log var) of the clip's content
             self.content_head = nn.Linear(hidden, 2 * k)
 
@@ -111,13 +126,19 @@ class VAERNN(nn.Module):
     # the latent sequence
 
     def latents(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Frames (N, F * C, H, W) in [-1, 1] -> their latent means under the VAE (N, F, z_dim)."""
+        """Frames (N, F * C, H, W) in [-1, 1] -> their latents (N, F, latent_dim): the VAE's means (of the frame, or
+        of its window followed by the window's place)."""
         c, h, w = self.frame_shape
         n, f = x.shape[0], x.shape[1] // c
         frames = x.reshape(n * f, c, h, w)
         labels = None if y is None else y.repeat_interleave(f)
-        mu, _ = self.vae.encode(frames, labels)
-        return mu.reshape(n, f, -1)
+        window = self.config.window
+        if not window:
+            return self.vae.encode(frames, labels)[0].reshape(n, f, -1)
+        corners = window_corners(frames, window)
+        mu, _ = self.vae.encode(cut_windows(frames, corners, window), labels)
+        spans = torch.tensor([h - window, w - window], dtype=mu.dtype).clamp(min=1)
+        return torch.cat([mu, corners.to(mu.dtype) / spans * 2 - 1], dim=1).reshape(n, f, -1)
 
     def split(self, m: Tensor) -> tuple[Tensor, Tensor]:
         """Latent means (N, F, z_dim) -> the clip's content (N, k: the mean over its frames) and the motion
@@ -181,11 +202,19 @@ class VAERNN(nn.Module):
         return {}  # stage 2's loss draws no noise (stage 1 is the VAE's own, which does)
 
     def decode(self, z: Tensor, y: Tensor | None) -> Tensor:
-        """Latents (N, F, z_dim) -> frames (N, F * C, H, W) in [-1, 1]: the VAE decoder's pixel mean."""
+        """Latents (N, F, latent_dim) -> frames (N, F * C, H, W) in [-1, 1]: the VAE decoder's pixel mean (a
+        window's: pasted at its place on a black frame)."""
         n, f = z.shape[:2]
+        c, h, w = self.frame_shape
         labels = None if y is None else y.repeat_interleave(f)
-        frames = self.vae.sample(n * f, z=z.reshape(n * f, -1), y=labels)  # (N * F, C, H, W)
-        return frames.reshape(n, f * self.frame_shape[0], *self.frame_shape[1:])
+        z = z.reshape(n * f, -1)
+        frames = self.vae.sample(n * f, z=z[:, :self.config.z_dim].contiguous(), y=labels)  # (N * F, C, H, W)
+        if self.config.window:
+            window = self.config.window
+            spans = torch.tensor([h - window, w - window], dtype=z.dtype, device=z.device)
+            corners = torch.minimum(torch.round((z[:, -2:].float() + 1) / 2 * spans).clamp(min=0), spans).long()
+            frames = paste_windows(frames, corners, (h, w))
+        return frames.reshape(n, f * c, h, w)
 
     # ----------------------------------------------------------------------------------
     # the two jobs
@@ -207,7 +236,7 @@ class VAERNN(nn.Module):
         if not 0.0 <= temperature <= MAX_TEMPERATURE:
             raise ValueError(f"--temperature must be in 0..{MAX_TEMPERATURE:g} (0: the means), got {temperature:g}")
         device, k = next(self.parameters()).device, self.config.content_dim
-        eps = torch.randn((n, self.frames, self.config.z_dim - k), generator=generator, device=generator.device)
+        eps = torch.randn((n, self.frames, self.latent_dim - k), generator=generator, device=generator.device)
         eps_c = torch.randn((n, k), generator=generator, device=generator.device)
         eps, eps_c = eps.to(device), eps_c.to(device)
         y = None if y is None else y.to(device)
@@ -264,36 +293,87 @@ def gaussian_nll(x: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
     return 0.5 * (math.log(2 * math.pi) + log_var + (x - mu) ** 2 * torch.exp(-log_var))
 
 
-class ContentSwap(nn.Module):
-    """Stage 1 of a split run (`content_dim` k > 0): the per-frame VAE (`vae`, shared with the whole model) on pairs
-    of frames of one clip, (N, 2 * C, H, W), each frame decoded from the other's content (the first k latent
-    dimensions) and its own motion. Its loss, like the VAE's, is in nats per frame; it saves the VAE's files."""
+def window_corners(frames: Tensor, side: int) -> Tensor:
+    """Frames (N, C, H, W) in [-1, 1] -> the top-left corner (N, 2: row, column) of the side x side window around
+    each frame's brightness centre (the mean position weighted by (x + 1) / 2 summed over channels; a black
+    frame's: its middle), inside the frame: evaluate/video.py's `object_windows`, on tensors."""
+    _, _, h, w = frames.shape
+    mass = ((frames.float() + 1) / 2).clamp(min=0).sum(1)  # (N, H, W)
+    total = mass.sum((1, 2))
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    rows = torch.arange(h, dtype=mass.dtype, device=mass.device)
+    cols = torch.arange(w, dtype=mass.dtype, device=mass.device)
+    cy = torch.where(total > 0, (mass.sum(2) * rows).sum(1) / safe, torch.full_like(total, (h - 1) / 2))
+    cx = torch.where(total > 0, (mass.sum(1) * cols).sum(1) / safe, torch.full_like(total, (w - 1) / 2))
+    top = torch.round(cy - (side - 1) / 2).clamp(0, h - side)
+    left = torch.round(cx - (side - 1) / 2).clamp(0, w - side)
+    return torch.stack([top, left], dim=1).long()
 
-    def __init__(self, frame_vae: vae.VAE, content_dim: int):
+
+def _window_index(corners: Tensor, side: int) -> tuple[Tensor, Tensor, Tensor]:
+    n = corners.shape[0]
+    steps = torch.arange(side, device=corners.device)
+    rows, cols = corners[:, 0, None] + steps, corners[:, 1, None] + steps  # (N, side) each
+    return torch.arange(n, device=corners.device)[:, None, None], rows[:, :, None], cols[:, None, :]
+
+
+def cut_windows(frames: Tensor, corners: Tensor, side: int) -> Tensor:
+    """Frames (N, C, H, W), corners (N, 2) -> the windows (N, C, side, side)."""
+    i, rows, cols = _window_index(corners, side)
+    return frames.permute(0, 2, 3, 1)[i, rows, cols].permute(0, 3, 1, 2)
+
+
+def paste_windows(windows: Tensor, corners: Tensor, size: tuple[int, int]) -> Tensor:
+    """Windows (N, C, side, side) pasted at their corners (N, 2) on black frames (N, C, H, W) in [-1, 1]."""
+    n, c, side, _ = windows.shape
+    canvas = windows.new_full((n, *size, c), -1.0)
+    i, rows, cols = _window_index(corners, side)
+    canvas[i, rows, cols] = windows.permute(0, 2, 3, 1)
+    return canvas.permute(0, 3, 1, 2)
+
+
+class FrameStage(nn.Module):
+    """Stage 1 (models/video.py's `fit_stages`) where it is more than the VAE on whole frames: with a `window`, the
+    VAE on each frame's window (`window_corners`); with `content_dim` k > 0, on pairs of frames of one clip
+    (N, 2 * C, H, W), each decoded from the other's content (the first k latent dimensions) and its own motion.
+    Its loss, like the VAE's, is in nats per frame (per window); it saves the VAE's files."""
+
+    def __init__(self, frame_vae: vae.VAE, content_dim: int = 0, window: int = 0):
         super().__init__()
-        self.vae, self.content_dim, self.ema = frame_vae, content_dim, None
+        self.vae, self.content_dim, self.window, self.ema = frame_vae, content_dim, window, None
+        self.image_shape = frame_vae.image_shape
+        self.per_row = 2 if content_dim else 1  # frames a batch row holds
 
     def draw_noise(self, n: int, *, generator: torch.Generator | None = None, device=None) -> dict[str, Tensor]:
         where = generator.device if generator is not None else device
-        eps = torch.randn((n, 2, self.vae.config.z_dim), generator=generator, device=where)
+        eps = torch.randn((n, self.per_row, self.vae.config.z_dim), generator=generator, device=where)
         return {"eps": eps.to(device)}
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, noise: dict[str, Tensor] | None = None,
                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        c, h, w = self.vae.image_shape
-        n, k = x.shape[0], self.content_dim
-        if tuple(x.shape[1:]) != (2 * c, h, w):
-            raise ValueError(f"expected pairs of frames (N, {2 * c}, {h}, {w}), got {tuple(x.shape)}")
+        c, per, k = self.vae.image_shape[0], self.per_row, self.content_dim
+        n = x.shape[0]
+        if x.dim() != 4 or x.shape[1] != per * c:
+            raise ValueError(f"expected {'pairs of frames' if per == 2 else 'frames'} (N, {per * c}, H, W), got "
+                             f"{tuple(x.shape)}")
         if noise is None:
             noise = self.draw_noise(n, generator=generator, device=x.device)
-        frames = x.reshape(2 * n, c, h, w)  # a0, b0, a1, b1, ...
-        labels = None if y is None else y.repeat_interleave(2)
+        frames = x.reshape(per * n, c, *x.shape[2:])  # a0, b0, a1, b1, ... for pairs
+        if self.window:
+            frames = cut_windows(frames, window_corners(frames, self.window), self.window)
+        labels = None if y is None else y.repeat_interleave(per)
         mu, log_var = self.vae.encode(frames, labels)
-        z = (mu + torch.exp(0.5 * log_var) * noise["eps"].to(mu).reshape(2 * n, -1)).reshape(n, 2, -1)
-        swapped = torch.cat([z.flip(1)[..., :k], z[..., k:]], dim=-1).reshape(2 * n, -1)  # the other's content
-        recon = self.vae.recon_nll(self.vae.decode(swapped, labels), frames).mean()
+        z = mu + torch.exp(0.5 * log_var) * noise["eps"].to(mu).reshape(per * n, -1)
+        if k:
+            z = z.reshape(n, 2, -1)
+            z = torch.cat([z.flip(1)[..., :k], z[..., k:]], dim=-1).reshape(2 * n, -1)  # the other's content
+        recon = self.vae.recon_nll(self.vae.decode(z, labels), frames).mean()
         kl = vae.kl_normal(mu, log_var).mean()
         return {"recon": recon, "kl": kl, "nelbo": recon + kl, "loss": recon + self.vae.config.beta * kl}
+
+    def loss_terms(self, x: Tensor, y: Tensor | None = None, *, generator: torch.Generator | None = None,
+                   noise: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self(x, y, noise=noise, generator=generator)
 
     def save(self, directory: Path) -> None:
         self.vae.save(directory)
