@@ -342,7 +342,7 @@ def test_a_text_folder_that_is_not_an_rnn_model_is_refused(poems_file, tmp_path,
 
 def test_every_family_that_continues_says_so_in_the_registry():
     continued = [name for name, fam in FAMILIES.items() if fam.init_from]
-    assert continued == ["rnn", "gpt", "vae", "dcgan", "diffusion"]
+    assert continued == ["rnn", "gpt", "vae", "dcgan", "diffusion", "simvp", "vae-rnn"]
     for name in continued:
         fam = FAMILIES[name]
         assert set(fam.init_keys) <= set(fields_of(fam.config)), name

@@ -19,6 +19,7 @@ options make the same bytes. See docs/video.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from aigc import __version__
-from aigc.checkpoint import find_checkpoint
+from aigc.checkpoint import find_checkpoint, verify_manifest
 from aigc.config import to_toml
 from aigc.data import video as v
 from aigc.data.images import load_images, save_png
@@ -41,11 +42,11 @@ from aigc.evaluate import video as metrics_of
 from aigc.evaluate.images import extract_features, feature_net, fid_from_features
 from aigc.fsutil import read_json, write_json
 from aigc.modalities import image
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, init_changes
 from aigc.models import Family
 from aigc.models.vae import VAE
 from aigc.models.vae_rnn import FrameStage
-from aigc.store import card_header, find_run
+from aigc.store import card_header, card_lineage, continued_from, find_run, read_run
 from aigc.train import Budget, train_loop
 
 NAME = "video"
@@ -83,12 +84,10 @@ def source_of(data: str) -> str:
 
 
 def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
-    """Video runs hold out their own clips and start from scratch (this part of issue 18)."""
+    """Video runs hold out their own clips (a run continued with --init-from: `continued_model` checks it)."""
     if val_data is not None:
         raise BadRequest("--val-data does not apply to video runs yet: a named clip set makes its validation clips "
                          "from the test images, a folder holds out --set val_fraction=F of its clips")
-    if init_from is not None:
-        raise BadRequest("--init-from does not apply to video runs yet")
     if fam.phases:
         raise BadRequest(f"{family} does not make clips yet: use vae or diffusion (frames as channels), vae-rnn (a "
                          f"per-frame VAE and a GRU), or simvp to predict")
@@ -200,7 +199,10 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     if scores_prediction(fam) and min(h, w) <= metrics_of.SSIM_MIN_SIDE:
         raise BadRequest(f"{family}: frames of {h}x{w} are too small to score: SSIM (the evaluation's, and the "
                          f"loss's) needs more than {metrics_of.SSIM_MIN_SIDE} pixels a side; give --set size=N")
-    if fam.stages:
+    if init_from:
+        model, num_classes = continued_model(fam, Path(init_from), configs, values, val, data)
+        cfg = configs["data"]
+    elif fam.stages:
         num_classes = len(val.class_names) if cfg.conditional else 0
         model = _build_staged(family, fam, configs, val.shape, num_classes)
     elif predicts(fam):
@@ -225,6 +227,49 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
         "data": {"train": v.describe(train, source_of(data)), "val": v.describe(val, held_out(data))},
     }
     return Prepared(model, record, VideoBatches(train, val, cfg.conditional))
+
+
+def continued_model(fam: Family, parent_dir: Path, configs: dict, values: dict, val: v.Clips, data: str):
+    """The model of the video run `parent_dir` (--init-from) and its number of classes: its weights (an image
+    family's with its EMA, as image.continued_model restores them), its [model] keys (the family's `init_keys` may
+    still be set) and whether it is conditional become the new run's. The new clips must have the parent's shape
+    (frames, size, channels), a predictor its context, a conditional run its classes in the same order."""
+    parent = read_run(parent_dir)
+    t, h, w, c = val.shape
+    frames, side, channels = parent["clip_shape"][0], parent["clip_shape"][1], parent["clip_shape"][3]
+    if parent["clip_shape"] != [t, h, w, c]:
+        fix = [f"--set frames={frames}"] if frames != t else []
+        fix += [f"--set size={side}"] if parent["clip_shape"][1:3] != [h, w] else []
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} was trained on clips of {frames} x {side} x "
+                         f"{parent['clip_shape'][2]} x {channels} (T x H x W x C), {data}'s are {t} x {h} x {w} x {c}"
+                         + (f": use {' and '.join(fix)}" if fix else ""))
+    if parent.get("context") is not None and parent["context"] != configs["data"].context:
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} predicts from {parent['context']} frames: use --set "
+                         f"context={parent['context']}")
+    if not fam.stages and not predicts(fam):  # an image family on T * C channels
+        model = image.continued_model(fam, parent_dir, configs, values)
+    else:
+        changes = init_changes(fam, configs, values)
+        verify_manifest(parent_dir)
+        model = fam.load(parent_dir)
+        if changes:  # e.g. a vae-rnn's temperature or vae_share: the weights stay
+            config = dataclasses.replace(model.config, **changes)
+            rebuilt = _build_staged("", fam, {**configs, "model": config}, val.shape, model.num_classes) \
+                if fam.stages else fam.build(config, model.frame_shape, model.context, model.future)
+            rebuilt.load_state_dict(model.state_dict())
+            model = rebuilt
+        conditional = bool(getattr(model, "num_classes", 0))
+        if "conditional" in values and configs["data"].conditional != conditional:
+            raise BadRequest(f"conditional comes from the --init-from checkpoint: run {parent_dir.name!r} is "
+                             f"{'conditional' if conditional else 'unconditional'}")
+        configs["model"] = model.config
+        configs["data"] = dataclasses.replace(configs["data"], conditional=conditional)
+    num_classes = parent["num_classes"]
+    if num_classes and list(val.class_names) != parent.get("class_names"):
+        raise BadRequest(f"--init-from: run {parent_dir.name!r} was trained on the classes "
+                         f"{', '.join(parent.get('class_names') or [])}; {data} has {', '.join(val.class_names)}: a "
+                         f"continued run needs the same classes in the same order")
+    return model.train(), num_classes
 
 
 def _build_staged(family: str, fam: Family, configs: dict, clip_shape, num_classes: int):
@@ -435,8 +480,9 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
     lines = [*card_header(record, "video-generation" if record["job"] == "generate" else "video-prediction"),
              f"# {run_dir.name}", "",
              f"A `{record['family']}` video model trained by AIGC Studio {__version__} on "
-             f"`{record['data']['train']['source']}` (clips of {t} frames of {w}x{h}, {c} channel(s)): it {what}.",
-             "", "## Validation", "", *score, f"- steps: {m['steps']}", "",
+             f"`{record['data']['train']['source']}` (clips of {t} frames of {w}x{h}, {c} channel(s)): it {what}."
+             + continued_from(record), "", "## Validation", "", *score, f"- steps: {m['steps']}", *card_lineage(record),
+             "",
              "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
              "## Use", "", "```", f"aigc generate {run_dir} -n 4 --seed 0 --out clips/", "```", ""]
     return "\n".join(lines)

@@ -78,11 +78,13 @@ FAMILIES: dict[str, Family] = {
                         sampler_options=("sampler", "steps", "eta", "guidance_scale"),
                         description="DDPM: diffusers' UNet2DModel and samplers, EMA, classifier-free guidance"),
     # a video predictor; vae and diffusion also make clips (frames as channels) when --data is a clip set
-    "simvp": Family("video", simvp.SimVPConfig, "gradient", simvp.SimVP.load, simvp.build,
+    "simvp": Family("video", simvp.SimVPConfig, "gradient", simvp.SimVP.load, simvp.build, init_from=True,
+                    init_keys=("l1", "ssim"),
                     description="SimVP-style video predictor (ours): the next frames from the first ones"),
     # a clip generator and a predictor: a per-frame VAE, then a GRU on its latent sequence (two stages, one run)
     "vae-rnn": Family("video", vae_rnn.VAERNNConfig, "gradient", vae_rnn.VAERNN.load, vae_rnn.build,
-                      stages=vae_rnn.STAGES, bound_score=True, sampler_options=("temperature",),
+                      stages=vae_rnn.STAGES, bound_score=True, sampler_options=("temperature",), init_from=True,
+                      init_keys=("beta", "temperature", "vae_share"),
                       description="per-frame VAE + GRU over its latent sequence: makes and predicts clips"),
     "ar": Family("series", ar.ARConfig, "fit", ar.AR.load, ar.build,
                  description="autoregressive AR(p), statsmodels estimate, order by BIC"),
