@@ -1,7 +1,7 @@
 """Does `tilt`'s reward, fitted on the parent's own rated samples, judge real training images as the scripted user
 would? Two checks that read no scripted user's rule inside `aigc optimize`, only here, to score it:
 
-    python benchmarks/feedback_tilt.py [--home DIR] [--skip-digits] [--skip-fashion]
+    python benchmarks/feedback_tilt.py [--home DIR] [--skip-digits] [--skip-fashion] [--digit-parents 400,3000]
 
 - digits (tests/test_optimize.py's setting): a VAE on scikit-learn's digits (400 steps, the tests' parent, and 3000
   steps), 160 of its images rated by a user who likes digits brighter than the median of the parent's images. For
@@ -154,13 +154,14 @@ def main() -> None:
     parser.add_argument("--home", help="where the fashion parent is made once and reused (default: a temp dir)")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument("--digit-parents", default=",".join(map(str, DIGIT_PARENTS)), help="the digits parents' steps")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     t0 = time.perf_counter()
     result = {"machine": machine()}
     if not args.skip_digits:
         result["digits"] = []
-        for steps in DIGIT_PARENTS:
+        for steps in [int(v) for v in args.digit_parents.split(",")]:
             with tempfile.TemporaryDirectory(prefix="aigc-tilt-") as tmp:
                 result["digits"].append(digits(Path(tmp), steps))
                 print(json.dumps(result["digits"][-1]), file=sys.stderr)
