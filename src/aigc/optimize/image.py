@@ -8,9 +8,10 @@
   families that sample with an EMA of their weights (dcgan, diffusion) show the change slowly, as the average
   catches up (its decay, 0.999 by default, spans about a thousand steps). Two keys hold the new run nearer the
   parent's quality: `tilt` k draws the training data as rerank's rule would keep it (of k images, the first a
-  reward fitted on the ratings judges liked, else the first: `tilted_weights`), so the preference moves the class
-  mix with real pictures rather than with the parent's own; `anchor` pulls the weights towards the parent's (an L2
-  term on their distance). Measured in docs/optimize.md (benchmarks/feedback_sft.py).
+  reward fitted on the ratings judges liked, else the first: `tilted_weights`; a VAE's images each judged by its
+  reconstruction, which is drawn as the samples the reward was fitted on are: `as_the_parent_draws`), so the
+  preference moves the class mix with real pictures rather than with the parent's own; `anchor` pulls the weights
+  towards the parent's (an L2 term on their distance). Measured in docs/optimize.md (benchmarks/feedback_sft.py).
 """
 
 from __future__ import annotations
