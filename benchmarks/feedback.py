@@ -2,6 +2,10 @@
 ratings and `aigc optimize` through the HTTP API of a real `aigc serve`, as a person would through the studio.
 
     python benchmarks/feedback.py [--quick] [--only text|image] [--methods sft,dpo,rerank] [--out benchmarks/results]
+        [--set KEY=VALUE ...] [--name RESULT]
+
+A method may carry its own keys after `+` (`--methods sft+tilt=2,sft+tilt=3+anchor=1`): each is one row, made from
+the same parent and ratings and judged by the same user and FID images, so variants compare within one run.
 
 - text: a gpt trained on the Tang poems (tang300). The user likes poems that mention the moon (月) and dislikes the
   rest. 200 outputs of the rated prompts are rated (+1 / -1, each by its index in its generation).
@@ -22,6 +26,7 @@ import base64
 import io
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,9 +107,19 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not start")
 
 
+def method_sets(method: str, sets: dict) -> tuple[str, dict]:
+    """'sft+tilt=2+anchor=1' -> ('sft', sets with tilt 2 and anchor 1): a method and its own keys over `sets`."""
+    name, *own = method.split("+")
+    return name, {**sets, **dict(item.split("=", 1) for item in own)}
+
+
 def optimize(http, run: str, method: str, sets: dict) -> dict:
-    """POST /v1/optimizations and wait for the job; the new run's metrics."""
-    started = http.post("/v1/optimizations", json={"model": run, "method": method, "sets": sets})
+    """POST /v1/optimizations for `method` (with its own keys after `+`, over `sets`; the new run named RUN-METHOD,
+    every other character than a letter, digit, '.', '_' or '-' a '-') and wait for the job; the new run's
+    metrics."""
+    base, sets = method_sets(method, sets)
+    name = f"{run}-{re.sub(r'[^A-Za-z0-9._-]+', '-', method)}"
+    started = http.post("/v1/optimizations", json={"model": run, "method": base, "sets": sets, "name": name})
     if started.status_code != 200:
         raise SystemExit(f"optimize {run} {method}: {started.status_code} {started.text}")
     job = started.json()
@@ -175,8 +190,7 @@ def bench_text(home: Path, url: str, steps: int, methods: list[str], family: str
     parent_bpc = store.read_run(home / "runs" / "poet")["metrics"]["val_bpc"]
     rows = []
     for method in methods:
-        sets = {"eval_samples": "200", **EXTRA_SETS}
-        made = optimize(http, "poet", method, sets)
+        made = optimize(http, "poet", method, {"eval_samples": "200", **EXTRA_SETS})
         k1, n1 = judged(made["run"])
         bpc = made["val_bpc"]
         rows.append({"modality": "text", "method": method, "run": made["run"], "rated": len(rated),
@@ -348,6 +362,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an [optimize] or [train] key for every optimize (aigc optimize --set)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", help="the results' file name (default: feedback[-quick][-text|-image][-ngram])")
     args = parser.parse_args()
     EXTRA_SETS.update(dict(item.split("=", 1) for item in args.set))
     methods = [m for m in args.methods.split(",") if m]
@@ -358,19 +373,18 @@ def main() -> None:
         proc, url = start_server(home)
         try:
             if args.only in (None, "text"):
-                result["text"] = bench_text(home, url, TEXT_STEPS[args.quick],
-                                            [m for m in methods if args.text_family != "ngram" or m != "dpo"],
-                                            args.text_family)
+                takes = [m for m in methods if args.text_family != "ngram" or method_sets(m, {})[0] != "dpo"]
+                result["text"] = bench_text(home, url, TEXT_STEPS[args.quick], takes, args.text_family)
             if args.only in (None, "image"):
                 result["image"] = bench_images(home, url, args.image_family, IMAGE_STEPS[args.quick],
-                                               [m for m in methods if m != "dpo"])
+                                               [m for m in methods if method_sets(m, {})[0] != "dpo"])
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     result["seconds"] = time.perf_counter() - t0
     name = ("feedback-quick" if args.quick else "feedback") + (f"-{args.only}" if args.only else "") \
         + (f"-{args.text_family}" if args.text_family != "gpt" and args.only != "image" else "")
-    write_results(args.out, name, result, table(result))
+    write_results(args.out, args.name or name, result, table(result))
     print(table(result))
 
 
