@@ -27,7 +27,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import fields_of, read_toml, to_toml
 from aigc.data import music as m
-from aigc.data.music_grammar import RemiGrammar, limits_of
+from aigc.data.music_grammar import HarmonyGrammar, RemiGrammar, limits_of
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
 from aigc.evaluate.music import (
@@ -50,7 +50,7 @@ from aigc.train import TextBatches, train_loop
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "constrained", "prompt_midi", "prompt_piece",
-                    "prompt_bars")
+                    "prompt_bars", "harmonise_midi", "harmonise_piece")
 # `aigc eval RUN -n N --temperature T --top-p P --no-constrained`: the pieces sampled for the statistics (default
 # EVAL_SAMPLES, at SAMPLING_DEFAULTS)
 EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained")
@@ -243,13 +243,25 @@ def piece_prompt_tokens(run_dir: Path, name: str, bars: int) -> list[str]:
     """The first `bars` bars of the run's validation piece `name` (`openings`), as tokens."""
     if bars < 1:
         raise BadRequest(f"--prompt-bars must be >= 1, got {bars}")
+    return m.first_bars(m.encode(validation_piece(run_dir, name, "--prompt-piece")), bars)
+
+
+def validation_piece(run_dir: Path, name: str, option: str) -> m.Piece:
+    """The run's validation piece `name` (one of `openings`); a wrong name is an error that lists them."""
     record = read_run(run_dir)
     names = record["data"]["val"].get("names", [])
     if name not in names:
         shown = ", ".join(names[:5]) + (f" ... ({len(names)} in all)" if len(names) > 5 else "")
-        raise BadRequest(f"--prompt-piece {name!r} is not a validation piece of {Path(run_dir).name}: one of {shown}")
-    piece = _read_part(run_dir, record, "val")[names.index(name)]
-    return m.first_bars(m.encode(piece), bars)
+        raise BadRequest(f"{option} {name!r} is not a validation piece of {Path(run_dir).name}: one of {shown}")
+    return _read_part(run_dir, record, "val")[names.index(name)]
+
+
+def melody_of(run_dir: Path, midi: str | None, piece: str | None) -> m.Piece:
+    """The melody to harmonise: the top voice (`m.soprano_line`) of a MIDI file, or of one of the run's validation
+    pieces (a held-out chorale's soprano), on its time signature."""
+    source = m.read_midi(Path(midi).expanduser()) if midi is not None else \
+        validation_piece(run_dir, piece, "--harmonise-piece")
+    return m.Piece(source.name, source.time_signature, m.soprano_line(source.notes))
 
 
 def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[str], None] | None = None,
@@ -263,11 +275,17 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     constrained = options.pop("constrained")
     if not isinstance(constrained, bool):
         raise BadRequest(f"constrained must be true or false, got {constrained!r}")
+    bars_given = options.get("bars")
     bars = options.pop("bars", DEFAULT_BARS)
     if not 1 <= bars <= 256:
         raise BadRequest(f"--bars must be in 1..256, got {bars}")
     prompt_midi, prompt_piece = options.pop("prompt_midi", None), options.pop("prompt_piece", None)
     prompt_bars = options.pop("prompt_bars", None)
+    harmonise_midi, harmonise_piece = options.pop("harmonise_midi", None), options.pop("harmonise_piece", None)
+    if harmonise_midi is not None or harmonise_piece is not None:
+        return harmonise(loaded, options, seed, constrained, cancel=cancel, batched=batched, midi=harmonise_midi,
+                         piece=harmonise_piece, others={"bars": bars_given, "prompt_midi": prompt_midi,
+                                                        "prompt_piece": prompt_piece, "prompt_bars": prompt_bars})
     if prompt_midi is not None and prompt_piece is not None:
         raise BadRequest("--prompt-midi and --prompt-piece exclude each other: give one opening to continue")
     if prompt_bars is not None and prompt_midi is None and prompt_piece is None:
@@ -300,6 +318,55 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     settings_out = {**settings_dict(settings), "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
                     "prompt_bars": (prompt_bars or PROMPT_BARS) if prompt else None, "constrained": constrained,
                     "grammar": grammar}
+    settings_out.pop("stop")
+    return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
+                                      "stats": stats})
+
+
+def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, *, cancel: threading.Event | None,
+              batched: bool, midi: str | None, piece: str | None, others: dict) -> Generation:
+    """`n` harmonisations of a melody (a MIDI file's top voice, `midi`, or a validation piece's soprano, `piece`):
+    the melody kept exactly as the top voice, the model's lower voices under it (aigc.data.music_grammar's
+    HarmonyGrammar); the piece lasts as long as the melody."""
+    if midi is not None and piece is not None:
+        raise BadRequest("--harmonise-midi and --harmonise-piece exclude each other: give one melody")
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise BadRequest(f"{flags} does not apply with --harmonise-midi or --harmonise-piece: the piece is as long "
+                         "as the melody and begins with it")
+    if not constrained:
+        raise BadRequest("harmonisation keeps the melody by the grammar of constrained sampling: leave "
+                         "--no-constrained out")
+    melody = melody_of(loaded.path, midi, piece)
+    record = read_run(loaded.path)
+    limits = grammar_of(loaded.path, record)
+    if limits["max_polyphony"] < 2:
+        raise BadRequest(f"{Path(loaded.path).name} learned pieces of one voice (at most 1 note sounds at once in its "
+                         "training pieces): it cannot write voices under a melody")
+    bars = m.bars_of(m.encode(melody))
+    room = min(MAX_NEW_TOKENS_CAP, MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - 1)
+    least = HarmonyGrammar(limits, melody, room).minimum()  # the melody's own tokens
+    if least > room:
+        raise BadRequest(f"the melody ({len(melody.notes)} notes, {bars} bars) takes {least} tokens alone, more than "
+                         f"the {room} this model can generate at once: give a shorter melody")
+    # the budget as for a piece of as many bars (and at least twice the melody's own), capped by the context: the
+    # grammar keeps what the melody still needs of it
+    budget = min(max(math.ceil(bars * record["encoding"]["tokens_per_bar"] * BUDGET_MARGIN) + 2, 2 * least), room)
+    settings = text.settings_of({**options, "max_new_tokens": budget, "prompt": ""}, seed)
+    processors = [HarmonyGrammar(limits, melody, budget)]
+    samples, stats = decode(loaded, settings, cancel=cancel, batched=batched, processors=processors)
+    outputs = []
+    for sample in samples:
+        tokens = sample.split()
+        notes = m.decode(tokens).notes
+        if not set(melody.notes) <= set(notes):  # the grammar makes this impossible; never hand out a broken one
+            raise UserError("a harmonisation lost notes of its melody (a bug: please report it)")
+        outputs.append({"tokens": " ".join(tokens), "bars": m.bars_of(tokens), "notes": len(notes)})
+    settings_out = {**settings_dict(settings), "bars": bars, "harmonise_midi": midi, "harmonise_piece": piece,
+                    "melody": {"name": melody.name, "time_signature": melody.time_signature,
+                               "notes": len(melody.notes), "sha256": sha256_text(json.dumps(melody.notes))},
+                    "constrained": True, "grammar": limits}
     settings_out.pop("stop")
     return Generation(NAME, outputs, {"run": str(loaded.path), "family": loaded.family, "settings": settings_out,
                                       "stats": stats})
