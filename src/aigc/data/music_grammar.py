@@ -88,7 +88,6 @@ class RemiGrammar(LogitsProcessor):
         self.low, self.high = m.PITCH_RANGE
         self.rows: list[_Row] = []
         self.read = 0  # columns of input_ids already read
-        self.start = 0  # columns of the prompt
 
     # -- reading the tokens
 
@@ -151,7 +150,6 @@ class RemiGrammar(LogitsProcessor):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             self.rows = [self.new_row() for _ in range(input_ids.shape[0])]
-            self.start = input_ids.shape[1]  # the prompt's length: what the rows generate comes after it
         for row, tokens in zip(self.rows, input_ids[:, self.read:].tolist(), strict=True):
             for token in tokens:
                 self.feed(row, token)
@@ -200,7 +198,8 @@ class HarmonyGrammar(RemiGrammar):
         room: at most max_onsets - 1 lower notes at a melody onset and max_polyphony - 1 lower notes sounding at
             once, so the melody always fits the run's limits
 
-    and the token budget (`budget`, the request's max_new_tokens) is kept for the melody: a lower note, an onset or
+    and the token budget (`budget`: the tokens after the document's start, the request's max_new_tokens, as a
+    harmonisation has no other prompt) is kept for the melody: a lower note, an onset or
     a bar of lower voices alone is allowed only while the tokens left cover it and every melody note still to come
     (`needed`), so a piece never runs out before its melody ends. Strict: a row whose allowed tokens the model all
     gives zero probability draws evenly among them (the melody is never given up for the model's scores)."""
@@ -312,5 +311,5 @@ class HarmonyGrammar(RemiGrammar):
         return int(min(below[0] if len(below) else self.end - time, m.MAX_DUR))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.generated = input_ids.shape[1] - (self.start if self.rows else input_ids.shape[1])
+        self.generated = input_ids.shape[1] - 1  # tokens after the document's start (a harmonisation's prompt)
         return super().__call__(input_ids, scores)
