@@ -7,6 +7,7 @@ kept; seeded reproducibility, the CLI and API, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from aigc.cli import app
 from aigc.data import music as m
 from aigc.data.music_grammar import HarmonyGrammar
 from aigc.errors import BadRequest
+from aigc.evaluate.music import consonant_share, is_consonant, notes_per_onset, sonorities
 from aigc.modalities import music
 from aigc.store import runs_dir
 from conftest import TINY_SETS
@@ -192,3 +194,15 @@ def test_the_cli_and_the_api_harmonise_and_bad_input_is_one_clear_error(midi_fol
     service.train("ngram", str(one_voice), name="melodies", sets={"max_order": "2", "val_fraction": "0.5"})
     with pytest.raises(BadRequest, match="pieces of one voice"):
         service.generate("melodies", {"harmonise_midi": str(one_voice / "0.mid")})
+
+
+def test_consonance_and_notes_per_onset_by_hand():
+    c_major, d_minor_over_c = [48, 64, 67, 72], [48, 62, 65, 69]
+    assert is_consonant(c_major) and is_consonant([48, 60]) and is_consonant([52, 60, 67])  # a sixth chord
+    assert not is_consonant(d_minor_over_c)  # a 9th over the bass
+    assert not is_consonant([48, 53]) and is_consonant([48, 55, 60])  # a fourth over the bass; between upper voices
+    # C major held (4 notes at 0), a passing D over it at 4: two sonorities, one consonant
+    notes = [(0, 8, 48), (0, 8, 55), (0, 8, 64), (0, 4, 72), (4, 4, 74)]
+    assert sonorities(notes) == [[48, 55, 64, 72], [48, 55, 64, 74]]
+    assert consonant_share(notes) == 0.5 and notes_per_onset(notes) == 2.5
+    assert math.isnan(consonant_share([(0, 4, 60)]))
