@@ -10,7 +10,9 @@ Without --runs: the audio benchmark's runs where they are (benchmarks/.work/runs
 else an n-gram counted here on bach-chorales (split seed 0, as the audio benchmark's). Every run must have the same
 validation split (bach-chorales, split seed 0: the same 33 chorales).
 
-Per model, over the N chorales (one harmonisation each, seed 0, the music sampling defaults):
+Per model and number of candidates per melody note (--candidates: 1, one left-to-right draw of the whole piece;
+4, the default: four chords drawn before each melody note, the one under which the model finds the note most
+probable kept), over the N chorales (one harmonisation each, seed 0, the music sampling defaults):
 1. the soprano kept exactly: every soprano note in the piece (must be 100%), and the share of the other notes that
    sound at or above the soprano note sounding then (must be 0; a real chorale's alto sometimes crosses above its
    soprano, whose top-voice line `soprano_line` then cuts the soprano's note short: the real rows are below 100%);
@@ -101,6 +103,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 chorales (unless --chorales)")
     parser.add_argument("--chorales", type=int, default=None, help="the first N validation chorales (default: all)")
     parser.add_argument("--runs", default=None, help="comma-separated music runs (directories)")
+    parser.add_argument("--candidates", default="1,4", help="comma-separated candidates per melody note to measure "
+                                                                "(1: one left-to-right draw; the default of a "
+                                                                "harmonisation: 4)")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -130,17 +135,20 @@ def main() -> None:
         names = [p.name for p in music.read_split(run)[1][:n]]
         if names != [p.name for p in chorales]:
             raise SystemExit(f"{run}: another validation split than {runs[0]}'s: compare runs of one split")
-        pieces, seconds = [], 0.0
-        for name in names:
-            t0 = time.perf_counter()
-            made = service.generate(str(run), {"harmonise_piece": name}, seed=0)
-            seconds += time.perf_counter() - t0
-            pieces.append(m.decode(made.outputs[0]["tokens"].split()).notes)
-        family = made.record["family"]
-        rows[f"{family} ({run.name})"] = measure(pieces, sopranos)
-        models[run.name] = {"family": family, "seconds_per_chorale": seconds / n,
-                            "settings": {k: v for k, v in made.record["settings"].items()
-                                         if k in ("temperature", "top_k", "top_p", "constrained", "grammar")}}
+        for k in [int(c) for c in args.candidates.split(",")]:
+            pieces, seconds = [], 0.0
+            for name in names:
+                t0 = time.perf_counter()
+                made = service.generate(str(run), {"harmonise_piece": name, "candidates": k}, seed=0)
+                seconds += time.perf_counter() - t0
+                pieces.append(m.decode(made.outputs[0]["tokens"].split()).notes)
+            family = made.record["family"]
+            row = f"{family}, {k} candidate{'s' if k > 1 else ''} per note ({run.name})"
+            rows[row] = measure(pieces, sopranos)
+            models[row] = {"family": family, "run": str(run), "candidates": k, "seconds_per_chorale": seconds / n,
+                           "settings": {k: v for k, v in made.record["settings"].items()
+                                        if k in ("temperature", "top_k", "top_p", "constrained", "grammar")}}
+            print(row, rows[row]["consonant_share"], f"{seconds / n:.1f} s per chorale", file=sys.stderr, flush=True)
     result = {"machine": machine(), "load_start": load_start, "load_end": os.getloadavg(),
               "minutes": (time.time() - t_start) / 60, "chorales": [p.name for p in chorales], "models": models,
               "rows": rows, "command": "python benchmarks/harmonise.py " + " ".join(sys.argv[1:])}

@@ -350,6 +350,9 @@ def generate(
                                                             "and write the voices below it")] = None,
     harmonise_piece: Annotated[str | None, typer.Option(help="music runs: keep the soprano of this validation piece "
                                                              "of the run and write the voices below it")] = None,
+    candidates: Annotated[int | None, typer.Option(help="music runs, with --harmonise-*: chords drawn per melody "
+                                                        "note, the one that best foresees the note kept (default 4; "
+                                                        "1: one draw)")] = None,
     constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
                                                      help="music runs: grammar-constrained sampling (default on; "
                                                           "docs/audio.md)")] = None,
@@ -405,7 +408,7 @@ def generate(
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
                "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
                "prompt_bars": prompt_bars, "harmonise_midi": harmonise_midi, "harmonise_piece": harmonise_piece,
-               "constrained": constrained}
+               "candidates": candidates, "constrained": constrained}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:

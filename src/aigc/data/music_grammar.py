@@ -180,6 +180,8 @@ class _HarmonyRow(_Row):
         self.next = 0  # the melody's notes emitted so far (the index of the next one)
         self.melody_note = False  # the Pitch just read is the melody's (its Dur is forced)
         self.lower: list[int] = []  # when each lower note stops sounding (16ths from the piece's start)
+        self.logp: np.ndarray | None = None  # (V,) the model's log-probabilities at the last step (before the mask)
+        self.melody_logp = 0.0  # the model's log-probability of the melody's tokens, given what came before each
 
 
 class HarmonyGrammar(RemiGrammar):
@@ -202,12 +204,16 @@ class HarmonyGrammar(RemiGrammar):
     harmonisation has no other prompt) is kept for the melody: a lower note, an onset or
     a bar of lower voices alone is allowed only while the tokens left cover it and every melody note still to come
     (`needed`), so a piece never runs out before its melody ends. Strict: a row whose allowed tokens the model all
-    gives zero probability draws evenly among them (the melody is never given up for the model's scores)."""
+    gives zero probability draws evenly among them (the melody is never given up for the model's scores).
+
+    `until` k: a row ends (end of text) as soon as it has the melody's first k notes whole, so a harmonisation can be
+    written onset by onset (aigc.modalities.music: each onset's candidates, the piece so far as their prompt)."""
 
     strict = True
 
-    def __init__(self, limits: dict[str, int], melody: m.Piece, budget: int):
+    def __init__(self, limits: dict[str, int], melody: m.Piece, budget: int, until: int | None = None):
         super().__init__(limits)
+        self.until = until  # end each row once it has this many of the melody's notes (None: at the piece's end)
         if not melody.notes:
             raise ValueError("the melody has no notes")
         self.bar_len = m.bar_length(melody.time_signature)
@@ -243,6 +249,8 @@ class HarmonyGrammar(RemiGrammar):
         melody_pitch = row.next < len(self.melody) and self.melody[row.next][0] == row.now and \
             row.phase in ("pos", "dur") and token == self.pitch0 + self.melody[row.next][2] - self.low
         lower_dur = row.phase == "pitch" and not row.melody_note and token >= self.dur0
+        if row.logp is not None and (melody_pitch or (row.melody_note and token >= self.dur0)):
+            row.melody_logp += float(row.logp[token])
         super().feed(row, token)
         if melody_pitch:
             row.next, row.melody_note = row.next + 1, True
@@ -258,7 +266,7 @@ class HarmonyGrammar(RemiGrammar):
             ok[self.ts_id] = True
         elif row.phase == "ts":
             ok[self.bar] = True
-        elif row.phase == END:
+        elif row.phase == END or (self.until is not None and row.next >= self.until and row.phase == "dur"):
             ok[self.eot] = True
         elif row.phase == "pitch":
             if row.melody_note:
@@ -312,4 +320,14 @@ class HarmonyGrammar(RemiGrammar):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.generated = input_ids.shape[1] - 1  # tokens after the document's start (a harmonisation's prompt)
-        return super().__call__(input_ids, scores)
+        out = super().__call__(input_ids, scores)
+        logp = torch.log_softmax(scores.float(), -1)[:, :self.vocab_size].cpu().numpy()  # the model's own
+        for row, row_logp in zip(self.rows, logp, strict=True):
+            row.logp = row_logp
+        return out
+
+    def melody_scores(self) -> list[float]:
+        """Per row: the model's log-probability of the melody's tokens (its Pitch and Dur at each onset) given the
+        piece before each, as the model scored them before the mask: how well the lower voices it wrote foresee the
+        melody (a harmonisation in another key than the melody's makes it improbable)."""
+        return [row.melody_logp for row in self.rows]
