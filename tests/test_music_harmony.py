@@ -105,6 +105,34 @@ def test_the_mask_keeps_the_melody_by_hand():
     assert allowed_after(at_pickup, budget=len(at_pickup) + 12) == names("Pitch", range(21, 77))
 
 
+def test_the_melody_score_is_the_models_log_probability_of_the_melody_tokens():
+    # a random walk through the grammar on random logits: the score adds log_softmax(logits)[token] (torch's) of
+    # the melody's tokens drawn, as the model scored them before the mask, and of no other token
+    generator = torch.Generator().manual_seed(0)
+    grammar = HarmonyGrammar(LIMITS, MELODY, 200)
+    ids, expected, melody_tokens = [INDEX[m.EOT]], 0.0, 0
+    melody = {f"Pitch_{p}": f"Dur_{d}" for _, d, p in MELODY.notes}
+    while True:
+        logits = torch.randn(1, len(VOCAB), generator=generator)
+        masked = grammar(torch.tensor([ids]), logits)
+        token = int(torch.multinomial(torch.softmax(masked[0], -1), 1, generator=generator))
+        if token == INDEX[m.EOT]:
+            break
+        previous = VOCAB[ids[-1]]
+        if VOCAB[token] in melody and grammar.rows[0].next < len(MELODY.notes) and \
+                MELODY.notes[grammar.rows[0].next][2] == int(VOCAB[token][6:]):
+            expected += float(torch.log_softmax(logits[0], -1)[token])
+            melody_tokens += 1
+        elif previous in melody and VOCAB[token] == melody[previous] and grammar.rows[0].melody_note:
+            expected += float(torch.log_softmax(logits[0], -1)[token])
+            melody_tokens += 1
+        ids.append(token)
+    grammar(torch.tensor([ids]), torch.zeros(1, len(VOCAB)))  # reads the last token
+    assert melody_tokens == 2 * len(MELODY.notes)
+    assert set(MELODY.notes) <= set(m.decode([VOCAB[i] for i in ids[1:]]).notes)
+    assert grammar.melody_scores() == [pytest.approx(expected)]
+
+
 @pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
 def test_every_family_keeps_the_melody_and_writes_below_it(family, midi_folder, tmp_path):
     sets = {**TINY_SETS[family], "val_fraction": "0.25"}
@@ -116,7 +144,9 @@ def test_every_family_keeps_the_melody_and_writes_below_it(family, midi_folder, 
     [name] = music.openings(run_dir)
     _, [held_out] = music.read_split(run_dir)
     soprano = m.soprano_line(held_out.notes)
-    made = service.generate(run_dir.name, {"n": 4, "harmonise_piece": name, "temperature": 1.5}, seed=3)
+    # one draw of the whole piece (candidates 1; the default, chords drawn per melody note, on a short melody below)
+    made = service.generate(run_dir.name, {"n": 4, "harmonise_piece": name, "temperature": 1.5, "candidates": 1},
+                            seed=3)
     assert made.record["settings"]["harmonise_piece"] == name
     assert made.record["settings"]["melody"]["notes"] == len(soprano)
     lower = 0
@@ -130,13 +160,18 @@ def test_every_family_keeps_the_melody_and_writes_below_it(family, midi_folder, 
         assert violations(tokens, limits) == []
         lower += len(notes) - len(soprano)
     assert lower > 0  # the model wrote lower voices
-    again = service.generate(run_dir.name, {"n": 4, "harmonise_piece": name, "temperature": 1.5}, seed=3)
+    again = service.generate(run_dir.name, {"n": 4, "harmonise_piece": name, "temperature": 1.5, "candidates": 1},
+                             seed=3)
     assert [o["tokens"] for o in again.outputs] == [o["tokens"] for o in made.outputs]
 
-    # a melody from a MIDI file (its top voice is taken), written with rests and a pickup
+    # a melody from a MIDI file (its top voice is taken), written with rests and a pickup, at the default: chords
+    # drawn per melody note, the one that best foresees the note kept; seeded too
     path = tmp_path / "tune.mid"
     path.write_bytes(m.midi_bytes(m.Piece("tune", "3/4", [*MELODY.notes, (12, 4, 48)])))
     tune = service.generate(run_dir.name, {"n": 2, "harmonise_midi": str(path), "temperature": 1.5}, seed=1)
+    assert tune.record["settings"]["candidates"] == music.HARMONY_CANDIDATES > 1
+    assert [o["tokens"] for o in tune.outputs] == [o["tokens"] for o in service.generate(
+        run_dir.name, {"n": 2, "harmonise_midi": str(path), "temperature": 1.5}, seed=1).outputs]
     for output in tune.outputs:
         notes = m.decode(output["tokens"].split()).notes
         assert set(MELODY.notes) <= set(notes) and ceiling_broken(MELODY.notes, notes) == []
@@ -152,7 +187,8 @@ def test_the_cli_and_the_api_harmonise_and_bad_input_is_one_clear_error(midi_fol
                                                                                  "val_fraction": "0.25"})
     [name] = music.openings(run_dir)
     out = tmp_path / "out"
-    done = runner.invoke(app, ["generate", "chorales", "--harmonise-piece", name, "--seed", "2", "--out", str(out)])
+    done = runner.invoke(app, ["generate", "chorales", "--harmonise-piece", name, "--candidates", "1", "--seed", "2",
+                               "--out", str(out)])
     assert done.exit_code == 0, done.output
     assert {p.suffix for p in out.iterdir()} == {".mid", ".wav", ".png", ".json"}
     record = json.loads(m.midi_text(out / "000.mid"))
@@ -161,17 +197,19 @@ def test_the_cli_and_the_api_harmonise_and_bad_input_is_one_clear_error(midi_fol
     home = runs_dir().parent
     server = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
     with TestClient(server) as client:
-        answer = client.post("/v1/audio/generations", json={"model": "chorales", "harmonise_piece": name, "seed": 2})
+        answer = client.post("/v1/audio/generations", json={"model": "chorales", "harmonise_piece": name, "seed": 2,
+                                                            "candidates": 2})
         assert answer.status_code == 200, answer.text
         made = answer.json()
         assert made["data"][0]["midi_b64"] and made["data"][0]["record"]["settings"]["harmonise_piece"] == name
         replay = client.get(f"/v1/generations/{made['generation_id']}/replay").json()
-        assert f"--harmonise-piece {name}" in replay["cli"]
+        assert f"--harmonise-piece {name}" in replay["cli"] and "--candidates 2" in replay["cli"]
         assert [d["midi_b64"] for d in client.post(replay["endpoint"], json=replay["body"]).json()["data"]] == \
             [d["midi_b64"] for d in made["data"]]
         for wrong, says in (({"harmonise_piece": "bwv000"}, "--harmonise-piece 'bwv000' is not a validation piece"),
                             ({"harmonise_piece": name, "bars": 4}, "--bars does not apply with --harmonise"),
-                            ({"harmonise_piece": name, "constrained": False}, "leave --no-constrained out")):
+                            ({"harmonise_piece": name, "constrained": False}, "leave --no-constrained out"),
+                            ({"candidates": 2}, "--candidates applies with --harmonise")):
             refused = client.post("/v1/audio/generations", json={"model": "chorales", **wrong})
             assert refused.status_code == 400 and says in refused.text, refused.text
 
