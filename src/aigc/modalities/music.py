@@ -68,8 +68,8 @@ BUDGET_MARGIN = 2.0  # tokens allowed per bar, over the training split's mean
 MAX_EXTENSIONS = 4  # continuations of a piece the model ended too soon
 MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~300 tokens, a prompt more
 # candidates per melody note of a harmonisation (`_harmonise_by_onsets`; 1: one left-to-right draw of the whole
-# piece): 4 measured on the benchmark's gpt and n-gram, consonant sonorities 0.24 -> 0.33 and 0.33 -> 0.47 on the
-# first validation chorales, the gpt no slower (docs/audio.md, "Harmonisation")
+# piece): 4 measured on the audio benchmark's gpt and n-gram, consonant sonorities 0.20 -> 0.34 and 0.35 -> 0.46 on
+# the first 10 validation chorales (docs/audio.md, "Harmonisation"), at several times the sampling time
 HARMONY_CANDIDATES = 4
 MAX_CANDIDATES = 16
 EVAL_SAMPLES = 8  # pieces sampled at seed 0 (at SAMPLING_DEFAULTS) for the statistics and copying (-n N)
@@ -291,8 +291,8 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     if harmonise_midi is not None or harmonise_piece is not None:
         return harmonise(loaded, options, seed, constrained, cancel=cancel, batched=batched, midi=harmonise_midi,
                          piece=harmonise_piece, candidates=HARMONY_CANDIDATES if candidates is None else candidates,
-                         others={"bars": bars_given, "prompt_midi": prompt_midi,
-                                                        "prompt_piece": prompt_piece, "prompt_bars": prompt_bars})
+                         others={"bars": bars_given, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
+                                 "prompt_bars": prompt_bars})
     if candidates is not None:
         raise BadRequest("--candidates applies with --harmonise-midi or --harmonise-piece")
     if prompt_midi is not None and prompt_piece is not None:
@@ -371,8 +371,8 @@ def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, 
                                 processors=[HarmonyGrammar(limits, melody, budget)])
     else:
         settings = text.settings_of({**options, "max_new_tokens": budget}, seed)
-        made = [_harmonise_by_onsets(loaded, settings, limits, melody, budget, candidates, seed + 1000 * i, cancel,
-                                   batched) for i in range(settings.n)]
+        made = [_harmonise_by_onsets(loaded, settings, limits, melody, budget, candidates, i, cancel, batched)
+                for i in range(settings.n)]
         samples = [sample for sample, _ in made]
         stats = {"generated_tokens": sum(s["generated_tokens"] for _, s in made),
                  "seconds": sum(s["seconds"] for _, s in made)}
@@ -395,9 +395,10 @@ def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, 
 
 
 def _harmonise_by_onsets(loaded: LoadedModel, settings, limits: dict, melody: m.Piece, budget: int, candidates: int,
-                         seed: int, cancel: threading.Event | None, batched: bool) -> tuple[str, dict]:
-    """One harmonisation written onset by onset of the melody: the voices up to and under its k-th note drawn
-    `candidates` times (the piece so far as the prompt, the seed `seed + k`), keeping the candidate under which the
+                         index: int, cancel: threading.Event | None, batched: bool) -> tuple[str, dict]:
+    """The `index`-th harmonisation of a request, written onset by onset of the melody: the voices up to and under
+    its k-th note drawn `candidates` times (the piece so far as the prompt, the seed `seed + n * k + index`: each
+    piece and note its own), keeping the candidate under which the
     model finds the melody's note most probable (`HarmonyGrammar.melody_scores`). Why: the encoding puts an onset's
     lower notes before its top note, so a left-to-right model writes each chord before it reads the melody's note
     in it; drawing a few chords and keeping the one that best foresees the melody's note lets the note choose its
@@ -408,7 +409,7 @@ def _harmonise_by_onsets(loaded: LoadedModel, settings, limits: dict, melody: m.
     for k in range(1, len(melody.notes) + 1):
         last = k == len(melody.notes)  # the last note: on to the piece's end
         step = text.settings_of({**options, "n": candidates, "prompt": " ".join(tokens) + " " if tokens else "",
-                                 "max_new_tokens": budget - len(tokens)}, seed + k)
+                                 "max_new_tokens": budget - len(tokens)}, settings.seed + settings.n * k + index)
         grammar = HarmonyGrammar(limits, melody, budget, until=None if last else k)
         samples, stats = decode(loaded, step, cancel=cancel, batched=batched, processors=[grammar])
         scores = grammar.melody_scores()
