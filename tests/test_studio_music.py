@@ -151,6 +151,41 @@ def test_a_person_listens_rates_votes_and_regenerates_music(composers, browser):
     page.context.close()
 
 
+def test_a_person_has_a_chorale_melody_harmonised(composers, browser):
+    home, url, _ = composers
+    [melody] = service.openings(str(home / "runs" / "bach3"))
+    page = new_page(browser, "en-US")
+    visit(page, url, "generate?model=bach3")
+    page.get_by_label("Harmonise a melody").select_option(melody)
+    playwright.expect(page.get_by_label("Continue an opening")).to_be_disabled()  # one or the other
+    with page.expect_response(lambda r: r.url.endswith("/v1/audio/generations")) as answer:
+        page.get_by_role("button", name="Generate", exact=True).click()
+    made = answer.value.json()
+    playwright.expect(page.get_by_test_id("harmonised")).to_have_text(
+        f"The top voice is the soprano of {melody}, kept exactly; the voices below it are the model's.")
+    val = next(json.loads(line) for line in (home / "runs" / "bach3" / "val.jsonl").read_text().splitlines())
+    soprano = m.soprano_line(m.decode(val["tokens"].split()).notes)
+    record = made["data"][0]["record"]
+    assert record["settings"]["harmonise_piece"] == melody
+    assert set(soprano) <= set(m.decode(record["tokens"].split()).notes)  # the melody kept exactly
+    playwright.expect(page.locator(".piece")).to_contain_text(f"{m.bars_of(val['tokens'].split())} bars")
+    wait_playable(page, "main")
+    assert rolls_drawn(page, "main")[0] > 0
+    shot(page, "music-harmonise")
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+    page = new_page(browser, "zh-CN")  # the same in Chinese
+    visit(page, url, "generate?model=bach3")
+    page.get_by_label("为旋律配和声").select_option(melody)
+    page.get_by_role("button", name="生成", exact=True).last.click()
+    playwright.expect(page.get_by_test_id("harmonised")).to_have_text(
+        f"最高声部是 {melody} 的女高音旋律，原样保留；其下的各声部是模型写的。")
+    wait_playable(page, "main")
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+
 def test_a_person_picks_a_chorale_opening_and_hears_it_continued(composers, browser):
     home, url, _ = composers
     [opening] = service.openings(str(home / "runs" / "bach3"))  # its one validation chorale (a quarter of four)

@@ -346,6 +346,13 @@ def generate(
                             ] = None,
     prompt_bars: Annotated[int | None, typer.Option(help="music runs: bars of --prompt-midi or --prompt-piece to "
                                                          "continue (default 2)")] = None,
+    harmonise_midi: Annotated[str | None, typer.Option(help="music runs: keep this MIDI file's melody (its top voice) "
+                                                            "and write the voices below it")] = None,
+    harmonise_piece: Annotated[str | None, typer.Option(help="music runs: keep the soprano of this validation piece "
+                                                             "of the run and write the voices below it")] = None,
+    candidates: Annotated[int | None, typer.Option(help="music runs, with --harmonise-*: chords drawn per melody "
+                                                        "note, the one that best foresees the note kept (default 4; "
+                                                        "1: one draw)")] = None,
     constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
                                                      help="music runs: grammar-constrained sampling (default on; "
                                                           "docs/audio.md)")] = None,
@@ -381,6 +388,8 @@ def generate(
       aigc generate my-ar --horizon 24 --paths 5 --level 0.9 --seed 0 --json
 
       aigc generate poet-rerank --prompt 月 --best-of 8
+
+      aigc generate bach-gpt --harmonise-midi soprano.mid -n 2 --seed 0 --out harmonised/
     """
     _quiet_libraries()
     if run is None and from_image is None:
@@ -398,7 +407,8 @@ def generate(
                "class_": class_, "sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale,
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
                "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
-               "prompt_bars": prompt_bars, "constrained": constrained}
+               "prompt_bars": prompt_bars, "harmonise_midi": harmonise_midi, "harmonise_piece": harmonise_piece,
+               "candidates": candidates, "constrained": constrained}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:

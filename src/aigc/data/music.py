@@ -232,6 +232,25 @@ def piece_of_score(score, name: str) -> Piece:
     return Piece(name, ts, quantize(raw, shift))
 
 
+def soprano_line(notes: list[Note]) -> list[Note]:
+    """The top voice of a piece (its skyline): at each onset the highest note that starts there, when it is above the
+    top note still sounding then (which it cuts short); an onset under a held top note belongs to the lower voices.
+    One note at a time: a melody read from a single part is itself."""
+    highest: dict[int, Note] = {}
+    for note in notes:
+        if note[0] not in highest or note[2] > highest[note[0]][2]:
+            highest[note[0]] = note
+    line: list[Note] = []
+    for onset in sorted(highest):
+        _, dur, pitch = highest[onset]
+        if line and line[-1][0] + line[-1][1] > onset:  # the top note so far still sounds
+            if pitch <= line[-1][2]:
+                continue
+            line[-1] = (line[-1][0], onset - line[-1][0], line[-1][2])
+        line.append((onset, dur, pitch))
+    return line
+
+
 def read_midi(path: Path) -> Piece:
     """One MIDI file (type 0 or 1) as a Piece: every note on every channel but the drums' (10), onsets and durations
     rounded to 16ths, the first time signature. Read by hand (`parse_midi`): music21's MIDI import merges notes that

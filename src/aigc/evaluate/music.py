@@ -162,3 +162,46 @@ def copied_share(notes: Sequence[Note], training_ngrams: set, n: int = COPY_N) -
         return math.nan
     runs = [(events[i][:2],) + tuple(events[i + 1:i + n]) for i in range(len(events) - n + 1)]
     return sum(run in training_ngrams for run in runs) / len(runs)
+
+
+# harmonisation: vertical sonorities (issue 17's stretch goal, docs/audio.md "Harmonisation")
+CONSONANT_OVER_BASS = frozenset({0, 3, 4, 7, 8, 9})  # unison/octave, thirds, fifth, sixths (mod 12)
+CONSONANT_UPPER = CONSONANT_OVER_BASS | {5}  # a fourth between upper voices is consonant; over the bass it is not
+
+
+def sonorities(notes: Sequence[Note]) -> list[list[int]]:
+    """The pitches sounding at each onset of the piece (every note with onset <= t < onset + duration), lowest
+    first: its vertical sonorities, one per time a note starts."""
+    onsets = sorted({o for o, _, _ in notes})
+    return [sorted(p for o, d, p in notes if o <= t < o + d) for t in onsets]
+
+
+def is_consonant(pitches: Sequence[int]) -> bool:
+    """A sonority is consonant when every note above the bass is a unison, third, fifth, sixth or octave above it
+    (compound intervals too) and every interval between two upper notes is one of those or a fourth (common-practice
+    rules: a fourth over the bass is a dissonance)."""
+    bass, upper = pitches[0], list(pitches[1:])
+    return all((p - bass) % 12 in CONSONANT_OVER_BASS for p in upper) and \
+        all((b - a) % 12 in CONSONANT_UPPER for i, a in enumerate(upper) for b in upper[i + 1:])
+
+
+def consonant_share(notes: Sequence[Note]) -> float:
+    """The share of the piece's sonorities of two or more notes that are consonant (`is_consonant`); NaN if none."""
+    chords = [s for s in sonorities(notes) if len(s) >= 2]
+    return sum(map(is_consonant, chords)) / len(chords) if chords else math.nan
+
+
+def notes_per_onset(notes: Sequence[Note]) -> float:
+    """The mean number of notes that start together, over the times a note starts (a chorale in block chords: 4)."""
+    onsets = [o for o, _, _ in notes]
+    return len(onsets) / len(set(onsets)) if onsets else math.nan
+
+
+def notes_above(melody: Sequence[Note], notes: Sequence[Note]) -> list[Note]:
+    """The notes, other than the melody's, that sound at or above the melody's note sounding at some step (a
+    harmonisation keeps none: the melody is its top voice)."""
+    top: dict[int, int] = {}
+    for onset, dur, pitch in melody:
+        top.update((t, pitch) for t in range(onset, onset + dur))
+    kept = set(melody)
+    return [n for n in notes if n not in kept and any(n[2] >= top.get(t, 1000) for t in range(n[0], n[0] + n[1]))]

@@ -268,7 +268,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise _wrong_modality(body.model, modality)
         options = {"n": body.n or 1, "bars": body.bars, "temperature": body.temperature, "top_k": body.top_k,
                    "top_p": body.top_p, "best_of": body.best_of, "class_": body.instrument, "steps": body.steps,
-                   "prompt_piece": body.prompt_piece, "prompt_bars": body.prompt_bars, "constrained": body.constrained}
+                   "prompt_piece": body.prompt_piece, "prompt_bars": body.prompt_bars,
+                   "harmonise_piece": body.harmonise_piece, "candidates": body.candidates,
+                   "constrained": body.constrained}
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)

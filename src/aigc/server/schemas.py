@@ -175,6 +175,13 @@ class AudioRequest(Strict):
                                                  "run (GET /v1/models/{model}/controls lists them as `openings`)")
     prompt_bars: int | None = Field(None, ge=1, le=16, description="music runs: bars of prompt_piece continued "
                                                                    "(default 2)")
+    harmonise_piece: str | None = Field(None, min_length=1, max_length=256,
+                                        description="music runs: keep the soprano of this validation piece of the run "
+                                                    "(one of `openings`) and write the voices below it; the piece is "
+                                                    "as long as the melody (no bars, no prompt_piece)")
+    candidates: int | None = Field(None, ge=1, le=16, description="music runs, with harmonise_piece: chords drawn "
+                                                                 "per melody note, the one that best foresees the "
+                                                                 "note kept (default 4; 1: one draw)")
     constrained: bool | None = Field(None, description="music runs: grammar-constrained sampling (default true; "
                                                        "docs/audio.md)")
     seed: Seed | None = None

@@ -541,7 +541,8 @@ def _replay(row: dict, base_url: str) -> dict:
             cli += ["--class", body["prompt"]]
     elif modality == "music":
         body = {"model": run, "seed": seed}
-        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of", "prompt_piece", "prompt_bars"):
+        for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of", "prompt_piece", "prompt_bars",
+                      "harmonise_piece", "candidates"):
             if request.get(field) is not None:
                 body[field] = request[field]
         body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without

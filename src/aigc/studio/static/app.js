@@ -450,14 +450,25 @@ function buildGenerateForm(form, out, spec) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
-  let opening = null, openingBars = null;
+  let opening = null, openingBars = null, harmony = null;
   if (spec.modality === "music" && spec.openings && spec.openings.length) {  // a held-out piece's first bars, continued
     opening = h("select", {name: "prompt_piece"}, h("option", {value: "", text: t("music.nothing")}),
                 spec.openings.map(name => h("option", {value: name, text: name})));
     openingBars = h("input", {type: "number", name: "prompt_bars", min: 1, max: 16, step: 1, value: 2, disabled: true});
-    opening.addEventListener("change", () => { openingBars.disabled = !opening.value; });
+    // or a held-out piece's soprano kept as the top voice, the model writing the voices below (one or the other)
+    harmony = h("select", {name: "harmonise_piece"}, h("option", {value: "", text: t("music.noharmony")}),
+                spec.openings.map(name => h("option", {value: name, text: name})));
+    opening.addEventListener("change", () => {
+      openingBars.disabled = !opening.value;
+      harmony.disabled = !!opening.value;
+    });
+    harmony.addEventListener("change", () => {
+      opening.disabled = !!harmony.value;
+      openingBars.disabled = !!harmony.value || !opening.value;
+    });
     form.append(h("div", {class: "row"}, field("music.opening", opening, t("music.openinghelp")),
-                  field("music.openingbars", openingBars)));
+                  field("music.openingbars", openingBars)),
+                h("div", {class: "row"}, field("music.harmonise", harmony, t("music.harmonisehelp"))));
   }
   for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c),
     c.name === "best_of" ? t("gen.bestofhelp", {k: c.default}) : c.help));
@@ -506,7 +517,13 @@ function buildGenerateForm(form, out, spec) {
           body.prompt_piece = opening.value;
           body.prompt_bars = parseInt(openingBars.value, 10);
         }
+        if (harmony && harmony.value) {  // the piece is as long as the melody: no bars
+          body.harmonise_piece = harmony.value;
+          delete body.bars;
+        }
         const made = await api("/v1/audio/generations", {body});
+        if (body.harmonise_piece) out.append(h("p", {class: "meta", "data-testid": "harmonised",
+                                                     text: t("music.harmonised", {name: body.harmonise_piece})}));
         if (body.prompt_piece) out.append(h("p", {class: "meta", "data-testid": "continued",
                                                   text: t("music.continued", {bars: body.prompt_bars, name: body.prompt_piece})}));
         out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
