@@ -12,6 +12,7 @@ import torch
 from tests.browser import CHROMIUM
 
 from aigc.config import build
+from aigc.data import music
 from aigc.models import FAMILIES
 from aigc.service import sections_for
 
@@ -159,3 +160,19 @@ def browser():
         chromium = p.chromium.launch(executable_path=CHROMIUM)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture(scope="session")
+def chorales() -> list[music.Piece]:
+    """Five Bach chorales, parsed from the music21 wheel (about a second) once for the music tests."""
+    return music.bach_chorales(limit=5)
+
+
+@pytest.fixture
+def midi_folder(tmp_path, chorales):
+    """The first four chorales as MIDI files in a folder: a user's own music."""
+    folder = tmp_path / "midi"
+    folder.mkdir()
+    for piece in chorales[:4]:
+        (folder / f"{piece.name}.mid").write_bytes(music.midi_bytes(piece))
+    return folder

@@ -36,20 +36,11 @@ from conftest import TINY_SETS
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def chorales() -> list[m.Piece]:
-    return m.bach_chorales(limit=5)  # parsed from the music21 wheel (about a second)
-
-
 @pytest.fixture
-def midi_folder(tmp_path, chorales) -> Path:
-    """Four chorales as MIDI files, and an exact copy of the first under another name."""
-    folder = tmp_path / "midi"
-    folder.mkdir()
-    for piece in chorales[:4]:
-        (folder / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
-    shutil.copy(folder / f"{chorales[0].name}.mid", folder / "copy.mid")
-    return folder
+def midi_folder(midi_folder: Path, chorales) -> Path:
+    """conftest's four chorales as MIDI files, and an exact copy of the first under another name."""
+    shutil.copy(midi_folder / f"{chorales[0].name}.mid", midi_folder / "copy.mid")
+    return midi_folder
 
 
 def test_tokens_and_midi_round_trip_keep_every_note(chorales, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,20 +22,6 @@ from conftest import TINY_SETS
 
 VOCAB = m.vocabulary()
 INDEX = {token: i for i, token in enumerate(VOCAB)}
-
-
-@pytest.fixture(scope="module")
-def chorales() -> list[m.Piece]:
-    return m.bach_chorales(limit=5)
-
-
-@pytest.fixture
-def midi_folder(tmp_path, chorales) -> Path:
-    folder = tmp_path / "midi"
-    folder.mkdir()
-    for piece in chorales[:4]:
-        (folder / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
-    return folder
 
 
 def allowed_after(tokens: list[str], limits: dict) -> set[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,20 +30,6 @@ INDEX = {token: i for i, token in enumerate(VOCAB)}
 LIMITS = {"max_onsets": 3, "max_polyphony": 3}
 # a hand-made 3/4 melody: a pickup at 8 (E5), a rest, then C5 at the bar line held 8 16ths, G4 at 8
 MELODY = m.Piece("tune", "3/4", [(8, 2, 76), (12, 8, 72), (20, 4, 67)])
-
-
-@pytest.fixture(scope="module")
-def chorales() -> list[m.Piece]:
-    return m.bach_chorales(limit=5)
-
-
-@pytest.fixture
-def midi_folder(tmp_path, chorales) -> Path:
-    folder = tmp_path / "midi"
-    folder.mkdir()
-    for piece in chorales[:4]:
-        (folder / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
-    return folder
 
 
 def allowed_after(tokens: list[str], melody: m.Piece = MELODY, budget: int = 200) -> set[str]:
