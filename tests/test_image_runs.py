@@ -150,7 +150,7 @@ def test_cli_train_generate_eval(class_folder, tmp_path, aigc_home):
     (["train", "--family", "rnn", "--data", "x.txt", "--conditional"], "--conditional applies to image"),
     (["train", "--family", "vae", "--data", "FOLDER_FLAT", "--conditional", "--max-steps", "2"], "needs class labels"),
     (["train", "--family", "vae", "--data", "FOLDER_MIXED", "--max-steps", "2"], "--image-size"),
-    (["generate", "RUN", "--temperature", "0.5"], "--temperature applies to text and music runs"),
+    (["generate", "RUN", "--temperature", "0.5"], "--temperature applies to text, music and video runs"),
     (["generate", "RUN", "--prompt", "x"], "--prompt applies to text runs"),
     (["generate", "--from-image", "NOT_A_PNG"], "no such file"),
     (["generate"], "missing RUN"),
