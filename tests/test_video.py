@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ def test_tensors_stack_frames_as_channels_and_back():
     assert x.shape == (2, 15, 6, 7) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x[1, 3:6], torch.from_numpy(clips[1, 1]).permute(2, 0, 1).float() / 127.5 - 1)
     assert np.array_equal(v.to_uint8(x, 3), clips)
+    clips.flags.writeable = False  # clips read from the cache are read-only: no warning, the same tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(v.to_tensor(clips), x)
 
 
 def _gif(path: Path, frames: list[np.ndarray]) -> Path:

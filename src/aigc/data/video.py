@@ -463,7 +463,10 @@ def load_split(spec: str, cfg: VideoDataConfig) -> tuple[Clips | ClipMaker, Clip
 def to_tensor(clips: np.ndarray) -> torch.Tensor:
     """uint8 (N, T, H, W, C) -> float32 (N, T * C, H, W) in [-1, 1]: frames stacked as channels."""
     n, t, h, w, c = clips.shape
-    x = torch.from_numpy(np.ascontiguousarray(clips)).permute(0, 1, 4, 2, 3).reshape(n, t * c, h, w)
+    clips = np.ascontiguousarray(clips)
+    if not clips.flags.writeable:  # e.g. clips read from the cache: torch warns on a read-only array
+        clips = clips.copy()
+    x = torch.from_numpy(clips).permute(0, 1, 4, 2, 3).reshape(n, t * c, h, w)
     return x.float() / 127.5 - 1.0
 
 
