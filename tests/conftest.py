@@ -11,6 +11,7 @@ import pytest
 import torch
 from tests.browser import CHROMIUM
 
+from aigc import service
 from aigc.config import build
 from aigc.data import music
 from aigc.models import FAMILIES
@@ -176,3 +177,12 @@ def midi_folder(tmp_path, chorales):
     for piece in chorales[:4]:
         (folder / f"{piece.name}.mid").write_bytes(music.midi_bytes(piece))
     return folder
+
+
+def tiny_music_run(family: str, folder, name: str, *, n_positions: int, steps: int):
+    """A tiny music run of `family` on a folder of MIDI files (a quarter of its pieces held out): the n-gram counted,
+    the rnn and gpt trained `steps` steps (gpt with room for `n_positions` tokens). Returns (run_dir, metrics)."""
+    sets = {**TINY_SETS[family], "val_fraction": "0.25"}
+    if family == "gpt":
+        sets["n_positions"] = str(n_positions)
+    return service.train(family, str(folder), name=name, sets=sets, max_steps=None if family == "ngram" else steps)

@@ -31,7 +31,7 @@ from aigc.evaluate.music import (
 )
 from aigc.modalities.music import SAMPLING_DEFAULTS
 from aigc.store import runs_dir
-from conftest import TINY_SETS
+from conftest import tiny_music_run
 
 runner = CliRunner()
 
@@ -134,11 +134,7 @@ def test_the_floor_test_of_issue_17():
 
 @pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
 def test_train_generate_and_evaluate_on_four_chorales(family, midi_folder, tmp_path):
-    sets = {**TINY_SETS[family], "val_fraction": "0.25"}
-    if family == "gpt":
-        sets["n_positions"] = "128"
-    run_dir, metrics = service.train(family, str(midi_folder), name=f"bach-{family}", sets=sets,
-                                     max_steps=None if family == "ngram" else 8)
+    run_dir, metrics = tiny_music_run(family, midi_folder, f"bach-{family}", n_positions=128, steps=8)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["modality"] == "music"
     assert record["data"]["copies_removed"] == 1 and record["data"]["train"]["pieces"] == 3

@@ -18,7 +18,7 @@ from aigc.db import Store
 from aigc.errors import BadRequest
 from aigc.modalities import music
 from aigc.store import runs_dir
-from conftest import TINY_SETS
+from conftest import tiny_music_run
 
 VOCAB = m.vocabulary()
 INDEX = {token: i for i, token in enumerate(VOCAB)}
@@ -121,11 +121,7 @@ def violations(tokens: list[str], limits: dict) -> list[str]:
 
 @pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
 def test_constrained_samples_of_every_family_keep_the_grammar(family, midi_folder):
-    sets = {**TINY_SETS[family], "val_fraction": "0.25"}
-    if family == "gpt":
-        sets["n_positions"] = "256"
-    run_dir, _ = service.train(family, str(midi_folder), name=f"g-{family}", sets=sets,
-                               max_steps=None if family == "ngram" else 4)
+    run_dir, _ = tiny_music_run(family, midi_folder, f"g-{family}", n_positions=256, steps=4)
     limits = json.loads((run_dir / "run.json").read_text())["encoding"]["grammar"]
     train, _ = music.read_split(run_dir)
     assert limits == limits_of(train) == {"max_onsets": 4, "max_polyphony": 4}

@@ -21,7 +21,7 @@ from aigc.errors import BadRequest
 from aigc.evaluate.music import consonant_share, is_consonant, notes_per_onset, sonorities
 from aigc.modalities import music
 from aigc.store import runs_dir
-from conftest import TINY_SETS
+from conftest import tiny_music_run
 from test_music_grammar import violations
 
 runner = CliRunner()
@@ -120,11 +120,7 @@ def test_the_melody_score_is_the_models_log_probability_of_the_melody_tokens():
 
 @pytest.mark.parametrize("family", ["ngram", "rnn", "gpt"])
 def test_every_family_keeps_the_melody_and_writes_below_it(family, midi_folder, tmp_path):
-    sets = {**TINY_SETS[family], "val_fraction": "0.25"}
-    if family == "gpt":
-        sets["n_positions"] = "512"
-    run_dir, _ = service.train(family, str(midi_folder), name=f"h-{family}", sets=sets,
-                               max_steps=None if family == "ngram" else 4)
+    run_dir, _ = tiny_music_run(family, midi_folder, f"h-{family}", n_positions=512, steps=4)
     limits = json.loads((run_dir / "run.json").read_text())["encoding"]["grammar"]
     [name] = music.openings(run_dir)
     _, [held_out] = music.read_split(run_dir)
