@@ -314,7 +314,8 @@ def table(result: dict) -> str:
     lines = [f"# Feedback loop: one round of {RATINGS} ratings, then aigc optimize", "",
              f"{describe_machine(result['machine'])}; {'quick' if result['quick'] else 'full'} run; "
              f"{result['seconds']:.0f} s in all.", "",
-             "Liked: the share of 200 fresh outputs the scripted user likes (text: prompts never rated), with the "
+             f"Liked: the share of {result.get('fresh', 200)} fresh outputs the scripted user likes (text: prompts "
+             "never rated), with the "
              "95% Wilson interval; p: one-sided two-proportion z-test. Judge: the same share as the new run's "
              "own report estimates it (a reward model fitted on the ratings).", "",
              "| modality | method | liked before | liked after | p | metric | before | after | within tolerance "
@@ -353,6 +354,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
+    global FRESH  # --fresh: read by bench_text and bench_images, as EXTRA_SETS is
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller parents (about a minute each)")
     parser.add_argument("--only", choices=("text", "image"))
@@ -363,11 +365,16 @@ def main() -> None:
                         help="an [optimize] or [train] key for every optimize (aigc optimize --set)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", help="the results' file name (default: feedback[-quick][-text|-image][-ngram])")
+    parser.add_argument("--fresh", type=int, default=FRESH,
+                        help=f"fresh outputs the user judges per side, parent and each new run (at least {FRESH})")
     args = parser.parse_args()
+    if args.fresh < FRESH:
+        parser.error(f"--fresh must be at least {FRESH} (the issue's minimum), got {args.fresh}")
+    FRESH = args.fresh
     EXTRA_SETS.update(dict(item.split("=", 1) for item in args.set))
     methods = [m for m in args.methods.split(",") if m]
     t0 = time.perf_counter()
-    result = {"machine": machine(), "quick": args.quick}
+    result = {"machine": machine(), "quick": args.quick, "fresh": FRESH}
     with tempfile.TemporaryDirectory(prefix="aigc-feedback-") as tmp:
         home = Path(tmp)
         proc, url = start_server(home)

@@ -225,3 +225,59 @@ def test_consonance_and_notes_per_onset_by_hand():
     assert sonorities(notes) == [[48, 55, 64, 72], [48, 55, 64, 74]]
     assert consonant_share(notes) == 0.5 and notes_per_onset(notes) == 2.5
     assert math.isnan(consonant_share([(0, 4, 60)]))
+
+
+def test_the_api_harmonises_and_continues_a_midi_file_of_the_user_s_own(midi_folder):
+    """POST /v1/audio/generations with harmonise_midi_b64 / prompt_midi_b64: the file's melody is kept exactly as the
+    top voice (or its first bar begins the piece), the file is kept by its content where the record names it, the
+    replay makes the same piece and its CLI reads the kept file; bad files are one clear error and keep nothing."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from aigc import uploads
+    from aigc.server.app import ServerConfig, create_app
+
+    run_dir, _ = tiny_music_run("ngram", midi_folder, "own", n_positions=512, steps=4)
+    tune = m.midi_bytes(m.Piece("tune", "3/4", [*MELODY.notes, (12, 4, 48)]))  # top voice: MELODY
+    start = m.Piece("start", "4/4", [(0, 4, 60), (0, 4, 64), (4, 4, 67), (8, 8, 72), (16, 4, 62), (20, 4, 65)])
+    opening = m.midi_bytes(start)
+    home = runs_dir().parent
+    server = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    with TestClient(server) as client:
+        answer = client.post("/v1/audio/generations", json={"model": "own", "harmonise_midi_b64": b64(tune),
+                                                            "temperature": 1.5, "seed": 4, "n": 2})
+        assert answer.status_code == 200, answer.text
+        made = answer.json()
+        kept = uploads.kept_midi_path(tune)
+        assert kept.read_bytes() == tune
+        for datum in made["data"]:
+            assert datum["record"]["settings"]["harmonise_midi"] == str(kept)
+            notes = m.midi_piece(base64.b64decode(datum["midi_b64"]), "out", "out").notes
+            assert set(MELODY.notes) <= set(notes) and ceiling_broken(MELODY.notes, notes) == []
+        replay = client.get(f"/v1/generations/{made['generation_id']}/replay").json()
+        assert f"--harmonise-midi {kept}" in replay["cli"]
+        again = client.post(replay["endpoint"], json=replay["body"]).json()
+        assert [d["midi_b64"] for d in again["data"]] == [d["midi_b64"] for d in made["data"]]
+
+        answer = client.post("/v1/audio/generations", json={"model": "own", "prompt_midi_b64": b64(opening),
+                                                            "prompt_bars": 1, "bars": 2, "seed": 1})
+        assert answer.status_code == 200, answer.text
+        [datum] = answer.json()["data"]
+        first_bar = m.decode(m.first_bars(m.encode(start), 1)).notes
+        assert len(first_bar) == 4
+        assert set(first_bar) <= set(m.midi_piece(base64.b64decode(datum["midi_b64"]), "out", "out").notes)
+        assert datum["record"]["settings"]["prompt_midi"] == str(uploads.kept_midi_path(opening))
+
+        before = sorted((home / "uploads" / "midi").iterdir())
+        for body, status, says in (
+                ({"harmonise_midi_b64": "not base64!"}, 400, "harmonise_midi_b64 is not base64"),
+                ({"harmonise_midi_b64": b64(b"MThd nonsense")}, 400, "harmonise_midi_b64: not a readable MIDI"),
+                ({"prompt_midi_b64": b64(m.midi_bytes(m.Piece("silent", "4/4", [])))}, 400, "has no notes"),
+                ({"harmonise_midi_b64": b64(tune), "harmonise_piece": music.openings(run_dir)[0]}, 400,
+                 "exclude each other"),
+                ({"harmonise_midi_b64": b64(b"MThd" + bytes(2**20))}, 413, "more than the 1 MB")):
+            refused = client.post("/v1/audio/generations", json={"model": "own", **body})
+            assert refused.status_code == status and says in refused.text, refused.text
+        assert sorted((home / "uploads" / "midi").iterdir()) == before  # nothing kept from a refused request

@@ -450,6 +450,32 @@ def test_tilted_weights_draw_the_data_as_first_liked_of_k_keeps_it():
     assert torch.equal(tilted_weights(torch.zeros(3, dtype=torch.bool), 3), torch.ones(3, dtype=torch.float64))
 
 
+def test_a_fractional_tilt_lies_between_its_counts_and_keeps_each_side_uniform():
+    """k = 2.5: the liked share of the weighted draw is the closed form 1 - (1 - q)^k, strictly between k = 2's and
+    k = 3's; every liked image weighs the same, every other the same; the weights still sum to N (a distribution)."""
+    from aigc.optimize.image import tilted_weights
+
+    liked = torch.tensor([False, True, False, False, True, False, False, False])
+    q = 2 / 8
+    shares = {}
+    for k in (2, 2.5, 3):
+        w = tilted_weights(liked, k)
+        assert w.sum().item() == pytest.approx(8, abs=1e-12)
+        assert torch.unique(w[liked]).numel() == 1 and torch.unique(w[~liked]).numel() == 1
+        shares[k] = (w[liked].sum() / w.sum()).item()
+    assert shares[2.5] == pytest.approx(1 - (1 - q) ** 2.5, abs=1e-12)
+    assert shares[2] < shares[2.5] < shares[3]
+
+
+def test_a_tilt_below_one_draw_is_refused_before_any_run(rated_pictures, monkeypatch):
+    """0 < tilt < 1 would weigh the liked images below the rest: one clear error, and no run."""
+    home, _ = rated_pictures
+    monkeypatch.setenv("AIGC_HOME", str(home))
+    with pytest.raises(BadRequest, match="tilt must be 0 .* or at least 1"):
+        service.optimize("pics", "sft", name="pics-untilted", max_steps=2, sets={"feedback_share": "0", "tilt": "0.5"})
+    assert not (home / "runs" / "pics-untilted").exists()
+
+
 def test_liked_image_batches_draw_the_data_by_its_weights_and_share_0_is_the_data_alone():
     from aigc.optimize.image import LikedImageBatches
     from aigc.train import ImageBatches

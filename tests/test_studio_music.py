@@ -186,6 +186,49 @@ def test_a_person_has_a_chorale_melody_harmonised(composers, browser):
     page.context.close()
 
 
+def test_a_person_has_the_melody_of_their_own_midi_file_harmonised_and_an_opening_continued(composers, browser,
+                                                                                              tmp_path):
+    """The file inputs: a melody of one's own (its top voice kept exactly), then in Chinese an opening of one's own
+    continued; each file goes inside the JSON request (no other request leaves the page)."""
+    home, url, _ = composers
+    melody = m.Piece("tune", "4/4", [(0, 4, 72), (4, 4, 74), (8, 8, 76), (16, 16, 72)])
+    (tmp_path / "tune.mid").write_bytes(m.midi_bytes(melody))
+    page = new_page(browser, "en-US")
+    visit(page, url, "generate?model=bach3")
+    page.get_by_label("or harmonise the melody of a MIDI file of your own").set_input_files(str(tmp_path / "tune.mid"))
+    playwright.expect(page.get_by_label("Continue an opening")).to_be_disabled()  # one or the other
+    playwright.expect(page.get_by_label("or continue a MIDI file of your own")).to_be_disabled()
+    with page.expect_response(lambda r: r.url.endswith("/v1/audio/generations")) as answer:
+        page.get_by_role("button", name="Generate", exact=True).click()
+    made = answer.value.json()
+    assert answer.value.status == 200, made
+    playwright.expect(page.get_by_test_id("harmonised")).to_have_text(
+        "The top voice is the melody of tune.mid, kept exactly; the voices below it are the model's.")
+    record = made["data"][0]["record"]
+    assert Path(record["settings"]["harmonise_midi"]).read_bytes() == (tmp_path / "tune.mid").read_bytes()
+    notes = m.decode(record["tokens"].split()).notes
+    assert set(melody.notes) <= set(notes) and m.soprano_line(notes) == melody.notes  # kept exactly, on top
+    wait_playable(page, "main")
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+    start = m.Piece("start", "4/4", [(0, 4, 60), (0, 4, 64), (4, 4, 67), (8, 8, 72), (16, 4, 62)])
+    (tmp_path / "start.mid").write_bytes(m.midi_bytes(start))
+    page = new_page(browser, "zh-CN")
+    visit(page, url, "generate?model=bach3")
+    page.get_by_label("或续写自己的 MIDI 文件").set_input_files(str(tmp_path / "start.mid"))
+    page.get_by_label("开头长度（小节）").fill("1")
+    with page.expect_response(lambda r: r.url.endswith("/v1/audio/generations")) as answer:
+        page.get_by_role("button", name="生成", exact=True).last.click()
+    made = answer.value.json()
+    playwright.expect(page.get_by_test_id("continued")).to_have_text("前 1 小节是 start.mid 的开头，其余是模型写的。")
+    tokens = made["data"][0]["record"]["tokens"].split()
+    assert set(m.decode(m.first_bars(m.encode(start), 1)).notes) <= set(m.decode(tokens).notes)
+    wait_playable(page, "main")
+    assert page.errors == [] and left_the_server(page, url) == []
+    page.context.close()
+
+
 def test_a_person_picks_a_chorale_opening_and_hears_it_continued(composers, browser):
     home, url, _ = composers
     [opening] = service.openings(str(home / "runs" / "bach3"))  # its one validation chorale (a quarter of four)

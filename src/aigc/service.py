@@ -633,6 +633,12 @@ def openings(run: str) -> list[str]:
     return music.openings(run_dir) if modality.NAME == "music" and store.is_run(run_dir) else []
 
 
+def keep_midi(data: bytes, what: str) -> str:
+    """A MIDI file a request carried (the API's prompt_midi_b64, harmonise_midi_b64), checked and kept by its content
+    (aigc.uploads.keep_midi): the path to generate with as `prompt_midi` or `harmonise_midi`, as the CLI's file."""
+    return str(uploads.keep_midi(data, what))
+
+
 def training_data(data: str, sets: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """The data a training reads and the configuration keys it takes. An upload's id (`upl-...`, POST /v1/uploads)
     is the upload's files, with the keys its check found those files need (the upload's `summary.train_sets`: clips

@@ -1,5 +1,6 @@
 """Data a person uploads from a browser: a text file, a zip of images, a CSV series, a zip of MIDI files, a zip of
-sounds (WAV/FLAC/OGG, a folder per class), or clips (a GIF/MP4/AVI file, or a zip of them).
+sounds (WAV/FLAC/OGG, a folder per class), or clips (a GIF/MP4/AVI file, or a zip of them); and a MIDI file sent
+inside a music request (`keep_midi`: an opening to continue, a melody to harmonise), kept by its content.
 
 An upload arrives in chunks (`Upload.begin`, `.write` ..., `.finish`) into a hidden folder under
 `$AIGC_HOME/uploads/`; `finish` checks that the data can be trained on, as `aigc train` would read it, and
@@ -25,18 +26,20 @@ from pathlib import Path, PurePosixPath
 
 from aigc import store
 from aigc.data.images import IMAGE_EXTENSIONS, load_images
-from aigc.data.music import MIDI_EXTENSIONS, load_music, remove_copies
+from aigc.data.music import MIDI_EXTENSIONS, load_music, midi_piece, remove_copies
 from aigc.data.sounds import SOUND_EXTENSIONS, SoundDataConfig, list_files, read_audio, split_files
 from aigc.data.text import load_corpus
 from aigc.data.video import VIDEO_EXTENSIONS, VideoDataConfig, read_video
 from aigc.errors import BadRequest, NotFound, TooLarge, UserError
-from aigc.fsutil import fsync_dir, read_json, write_json
+from aigc.fsutil import atomic_write_bytes, fsync_dir, read_json, write_json
 
 KINDS = ("text", "images", "series", "music", "sounds", "video")
 RECORD = "upload.json"
 MIN_TEXT_CHARS = 200  # less text than this is too little to train on (and to split off a validation part)
 MIN_SERIES_ROWS = 24  # two years of monthly values: the least a series model and its back-test can use
 ZIP_RATIO = 10  # a zip that unpacks to more than 10x the upload limit is refused (a zip bomb)
+MAX_MIDI_BYTES = 2**20  # a MIDI file inside a request (`keep_midi`): a melody or an opening, not a symphony
+MIDI_FOLDER = "midi"  # uploads/midi/: the MIDI files requests carried, by content
 PARTIAL_MAX_AGE_S = 24 * 3600  # hidden partial folders older than this (a server that crashed) are swept
 _ID = re.compile(r"upl-[0-9a-f]{20}")
 _PARTIAL = ".partial-"
@@ -126,6 +129,26 @@ class Upload:
     def _check_open(self) -> None:
         if not self._open:
             raise RuntimeError(f"upload {self.id} is already finished or aborted")
+
+
+def keep_midi(data: bytes, what: str) -> Path:
+    """A MIDI file sent inside a request (an opening to continue, a melody to harmonise), checked as `aigc generate
+    --prompt-midi` reads a file and kept by its content as uploads/midi/<sha256, 16 digits>.mid: the generation's
+    record names a file that stays, and the request sent again finds the same notes. `what` names it in errors."""
+    if len(data) > MAX_MIDI_BYTES:
+        raise TooLarge(f"{what}: the MIDI file is {_mb(len(data))} MB, more than the {_mb(MAX_MIDI_BYTES)} MB a "
+                       "request may carry")
+    midi_piece(data, what, what)  # BadRequest for a file that is not MIDI or has no notes: nothing is written
+    path = kept_midi_path(data)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+    return path
+
+
+def kept_midi_path(data: bytes) -> Path:
+    """Where `keep_midi` keeps these bytes."""
+    return uploads_dir() / MIDI_FOLDER / f"{hashlib.sha256(data).hexdigest()[:16]}.mid"
 
 
 def get_upload(upload_id: str) -> dict:

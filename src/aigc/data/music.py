@@ -260,13 +260,19 @@ def read_midi(path: Path) -> Piece:
         data = Path(path).read_bytes()
     except OSError as e:
         raise NotFound(f"{path}: cannot read it ({e.strerror})") from None
+    return midi_piece(data, Path(path).stem, str(path))
+
+
+def midi_piece(data: bytes, name: str, what: str) -> Piece:
+    """The bytes of a MIDI file as a Piece named `name`, as `read_midi` reads a file; an unreadable or empty one is
+    a BadRequest that names it as `what`."""
     try:
         notes, ts = parse_midi(data)
     except (ValueError, IndexError, struct.error) as e:
-        raise BadRequest(f"{path}: not a readable MIDI file ({e})") from None
-    piece = Piece(Path(path).stem, ts if ts in TIME_SIGNATURES else "4/4", quantize(notes))
+        raise BadRequest(f"{what}: not a readable MIDI file ({e})") from None
+    piece = Piece(name, ts if ts in TIME_SIGNATURES else "4/4", quantize(notes))
     if not piece.notes:
-        raise BadRequest(f"{path}: the MIDI file has no notes")
+        raise BadRequest(f"{what}: the MIDI file has no notes")
     return piece
 
 

@@ -106,16 +106,18 @@ def anchor_distance(params, parent: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def tilted_weights(liked: torch.Tensor, k: int) -> torch.Tensor:
+def tilted_weights(liked: torch.Tensor, k: float) -> torch.Tensor:
     """Weights (N,) that make a draw from N images distributed as rerank's first-liked of k makes it from draws of
     them: of k draws, the first the reward judges liked (`liked`, bool (N,)), else the first. With q the share
     liked, the kept image is a liked one with probability 1 - (1 - q)^k, then uniform among them, else uniform
     among the others: weights (1 - (1 - q)^k) / q for a liked image and (1 - q)^(k - 1) for another (N times the
-    probability of each)."""
+    probability of each). A k between two counts (k >= 1) gives the liked share 1 - (1 - q)^k between theirs, each
+    side still uniform within: a strength between first-liked of 2 and of 3, say."""
     q = float(liked.double().mean())
     if q in (0.0, 1.0):
         return torch.ones(len(liked), dtype=torch.float64)
-    return torch.where(liked, (1 - (1 - q) ** k) / q, (1 - q) ** (k - 1)).double()
+    one = torch.ones(len(liked), dtype=torch.float64)  # in float64 throughout (a float32 where loses the sum's 1e-7)
+    return torch.where(liked, one * ((1 - (1 - q) ** k) / q), one * (1 - q) ** (k - 1))
 
 
 def reconstruction(model, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +180,9 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
         labels = None if labels is None else labels + more_labels
         weights += more_weights
     data_weights, tilt = None, {}
+    if 0 < cfg.tilt < 1:  # fewer than one draw would tilt the data away from what is liked
+        raise BadRequest(f"tilt must be 0 (the data as it is) or at least 1 (first-liked of that many), "
+                         f"got {cfg.tilt:g}")
     if cfg.tilt and not feedback.disliked:
         raise BadRequest(f"tilt needs a reward, and a reward needs disliked images as well as liked ones: rate some "
                          f"images of {parent_dir.name} bad, or leave tilt at 0")

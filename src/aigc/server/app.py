@@ -271,6 +271,13 @@ def create_app(config: ServerConfig) -> FastAPI:
                    "prompt_piece": body.prompt_piece, "prompt_bars": body.prompt_bars,
                    "harmonise_piece": body.harmonise_piece, "candidates": body.candidates,
                    "constrained": body.constrained}
+        for field, option in (("prompt_midi_b64", "prompt_midi"), ("harmonise_midi_b64", "harmonise_midi")):
+            sent = getattr(body, field)
+            if sent is not None:
+                if modality != "music":
+                    raise ApiError(400, f"{field} applies to music runs; {body.model!r} is a {modality} run",
+                                   param=field)
+                options[option] = service.keep_midi(_base64(sent, field), field)
         requested = {"endpoint": "audio", **body.model_dump(exclude_none=True)}
 
         gen_id, generation, files = await saved_generation(request, path, options, body.seed, requested, key_id)
@@ -394,6 +401,15 @@ def _sound_response(request: Request, model: str, gen_id: str, generation, files
     return {"id": gen_id, "generation_id": gen_id, "created": int(time.time()), "model": model,
             "seed": generation.record["settings"]["seed"], "rendered_with": generation.extra["rendered_with"],
             "data": data}
+
+
+def _base64(text: str, field: str) -> bytes:
+    """The bytes of a base64 field; anything else is a 400 that names the field."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ApiError(400, f"{field} is not base64 (the file's bytes, base64-encoded)", param=field,
+                       code="invalid_base64") from None
 
 
 def _wrong_modality(model: str, modality: str) -> ApiError:

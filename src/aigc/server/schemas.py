@@ -179,6 +179,14 @@ class AudioRequest(Strict):
                                         description="music runs: keep the soprano of this validation piece of the run "
                                                     "(one of `openings`) and write the voices below it; the piece is "
                                                     "as long as the melody (no bars, no prompt_piece)")
+    prompt_midi_b64: str | None = Field(None, min_length=1,
+                                        description="music runs: a MIDI file of your own (base64; at most 1 MiB, "
+                                                    "413 above) whose first prompt_bars bars are continued "
+                                                    "(instead of prompt_piece)")
+    harmonise_midi_b64: str | None = Field(None, min_length=1,
+                                           description="music runs: a MIDI file of your own (base64; at most 1 MiB, "
+                                                       "413 above) whose top voice is the melody harmonised "
+                                                       "(instead of harmonise_piece)")
     candidates: int | None = Field(None, ge=1, le=16, description="music runs, with harmonise_piece: chords drawn "
                                                                  "per melody note, the one that best foresees the "
                                                                  "note kept (default 4; 1: one draw)")

@@ -542,7 +542,7 @@ def _replay(row: dict, base_url: str) -> dict:
     elif modality == "music":
         body = {"model": run, "seed": seed}
         for field in ("n", "bars", "temperature", "top_k", "top_p", "best_of", "prompt_piece", "prompt_bars",
-                      "harmonise_piece", "candidates"):
+                      "harmonise_piece", "candidates", "prompt_midi_b64", "harmonise_midi_b64"):
             if request.get(field) is not None:
                 body[field] = request[field]
         body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without
@@ -584,6 +584,10 @@ def _replay(row: dict, base_url: str) -> dict:
     flags = {"max_tokens": "--max-new-tokens", "n": "-n", "instrument": "--class"}
     for field, value in body.items():
         if field in ("model", "prompt", "response_format") or (modality == "image" and field == "n"):
+            continue
+        if field.endswith("_midi_b64"):  # the CLI reads the file the request's MIDI was kept as
+            cli += ["--" + field.removesuffix("_b64").replace("_", "-"),
+                    str(uploads.kept_midi_path(base64.b64decode(value)))]
             continue
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, bool):  # a switch: --constrained / --no-constrained

@@ -439,6 +439,13 @@ function placeError(form, e) {  // an API error next to the field it names, else
   if (box && !input) box.textContent = e.message;
 }
 
+async function fileBase64(file) {  // a chosen file's bytes as base64, for a JSON request
+  const bytes = new Uint8Array(await file.arrayBuffer());
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
 function buildGenerateForm(form, out, spec) {
   const basic = h("div", {class: "row"}), advanced = h("div", {class: "row"});
   let prompt = null, classPick = null;
@@ -450,25 +457,32 @@ function buildGenerateForm(form, out, spec) {
     classPick = h("select", {name: "prompt"}, spec.classes.map(c => h("option", {value: c, text: c})));
     form.append(field("gen.class", classPick));
   }
-  let opening = null, openingBars = null, harmony = null;
-  if (spec.modality === "music" && spec.openings && spec.openings.length) {  // a held-out piece's first bars, continued
+  let opening = null, openingBars = null, harmony = null, openingFile = null, melodyFile = null;
+  if (spec.modality === "music") {
+    // an opening continued: a held-out piece's first bars, or a MIDI file of one's own; or a melody harmonised: a
+    // held-out piece's soprano, or a MIDI file's top voice, kept as the top voice (an opening or a melody, not both)
+    const pieces = spec.openings || [];
     opening = h("select", {name: "prompt_piece"}, h("option", {value: "", text: t("music.nothing")}),
-                spec.openings.map(name => h("option", {value: name, text: name})));
+                pieces.map(name => h("option", {value: name, text: name})));
+    openingFile = h("input", {type: "file", name: "prompt_midi", accept: ".mid,.midi,audio/midi"});
     openingBars = h("input", {type: "number", name: "prompt_bars", min: 1, max: 16, step: 1, value: 2, disabled: true});
-    // or a held-out piece's soprano kept as the top voice, the model writing the voices below (one or the other)
     harmony = h("select", {name: "harmonise_piece"}, h("option", {value: "", text: t("music.noharmony")}),
-                spec.openings.map(name => h("option", {value: name, text: name})));
-    opening.addEventListener("change", () => {
-      openingBars.disabled = !opening.value;
-      harmony.disabled = !!opening.value;
-    });
-    harmony.addEventListener("change", () => {
-      opening.disabled = !!harmony.value;
-      openingBars.disabled = !!harmony.value || !opening.value;
-    });
+                pieces.map(name => h("option", {value: name, text: name})));
+    melodyFile = h("input", {type: "file", name: "harmonise_midi", accept: ".mid,.midi,audio/midi"});
+    const sync = () => {
+      const continuing = !!opening.value || openingFile.files.length > 0;
+      const harmonising = !!harmony.value || melodyFile.files.length > 0;
+      openingBars.disabled = !continuing || harmonising;
+      opening.disabled = harmonising || openingFile.files.length > 0;
+      openingFile.disabled = harmonising;
+      harmony.disabled = continuing || melodyFile.files.length > 0;
+      melodyFile.disabled = continuing;
+    };
+    for (const control of [opening, openingFile, harmony, melodyFile]) control.addEventListener("change", sync);
     form.append(h("div", {class: "row"}, field("music.opening", opening, t("music.openinghelp")),
-                  field("music.openingbars", openingBars)),
-                h("div", {class: "row"}, field("music.harmonise", harmony, t("music.harmonisehelp"))));
+                  field("music.openingfile", openingFile, t("music.filehelp")), field("music.openingbars", openingBars)),
+                h("div", {class: "row"}, field("music.harmonise", harmony, t("music.harmonisehelp")),
+                  field("music.harmonisefile", melodyFile, t("music.filehelp"))));
   }
   for (const c of spec.controls) (c.advanced ? advanced : basic).append(field(`opt.${c.name}`, controlInput(c),
     c.name === "best_of" ? t("gen.bestofhelp", {k: c.default}) : c.help));
@@ -513,19 +527,27 @@ function buildGenerateForm(form, out, spec) {
         out.append(musicPieces(madeSounds(made), made.generation_id),
                    h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
       } else if (spec.modality === "music") {
-        if (opening && opening.value) {
-          body.prompt_piece = opening.value;
-          body.prompt_bars = parseInt(openingBars.value, 10);
+        let continued = null, harmonised = null;  // what the piece begins with, or keeps on top: a name to show
+        if (openingFile.files.length) {
+          body.prompt_midi_b64 = await fileBase64(openingFile.files[0]);
+          continued = openingFile.files[0].name;
+        } else if (opening.value) {
+          body.prompt_piece = continued = opening.value;
         }
-        if (harmony && harmony.value) {  // the piece is as long as the melody: no bars
-          body.harmonise_piece = harmony.value;
-          delete body.bars;
+        if (continued) body.prompt_bars = parseInt(openingBars.value, 10);
+        if (melodyFile.files.length) {
+          body.harmonise_midi_b64 = await fileBase64(melodyFile.files[0]);
+          harmonised = melodyFile.files[0].name;
+        } else if (harmony.value) {
+          body.harmonise_piece = harmonised = harmony.value;
         }
+        if (harmonised) delete body.bars;  // the piece is as long as the melody
         const made = await api("/v1/audio/generations", {body});
-        if (body.harmonise_piece) out.append(h("p", {class: "meta", "data-testid": "harmonised",
-                                                     text: t("music.harmonised", {name: body.harmonise_piece})}));
-        if (body.prompt_piece) out.append(h("p", {class: "meta", "data-testid": "continued",
-                                                  text: t("music.continued", {bars: body.prompt_bars, name: body.prompt_piece})}));
+        if (harmonised) out.append(h("p", {class: "meta", "data-testid": "harmonised",
+                                           text: t(body.harmonise_midi_b64 ? "music.harmonisedfile" : "music.harmonised",
+                                                   {name: harmonised})}));
+        if (continued) out.append(h("p", {class: "meta", "data-testid": "continued",
+                                          text: t("music.continued", {bars: body.prompt_bars, name: continued})}));
         out.append(musicPieces(made.data.map(d => ({wav: d.wav_url, roll: d.png_url, midi: d.midi_url, bars: d.bars,
                                                      notes: d.notes})), made.generation_id),
                    h("p", {class: "meta", text: `${t("gen.seedwas", {seed: made.seed})} · ${t("music.rendered", {how: made.rendered_with})}`}));
