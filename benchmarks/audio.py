@@ -101,7 +101,8 @@ def main() -> None:
         sounds(args)
         return
     minutes = args.minutes or (2.0 if args.quick else 10.0)
-    stem = ("audio-quick" if args.quick else "audio") + ("" if args.data == "bach-chorales" else f"-{args.data}")
+    stem = ("audio-quick" if args.quick else "audio" if minutes == 10.0 else f"audio-{minutes:g}min") \
+        + ("" if args.data == "bach-chorales" else f"-{args.data}")
     models = [m for m in args.models.split(",") if m]
     if sorted(set(models) - set(MODELS)):
         raise SystemExit(f"unknown models: use {', '.join(MODELS)}")
