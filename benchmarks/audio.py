@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--data", choices=("bach-chorales", "folk-abc"), default="bach-chorales",
                         help="the music data (folk-abc: the Essen tunes, 8,306 melodies; its cold parse takes minutes, "
                              "then it is cached in the home)")
+    parser.add_argument("--gpt-block", type=int, default=int(MODELS["gpt"][1]["block_size"]),
+                        help="the gpt's training block in tokens (eight bars of chorale take about 300: a block of "
+                             "256 leaves the last bars to positions it never trained on, docs/audio.md)")
     parser.add_argument("--home", default=str(ROOT / ".work"), help="private AIGC home for the runs")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--part", choices=("music", "sounds"), default="music",
@@ -101,8 +104,12 @@ def main() -> None:
         sounds(args)
         return
     minutes = args.minutes or (2.0 if args.quick else 10.0)
+    default_block = int(MODELS["gpt"][1]["block_size"])
     stem = ("audio-quick" if args.quick else "audio" if minutes == 10.0 else f"audio-{minutes:g}min") \
-        + ("" if args.data == "bach-chorales" else f"-{args.data}")
+        + ("" if args.data == "bach-chorales" else f"-{args.data}") \
+        + ("" if args.gpt_block == default_block else f"-block{args.gpt_block}")
+    if args.gpt_block != default_block:
+        MODELS["gpt"][1].update(block_size=str(args.gpt_block), n_positions=str(max(1024, args.gpt_block)))
     models = [m for m in args.models.split(",") if m]
     if sorted(set(models) - set(MODELS)):
         raise SystemExit(f"unknown models: use {', '.join(MODELS)}")
@@ -135,7 +142,8 @@ def main() -> None:
         family, sets = MODELS[row]
         print(f"\n== {row}: {'counted' if family == 'ngram' else f'{minutes:g} min'}", file=sys.stderr)
         name = f"bench-{row}-{minutes:g}min-t{args.transpose}" + ("" if args.data == "bach-chorales" else
-                                                                  f"-{args.data}")
+                                                                  f"-{args.data}") \
+            + (f"-block{args.gpt_block}" if row == "gpt" and args.gpt_block != default_block else "")
         run_dir, metrics = service.train(family, args.data, name=name, overwrite=True,
                                          max_minutes=None if family == "ngram" else minutes,
                                          sets={**sets, "transpose": str(args.transpose)})
