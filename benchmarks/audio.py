@@ -43,6 +43,7 @@ Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -78,6 +79,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 minutes per trained model")
     parser.add_argument("--minutes", type=float, default=None, help="training budget per model (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of the sampled pieces (another seed: fresh "
+                                                               "pieces to confirm a result on; written to a -seedN "
+                                                               "result)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the runs of the same names already in --home (trained by an earlier run of "
+                             "this benchmark; their training figures are their run.json's) instead of training "
+                             "again: new sampling code measured on the same weights")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--transpose", type=int, default=5, help="training-split augmentation, semitones")
     parser.add_argument("--samples", type=int, default=32, help="pieces sampled per model for the statistics")
@@ -107,7 +115,8 @@ def main() -> None:
     default_block = int(MODELS["gpt"][1]["block_size"])
     stem = ("audio-quick" if args.quick else "audio" if minutes == 10.0 else f"audio-{minutes:g}min") \
         + ("" if args.data == "bach-chorales" else f"-{args.data}") \
-        + ("" if args.gpt_block == default_block else f"-block{args.gpt_block}")
+        + ("" if args.gpt_block == default_block else f"-block{args.gpt_block}") \
+        + ("" if args.seed == 0 else f"-seed{args.seed}")
     if args.gpt_block != default_block:
         MODELS["gpt"][1].update(block_size=str(args.gpt_block), n_positions=str(max(1024, args.gpt_block)))
     models = [m for m in args.models.split(",") if m]
@@ -121,6 +130,7 @@ def main() -> None:
 
     started = time.time()
     result = {"benchmark": stem, "data": args.data, "minutes_per_model": minutes, "quick": args.quick,
+              "reused_runs": args.reuse, "seed": args.seed,
               "transpose": args.transpose, "samples": args.samples, "machine": machine(), "load_average_start": load(),
               "rows": []}
     # the sampling the main table uses is the music default; each other (temperature, constrained) asked for is a row
@@ -144,11 +154,17 @@ def main() -> None:
         name = f"bench-{row}-{minutes:g}min-t{args.transpose}" + ("" if args.data == "bach-chorales" else
                                                                   f"-{args.data}") \
             + (f"-block{args.gpt_block}" if row == "gpt" and args.gpt_block != default_block else "")
-        run_dir, metrics = service.train(family, args.data, name=name, overwrite=True,
-                                         max_minutes=None if family == "ngram" else minutes,
-                                         sets={**sets, "transpose": str(args.transpose)})
+        if args.reuse:
+            run_dir = Path(args.home).resolve() / "runs" / name
+            if not (run_dir / "run.json").is_file():
+                raise SystemExit(f"--reuse: no run {name} in {args.home}: train it first (without --reuse)")
+            metrics = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["metrics"]
+        else:
+            run_dir, metrics = service.train(family, args.data, name=name, overwrite=True,
+                                             max_minutes=None if family == "ngram" else minutes,
+                                             sets={**sets, "transpose": str(args.transpose)})
         t0 = time.perf_counter()
-        evaluation = service.evaluate(str(run_dir), {"n": args.samples})
+        evaluation = service.evaluate(str(run_dir), {"n": args.samples, "seed": args.seed})
         result["rows"].append({"model": row, "family": family, "run": str(run_dir), "sets": sets,
                                "steps": metrics.get("steps"), "train_time_s": metrics.get("train_time_s"),
                                "train_tokens_per_s": metrics.get("tokens_per_s"), "order": metrics.get("order"),
@@ -159,7 +175,7 @@ def main() -> None:
         for temperature, constrained in variants:
             print(f"   {row} at temperature {temperature:g}, constrained {constrained}", file=sys.stderr)
             other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature,
-                                                    "constrained": constrained})
+                                                    "constrained": constrained, "seed": args.seed})
             result["rows"][-1]["by_sampling"].append({
                 "sampling": {k: v for k, v in other["samples"].items() if k != "tokens"},
                 "statistics": other["statistics"]["samples"], "within_floor": other["within_floor"]})
@@ -285,7 +301,10 @@ def markdown(result: dict) -> str:
              f"ratios). {first['validation']['pieces']} validation pieces ({first['validation']['notes']:,} notes, "
              f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
              f"±{result['transpose']} semitones; {result['samples']} samples per model ({sampling(first)}, "
-             f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all.", "",
+             f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all."
+             + (" **The runs were not trained again** (`--reuse`): they are the ones an earlier run of this benchmark "
+                "trained, on an idle machine (their steps and NLL are theirs); the pieces are sampled by today's code."
+                if result.get("reused_runs") else ""), "",
              "## Held-out likelihood (nats, lower is better)", "",
              "| model | training | NLL/token | NLL/note | n-gram NLL/token (same split) | below the n-gram |",
              "|---|---|---|---|---|---|"]

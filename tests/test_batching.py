@@ -179,3 +179,17 @@ def test_a_finished_request_takes_its_cached_positions_with_it(vocab):
     [short] = decoder.requests
     assert decoder.memory.mask.shape[1] == short.ids.shape[1] < len(long_prompt.prompt) + 1
     assert bool(decoder.memory.mask.all())
+
+
+def test_requests_with_their_own_windows_decode_together_as_alone(loaded):
+    """A window slides a request's rows at their own step (gpt: their memory is made again and joins the batch at
+    its end); the others go on, and each request decodes what it decodes alone."""
+    asks = [GenerateSettings(prompt="春江花月夜", seed=1, temperature=1.0, max_new_tokens=40, window=6),
+            GenerateSettings(prompt="", seed=2, temperature=0.9, n=2, max_new_tokens=45, window=0),
+            GenerateSettings(prompt="山", seed=3, temperature=1.0, n=2, max_new_tokens=50),
+            GenerateSettings(prompt="明", temperature=0, max_new_tokens=44, window=10)]
+    alone = [generate_many(loaded, [Ask(s.validate())])[0] for s in asks]
+    together = generate_many(loaded, [Ask(s) for s in asks])
+    for (mine, _), (theirs, _) in zip(together, alone, strict=True):
+        assert mine == theirs
+    assert max(len(t) for samples, _ in alone for t in samples) > 12, "every request ended before its window slid"

@@ -432,8 +432,16 @@ def test_generate_plain_output(trained):
 
 
 def test_generate_beams_return_the_top_n(trained):
-    obj = generate_json(trained["gpt"][1], "--num-beams", 2, "-n", 2)
+    obj = generate_json(trained["gpt"][1], "--num-beams", 2, "-n", 2, "--max-new-tokens", 12)
     assert len(obj["samples"]) == 2
+
+
+def test_beam_search_past_the_training_block_is_refused_unless_asked(trained):
+    """transformers' beams read every position: past the run's training block (16) only with --window 0."""
+    result = invoke("generate", trained["gpt"][1], "--num-beams", 2, "--max-new-tokens", 30)
+    assert_user_error(result, "beam search reads the whole sequence", "--window 0")
+    whole = generate_json(trained["gpt"][1], "--num-beams", 2, "--max-new-tokens", 30, "--window", 0)
+    assert len(whole["samples"]) == 1
 
 
 def test_generate_stop_cuts_every_sample(trained):
@@ -474,7 +482,8 @@ GENERATE_ERRORS = {
     "temperature negative": (["--temperature", "-1"], ["--temperature", "-1"]),
     "temperature nan": (["--temperature", "nan"], ["--temperature"]),
     "max-new-tokens 0": (["--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
-    "beyond the context": (["--max-new-tokens", "64"], ["context", "64"]),
+    "beyond the context": (["--max-new-tokens", "64", "--window", "0"], ["context", "64"]),
+    "window 1": (["--window", "1"], ["--window", "at least 2"]),
     "n 0": (["-n", "0"], ["-n", "0"]),
     "negative seed": (["--seed", "-1"], ["--seed"]),
     "min-p 1": (["--min-p", "1"], ["--min-p"]),

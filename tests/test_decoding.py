@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aigc.data.tokenizer import train_char
+from aigc.errors import UserError
 from aigc.sample import GenerateSettings, LoadedModel, TextStream, generate
 from conftest import make_model, make_poems
 
@@ -202,3 +203,68 @@ def test_a_stream_grown_a_piece_a_token_writes_what_decoding_the_whole_writes():
             written.append(out)
         assert "".join(written[0]) == "".join(written[1]), stops
         assert written[0] == written[1], stops
+
+
+def windowed_argmax_loop(loaded: LoadedModel, prompt: str, steps: int, window: int) -> str:
+    """Greedy decoding with a sliding window written out by hand, re-reading the whole window every step: the
+    model reads at most `window` tokens; once a token would pass it, it reads the last `window // 2` again."""
+    tok = loaded.tokenizer
+    ids = [tok.eot_id] + tok.encode(prompt)
+    start, out = max(0, len(ids) - window), []
+    with torch.no_grad():
+        for _ in range(steps):
+            if len(ids) - start > window:
+                start = len(ids) - window // 2
+            logits = loaded.model(input_ids=torch.tensor([ids[start:]])).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt == tok.eot_id:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+    return prompt + tok.decode_text(out)
+
+
+@pytest.fixture(scope="module")
+def long_gpt(vocab):
+    """A tiny gpt (64 positions) whose greedy decoding runs past its window of 16 without ending."""
+    tok, ids = vocab
+    return LoadedModel(make_model("gpt", ids, tok).eval(), tok, "gpt", None, 16)
+
+
+@pytest.mark.parametrize("prompt", ["春", "春江潮水连海平海上明月共潮生滟滟随波千万里"],
+                         ids=["short", "longer-than-window"])
+@pytest.mark.parametrize("window", [None, 6, 0])
+def test_a_window_slides_as_the_hand_written_loop_does(long_gpt, prompt, window):
+    """The decoder's sliding window (key/value cache made again from the window's last half) picks the tokens of
+    re-reading the window every step; None is the training block (16 here), 0 all the positions."""
+    steps = 40 if window != 0 else 64 - 2 - len(prompt)
+    got, stats = generate(long_gpt, GenerateSettings(prompt=prompt, temperature=0, max_new_tokens=steps, window=window))
+    expected = windowed_argmax_loop(long_gpt, prompt, steps, {None: 16, 0: 64}.get(window, window))
+    assert got == [expected]
+    assert stats["generated_tokens"] > 20, "greedy decoding ended before the window slid: pick another prompt"
+
+
+def test_a_window_lets_a_sample_pass_the_models_positions(long_gpt):
+    """64 positions: with a window the sample may be longer; reading all the positions it may not."""
+    settings = GenerateSettings(prompt="月", temperature=0, max_new_tokens=150)
+    [sample], _ = generate(long_gpt, settings)
+    assert settings.window == 16  # the record says which window made it
+    assert len(sample) > 64, "greedy decoding ended before position 64: pick another prompt"
+    assert sample == windowed_argmax_loop(long_gpt, "月", 150, 16)
+    with pytest.raises(UserError, match="context of 64 tokens"):
+        generate(long_gpt, GenerateSettings(prompt="月", temperature=0, max_new_tokens=150, window=0))
+    with pytest.raises(UserError, match="--window must be 0"):
+        generate(long_gpt, GenerateSettings(max_new_tokens=5, window=1))
+    with pytest.raises(UserError, match="beam search reads the whole sequence"):
+        generate(long_gpt, GenerateSettings(max_new_tokens=20, num_beams=2))
+    assert len(generate(long_gpt, GenerateSettings(max_new_tokens=20, num_beams=2, window=0))[0]) == 1
+
+
+def test_a_model_without_positions_has_no_window(vocab):
+    tok, ids = vocab
+    for family in ("rnn", "ngram"):
+        settings = GenerateSettings(seed=3, temperature=1.0, max_new_tokens=40, window=6)
+        loaded = LoadedModel(make_model(family, ids, tok).eval(), tok, family, None, 16)
+        assert generate(loaded, settings)[0] == generate(loaded, GenerateSettings(seed=3, temperature=1.0,
+                                                                                  max_new_tokens=40))[0]
+        assert settings.window == 0

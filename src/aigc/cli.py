@@ -322,6 +322,9 @@ def generate(
     num_beams: Annotated[int | None, typer.Option(help="beam search width (default 1: no beam search)")] = None,
     no_repeat_ngram_size: Annotated[int | None, typer.Option(help="forbid repeating any n-gram of this size")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="cut a sample before this string; repeatable")] = None,
+    window: Annotated[int | None, typer.Option(help="text and music runs: the most tokens the model reads; past "
+                                                    "it, it reads the last half again and goes on (default: the "
+                                                    "run's training block_size; 0 = all its positions)")] = None,
     stream: Annotated[bool, typer.Option(help="print the text as it is generated")] = False,
     class_: Annotated[str | None, typer.Option("--class", help="image and sound runs: class name or index")] = None,
     out: Annotated[str | None, typer.Option(help="image, series, music and sound runs: folder for the files")] = None,
@@ -408,7 +411,7 @@ def generate(
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
                "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
                "prompt_bars": prompt_bars, "harmonise_midi": harmonise_midi, "harmonise_piece": harmonise_piece,
-               "candidates": candidates, "constrained": constrained}
+               "candidates": candidates, "constrained": constrained, "window": window}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:
@@ -534,6 +537,7 @@ def eval_(
     constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
                                                      help="music runs: sample the pieces with the grammar (default: "
                                                           "the music default, on)")] = None,
+    seed: Annotated[int | None, typer.Option(help="music runs: the seed of the pieces sampled (default 0)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
 ):
     """Score a run on its validation split (bits per character, perplexity), sample from it
@@ -560,14 +564,15 @@ def eval_(
             if value is not None:
                 raise UserError(f"{flag} applies to --images (a run is scored on its own data, into <run>/eval.json)")
         result = service.evaluate(run, {"n": n, "horizon": horizon, "level": level, "temperature": temperature,
-                                        "top_p": top_p, "constrained": constrained})
+                                        "top_p": top_p, "constrained": constrained, "seed": seed})
     else:
         if data is None:
             raise UserError("--images needs --data DATASET: the data set whose held-out images it is scored against")
         if horizon is not None or level is not None:
             raise UserError(f"--{'horizon' if horizon is not None else 'level'} applies to series runs")
-        if temperature is not None or top_p is not None or constrained is not None:
-            flag = "temperature" if temperature is not None else "top-p" if top_p is not None else "constrained"
+        if temperature is not None or top_p is not None or constrained is not None or seed is not None:
+            flag = "temperature" if temperature is not None else "top-p" if top_p is not None else \
+                "constrained" if constrained is not None else "seed"
             raise UserError(f"--{flag} applies to music runs")
         result = service.evaluate_image_folder(images, data, n, out=out)
     if json_out:

@@ -74,6 +74,7 @@ class GenerateSettings:
     num_beams: int = 1  # > 1: beam search (deterministic)
     no_repeat_ngram_size: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)  # cut each sample before the first of these strings
+    window: int | None = None  # the most tokens the model reads (`window_of`): None = its training block, 0 = all
 
     def validate(self) -> GenerateSettings:
         checks = [
@@ -94,6 +95,8 @@ class GenerateSettings:
             (self.no_repeat_ngram_size >= 0, f"--no-repeat-ngram-size must be >= 0, got {self.no_repeat_ngram_size}"),
             (all(self.stop), "--stop strings must not be empty"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.window is None or self.window == 0 or self.window >= 2,
+             f"--window must be 0 (all the model's positions) or at least 2, got {self.window}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -328,6 +331,7 @@ def generate(loaded: LoadedModel, settings: GenerateSettings, *, stream: Callabl
     grammar's mask (aigc.data.music_grammar); one instance per request, since they may hold each row's state.
     """
     s = settings.validate()
+    s.window = window_of(loaded, s.window)  # the record says which window made it
     processors = list(processors or [])
     if processors and s.num_beams > 1:
         raise UserError("beam search does not take a request's own logits processors (a grammar): sample instead")
@@ -353,10 +357,29 @@ class Ask:
     processors: list[LogitsProcessor] = field(default_factory=list)  # its own, applied before the others
 
 
+def window_of(loaded: LoadedModel, window: int | None) -> int:
+    """How many tokens a model with positions reads at most while decoding (0: no window). A row whose context
+    would pass it reads again only its last `window // 2` tokens and goes on from there, as `stream_nll` scores a
+    long text, so the model never reads a position it did not train on and a sample may be longer than its
+    positions. None: the run's training block (a gpt trained on blocks of 256 with 1024 positions writes worse
+    past position 255: docs/audio.md); 0: all its positions, no sliding (how rows made before the window were
+    made: their replay asks for 0). A model without positions (rnn, n-gram) has no window: 0."""
+    context = loaded.max_context
+    if context is None:
+        return 0
+    return min(loaded.block_size if window is None else window, context)
+
+
+def context_limit(loaded: LoadedModel, window: int | None) -> int | None:
+    """The most tokens a row may hold, prompt and sample (None: no limit): the model's positions unless a window
+    slides."""
+    return None if window_of(loaded, window) else loaded.max_context
+
+
 def prompt_ids_of(loaded: LoadedModel, s: GenerateSettings) -> list[int]:
     """The prompt as the model reads it (start-of-document first); an error if it leaves no room in the context."""
     ids = [loaded.tokenizer.eot_id] + loaded.tokenizer.encode(s.prompt)
-    context = loaded.max_context
+    context = context_limit(loaded, s.window)
     if context is not None and len(ids) + s.max_new_tokens > context:
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens {s.max_new_tokens} exceeds the "
                         f"model's context of {context} tokens")
@@ -494,6 +517,16 @@ class _Request:
     started: float
     width: int = 0  # tokens in the buffer so far
     most_rows: int = 0
+    window: int = 0  # the most tokens the model reads (`window_of`; 0: no window)
+    start: int = 0  # the first token it reads: a window slides by moving it
+
+    def slides(self) -> bool:
+        """Whether the rows' context (all but the newest token are in memory) has passed the window: if so, they
+        read only the last half of it from now on (`start` moves there) and their memory is made again."""
+        if not self.window or self.width - self.start <= self.window:
+            return False
+        self.start = self.width - self.window // 2
+        return True
 
     @property
     def ids(self) -> torch.Tensor:
@@ -541,7 +574,7 @@ class Decoder:
                 failed.append((tag, e))
         if not new:
             return failed
-        prompts = [r.prompt for r in new for _ in range(r.buffer.shape[0])]
+        prompts = [r.prompt[r.start:] for r in new for _ in range(r.buffer.shape[0])]
         try:
             with torch.no_grad():
                 logits, part = self.memory.prefill(prompts)
@@ -567,8 +600,10 @@ class Decoder:
         stream = TextStream(self.tok, s.stop, ask.stream) if ask.stream is not None else None
         buffer = torch.full((s.n, len(prompt) + s.max_new_tokens), self.tok.eot_id, device=self.device)
         buffer[:, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        window = window_of(self.loaded, s.window)
         return _Request(tag, ask, prompt, buffer, procs, draw, temperature, stream, [False] * s.n, [0] * s.n,
-                        time.perf_counter(), width=len(prompt))
+                        time.perf_counter(), width=len(prompt), window=window,
+                        start=max(0, len(prompt) - window) if window else 0)
 
     def _choose(self) -> torch.Tensor:
         """(rows,) each row's next token. The requests that only apply a temperature before the draw are drawn
@@ -604,7 +639,7 @@ class Decoder:
         """One token for every row; returns the requests that finished, with their outcome."""
         rows, eot = self.rows, self.tok.eot_id
         tokens = self._choose()
-        chosen, finished, keep, staying = tokens.tolist(), [], [], []
+        chosen, finished, staying, spans = tokens.tolist(), [], [], {}
         start = 0
         for r in self.requests:
             n = r.buffer.shape[0]
@@ -618,20 +653,29 @@ class Decoder:
             outcome = self._advance(r, mine)
             if outcome is None:
                 staying.append(r)
-                keep.extend(range(start, start + n))
+                spans[id(r)] = range(start, start + n)
             else:
                 finished.append((r.tag, outcome))
             start += n
-        self.requests, self.logits = staying, None
-        if not staying:
-            self.memory = _Memory(self.loaded.model, self.loaded.family, self.device)
-            return finished
+        sliding = [r for r in staying if r.slides()]  # their memory is made again from their window's new start
+        going = [r for r in staying if r not in sliding]
+        self.requests, self.logits = going + sliding, None
+        logits = []
         with torch.no_grad():
-            if finished:
-                kept = torch.tensor(keep, dtype=torch.long, device=self.device)
-                self.memory.keep(kept)
-                tokens = tokens[kept]
-            self.logits = self.memory.step(tokens, [row for r in staying for row in r.ids])
+            if not going:
+                self.memory = _Memory(self.loaded.model, self.loaded.family, self.device)
+            else:
+                if finished or sliding:
+                    kept = torch.tensor([i for r in going for i in spans[id(r)]], dtype=torch.long, device=self.device)
+                    self.memory.keep(kept)
+                    tokens = tokens[kept]
+                logits.append(self.memory.step(tokens, [row[r.start:] for r in going for row in r.ids]))
+            if sliding:
+                part_logits, part = self.memory.prefill([row[r.start:].tolist() for r in sliding for row in r.ids])
+                self.memory.join(part)
+                logits.append(part_logits)
+        if logits:
+            self.logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         return finished
 
     def _advance(self, r: _Request, tokens: list[int]) -> tuple[list[str], dict] | BaseException | None:
@@ -772,6 +816,11 @@ def _beam_search(loaded: LoadedModel, s: GenerateSettings, cancel: threading.Eve
     """Beam search (deterministic), transformers' own: one request alone."""
     tok = loaded.tokenizer
     prompt_ids = prompt_ids_of(loaded, s)
+    if s.window and len(prompt_ids) + s.max_new_tokens > s.window:  # transformers' beams read every position
+        raise UserError(f"beam search reads the whole sequence, and this model reads at most {s.window} tokens "
+                        f"(--window): prompt ({len(prompt_ids)} tokens) + --max-new-tokens {s.max_new_tokens} is "
+                        f"more; lower --max-new-tokens, sample instead, or read all {loaded.max_context} "
+                        f"positions (--window 0, past those it trained on)")
     kwargs = {
         "max_new_tokens": s.max_new_tokens, "num_beams": s.num_beams, "num_return_sequences": s.n,
         "repetition_penalty": s.repetition_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size,

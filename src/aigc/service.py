@@ -546,6 +546,8 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
     settings = generation.record["settings"]
     if generation.modality == "music":  # what remakes it, whatever the default is by then (older rows: without)
         request = {**request, "constrained": settings.get("constrained", False)}
+    if generation.modality in ("text", "music"):  # the window it was read with (older rows: all positions, 0)
+        request = {**request, "window": settings.get("window", 0)}
     reranked = generation.record.get("rerank")
     rerank_of = None if reranked is None else json_safe({"best_of": settings.get("best_of"), **reranked})
     if generation.modality == "image":

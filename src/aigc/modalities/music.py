@@ -42,7 +42,7 @@ from aigc.fsutil import atomic_write_bytes, atomic_write_text, write_json
 from aigc.modalities import text
 from aigc.modalities.base import Generation, Prepared
 from aigc.models import Family, ngram
-from aigc.sample import MAX_NEW_TOKENS_CAP, LoadedModel, load_run, settings_dict
+from aigc.sample import MAX_NEW_TOKENS_CAP, LoadedModel, context_limit, load_run, settings_dict
 from aigc.sample import generate as decode
 from aigc.store import card_header, card_lineage, read_run, sha256_text
 from aigc.train import TextBatches, train_loop
@@ -50,10 +50,10 @@ from aigc.train import TextBatches, train_loop
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "constrained", "prompt_midi", "prompt_piece",
-                    "prompt_bars", "harmonise_midi", "harmonise_piece", "candidates")
-# `aigc eval RUN -n N --temperature T --top-p P --no-constrained`: the pieces sampled for the statistics (default
-# EVAL_SAMPLES, at SAMPLING_DEFAULTS)
-EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained")
+                    "prompt_bars", "harmonise_midi", "harmonise_piece", "candidates", "window")
+# `aigc eval RUN -n N --temperature T --top-p P --no-constrained --seed S`: the pieces sampled for the statistics
+# (default EVAL_SAMPLES, at SAMPLING_DEFAULTS, seed 0)
+EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained", "seed")
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued unless --prompt-bars says otherwise
 # how a music run samples unless asked otherwise: chosen on the validation chorales' statistics (docs/audio.md,
@@ -309,10 +309,11 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     grammar = grammar_of(loaded.path, record) if constrained else None
     per_bar = record["encoding"]["tokens_per_bar"]
     budget = math.ceil(bars * per_bar * BUDGET_MARGIN) + 2
-    room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
+    limit = context_limit(loaded, options.get("window"))
+    room = MAX_NEW_TOKENS_CAP if limit is None else limit - len(prompt) - 1
     if room < per_bar:
         raise BadRequest(f"the prompt ({len(prompt)} tokens) leaves no room in the model's context of "
-                         f"{loaded.max_context} tokens: use fewer --prompt-bars")
+                         f"{limit} tokens: use fewer --prompt-bars")
     settings = text.settings_of({**options, "max_new_tokens": min(budget, room, MAX_NEW_TOKENS_CAP),
                                  "prompt": " ".join(prompt) + " " if prompt else ""}, seed)
     samples, stats = decode(loaded, settings, cancel=cancel, batched=batched, processors=_grammar(grammar))
@@ -357,7 +358,8 @@ def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, 
         raise BadRequest(f"{Path(loaded.path).name} learned pieces of one voice (at most 1 note sounds at once in its "
                          "training pieces): it cannot write voices under a melody")
     bars = m.bars_of(m.encode(melody))
-    room = min(MAX_NEW_TOKENS_CAP, MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - 1)
+    limit = context_limit(loaded, options.get("window"))
+    room = min(MAX_NEW_TOKENS_CAP, MAX_NEW_TOKENS_CAP if limit is None else limit - 1)
     least = HarmonyGrammar(limits, melody, room).minimum()  # the melody's own tokens
     if least > room:
         raise BadRequest(f"the melody ({len(melody.notes)} notes, {bars} bars) takes {least} tokens alone, more than "
@@ -438,7 +440,8 @@ def _extend(loaded: LoadedModel, settings, tokens: list[str], bars: int, seed: i
         if m.bars_of(tokens) >= bars:
             break
         prompt = [*tokens, "Bar"]
-        room = MAX_NEW_TOKENS_CAP if loaded.max_context is None else loaded.max_context - len(prompt) - 1
+        limit = context_limit(loaded, settings.window)
+        room = MAX_NEW_TOKENS_CAP if limit is None else limit - len(prompt) - 1
         if room < 8:
             break
         options = {k: v for k, v in settings_dict(settings).items() if k != "seed"}
@@ -496,10 +499,13 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                                            None)
         base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
 
-    # 2. samples at seed 0, sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
+    # 2. samples at seed 0 (unless asked), sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
     n_samples = int(options.get("n") or EVAL_SAMPLES)
+    seed = int(options.get("seed") or 0)
+    if seed < 0:
+        raise BadRequest(f"--seed must be >= 0, got {seed}")
     sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p", "constrained") if k in options}}
-    generation = generate(loaded, {"n": n_samples, **sampling}, 0)
+    generation = generate(loaded, {"n": n_samples, **sampling}, seed)
     samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
     if not any(p.notes for p in samples):
         raise UserError(f"run {run_dir.name}: every sample was empty (the model ends every piece at once)")
@@ -532,7 +538,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     }
     result = {"run": str(run_dir), "metrics": metrics, "statistics": stats, "within_floor": floors,
               "validation": {"pieces": len(val), "tokens": n_tokens, "notes": val_notes},
-              "samples": {"n": n_samples, "seed": 0, **sampling, "bars": DEFAULT_BARS,
+              "samples": {"n": n_samples, "seed": seed, **sampling, "bars": DEFAULT_BARS,
                           "tokens": [o["tokens"] for o in generation.outputs]}}
     write_json(Path(run_dir) / "eval.json", result)
     return result

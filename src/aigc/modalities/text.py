@@ -38,7 +38,7 @@ from aigc.train import TextBatches, train_loop
 NAME = "text"
 BATCHES = True  # concurrent requests can share a decoding batch (generate(..., batched=True))
 GENERATE_OPTIONS = ("prompt", "n", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                    "num_beams", "no_repeat_ngram_size", "stop")
+                    "num_beams", "no_repeat_ngram_size", "stop", "window")
 EVALUATE_OPTIONS = ()  # `aigc eval` options beyond the run
 SAMPLING = ("temperature", "top_k", "top_p", "min_p")  # what beam search does not take
 TOKENIZER_KEYS = ("tokenizer", "bpe_vocab_size")  # with --init-from the tokenizer is the checkpoint's

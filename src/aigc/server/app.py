@@ -187,7 +187,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         options = {"prompt": prompt, "n": body.n, "max_new_tokens": max_tokens, "temperature": body.temperature,
                    "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
                    "repetition_penalty": body.repetition_penalty, "num_beams": body.num_beams,
-                   "no_repeat_ngram_size": body.no_repeat_ngram_size, "stop": stops or None, "best_of": body.best_of}
+                   "no_repeat_ngram_size": body.no_repeat_ngram_size, "stop": stops or None, "best_of": body.best_of,
+                   "window": body.window}
         requested = {"endpoint": "chat" if chat else "completions", **body.model_dump(exclude_none=True)}
         streaming, gen_id = bool(body.stream), new_id("gen")
 
@@ -270,7 +271,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                    "top_p": body.top_p, "best_of": body.best_of, "class_": body.instrument, "steps": body.steps,
                    "prompt_piece": body.prompt_piece, "prompt_bars": body.prompt_bars,
                    "harmonise_piece": body.harmonise_piece, "candidates": body.candidates,
-                   "constrained": body.constrained}
+                   "constrained": body.constrained, "window": body.window}
         for field, option in (("prompt_midi_b64", "prompt_midi"), ("harmonise_midi_b64", "harmonise_midi")):
             sent = getattr(body, field)
             if sent is not None:

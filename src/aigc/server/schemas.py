@@ -81,6 +81,9 @@ class TextControls(Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="> 1 discourages repeats")
     num_beams: int | None = Field(None, ge=1, le=16, description="beam search width (1 = none)")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=64, description="forbid repeating n-grams of this size")
+    window: int | None = Field(None, ge=0, le=1_000_000, description="the most tokens the model reads; past it, "
+                               "it reads the last half again and goes on (default: the run's training block_size; "
+                               "0 = all its positions)")
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
 
     @field_validator("temperature")
@@ -192,6 +195,9 @@ class AudioRequest(Strict):
                                                                  "note kept (default 4; 1: one draw)")
     constrained: bool | None = Field(None, description="music runs: grammar-constrained sampling (default true; "
                                                        "docs/audio.md)")
+    window: int | None = Field(None, ge=0, le=1_000_000, description="music runs: the most tokens the model reads; "
+                               "past it, it reads the last half again and goes on (default: the run's training "
+                               "block_size; 0 = all its positions)")
     seed: Seed | None = None
     user: str | None = Field(None, max_length=256)
     # sound runs (drum hits): the class of a conditional run, and a diffusion run's sampling steps

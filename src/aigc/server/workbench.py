@@ -522,6 +522,7 @@ def _replay(row: dict, base_url: str) -> dict:
             value = request.get(field, request.get(OPTION_OF.get(field, "")))
             if value is not None:
                 body[field] = value
+        body["window"] = request.get("window", 0)  # a row made before the window read all the model's positions
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
             body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
@@ -546,6 +547,7 @@ def _replay(row: dict, base_url: str) -> dict:
             if request.get(field) is not None:
                 body[field] = request[field]
         body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without
+        body["window"] = request.get("window", 0)  # a row made before the window read all the model's positions
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
             body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
