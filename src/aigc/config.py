@@ -92,11 +92,15 @@ class OptimizeConfig:
     count_weight: float = option(20.0, "sft on an n-gram: times each liked completion's n-grams are counted per "
                                        "unit of its rating", min=0.0, max=1e6, min_exclusive=True)
     feedback_share: float = option(0.5, "sft on images: the share of each batch drawn from the liked images (the "
-                                        "rest from the training data; 0: the data alone)", min=0.0, max=1.0)
+                                        "rest from the training data; 0: the data alone). Unless it or tilt is "
+                                        "set: 0 with tilt 2.5 where a reward fitted on the ratings judges at least "
+                                        "5% of the training images liked", min=0.0, max=1.0)
     tilt: float = option(0.0, "sft on images: the training data drawn as a reward fitted on the ratings keeps it, "
                               "the first it judges liked of this many (rerank's rule applied to the data; a vae's "
                               "images judged by their reconstructions, as the parent draws them; a fraction between "
-                              "two counts tilts between them; 0: the data as it is, else at least 1)",
+                              "two counts tilts between them; 0: the data as it is, else at least 1; unless it "
+                              "or feedback_share is set: 2.5 where that reward judges at least 5% of the training "
+                              "images liked, else 0)",
                          min=0.0, max=64.0)
     anchor: float = option(0.0, "sft on images: weight of the pull towards the parent's weights, "
                                 "anchor / 2 * sum((w - w_parent)^2) added to the loss (0: none)", min=0.0, max=1e6)
