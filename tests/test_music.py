@@ -29,6 +29,7 @@ from aigc.evaluate.music import (
     statistics_with_errors,
     within_floor,
 )
+from aigc.modalities import music as music_modality
 from aigc.modalities.music import SAMPLING_DEFAULTS
 from aigc.store import runs_dir
 from conftest import tiny_music_run
@@ -228,7 +229,7 @@ def test_render_with_fluidsynth(chorales, tmp_path):
     assert how.startswith("fluidsynth") and abs(samples).max() > 0
 
 
-def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path):
+def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path, midi_folder):
     corrupt = tmp_path / "bad.mid"
     corrupt.write_bytes(b"MThd\x00\x00\x00\x06garbage")
     with pytest.raises(BadRequest, match="not a readable MIDI file"):
@@ -242,8 +243,53 @@ def test_bad_music_input_is_one_clear_error_and_leaves_no_run(tmp_path):
         assert done.exit_code != 0 and says in done.output
         assert "Traceback" not in done.output and done.output.count("error") == 1, done.output
     assert not (runs_dir() / "bad").exists()
-    with pytest.raises(BadRequest, match="--val-data does not apply to music runs"):
-        service.train("rnn", str(corrupt), name="bad", val_data=str(corrupt))
+    with pytest.raises(BadRequest, match="not a readable MIDI file"):  # --val-data is read as --data is
+        service.train("rnn", str(midi_folder), name="bad", val_data=str(corrupt))
+    assert not (runs_dir() / "bad").exists()
+
+
+def test_a_music_run_continues_from_another_and_is_scored_on_pieces_of_ones_own(chorales, midi_folder, tmp_path):
+    """--init-from: the new run starts from the checkpoint's weights (a learning rate of ~0 leaves them as they
+    were), and copying is measured against what the checkpoint read too. --val-data: the pieces scored are those
+    given; one also in --data is held out of training, and one the checkpoint trained on is counted."""
+    import torch
+
+    from aigc.models import FAMILIES
+
+    first, _ = tiny_music_run("gpt", midi_folder, "first", n_positions=128, steps=4)
+    first_train = {p.name for p in music_modality.read_split(first)[0]}
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    for piece in chorales[:2]:
+        (mine / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
+    for piece in chorales[1:4]:  # chorales[1] is in both: held out of training
+        (theirs / f"{piece.name}.mid").write_bytes(m.midi_bytes(piece))
+    run_dir, _ = service.train("gpt", str(mine), val_data=str(theirs), init_from="first", name="second", max_steps=1,
+                               sets={"lr": "1e-12", "warmup_steps": "0", "block_size": "16", "batch_size": "2",
+                                     "eval_interval": "1", "eval_batches": "1", "dtype": "fp32"})
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["init_from"] == str(first.resolve())
+    val = record["data"]["val"]
+    assert val["source"] == str(theirs.resolve())
+    assert sorted(val["names"]) == sorted(p.name for p in m.remove_copies(m.load_music(str(theirs))[0]))
+    assert record["data"]["held_out_from_data"] == 1 and record["data"]["train"]["pieces"] == 1
+    assert val["read_by_checkpoint"] == len(first_train & set(val["names"])) > 0
+    before, after = FAMILIES["gpt"].load(first), FAMILIES["gpt"].load(run_dir)
+    assert after.config.n_positions == 128  # the checkpoint's architecture
+    for a, b in zip(before.parameters(), after.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    copies = service.evaluate("second", {"n": 2})["metrics"]["longest_copy_notes"]
+    assert copies >= 0
+    # refused before anything is written: a run of another family or modality, a [model] key, nothing left to train
+    with pytest.raises(BadRequest, match="continues only from"):
+        service.train("gpt", str(mine), init_from=str(tiny_music_run("ngram", midi_folder, "counted", n_positions=0,
+                                                                     steps=0)[0]), name="never")
+    with pytest.raises(BadRequest, match="n_layer comes from the --init-from checkpoint"):
+        service.train("gpt", str(mine), init_from="first", name="never", sets={"n_layer": "2"})
+    with pytest.raises(BadRequest, match="nothing is left to train on"):
+        service.train("gpt", str(mine), val_data=str(mine), name="never")
+    assert not (runs_dir() / "never").exists()
 
 
 def test_the_api_composes_music_as_wav_and_midi(midi_folder):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,6 @@ from typer.testing import CliRunner
 
 from aigc import service, store
 from aigc.cli import app
-from aigc.config import read_toml
 from aigc.data.tokenizer import TextTokenizer, train_char
 from aigc.db import Store
 from aigc.errors import BadRequest, Conflict, UserError
@@ -340,7 +340,7 @@ def test_image_sft_learns_a_taste_read_from_the_picture(rated_pictures, monkeypa
     assert record["init_from"] == str((home / "runs" / "pics").resolve())
     assert record["data"] == parent["data"] and record["optimize"]["feedback"]["liked"] == 80
     # the default read the taste in none of the training images, so it mixed the liked pictures in instead of tilting
-    config = read_toml(run_dir / "config.toml")
+    config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))["optimize"]
     assert (config["tilt"], config["feedback_share"], metrics["tilt_liked_share"]) == (0.0, 0.5, 0.0)
     with pytest.raises(UserError, match="feedback_share"):
         service.optimize("pics", "sft", name="never", sets={"feedback_share": "1.5"})

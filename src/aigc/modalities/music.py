@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from aigc.evaluate.music import (
 )
 from aigc.fsutil import atomic_write_bytes, atomic_write_text, write_json
 from aigc.modalities import text
-from aigc.modalities.base import Generation, Prepared
+from aigc.modalities.base import Generation, Prepared, init_changes
 from aigc.models import Family, ngram
 from aigc.sample import MAX_NEW_TOKENS_CAP, LoadedModel, context_limit, load_run, settings_dict
 from aigc.sample import generate as decode
@@ -91,12 +92,14 @@ def source_of(data: str) -> str:
 
 
 def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
-    """Music runs split their own pieces and start from scratch (this part of issue 17)."""
-    if val_data is not None:
-        raise BadRequest("--val-data does not apply to music runs yet: they hold out whole pieces of --data "
-                         "(--set val_fraction=F)")
-    if init_from is not None:
-        raise BadRequest("--init-from does not apply to music runs yet")
+    """`--init-from` (a music run of the family, found by the service) must have written our encoding."""
+    if init_from is None:
+        return
+    encoding = read_run(Path(init_from)).get("encoding", {})
+    if (encoding.get("name"), encoding.get("version")) != ("remi-16th", m.ENCODING_VERSION):
+        raise BadRequest(f"--init-from: {Path(init_from).name} was trained on the encoding {encoding.get('name')} "
+                         f"version {encoding.get('version')}, this one writes remi-16th version {m.ENCODING_VERSION}: "
+                         f"its token ids mean other things")
 
 
 def ids_of(tokenizer, pieces: list[m.Piece]) -> np.ndarray:
@@ -116,16 +119,32 @@ def _lines(pieces: list[m.Piece]) -> str:
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
             values: dict) -> Prepared:
     """Read and split the pieces, encode them, build the model (the n-gram is fitted here)."""
+    changes = init_changes(fam, configs, values) if init_from else {}
     read, source = m.load_music(data)
     pieces = m.remove_copies(read)  # before the split: no piece in both
-    train_pieces, val_pieces = m.split_pieces(pieces, configs["data"].val_fraction, configs["data"].split_seed)
+    if val_data:  # the pieces scored are the user's own; one also in --data is held out, not trained on
+        val_pieces = m.remove_copies(m.load_music(val_data)[0])
+        held = {_digest(p) for p in val_pieces}
+        train_pieces = [p for p in pieces if _digest(p) not in held]
+        if not train_pieces:
+            raise BadRequest(f"every piece of {data} is also in --val-data {val_data}: nothing is left to train on")
+    else:
+        train_pieces, val_pieces = m.split_pieces(pieces, configs["data"].val_fraction, configs["data"].split_seed)
     tokenizer = m.music_tokenizer()
     seen = m.transposed(train_pieces, configs["data"].transpose)  # the augmentation: training split only
     train_ids, val_ids = ids_of(tokenizer, seen), ids_of(tokenizer, val_pieces)
-    if "n_positions" in fields_of(fam.config) and "n_positions" not in values:  # room for DEFAULT_BARS and more
-        configs["model"].n_positions = MUSIC_CONTEXT
+    if "n_positions" in fields_of(fam.config) and "n_positions" not in values and not init_from:
+        configs["model"].n_positions = MUSIC_CONTEXT  # room for DEFAULT_BARS and more (a checkpoint has its own)
     t0 = time.perf_counter()
-    model, info = text.build_model(fam, configs, tokenizer, train_ids, None, {})
+    model, info = text.build_model(fam, configs, tokenizer, train_ids, init_from, changes)
+    read_before = 0
+    if init_from:  # validation pieces the checkpoint's weights have read are not held out from them: said
+        ancestors = {_digest(p) for p in trained_pieces(Path(init_from))}
+        read_before = sum(_digest(p) in ancestors for p in val_pieces)
+        if read_before:
+            print(f"note: {read_before} of the {len(val_pieces)} validation pieces were training pieces of "
+                  f"{Path(init_from).name} (or of a run it continued): the validation NLL flatters the new run",
+                  file=sys.stderr)
     if fam.trainer == "counts":
         info["train_time_s"] = time.perf_counter() - t0
     train_text, val_text = _lines(train_pieces), _lines(val_pieces)
@@ -137,10 +156,12 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
                       "pieces": len(train_pieces), "tokens": len(train_ids),
                       "notes": sum(len(p.notes) for p in train_pieces), "bars": bars,
                       "transposed_pieces": len(seen) - len(train_pieces)},
-            "val": {"source": "split", "file": "val.jsonl", "sha256": sha256_text(val_text),
+            "val": {"source": source_of(val_data) if val_data else "split", "file": "val.jsonl",
+                    "sha256": sha256_text(val_text),
                     "pieces": len(val_pieces), "tokens": len(val_ids), "notes": sum(len(p.notes) for p in val_pieces),
-                    "names": [p.name for p in val_pieces]},
+                    "names": [p.name for p in val_pieces], "read_by_checkpoint": read_before},
             "copies_removed": len(read) - len(pieces),  # bach-chorales: already removed when the corpus is read
+            "held_out_from_data": len(pieces) - len(train_pieces) if val_data else 0,  # --val-data pieces in --data
         },
         "encoding": {"name": "remi-16th", "version": m.ENCODING_VERSION, "vocab_size": tokenizer.vocab_size,
                      "tokens_per_bar": len(ids_of(tokenizer, train_pieces)) / max(1, bars), "grammar": grammar},
@@ -201,6 +222,25 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
         "", "## Limitations", "",
         "A small model of a few hundred chorales: it copies phrases of its training pieces (see `aigc eval`, "
         "longest copy), and a sample ends where the model ends it or at the bar budget.", ""])
+
+
+def _digest(piece: m.Piece) -> str:
+    """A piece's identity by its tokens (as `m.remove_copies` compares them)."""
+    return sha256_text(" ".join(m.encode(piece)))
+
+
+def trained_pieces(run_dir: Path) -> list[m.Piece]:
+    """Every piece a music run's weights have read (before transposition): its training split and those of the runs it
+    was continued from (--init-from, followed back)."""
+    pieces, current = [], Path(run_dir)
+    while current is not None:
+        if not (current / "run.json").is_file():
+            raise UserError(f"{run_dir}: it was continued from {current}, which is gone: its training pieces are "
+                            f"needed to measure copying")
+        record = read_run(current)
+        pieces += read_split(current, record)[0]
+        current = Path(record["init_from"]) if record.get("init_from") else None
+    return pieces
 
 
 def read_split(run_dir: Path, record: dict | None = None) -> tuple[list[m.Piece], list[m.Piece]]:
@@ -519,7 +559,7 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
 
     # 4. copying: the longest run of notes shared with a training piece, and the share of copied 8-note runs,
     #    beside the same for the validation pieces (excerpts as long as the samples)
-    train_notes = [p.notes for p in train]
+    train_notes = [p.notes for p in trained_pieces(run_dir)]  # with --init-from: what the checkpoint read too
     grams = note_ngrams(train_notes)
     copies = [longest_copy(p.notes, train_notes) for p in samples if p.notes]
     val_copies = [longest_copy(p.notes, train_notes) for p in excerpts(val, DEFAULT_BARS)]
