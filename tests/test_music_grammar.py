@@ -63,6 +63,24 @@ def test_the_mask_is_the_grammar_worked_out_by_hand():
     assert allowed_after(["TS_4/4", "Bar", "Pos_0", "Pitch_60", "Dur_1", m.EOT], limits) == {m.EOT}
 
 
+def test_a_sounding_pitch_is_not_struck_again_since_version_2():
+    """Decoding keeps one note per pitch at a time (`one_voice_per_pitch`), so striking a pitch that still sounds
+    would cut the held note short (a kept opening's note, say): version 2 forbids it until the note has ended;
+    version 1, how rows made before were sampled, allowed it."""
+    limits = {"max_onsets": 4, "max_polyphony": 4}
+    held = ["TS_4/4", "Bar", "Pos_0", "Pitch_60", "Dur_8", "Pitch_64", "Dur_2"]
+    assert names("Pitch", (60,)).isdisjoint(allowed_after([*held, "Pos_4"], limits))  # 60 sounds until 8
+    assert "Pitch_64" in allowed_after([*held, "Pos_4"], limits)  # 64 ended at 2
+    assert "Pitch_60" in allowed_after([*held, "Pos_8"], limits)  # ended as this onset starts
+    assert "Pitch_60" in allowed_after([*held, "Pos_4"], {**limits, "version": 1})
+    # across the bar line, and the notes read from a prompt count as the model's own do
+    long = ["TS_4/4", "Bar", "Pos_8", "Pitch_72", "Dur_12", "Bar"]
+    assert "Pitch_72" not in allowed_after([*long, "Pos_3"], limits)
+    assert "Pitch_72" in allowed_after([*long, "Pos_4"], limits)
+    piece = m.decode([*long, "Pos_4", "Pitch_72", "Dur_4"])
+    assert (8, 12, 72) in piece.notes  # the held note whole: what the grammar keeps from being cut
+
+
 def test_the_mask_keeps_the_logits_it_allows_and_never_makes_the_draw_impossible():
     grammar = RemiGrammar({"max_onsets": 4, "max_polyphony": 4})
     ids = torch.tensor([[0, INDEX["TS_4/4"], INDEX["Bar"], INDEX["Pos_0"], INDEX["Pitch_60"]]] * 2)
@@ -108,6 +126,9 @@ def violations(tokens: list[str], limits: dict) -> list[str]:
         if kind == "Dur" and not tokens[i - 1].startswith("Pitch_"):
             found.append(f"{i}: {token} without its pitch")
     piece = m.decode(tokens)
+    written = {note for note in m.notes_as_written(tokens)}
+    if written != set(piece.notes):
+        found.append(f"notes cut short by their pitch struck again: {sorted(written - set(piece.notes))}")
     starts: dict[int, int] = {}
     for onset, _, _ in piece.notes:
         starts[onset] = starts.get(onset, 0) + 1
@@ -128,7 +149,8 @@ def test_constrained_samples_of_every_family_keep_the_grammar(family, midi_folde
 
     # many seeded pieces at temperature 1.5 (an untrained model draws nearly anything): none breaks the grammar
     made = service.generate(run_dir.name, {"n": 8, "bars": 3, "temperature": 1.5}, seed=3)
-    assert made.record["settings"]["constrained"] is True and made.record["settings"]["grammar"] == limits
+    assert made.record["settings"]["constrained"] is True
+    assert made.record["settings"]["grammar"] == {**limits, "version": 2}
     assert sum(o["notes"] for o in made.outputs) > 0
     for output in made.outputs:
         assert violations(output["tokens"].split(), limits) == [], output["tokens"]
@@ -171,15 +193,31 @@ def test_a_run_made_before_the_grammar_counts_its_limits_and_old_records_regener
         assert replay["body"]["constrained"] is False and "--no-constrained" in replay["cli"]
         again = client.post(replay["endpoint"], json=replay["body"]).json()
         assert [d["record"]["tokens"] for d in again["data"]] == [o["tokens"] for o in old.outputs]
+        # a row made with the first version of the grammar (a sounding pitch could be struck again) replays with it
+        first = service.generate("old", {"n": 8, "bars": 8, "grammar_version": 1}, seed=3)
+        newest = service.generate("old", {"n": 8, "bars": 8}, seed=3)
+        assert [o["tokens"] for o in first.outputs] != [o["tokens"] for o in newest.outputs], "pick another seed"
+        with Store(f"sqlite:///{home}/aigc.db") as db:
+            gen = db.add_generation(run="old", run_path=str(run_dir), modality="music", seed=3, family="ngram",
+                                    request={"endpoint": "audio", "model": "old", "n": 8, "bars": 8,
+                                             "constrained": True}, output=first.outputs)
+        replay = client.get(f"/v1/generations/{gen}/replay").json()
+        assert replay["body"]["grammar_version"] == 1 and "--grammar-version 1" in replay["cli"]
+        again = client.post(replay["endpoint"], json=replay["body"]).json()
+        assert [d["record"]["tokens"] for d in again["data"]] == [o["tokens"] for o in first.outputs]
         # a new generation records what it was made with, and its replay makes it again
         made = client.post("/v1/audio/generations", json={"model": "old", "n": 2, "bars": 2, "seed": 7}).json()
         assert made["data"][0]["record"]["settings"]["constrained"] is True
+        assert made["data"][0]["record"]["settings"]["grammar"]["version"] == 2
         replay = client.get(f"/v1/generations/{made['generation_id']}/replay").json()
         assert replay["body"]["constrained"] is True and "--constrained" in replay["cli"]
+        assert replay["body"]["grammar_version"] == 2
         assert [d["midi_b64"] for d in client.post(replay["endpoint"], json=replay["body"]).json()["data"]] == \
             [d["midi_b64"] for d in made["data"]]
         bad = client.post("/v1/audio/generations", json={"model": "old", "constrained": "sometimes"})
         assert bad.status_code == 400 and "constrained" in bad.text
     with pytest.raises(BadRequest, match="constrained must be true or false"):
         service.generate("old", {"constrained": "yes"}, seed=0)
+    with pytest.raises(BadRequest, match="--grammar-version must be in 1..2"):
+        service.generate("old", {"grammar_version": 3}, seed=0)
     shutil.rmtree(run_dir)

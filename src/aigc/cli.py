@@ -359,6 +359,8 @@ def generate(
     constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
                                                      help="music runs: grammar-constrained sampling (default on; "
                                                           "docs/audio.md)")] = None,
+    grammar_version: Annotated[int | None, typer.Option(help="music runs: the constrained grammar's version (default "
+                                                             "the newest, 2; 1: as before 2026-12-07)")] = None,
     message: Annotated[str | None, typer.Option(help="text runs: chat; print the reply to this user message (the "
                                                      "message is the prompt, as in the API's chat)")] = None,
     best_of: Annotated[int | None, typer.Option(help="runs with a reward model (aigc optimize "
@@ -411,7 +413,8 @@ def generate(
                "truncation": truncation, "horizon": horizon, "paths": paths, "level": level, "noise": noise,
                "best_of": best_of, "bars": bars, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
                "prompt_bars": prompt_bars, "harmonise_midi": harmonise_midi, "harmonise_piece": harmonise_piece,
-               "candidates": candidates, "constrained": constrained, "window": window}
+               "candidates": candidates, "constrained": constrained, "window": window,
+               "grammar_version": grammar_version}
     options = {k: v for k, v in options.items() if v is not None}
     if from_image is not None:
         if run is not None or seed is not None or options:

@@ -545,7 +545,8 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
               "key_id": key_id, "source": source}
     settings = generation.record["settings"]
     if generation.modality == "music":  # what remakes it, whatever the default is by then (older rows: without)
-        request = {**request, "constrained": settings.get("constrained", False)}
+        request = {**request, "constrained": settings.get("constrained", False),
+                   "grammar_version": (settings.get("grammar") or {}).get("version", 1)}
     if generation.modality in ("text", "music"):  # the window it was read with (older rows: all positions, 0)
         request = {**request, "window": settings.get("window", 0)}
     reranked = generation.record.get("rerank")

@@ -149,6 +149,16 @@ def encode(piece: Piece) -> list[str]:
 def decode(tokens: list[str], name: str = "generated") -> Piece:
     """The notes of a token sequence. Generated sequences need not be well formed: a Pitch without a Dur after it,
     a position past the bar's end and tokens before the first Bar are skipped."""
+    time_signature, notes = _read_notes(tokens)
+    return Piece(name, time_signature, one_voice_per_pitch(notes))
+
+
+def notes_as_written(tokens: list[str]) -> list[Note]:
+    """The notes the tokens write, each whole (`decode` then keeps one note per pitch at a time)."""
+    return _read_notes(tokens)[1]
+
+
+def _read_notes(tokens: list[str]) -> tuple[str, list[Note]]:
     time_signature, bar, b, pos = "4/4", 16, -1, None
     notes: list[Note] = []
     for i, token in enumerate(tokens):
@@ -161,7 +171,7 @@ def decode(tokens: list[str], name: str = "generated") -> Piece:
             pos = int(value) if int(value) < bar else None
         elif kind == "Pitch" and pos is not None and i + 1 < len(tokens) and tokens[i + 1].startswith("Dur_"):
             notes.append((b * bar + pos, int(tokens[i + 1][4:]), int(value)))
-    return Piece(name, time_signature, one_voice_per_pitch(notes))
+    return time_signature, notes
 
 
 def bars_of(tokens: list[str]) -> int:

@@ -12,7 +12,8 @@ The grammar is the encoding's (aigc.data.music.encode), written as what may foll
     (end of piece)   -> end of piece
 
 so a position only moves forward within a bar (a new Bar starts again at 0), the notes of an onset come lowest first
-and each pitch once, and no note is left without its duration. "Room" is the data's: at most `max_onsets` notes start
+and each pitch once (and, since grammar version 2, not while a note of that pitch still sounds: decoding would cut that
+note short), and no note is left without its duration. "Room" is the data's: at most `max_onsets` notes start
 at one position and at most `max_polyphony` sound at once, both the most that any training piece has (`limits_of`,
 stored in the run), so a four-part chorale run never stacks a fifth voice, and a run on piano music keeps its chords.
 Our encoding has no velocity tokens (aigc.data.music: a fixed REMI-like vocabulary, not miditok's), so a note is two
@@ -32,6 +33,9 @@ from transformers import LogitsProcessor
 from aigc.data import music as m
 
 END = "end"  # the row has ended its piece (an end-of-text after its first token)
+# 2: a pitch still sounding is not struck again (decoding keeps one note per pitch at a time, so the new note would
+# cut the held one short: a kept opening's note, say); 1: as pieces were sampled before 2026-12-07 (their replays)
+GRAMMAR_VERSION = 2
 
 
 def limits_of(pieces: list[m.Piece]) -> dict[str, int]:
@@ -65,6 +69,7 @@ class _Row:
         self.last_pitch = 0  # the current onset's highest pitch so far (0: none yet)
         self.ends: list[int] = []  # when each earlier onset's notes stop sounding (16ths from the piece's start)
         self.current: list[int] = []  # the same for the current onset's notes
+        self.held: dict[int, int] = {}  # pitch -> when its latest note stops sounding
 
     @property
     def now(self) -> int:
@@ -78,6 +83,7 @@ class RemiGrammar(LogitsProcessor):
 
     def __init__(self, limits: dict[str, int]):
         self.max_onsets, self.max_polyphony = int(limits["max_onsets"]), int(limits["max_polyphony"])
+        self.version = int(limits.get("version", GRAMMAR_VERSION))
         vocab = m.vocabulary()
         index = {token: i for i, token in enumerate(vocab)}
         self.vocab_size = len(vocab)
@@ -108,6 +114,7 @@ class RemiGrammar(LogitsProcessor):
         elif token >= self.dur0:
             if row.phase == "pitch":
                 row.current.append(row.now + token - self.dur0 + 1)
+                row.held[row.last_pitch] = row.now + token - self.dur0 + 1
             row.phase = "dur"
 
     def allowed(self, row: _Row) -> np.ndarray:
@@ -128,6 +135,8 @@ class RemiGrammar(LogitsProcessor):
             if row.onsets < self.max_onsets and self._sounding(row, row.now) + row.onsets < self.max_polyphony \
                     and row.last_pitch < self.high:
                 ok[self.pitch0 + max(row.last_pitch + 1, self.low) - self.low:self.dur0] = True
+                if self.version >= 2:
+                    ok[[self.pitch0 + p - self.low for p, end in row.held.items() if end > row.now]] = False
             if row.phase == "dur":
                 ok[[self.bar, self.eot]] = True
                 ok[self.pos0 + self._open_positions(row, row.pos + 1)] = True

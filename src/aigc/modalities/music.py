@@ -28,7 +28,7 @@ from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
 from aigc.config import fields_of, read_toml, to_toml
 from aigc.data import music as m
-from aigc.data.music_grammar import HarmonyGrammar, RemiGrammar, limits_of
+from aigc.data.music_grammar import GRAMMAR_VERSION, HarmonyGrammar, RemiGrammar, limits_of
 from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
 from aigc.evaluate.music import (
@@ -51,7 +51,7 @@ from aigc.train import TextBatches, train_loop
 NAME = "music"
 BATCHES = True  # the text decoding batches concurrent requests
 GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "constrained", "prompt_midi", "prompt_piece",
-                    "prompt_bars", "harmonise_midi", "harmonise_piece", "candidates", "window")
+                    "prompt_bars", "harmonise_midi", "harmonise_piece", "candidates", "window", "grammar_version")
 # `aigc eval RUN -n N --temperature T --top-p P --no-constrained --seed S`: the pieces sampled for the statistics
 # (default EVAL_SAMPLES, at SAMPLING_DEFAULTS, seed 0)
 EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained", "seed")
@@ -320,6 +320,10 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     constrained = options.pop("constrained")
     if not isinstance(constrained, bool):
         raise BadRequest(f"constrained must be true or false, got {constrained!r}")
+    version = options.pop("grammar_version", None)
+    version = GRAMMAR_VERSION if version is None else version
+    if version not in range(1, GRAMMAR_VERSION + 1) or isinstance(version, bool):
+        raise BadRequest(f"--grammar-version must be in 1..{GRAMMAR_VERSION}, got {version!r}")
     bars_given = options.get("bars")
     bars = options.pop("bars", DEFAULT_BARS)
     if not 1 <= bars <= 256:
@@ -346,7 +350,7 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     else:
         prompt = []
     record = read_run(loaded.path)
-    grammar = grammar_of(loaded.path, record) if constrained else None
+    grammar = {**grammar_of(loaded.path, record), "version": version} if constrained else None
     per_bar = record["encoding"]["tokens_per_bar"]
     budget = math.ceil(bars * per_bar * BUDGET_MARGIN) + 2
     limit = context_limit(loaded, options.get("window"))

@@ -271,7 +271,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                    "top_p": body.top_p, "best_of": body.best_of, "class_": body.instrument, "steps": body.steps,
                    "prompt_piece": body.prompt_piece, "prompt_bars": body.prompt_bars,
                    "harmonise_piece": body.harmonise_piece, "candidates": body.candidates,
-                   "constrained": body.constrained, "window": body.window}
+                   "constrained": body.constrained, "window": body.window,
+                   "grammar_version": body.grammar_version}
         for field, option in (("prompt_midi_b64", "prompt_midi"), ("harmonise_midi_b64", "harmonise_midi")):
             sent = getattr(body, field)
             if sent is not None:

@@ -195,6 +195,9 @@ class AudioRequest(Strict):
                                                                  "note kept (default 4; 1: one draw)")
     constrained: bool | None = Field(None, description="music runs: grammar-constrained sampling (default true; "
                                                        "docs/audio.md)")
+    grammar_version: int | None = Field(None, ge=1, le=2, description="music runs: the version of constrained "
+                                        "sampling's grammar (default the newest, 2: a sounding pitch is not struck "
+                                        "again; 1: as pieces were sampled before 2026-12-07)")
     window: int | None = Field(None, ge=0, le=1_000_000, description="music runs: the most tokens the model reads; "
                                "past it, it reads the last half again and goes on (default: the run's training "
                                "block_size; 0 = all its positions)")

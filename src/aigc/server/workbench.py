@@ -548,6 +548,7 @@ def _replay(row: dict, base_url: str) -> dict:
                 body[field] = request[field]
         body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without
         body["window"] = request.get("window", 0)  # a row made before the window read all the model's positions
+        body["grammar_version"] = request.get("grammar_version", 1)  # and before version 2 of the grammar
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
             body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
