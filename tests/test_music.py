@@ -201,6 +201,12 @@ def test_the_cli_trains_generates_and_evaluates_a_music_run(midi_folder, tmp_pat
     assert done.exit_code == 0 and "scale_consistency" in done.output
     samples = json.loads((runs_dir() / "chorales" / "eval.json").read_text())["samples"]
     assert samples["temperature"] == 1 and samples["top_p"] == SAMPLING_DEFAULTS["top_p"]
+    first = samples["tokens"]
+    done = runner.invoke(app, ["eval", "chorales", "--temperature", "1", "--seed", "4"])  # fresh pieces, to confirm on
+    samples = json.loads((runs_dir() / "chorales" / "eval.json").read_text())["samples"]
+    assert done.exit_code == 0 and samples["seed"] == 4 and samples["tokens"] != first
+    done = runner.invoke(app, ["eval", "chorales", "--seed", "-1"])
+    assert done.exit_code != 0 and "--seed must be >= 0" in done.output
 
 
 def test_render_falls_back_to_plain_synthesis(chorales, tmp_path, monkeypatch):

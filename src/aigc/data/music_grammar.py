@@ -292,6 +292,9 @@ class HarmonyGrammar(RemiGrammar):
                     self._lower_sounding(row, row.now) < self.max_polyphony - 1:
                 first = max(row.last_pitch + 1, self.low)
                 ok[self.pitch0 + first - self.low:self.pitch0 + self.ceiling[row.now] - self.low] = True
+                if self.version >= 2:  # as RemiGrammar: a lower pitch still sounding is not struck again
+                    ok[[self.pitch0 + p - self.low for p, end in row.held.items()
+                        if end > row.now and p < self.ceiling[row.now]]] = False
             if row.phase == "dur" and not at_melody:
                 self._onward(row, row.pos + 1, left, ok)
         return ok

@@ -333,7 +333,8 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     harmonise_midi, harmonise_piece = options.pop("harmonise_midi", None), options.pop("harmonise_piece", None)
     candidates = options.pop("candidates", None)
     if harmonise_midi is not None or harmonise_piece is not None:
-        return harmonise(loaded, options, seed, constrained, cancel=cancel, batched=batched, midi=harmonise_midi,
+        return harmonise(loaded, options, seed, constrained, version, cancel=cancel, batched=batched,
+                         midi=harmonise_midi,
                          piece=harmonise_piece, candidates=HARMONY_CANDIDATES if candidates is None else candidates,
                          others={"bars": bars_given, "prompt_midi": prompt_midi, "prompt_piece": prompt_piece,
                                  "prompt_bars": prompt_bars})
@@ -377,7 +378,8 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
                                       "stats": stats})
 
 
-def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, *, cancel: threading.Event | None,
+def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, version: int, *,
+              cancel: threading.Event | None,
               batched: bool, midi: str | None, piece: str | None, others: dict,
               candidates: int = HARMONY_CANDIDATES) -> Generation:
     """`n` harmonisations of a melody (a MIDI file's top voice, `midi`, or a validation piece's soprano, `piece`):
@@ -397,7 +399,7 @@ def harmonise(loaded: LoadedModel, options: dict, seed: int, constrained: bool, 
                          "--no-constrained out")
     melody = melody_of(loaded.path, midi, piece)
     record = read_run(loaded.path)
-    limits = grammar_of(loaded.path, record)
+    limits = {**grammar_of(loaded.path, record), "version": version}
     if limits["max_polyphony"] < 2:
         raise BadRequest(f"{Path(loaded.path).name} learned pieces of one voice (at most 1 note sounds at once in its "
                          "training pieces): it cannot write voices under a melody")
