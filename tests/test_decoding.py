@@ -27,14 +27,18 @@ def loaded(request, vocab, tmp_path_factory):
     return LoadedModel(model, tok, request.param, tmp_path_factory.mktemp("m"), 16)
 
 
-def argmax_loop(loaded: LoadedModel, prompt: str, steps: int) -> str:
-    """Greedy decoding written out by hand: the oracle for `generate`."""
+def argmax_loop(loaded: LoadedModel, prompt: str, steps: int, window: int = 0) -> str:
+    """Greedy decoding written out by hand, re-reading the whole context every step: the oracle for `generate`. With a
+    `window`, the model reads at most that many tokens; once a token would pass it, it reads the last `window // 2`
+    again."""
     tok = loaded.tokenizer
     ids = [tok.eot_id] + tok.encode(prompt)
-    out = []
+    start, out = max(0, len(ids) - window) if window else 0, []
     with torch.no_grad():
         for _ in range(steps):
-            logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            if window and len(ids) - start > window:
+                start = len(ids) - window // 2
+            logits = loaded.model(input_ids=torch.tensor([ids[start:]])).logits[0, -1]
             nxt = int(logits.argmax())
             if nxt == tok.eot_id:
                 break
@@ -205,25 +209,6 @@ def test_a_stream_grown_a_piece_a_token_writes_what_decoding_the_whole_writes():
         assert written[0] == written[1], stops
 
 
-def windowed_argmax_loop(loaded: LoadedModel, prompt: str, steps: int, window: int) -> str:
-    """Greedy decoding with a sliding window written out by hand, re-reading the whole window every step: the
-    model reads at most `window` tokens; once a token would pass it, it reads the last `window // 2` again."""
-    tok = loaded.tokenizer
-    ids = [tok.eot_id] + tok.encode(prompt)
-    start, out = max(0, len(ids) - window), []
-    with torch.no_grad():
-        for _ in range(steps):
-            if len(ids) - start > window:
-                start = len(ids) - window // 2
-            logits = loaded.model(input_ids=torch.tensor([ids[start:]])).logits[0, -1]
-            nxt = int(logits.argmax())
-            if nxt == tok.eot_id:
-                break
-            ids.append(nxt)
-            out.append(nxt)
-    return prompt + tok.decode_text(out)
-
-
 @pytest.fixture(scope="module")
 def long_gpt(vocab):
     """A tiny gpt (64 positions) whose greedy decoding runs past its window of 16 without ending."""
@@ -239,7 +224,7 @@ def test_a_window_slides_as_the_hand_written_loop_does(long_gpt, prompt, window)
     re-reading the window every step; None is the training block (16 here), 0 all the positions."""
     steps = 40 if window != 0 else 64 - 2 - len(prompt)
     got, stats = generate(long_gpt, GenerateSettings(prompt=prompt, temperature=0, max_new_tokens=steps, window=window))
-    expected = windowed_argmax_loop(long_gpt, prompt, steps, {None: 16, 0: 64}.get(window, window))
+    expected = argmax_loop(long_gpt, prompt, steps, {None: 16, 0: 64}.get(window, window))
     assert got == [expected]
     assert stats["generated_tokens"] > 20, "greedy decoding ended before the window slid: pick another prompt"
 
@@ -250,7 +235,7 @@ def test_a_window_lets_a_sample_pass_the_models_positions(long_gpt):
     [sample], _ = generate(long_gpt, settings)
     assert settings.window == 16  # the record says which window made it
     assert len(sample) > 64, "greedy decoding ended before position 64: pick another prompt"
-    assert sample == windowed_argmax_loop(long_gpt, "月", 150, 16)
+    assert sample == argmax_loop(long_gpt, "月", 150, 16)
     with pytest.raises(UserError, match="context of 64 tokens"):
         generate(long_gpt, GenerateSettings(prompt="月", temperature=0, max_new_tokens=150, window=0))
     with pytest.raises(UserError, match="--window must be 0"):
