@@ -117,7 +117,8 @@ def test_our_noise_is_exponential_bit_for_bit_and_leaves_the_generator_where_it_
                          ids=["temperature", "top-k", "top-p", "greedy"])
 def test_our_decode_step_draws_what_transformers_generate_draws(loaded, knobs):
     """The oracle: transformers' own sampling (global RNG after `torch.manual_seed(seed)`), or its greedy search."""
-    s = GenerateSettings(prompt="春江", seed=7, n=2 if knobs["temperature"] else 1, max_new_tokens=15, **knobs)
+    s = GenerateSettings(prompt="春江", seed=7, n=2 if knobs["temperature"] else 1, max_new_tokens=15, window=0,
+                         **knobs)  # transformers reads every position
     ours = generate_many(loaded, [Ask(s.validate())])[0][0]
     tok = loaded.tokenizer
     ids = torch.tensor([[tok.eot_id] + tok.encode(s.prompt)] * s.n)

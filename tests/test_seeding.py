@@ -93,14 +93,14 @@ KNOBS = {
 @pytest.mark.parametrize("knobs", KNOBS.values(), ids=KNOBS.keys())
 def test_samples_equal_the_global_rng_path(loaded, knobs, n):
     for seed in (0, 7):
-        s = GenerateSettings(n=n, seed=seed, max_new_tokens=20, **knobs)
+        s = GenerateSettings(n=n, seed=seed, max_new_tokens=20, window=0, **knobs)  # the oracle reads every position
         samples, stats = generate(loaded, s)
         assert (samples, stats["generated_tokens"]) == global_rng_generate(loaded, s)
 
 
 @pytest.mark.parametrize("knobs", [KNOBS["plain"], KNOBS["all"]], ids=["plain", "all"])
 def test_streamed_samples_equal_the_global_rng_path(loaded, knobs):
-    s = GenerateSettings(seed=3, max_new_tokens=20, **knobs)
+    s = GenerateSettings(seed=3, max_new_tokens=20, window=0, **knobs)  # the oracle reads every position
     pieces, old_pieces = [], []
     samples, _ = generate(loaded, s, stream=pieces.append)
     old, _ = global_rng_generate(loaded, s, stream=old_pieces.append)
@@ -123,7 +123,7 @@ def test_generation_config_warpers_apply_as_before(vocab, extra):
     loaded = sharpened("gpt", vocab)
     for key, value in extra.items():
         setattr(loaded.model.generation_config, key, value)
-    s = GenerateSettings(n=3, seed=1, temperature=1.0, max_new_tokens=20)
+    s = GenerateSettings(n=3, seed=1, temperature=1.0, max_new_tokens=20, window=0)  # the oracle reads every position
     samples, stats = generate(loaded, s)
     assert (samples, stats["generated_tokens"]) == global_rng_generate(loaded, s)
 
