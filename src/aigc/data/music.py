@@ -448,13 +448,18 @@ def folk_tunes(files: list[Path] | None = None) -> list[Piece]:
     return remove_copies(pieces)
 
 
+def digest(piece: Piece) -> str:
+    """A piece's identity: the sha256 of its tokens (two pieces with the same tokens are copies)."""
+    return hashlib.sha256(" ".join(encode(piece)).encode()).hexdigest()
+
+
 def remove_copies(pieces: list[Piece]) -> list[Piece]:
     """Pieces whose tokens are identical to an earlier one's are dropped (they would land in both splits)."""
     seen, out = set(), []
     for piece in pieces:
-        digest = hashlib.sha256(" ".join(encode(piece)).encode()).hexdigest()
-        if digest not in seen:
-            seen.add(digest)
+        digest_ = digest(piece)
+        if digest_ not in seen:
+            seen.add(digest_)
             out.append(piece)
     return out
 

@@ -135,12 +135,17 @@ class RemiGrammar(LogitsProcessor):
             if row.onsets < self.max_onsets and self._sounding(row, row.now) + row.onsets < self.max_polyphony \
                     and row.last_pitch < self.high:
                 ok[self.pitch0 + max(row.last_pitch + 1, self.low) - self.low:self.dur0] = True
-                if self.version >= 2:
-                    ok[[self.pitch0 + p - self.low for p, end in row.held.items() if end > row.now]] = False
+                ok[self.pitch0 + self._struck_again(row) - self.low] = False
             if row.phase == "dur":
                 ok[[self.bar, self.eot]] = True
                 ok[self.pos0 + self._open_positions(row, row.pos + 1)] = True
         return ok
+
+    def _struck_again(self, row: _Row) -> np.ndarray:
+        """The pitches a note at the row's onset may not have: those still sounding (since version 2; none before)."""
+        if self.version < 2:
+            return np.zeros(0, dtype=int)
+        return np.array([p for p, end in row.held.items() if end > row.now], dtype=int)
 
     def _sounding(self, row: _Row, time: int) -> int:
         """Notes of earlier onsets still sounding at `time`."""
@@ -292,9 +297,8 @@ class HarmonyGrammar(RemiGrammar):
                     self._lower_sounding(row, row.now) < self.max_polyphony - 1:
                 first = max(row.last_pitch + 1, self.low)
                 ok[self.pitch0 + first - self.low:self.pitch0 + self.ceiling[row.now] - self.low] = True
-                if self.version >= 2:  # as RemiGrammar: a lower pitch still sounding is not struck again
-                    ok[[self.pitch0 + p - self.low for p, end in row.held.items()
-                        if end > row.now and p < self.ceiling[row.now]]] = False
+                struck = self._struck_again(row)  # as RemiGrammar's, among the lower voices' pitches
+                ok[self.pitch0 + struck[struck < self.ceiling[row.now]] - self.low] = False
             if row.phase == "dur" and not at_melody:
                 self._onward(row, row.pos + 1, left, ok)
         return ok

@@ -124,8 +124,8 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     pieces = m.remove_copies(read)  # before the split: no piece in both
     if val_data:  # the pieces scored are the user's own; one also in --data is held out, not trained on
         val_pieces = m.remove_copies(m.load_music(val_data)[0])
-        held = {_digest(p) for p in val_pieces}
-        train_pieces = [p for p in pieces if _digest(p) not in held]
+        held = {m.digest(p) for p in val_pieces}
+        train_pieces = [p for p in pieces if m.digest(p) not in held]
         if not train_pieces:
             raise BadRequest(f"every piece of {data} is also in --val-data {val_data}: nothing is left to train on")
     else:
@@ -139,8 +139,8 @@ def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from
     model, info = text.build_model(fam, configs, tokenizer, train_ids, init_from, changes)
     read_before = 0
     if init_from:  # validation pieces the checkpoint's weights have read are not held out from them: said
-        ancestors = {_digest(p) for p in trained_pieces(Path(init_from))}
-        read_before = sum(_digest(p) in ancestors for p in val_pieces)
+        ancestors = {m.digest(p) for p in trained_pieces(Path(init_from))}
+        read_before = sum(m.digest(p) in ancestors for p in val_pieces)
         if read_before:
             print(f"note: {read_before} of the {len(val_pieces)} validation pieces were training pieces of "
                   f"{Path(init_from).name} (or of a run it continued): the validation NLL flatters the new run",
@@ -222,11 +222,6 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
         "", "## Limitations", "",
         "A small model of a few hundred chorales: it copies phrases of its training pieces (see `aigc eval`, "
         "longest copy), and a sample ends where the model ends it or at the bar budget.", ""])
-
-
-def _digest(piece: m.Piece) -> str:
-    """A piece's identity by its tokens (as `m.remove_copies` compares them)."""
-    return sha256_text(" ".join(m.encode(piece)))
 
 
 def trained_pieces(run_dir: Path) -> list[m.Piece]:
