@@ -226,6 +226,38 @@ def test_sound_runs_refuse_what_they_do_not_take(hits):
     assert torch.get_num_threads() >= 1
 
 
+def test_a_sound_run_continues_from_another_with_its_spectrograms(hits, tmp_path, one_thread):
+    parent_dir, _ = _train("vae", hits, "s-parent", conditional="true")
+    parent = service.family_of("vae").load(parent_dir)
+    # no spectrogram key, no [model] key, no --conditional: all three are the parent's
+    child_dir, metrics = service.train("vae", str(hits), name="s-child", init_from="s-parent", max_steps=1,
+                                       sets={k: v for k, v in TINY.items() if k not in SMALL} | {"lr": "1e-6"})
+    theirs, ours = (store.read_run(d) for d in (parent_dir, child_dir))
+    assert ours["image_shape"] == theirs["image_shape"] == [1, 16, 16] and ours["class_names"] == ["low", "noise"]
+    config = (child_dir / "config.toml").read_text()
+    assert "n_mels = 16" in config and "hop_length = 294" in config and "conditional = true" in config
+    child = service.family_of("vae").load(child_dir)
+    moved = False
+    for name, p in parent.named_parameters():  # one step of lr 1e-6: the parent's weights, moved by at most ~lr
+        q = dict(child.named_parameters())[name]
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=2e-6, msg=name)
+        moved |= not torch.equal(q, p)
+    assert moved and metrics["steps"] == 1
+    with pytest.raises(UserError, match="n_mels comes from the --init-from checkpoint"):
+        service.train("vae", str(hits), name="s-x", init_from="s-parent", max_steps=1, sets={**TINY, "n_mels": "32"})
+    other = tmp_path / "other"  # other classes
+    (other / "high").mkdir(parents=True)
+    (other / "noise").mkdir()
+    for i in range(6):
+        soundfile.write(other / "high" / f"t{i}.wav", tone(880 + 20 * i), RATE, subtype="PCM_16")
+        soundfile.write(other / "noise" / f"n{i}.flac", burst(i), RATE)
+    with pytest.raises(UserError, match="needs the same classes"):
+        service.train("vae", str(other), name="s-y", init_from="s-parent", max_steps=1, sets=TINY)
+    with pytest.raises(UserError, match="continues only from"):
+        service.train("dcgan", str(hits), name="s-z", init_from="s-parent", max_steps=1, sets=TINY)
+    assert not any((store.runs_dir() / n).exists() for n in ("s-x", "s-y", "s-z"))  # nothing written
+
+
 def test_the_audio_endpoint_makes_sounds_and_they_can_be_rated(hits, one_thread):
     import base64
     import io

@@ -14,6 +14,7 @@ docs/audio.md, "Sounds".
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint
-from aigc.config import to_toml
+from aigc.config import read_toml, to_toml
 from aigc.data import sounds as s
 from aigc.data.images import ImageData, make_grid, read_png_record, save_png, to_tensor, to_uint8
 from aigc.data.music import wav_bytes
@@ -58,25 +59,45 @@ def source_of(data: str) -> str:
     return data if data in s.NAMED_SOUNDS else str(Path(data).expanduser().resolve())
 
 
+# the [data] keys that make a spectrogram what it is: a run continued from another (--init-from) takes that run's
+SPECTROGRAM_KEYS = ("sample_rate", "seconds", "n_mels", "n_fft", "hop_length")
+
+
 def check_request(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None) -> None:
-    """Sound runs hold out their own files and start from scratch."""
+    """Sound runs hold out their own files."""
     if val_data is not None:
         raise BadRequest("--val-data does not apply to sound runs: they hold out --set val_fraction=F of each "
                          "class's files")
-    if init_from is not None:
-        raise BadRequest("--init-from does not apply to sound runs yet")
 
 
 def prepare(family: str, fam: Family, data: str, val_data: str | None, init_from: str | None, configs: dict,
             values: dict) -> Prepared:
-    """Read, split and turn the hits into spectrograms; build the image family on (1, n_mels, frames)."""
+    """Read, split and turn the hits into spectrograms; build the image family on (1, n_mels, frames). With
+    `init_from` (a sound run of the family) the model is that run's, as an image run continues (`image.
+    continued_model`), and the sounds become spectrograms as that run's did (its SPECTROGRAM_KEYS); the new sounds
+    must have its classes."""
+    parent = None
+    if init_from is not None:
+        parent_dir = Path(init_from)
+        theirs = read_toml(parent_dir / "config.toml")
+        given = [k for k in SPECTROGRAM_KEYS if k in values and getattr(configs["data"], k) != theirs.get(k)]
+        if given:
+            raise BadRequest(f"{given[0]} comes from the --init-from checkpoint ({theirs.get(given[0])} in run "
+                             f"{parent_dir.name!r}) and cannot be set: the spectrograms must be made as its were")
+        made_as = {k: theirs[k] for k in SPECTROGRAM_KEYS if k in theirs}
+        configs["data"] = dataclasses.replace(configs["data"], **made_as)
+        parent = image.continued_model(fam, parent_dir, configs, values)
     cfg = configs["data"]
     train, val, files = s.load_split(data, cfg)
     if cfg.conditional and train.labels is None:
         raise BadRequest(f"--conditional needs classes, and {data} has none (put the files in class sub-folders)")
     num_classes = train.num_classes if cfg.conditional else 0
     image_shape = (1, train.height, train.width)
-    model = image.build_model(family, fam, configs, image_shape, num_classes)
+    if parent is not None:
+        image.check_continues(Path(init_from), parent, train, data)
+        model = parent
+    else:
+        model = image.build_model(family, fam, configs, image_shape, num_classes)
     record = {
         "image_shape": list(image_shape), "num_classes": num_classes,
         "class_names": list(train.class_names) if train.class_names else None,
