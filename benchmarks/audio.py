@@ -56,10 +56,11 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 MODELS = {  # row -> (family, --set values)
     "ngram": ("ngram", {}),
     "rnn": ("rnn", {"cell": "lstm", "block_size": "128"}),
-    "gpt": ("gpt", {"n_layer": "4", "n_head": "4", "n_embd": "128", "block_size": "256", "batch_size": "16",
-                    "embd_pdrop": "0.1", "resid_pdrop": "0.1", "compile": "false"}),
-}  # gpt without torch.compile: compile=auto compiles with a budget of 2 minutes or more, and on this shared
-#    machine the first --quick run spent the gpt's whole 2 minutes compiling (1 step)
+    "gpt": ("gpt", {"n_layer": "4", "n_head": "4", "n_embd": "128", "block_size": "256", "batch_size": "16"}),
+}  # gpt at the family's dropout (0) and compile=auto (torch.compile for budgets over 2 minutes: 3,030 steps in 10
+#    minutes where dropout 0.1 without compile made 2,108, and a lower NLL; docs/audio.md, "The benchmark's gpt");
+#    --quick turns compile off: on a shared machine the first --quick run spent the gpt's whole 2 minutes compiling
+QUICK_SETS = {"gpt": {"compile": "false"}}
 SOUND_MODELS = {  # family -> --set values (conditional on the drum class; the families' defaults otherwise)
     "vae": {"conditional": "true"},
     "dcgan": {"conditional": "true"},
@@ -90,8 +91,9 @@ def main() -> None:
     parser.add_argument("--transpose", type=int, default=5, help="training-split augmentation, semitones")
     parser.add_argument("--samples", type=int, default=32, help="pieces sampled per model for the statistics")
     parser.add_argument("--temperatures", default="", help="also the statistics of each trained model's samples at "
-                                                           "these temperatures (e.g. 1,0.9,0.8,0.7): how the music "
-                                                           "default is chosen")
+                                                           "these samplings, each a temperature T or T:P with top-p "
+                                                           "P (e.g. 1,0.8:0.95,0.7): how the music default is "
+                                                           "chosen")
     parser.add_argument("--constrained", choices=("on", "off", "both"), default="on",
                         help="grammar-constrained sampling of the samples (docs/audio.md): on (the music default), "
                              "off, or both side by side (each temperature of --temperatures with and without)")
@@ -136,9 +138,9 @@ def main() -> None:
     # the sampling the main table uses is the music default; each other (temperature, constrained) asked for is a row
     # of the sampling table (the NLL does not depend on it)
     grammar = {"on": [True], "off": [False], "both": [True, False]}[args.constrained]
-    default = (SAMPLING_DEFAULTS["temperature"], SAMPLING_DEFAULTS["constrained"])
-    variants = [(t, c) for t in [float(t) for t in args.temperatures.split(",") if t] or [default[0]]
-                for c in grammar if (t, c) != default]
+    default = (SAMPLING_DEFAULTS["temperature"], SAMPLING_DEFAULTS["top_p"], SAMPLING_DEFAULTS["constrained"])
+    variants = [(t, p, c) for t, p in [_sampling(x) for x in args.temperatures.split(",") if x] or [default[:2]]
+                for c in grammar if (t, p, c) != default]
 
     def save() -> None:
         result["wall_s"] = time.time() - started
@@ -150,6 +152,7 @@ def main() -> None:
     result["parse_s"] = time.perf_counter() - t0
     for row in models:
         family, sets = MODELS[row]
+        sets = {**sets, **(QUICK_SETS.get(row, {}) if args.quick else {})}
         print(f"\n== {row}: {'counted' if family == 'ngram' else f'{minutes:g} min'}", file=sys.stderr)
         name = f"bench-{row}-{minutes:g}min-t{args.transpose}" + ("" if args.data == "bach-chorales" else
                                                                   f"-{args.data}") \
@@ -172,9 +175,10 @@ def main() -> None:
                                    "metrics", "statistics", "within_floor", "validation")},
                                "sampling": {k: v for k, v in evaluation["samples"].items() if k != "tokens"},
                                "by_sampling": []})
-        for temperature, constrained in variants:
-            print(f"   {row} at temperature {temperature:g}, constrained {constrained}", file=sys.stderr)
-            other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature,
+        for temperature, top_p, constrained in variants:
+            print(f"   {row} at temperature {temperature:g}, top-p {top_p:g}, constrained {constrained}",
+                  file=sys.stderr)
+            other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature, "top_p": top_p,
                                                     "constrained": constrained, "seed": args.seed})
             result["rows"][-1]["by_sampling"].append({
                 "sampling": {k: v for k, v in other["samples"].items() if k != "tokens"},
@@ -277,6 +281,12 @@ def sounds_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _sampling(item: str) -> tuple[float, float]:
+    """`--temperatures` item: T or T:P (top-p P; default 1, off)."""
+    temperature, _, top_p = item.partition(":")
+    return float(temperature), float(top_p or 1.0)
+
+
 def sampling(row: dict) -> str:
     """How a row's pieces were sampled: the music defaults (aigc.modalities.music.SAMPLING_DEFAULTS), as eval.json
     recorded them."""
@@ -342,17 +352,18 @@ def markdown(result: dict) -> str:
     lines += ["", f"Target: {TARGET_STATS} of 4 within the floor or 2 standard errors: {', '.join(verdicts)}."]
     swept = [(r, t) for r in rows for t in r.get("by_sampling", r.get("by_temperature", []))]
     if swept:
-        lines += ["", "## The statistics against the sampling (temperature, grammar)", "",
+        lines += ["", "## The statistics against the sampling (temperature, top-p, grammar)", "",
                   "The same runs, the same seed and number of samples, sampled otherwise (the NLL does not depend on "
                   "it); constrained: grammar-constrained sampling (docs/audio.md); ✓ as above.", "",
-                  "| model | temperature | constrained | " + " | ".join(STATS) + " | within |",
-                  "|---|---|---|" + "---|" * len(STATS) + "---|"]
+                  "| model | temperature | top-p | constrained | " + " | ".join(STATS) + " | within |",
+                  "|---|---|---|---|" + "---|" * len(STATS) + "---|"]
         for r, t in swept:
             cells = [f"{fmt(t['statistics'][k]['mean'])} ± {fmt(t['statistics'][k]['se'])} "
                      f"{'✓' if t['within_floor'][k]['met'] else '✗'}" for k in STATS]
             within = sum(f["met"] for f in t["within_floor"].values())
             grammar = {True: "yes", False: "no"}.get(t["sampling"].get("constrained"), "-")
-            lines.append(f"| {r['model']} | {t['sampling']['temperature']:g} | {grammar} | " + " | ".join(cells)
+            lines.append(f"| {r['model']} | {t['sampling']['temperature']:g} | {t['sampling'].get('top_p', 1.0):g} "
+                         f"| {grammar} | " + " | ".join(cells)
                          + f" | {within}/4 |")
     lines += ["", "## Novelty", "",
               "| model | longest copy (notes, mean / max) | 8-note runs found in training |", "|---|---|---|"]

@@ -406,7 +406,7 @@ def test_the_arena_battles_two_music_runs(midi_folder):
         assert replay["body"]["bars"] == 4 and replay["body"]["n"] == 1
         controls = client.get("/v1/models/bach3/controls").json()
         assert [c["name"] for c in controls["controls"]] == ["n", "bars", "temperature", "top_k", "top_p",
-                                                             "constrained"]
+                                                             "constrained", "grammar_version"]  # no window: n-gram
         by_name = {c["name"]: c for c in controls["controls"]}
         assert by_name["bars"]["default"] == 8
         assert by_name["constrained"]["default"] is True and by_name["constrained"]["type"] == "boolean"

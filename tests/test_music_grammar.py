@@ -183,8 +183,10 @@ def test_a_run_made_before_the_grammar_counts_its_limits_and_old_records_regener
     home = runs_dir().parent
     app = create_app(ServerConfig(runs=runs_dir(), database=f"sqlite:///{home}/aigc.db", rate_limit=0))
     with TestClient(app) as client:
-        # a generation recorded before the option existed: made without the grammar, its request without the field
-        old = service.generate("old", {"n": 2, "bars": 2, "constrained": False}, seed=7)
+        # a generation recorded before the option existed: made without the grammar, its request without the field,
+        # at the sampling defaults of then (temperature 0.8, no top-p: `music.sampling_before`)
+        old = service.generate("old", {"n": 2, "bars": 2, "constrained": False, "temperature": 0.8, "top_p": 1.0},
+                               seed=7)
         with Store(f"sqlite:///{home}/aigc.db") as db:
             gen = db.add_generation(run="old", run_path=str(run_dir), modality="music", seed=7, family="ngram",
                                     request={"endpoint": "audio", "model": "old", "n": 2, "bars": 2},
@@ -194,8 +196,10 @@ def test_a_run_made_before_the_grammar_counts_its_limits_and_old_records_regener
         again = client.post(replay["endpoint"], json=replay["body"]).json()
         assert [d["record"]["tokens"] for d in again["data"]] == [o["tokens"] for o in old.outputs]
         # a row made with the first version of the grammar (a sounding pitch could be struck again) replays with it
-        first = service.generate("old", {"n": 8, "bars": 8, "grammar_version": 1}, seed=3)
-        newest = service.generate("old", {"n": 8, "bars": 8}, seed=3)
+        # (made at the defaults of then, 0.6 without top-p, before rows stored their sampling)
+        then = {"temperature": 0.6, "top_p": 1.0}
+        first = service.generate("old", {"n": 8, "bars": 8, "grammar_version": 1, **then}, seed=3)
+        newest = service.generate("old", {"n": 8, "bars": 8, **then}, seed=3)
         assert [o["tokens"] for o in first.outputs] != [o["tokens"] for o in newest.outputs], "pick another seed"
         with Store(f"sqlite:///{home}/aigc.db") as db:
             gen = db.add_generation(run="old", run_path=str(run_dir), modality="music", seed=3, family="ngram",

@@ -313,10 +313,10 @@ def generate(
     n: Annotated[int | None, typer.Option("-n", help="number of samples or images (default 1)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: a fresh one, echoed)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate at most (default 100)")] = None,
-    temperature: Annotated[float | None, typer.Option(help="sampling temperature, default 0.8 (music: 0.6; vae-rnn "
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature, default 0.8 (vae-rnn "
                                                            "clips: the run's, 1); 0 = greedy")] = None,
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = off)")] = None,
-    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = off)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = off; music: default 0.95)")] = None,
     min_p: Annotated[float | None, typer.Option(help="drop tokens below min_p x the top probability")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats (default 1)")] = None,
     num_beams: Annotated[int | None, typer.Option(help="beam search width (default 1: no beam search)")] = None,

@@ -51,7 +51,7 @@ from aigc.optimize import judge, rerank, rerank_only
 from aigc.optimize import music as optimize_music
 from aigc.optimize import series as optimize_series
 from aigc.optimize import text as optimize_text
-from aigc.sample import BATCHER, GenerateSettings
+from aigc.sample import BATCHER, GenerateSettings, window_of
 from aigc.train import Budget
 
 DEFAULT_MAX_MINUTES = 10.0  # the budget of a gradient-trained family when neither --max-steps nor --max-minutes
@@ -546,7 +546,8 @@ def record(generation: Generation, db: Store, *, source: str, request: dict, fil
     settings = generation.record["settings"]
     if generation.modality == "music":  # what remakes it, whatever the default is by then (older rows: without)
         request = {**request, "constrained": settings.get("constrained", False),
-                   "grammar_version": (settings.get("grammar") or {}).get("version", 1)}
+                   "grammar_version": (settings.get("grammar") or {}).get("version", 1),
+                   **{k: settings[k] for k in ("temperature", "top_k", "top_p") if k in settings}}
     if generation.modality in ("text", "music"):  # the window it was read with (older rows: all positions, 0)
         request = {**request, "window": settings.get("window", 0)}
     reranked = generation.record.get("rerank")
@@ -611,14 +612,19 @@ def generation_defaults(run: str) -> dict:
     run_dir, modality = resolve(run)
     reward = rerank.reward_of(run_dir) if store.is_run(run_dir) else None
     own = {} if reward is None else {"best_of": reward.info.get("best_of", 1)}
+    # a model with positions reads at most its training block unless asked (`window_of`): shown as that number
+    window = {}
+    if modality.NAME in ("text", "music"):
+        loaded = MODELS.get(modality, run_dir)
+        window = {"window": window_of(loaded, None)} if loaded.max_context is not None else {}
     if modality.NAME == "text":
         fields = dataclasses.fields(GenerateSettings)
         return {**{f.name: f.default for f in fields if f.name in modality.GENERATE_OPTIONS and f.name != "stop"},
-                **own}
+                **window, **own}
     if modality.NAME == "series":
         return {**series.GENERATE_DEFAULTS, **own}
     if modality.NAME == "music":
-        return {**music.GENERATE_DEFAULTS, **own}
+        return {**music.GENERATE_DEFAULTS, **window, **own}
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None and fam.sampler_options \

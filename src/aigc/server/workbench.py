@@ -28,6 +28,7 @@ from aigc import jobs, service, store, uploads
 from aigc.errors import BadRequest, Conflict, NotFound
 from aigc.evaluate import arena
 from aigc.fsutil import json_safe, read_json
+from aigc.modalities.music import sampling_before
 from aigc.server import schemas
 from aigc.server.limits import ApiError
 
@@ -42,7 +43,7 @@ CONTROLS = {  # the body fields the studio shows, by modality (an image family a
              "no_repeat_ngram_size"),
     "image": ("n",),
     "series": ("horizon", "level", "paths", "noise"),
-    "music": ("n", "bars", "temperature", "top_k", "top_p", "constrained"),
+    "music": ("n", "bars", "temperature", "top_k", "top_p", "constrained", "grammar_version"),
     "video": ("n",),  # a diffusion clip generator adds its sampler options
     "sound": ("n",),
 }
@@ -85,13 +86,14 @@ def install(app: FastAPI, ctx: Context) -> None:
     def controls(model: str, key_id: str | None = Depends(ctx.caller)):
         modality, path = ctx.model_path(model)
         defaults = service.generation_defaults(str(path))
+        window = ("window",) if "window" in defaults and defaults["window"] is not None else ()  # a gpt's
         if model in config.models:
             return {"model": model, "modality": "text", "family": "hf", "classes": None,
-                    "controls": _controls("text", (), defaults)}
+                    "controls": _controls("text", window, defaults)}
         record = store.read_run(path)
         fam = service.FAMILIES[record["family"]]
         extra = tuple(o for o in fam.sampler_options if o != "guidance_scale" or record.get("num_classes"))
-        extra += ("best_of",) if "best_of" in defaults else ()  # a run with a reward model: best of N
+        extra += window + (("best_of",) if "best_of" in defaults else ())  # a reward model's run: best of N
         if modality == "sound":  # the audio endpoint takes a diffusion run's steps of the sampling options
             extra = tuple(o for o in extra if o in schemas.AudioRequest.model_fields)
         classes = record.get("class_names") or ([str(i) for i in range(record["num_classes"])]
@@ -549,6 +551,8 @@ def _replay(row: dict, base_url: str) -> dict:
         body["constrained"] = bool(request.get("constrained", False))  # a row made before it was sampled without
         body["window"] = request.get("window", 0)  # a row made before the window read all the model's positions
         body["grammar_version"] = request.get("grammar_version", 1)  # and before version 2 of the grammar
+        for field, value in sampling_before(request).items():  # a row made before its sampling was stored
+            body.setdefault(field, value)
         if row.get("rerank"):  # the k it was picked with, whatever the run's own default is by now
             body["best_of"] = row["rerank"]["best_of"]
         if endpoint == "arena":
