@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from aigc import service
 from aigc.cli import app
 from aigc.data import video as v
+from aigc.data.images import named_installed
 from aigc.errors import BadRequest
 from aigc.evaluate import video as vm
 from aigc.modalities.video import STAGE_DIR, stage_budgets
@@ -161,6 +162,8 @@ def test_a_split_run_trains_both_stages_and_makes_clips(tmp_path, one_thread):
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)) and first[0].shape[:3] == (8, 24, 24)
 
 
+@pytest.mark.skipif(not named_installed("fashion-mnist"), reason="moving-fashion-mnist needs the Debian package "
+                    "dataset-fashion-mnist (scripts/setup.sh --corpora)")
 def test_windows_are_cut_where_the_evaluation_finds_the_object_and_paste_back():
     """The window around each frame's brightness centre is the evaluation's (evaluate/video.py's object_windows,
     on uint8 clips); pasting a frame's window back on black gives the frame where nothing lies outside it."""
