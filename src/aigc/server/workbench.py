@@ -86,7 +86,7 @@ def install(app: FastAPI, ctx: Context) -> None:
     def controls(model: str, key_id: str | None = Depends(ctx.caller)):
         modality, path = ctx.model_path(model)
         defaults = service.generation_defaults(str(path))
-        window = ("window",) if "window" in defaults and defaults["window"] is not None else ()  # a gpt's
+        window = ("window",) if defaults.get("window") is not None else ()  # a gpt's
         if model in config.models:
             return {"model": model, "modality": "text", "family": "hf", "classes": None,
                     "controls": _controls("text", window, defaults)}
