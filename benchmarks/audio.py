@@ -29,8 +29,9 @@ Writes benchmarks/results/audio-sounds.json and .md (--quick: audio-sounds-quick
    tail), the others train for the budget.
 2. `aigc eval RUN -n N` on each: held-out NLL per token and per note (nats), beside the n-gram's fitted on the same
    (augmented) training split; target: the best neural family at least 10% below the n-gram per token.
-3. The statistics of N samples (seed 0, 8 bars, sampled at the music defaults: aigc.modalities.music.
-   SAMPLING_DEFAULTS, chosen on these validation statistics) against the validation chorales' first 8 bars:
+3. The statistics of N samples (seed 0, 8 bars, sampled as each run samples unless asked: rnn and gpt at the
+   temperature their training fitted to the training chorales, `aigc calibrate`, the n-gram at the music defaults,
+   aigc.modalities.music.SAMPLING_DEFAULTS) against the validation chorales' first 8 bars:
    pitch-class entropy, scale consistency and polyphony (muspy), groove consistency (ours, muspy's definition
    without its extra empty bar); the floor is the training chorales' distance from the validation chorales; target:
    3 of 4 within the floor or 2 standard errors.
@@ -107,8 +108,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--part", choices=("music", "sounds"), default="music",
                         help="music: bach-chorales (ngram, rnn, gpt); sounds: drum hits (vae, dcgan, diffusion)")
-    parser.add_argument("--listening", default=None, help="sounds: write one WAV + PNG per family here (a snare, "
-                                                          "seed 0)")
+    parser.add_argument("--listening", default=None, help="write one piece per model at seed 0 (music: "
+                                                          "DIR/MODEL/000.{wav,png,mid,json}, as the run samples "
+                                                          "unless asked) or one snare per family (sounds: "
+                                                          "DIR/FAMILY-snare.{wav,png}) here")
     args = parser.parse_args()
     if args.part == "sounds":
         sounds(args)
@@ -128,19 +131,20 @@ def main() -> None:
 
     from aigc import service
     from aigc.data import music as m
-    from aigc.modalities.music import SAMPLING_DEFAULTS
+    from aigc.modalities.music import SAMPLING_DEFAULTS, SAMPLING_FILE
 
     started = time.time()
     result = {"benchmark": stem, "data": args.data, "minutes_per_model": minutes, "quick": args.quick,
               "reused_runs": args.reuse, "seed": args.seed,
               "transpose": args.transpose, "samples": args.samples, "machine": machine(), "load_average_start": load(),
               "rows": []}
-    # the sampling the main table uses is the music default; each other (temperature, constrained) asked for is a row
-    # of the sampling table (the NLL does not depend on it)
+    # the main table samples as each run does unless asked (its calibrated temperature, else the music defaults);
+    # each other (temperature, top-p, constrained) asked for is a row of the sampling table (the NLL does not depend
+    # on it); without --temperatures the music defaults are that row for a calibrated run
     grammar = {"on": [True], "off": [False], "both": [True, False]}[args.constrained]
-    default = (SAMPLING_DEFAULTS["temperature"], SAMPLING_DEFAULTS["top_p"], SAMPLING_DEFAULTS["constrained"])
-    variants = [(t, p, c) for t, p in [_sampling(x) for x in args.temperatures.split(",") if x] or [default[:2]]
-                for c in grammar if (t, p, c) != default]
+    default = (SAMPLING_DEFAULTS["temperature"], SAMPLING_DEFAULTS["top_p"])
+    variants = [(t, p, c) for t, p in [_sampling(x) for x in args.temperatures.split(",") if x] or [default]
+                for c in grammar]  # less each row's own sampling, below
 
     def save() -> None:
         result["wall_s"] = time.time() - started
@@ -162,6 +166,9 @@ def main() -> None:
             if not (run_dir / "run.json").is_file():
                 raise SystemExit(f"--reuse: no run {name} in {args.home}: train it first (without --reuse)")
             metrics = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["metrics"]
+            if family != "ngram" and not (run_dir / SAMPLING_FILE).is_file():  # trained before calibration
+                print(f"   {row}: calibrating its sampling (aigc calibrate)", file=sys.stderr)
+                service.calibrate(str(run_dir))
         else:
             run_dir, metrics = service.train(family, args.data, name=name, overwrite=True,
                                              max_minutes=None if family == "ngram" else minutes,
@@ -174,8 +181,13 @@ def main() -> None:
                                "eval_s": time.perf_counter() - t0, **{k: evaluation[k] for k in (
                                    "metrics", "statistics", "within_floor", "validation")},
                                "sampling": {k: v for k, v in evaluation["samples"].items() if k != "tokens"},
-                               "by_sampling": []})
+                               "calibration": _calibration(run_dir / SAMPLING_FILE), "by_sampling": []})
+        if args.listening:
+            result["rows"][-1]["listening"] = music_listening(service, run_dir, Path(args.listening) / row)
+        own = evaluation["samples"]
         for temperature, top_p, constrained in variants:
+            if (temperature, top_p, constrained) == (own["temperature"], own["top_p"], own["constrained"]):
+                continue  # the main table's
             print(f"   {row} at temperature {temperature:g}, top-p {top_p:g}, constrained {constrained}",
                   file=sys.stderr)
             other = service.evaluate(str(run_dir), {"n": args.samples, "temperature": temperature, "top_p": top_p,
@@ -221,6 +233,14 @@ def sounds(args) -> None:
         result["load_average_end"] = load()
         write_results(args.out, stem, result, sounds_markdown(result))
     print((Path(args.out) / f"{stem}.md").read_text(encoding="utf-8"))
+
+
+def music_listening(service, run_dir: Path, out: Path) -> list[str]:
+    """One piece at seed 0 as `aigc generate RUN -n 1 --seed 0 --out DIR` writes it (the run's own sampling, 8 bars):
+    its WAV, piano roll, MIDI and record, replacing what DIR held."""
+    for old in out.glob("000.*"):
+        old.unlink()
+    return service.save(service.generate(str(run_dir), {"n": 1}, seed=0), out)
 
 
 LISTENING_CLASS = "snare"  # the class of the listening page's sound (the first class where a run has no snare)
@@ -281,6 +301,14 @@ def sounds_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration(path: Path) -> dict | None:
+    """What the run's calibration chose and measured (aigc.modalities.music.calibrate), None without one."""
+    if not path.is_file():
+        return None
+    own = json.loads(path.read_text(encoding="utf-8"))
+    return {"temperature": own["temperature"], "top_p": own["top_p"], **own["calibration"]}
+
+
 def _sampling(item: str) -> tuple[float, float]:
     """`--temperatures` item: T or T:P (top-p P; default 1, off)."""
     temperature, _, top_p = item.partition(":")
@@ -288,13 +316,15 @@ def _sampling(item: str) -> tuple[float, float]:
 
 
 def sampling(row: dict) -> str:
-    """How a row's pieces were sampled: the music defaults (aigc.modalities.music.SAMPLING_DEFAULTS), as eval.json
-    recorded them."""
+    """How a row's pieces were sampled, as eval.json recorded it: the run's calibrated temperature where it has one,
+    else the music defaults (aigc.modalities.music.SAMPLING_DEFAULTS)."""
     how = row.get("sampling") or {"seed": 0, "temperature": 1.0}  # rows of results written before it was recorded
+    own = (", its calibrated temperature" if row.get("calibration") else ", the music defaults") if "top_p" in how \
+        else ""
     return (f"seed {how['seed']}, temperature {how['temperature']:g}"
             + (f", top-p {how['top_p']:g}" if how.get("top_p", 1.0) < 1 else "")
             + (", grammar-constrained" if how.get("constrained") else ", not constrained" if "constrained" in how
-               else "") + (", the music defaults" if "top_p" in how else ""))
+               else "") + own)
 
 
 def markdown(result: dict) -> str:
@@ -310,8 +340,8 @@ def markdown(result: dict) -> str:
              f" at the start, {result.get('load_average_end', '-')} at the end (the machine was shared: timings are "
              f"ratios). {first['validation']['pieces']} validation pieces ({first['validation']['notes']:,} notes, "
              f"{first['validation']['tokens']:,} tokens); training split augmented by transpositions within "
-             f"±{result['transpose']} semitones; {result['samples']} samples per model ({sampling(first)}, "
-             f"8 bars); {result.get('wall_s', 0) / 60:.0f} min in all."
+             f"±{result['transpose']} semitones; {result['samples']} samples per model, 8 bars; "
+             f"{result.get('wall_s', 0) / 60:.0f} min in all."
              + (" **The runs were not trained again** (`--reuse`): they are the ones an earlier run of this benchmark "
                 "trained, on an idle machine (their steps and NLL are theirs); the pieces are sampled by today's code."
                 if result.get("reused_runs") else ""), "",
@@ -334,6 +364,12 @@ def markdown(result: dict) -> str:
                       "**."]
     val, train = first["statistics"]["val"], first["statistics"]["train"]
     lines += ["", "## Musical statistics of the samples (first 8 bars of the pieces for val and train)", "",
+              "How each model's samples were drawn (as `aigc generate` draws them unless asked otherwise):", "",
+              *[f"- {r['model']}: {sampling(r)}" + (
+                  f" (fitted when training ended on {r['calibration']['pieces_per_temperature']} pieces at each of "
+                  f"{', '.join(f'{t:g}' for t in r['calibration']['temperatures'])} at seed "
+                  f"{r['calibration']['seed']}, {r['calibration']['seconds']:.0f} s: training chorales only)"
+                  if r.get("calibration") else "") for r in rows], "",
               "Each cell: the samples' mean ± its standard error; ✓ where it lies no farther from the validation "
               "chorales' mean than the training chorales' mean does (the floor) or within 2 standard errors of it.", "",
               "| statistic | validation | training (floor) | " + " | ".join(r["model"] for r in rows) + " |",
@@ -383,6 +419,12 @@ def markdown(result: dict) -> str:
         sample_ratio = r["metrics"]["tokens_per_s"] / ngram if ngram else None
         lines.append(f"| {r['model']} | {fmt(train_ratio, 2)} | {fmt(sample_ratio, 2)} |")
     lines += ["", f"Corpus parse: {result['chorales']} pieces in {result['parse_s']:.0f} s (0 when cached)."]
+    heard = [r for r in rows if r.get("listening")]
+    if heard:
+        lines += ["", "## Listening: one piece per model at seed 0, sampled as above", "",
+                  "| model | files |", "|---|---|"]
+        lines += [f"| {r['model']} | {', '.join(os.path.relpath(f, RESULTS) for f in r['listening'])} |"
+                  for r in heard]
     return "\n".join(lines) + "\n"
 
 

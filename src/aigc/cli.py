@@ -112,6 +112,14 @@ class TrainCommand(TyperCommand):
                     formatter.write_text("")
                     for line in describe(service.sections_for(family, "series")).splitlines():
                         formatter.write(f"  {line}\n")
+            if family in service.FAMILIES and service.FAMILIES[family].modality == "text":  # e.g. gpt on chorales
+                music_only = {k: v for k, v in service.sections_for(family, "music").items()
+                              if k in ("data", "sampling")}
+                with formatter.section(f"Configuration keys of {family} on music (bach-chorales, folk-abc, MIDI or ABC "
+                                       "files): [model] and [train] as above, and"):
+                    formatter.write_text("")
+                    for line in describe(music_only).splitlines():
+                        formatter.write(f"  {line}\n")
 
 
 @app.command(cls=TrainCommand)
@@ -313,8 +321,9 @@ def generate(
     n: Annotated[int | None, typer.Option("-n", help="number of samples or images (default 1)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: a fresh one, echoed)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate at most (default 100)")] = None,
-    temperature: Annotated[float | None, typer.Option(help="sampling temperature, default 0.8 (vae-rnn "
-                                                           "clips: the run's, 1); 0 = greedy")] = None,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature, default 0.8 (music: "
+                                                           "the run's calibrated one, aigc calibrate; vae-rnn clips: "
+                                                           "the run's, 1); 0 = greedy")] = None,
     top_k: Annotated[int | None, typer.Option(help="keep the k most likely tokens (0 = off)")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = off; music: default 0.95)")] = None,
     min_p: Annotated[float | None, typer.Option(help="drop tokens below min_p x the top probability")] = None,
@@ -517,6 +526,36 @@ def _show_text(generation, stream: bool, json_out: bool) -> None:
         print(f"seed {seed}, {rate:.1f} tokens/s", file=sys.stderr)
 
 
+@app.command("calibrate")
+@user_errors
+def calibrate(
+    run: Annotated[str, typer.Argument(help="a music run: run name or run directory")],
+    pieces: Annotated[int | None, typer.Option(help="pieces sampled at each temperature 0.5, 0.6, ..., 0.9 "
+                                                    "(default 64)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+):
+    """Fit a music run's sampling temperature to its training pieces (their pitch-class entropy and
+    scale consistency), and sample at it from then on unless a temperature is given. Runs of rnn and gpt
+    do this when training ends; this re-does it, e.g. with more pieces, or for a run made before.
+
+    Example:
+
+      aigc calibrate chorales --pieces 128
+    """
+    _quiet_libraries()
+    result = _service().calibrate(run, pieces)
+    if json_out:
+        _emit_json(result)
+        return
+    fitted = result["calibration"]["fitted"]
+    edge = " (at the edge of the temperatures tried)" if result["calibration"]["at_edge"] else ""
+    print(f"temperature {result['temperature']:.2f}, top-p {result['top_p']}{edge}: pitch-class entropy "
+          f"{fitted['pitch_class_entropy']:.3f} (training pieces "
+          f"{result['calibration']['training']['pitch_class_entropy']:.3f}), scale consistency "
+          f"{fitted['scale_consistency']:.3f} ({result['calibration']['training']['scale_consistency']:.3f}); "
+          f"{result['calibration']['seconds']:.0f} s")
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -534,9 +573,10 @@ def eval_(
     level: Annotated[float | None, typer.Option(help="series runs: the interval level whose coverage is "
                                                      "scored (default 0.95)")] = None,
     temperature: Annotated[float | None, typer.Option(help="music runs: the sampling temperature of the pieces "
-                                                           "(default: the music default)")] = None,
-    top_p: Annotated[float | None, typer.Option(help="music runs: the pieces' top-p (default: the music "
-                                                     "default)")] = None,
+                                                           "(default: the run's calibrated one, aigc "
+                                                           "calibrate)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="music runs: the pieces' top-p (default: the run's, "
+                                                     "0.95)")] = None,
     constrained: Annotated[bool | None, typer.Option("--constrained/--no-constrained",
                                                      help="music runs: sample the pieces with the grammar (default: "
                                                           "the music default, on)")] = None,

@@ -170,7 +170,8 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Flatten a config file: top-level keys plus the keys of [model], [data] and [train]."""
+    """Flatten a config file: top-level keys plus the keys of [model], [data], [train] and (music runs)
+    [sampling]."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -181,8 +182,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
         if isinstance(value, dict):
-            if key not in ("model", "data", "train", "run", "optimize"):
-                raise UserError(f"{path}: unknown section [{key}] (sections: model, data, train)")
+            if key not in ("model", "data", "train", "sampling", "run", "optimize"):
+                raise UserError(f"{path}: unknown section [{key}] (sections: model, data, train, sampling)")
             if key in ("run", "optimize"):
                 continue  # written by the run directory for people to read (an optimized run's is in run.json)
             flat.update(value)

@@ -79,10 +79,13 @@ def modality_for(family: str, data: str | None = None) -> tuple[str, Family]:
 
 
 def sections_for(family: str, modality: str | None = None) -> dict[str, type]:
-    """The configuration sections of a family; modality="series": those of its series variant."""
+    """The configuration sections of a family; modality="series": those of its series variant; "music": those of a
+    text family on music."""
     name, fam = modality_for(family)
     if modality == "series" and name != "series":
         name, fam = "series", series.series_family(family)
+    elif modality == "music" and name == "text":
+        name = "music"
     return MODALITIES[name].sections(fam)
 
 
@@ -624,7 +627,7 @@ def generation_defaults(run: str) -> dict:
     if modality.NAME == "series":
         return {**series.GENERATE_DEFAULTS, **own}
     if modality.NAME == "music":
-        return {**music.GENERATE_DEFAULTS, **window, **own}
+        return {**music.GENERATE_DEFAULTS, **music.sampling_of(run_dir), **window, **own}
     fam = FAMILIES[store.read_run(run_dir)["family"]]
     model_class = getattr(fam.load, "__self__", None)  # e.g. Diffusion.load: a classmethod
     keywords = inspect.signature(model_class.sample).parameters if model_class is not None and fam.sampler_options \
@@ -727,6 +730,21 @@ def evaluate(run: str, options: dict | None = None) -> dict:
     options = {k: v for k, v in (options or {}).items() if v is not None}
     check_options(modality, options, "EVALUATE_OPTIONS")
     return modality.evaluate(run_dir, record, options)
+
+
+def calibrate(run: str, pieces: int | None = None) -> dict:
+    """Fit a music run's sampling temperature on its training pieces (aigc.modalities.music.calibrate; runs of rnn
+    and gpt do it when training ends): what it samples at from then on unless asked otherwise."""
+    run_dir = store.find_run(run)
+    record = store.read_run(run_dir)
+    if store.modality_of(record) != "music":
+        raise BadRequest(f"calibrate applies to music runs; {run_dir.name} is a {store.modality_of(record)} run")
+    if record.get("status") != "done":
+        raise Conflict(f"run {run_dir.name!r} has not finished training (status: {record.get('status')})")
+    pieces = music.MusicSamplingConfig().calibration_pieces if pieces is None else pieces
+    if not 4 <= pieces <= 1024:
+        raise BadRequest(f"--pieces must be in 4..1024, got {pieces}")
+    return music.calibrate(run_dir, pieces)
 
 
 def evaluate_image_folder(folder: str, data: str, n: int | None = None, *, out: str | None = None) -> dict:

@@ -20,13 +20,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from aigc import __version__
 from aigc.checkpoint import find_checkpoint, save_model_files
-from aigc.config import fields_of, read_toml, to_toml
+from aigc.config import fields_of, option, read_toml, to_toml
 from aigc.data import music as m
 from aigc.data.music_grammar import GRAMMAR_VERSION, HarmonyGrammar, RemiGrammar, limits_of
 from aigc.distributed import on_main
@@ -36,6 +38,7 @@ from aigc.evaluate.music import (
     copied_share,
     longest_copy,
     note_ngrams,
+    statistics_of,
     statistics_with_errors,
     within_floor,
 )
@@ -57,8 +60,9 @@ GENERATE_OPTIONS = ("n", "bars", "temperature", "top_k", "top_p", "constrained",
 EVALUATE_OPTIONS = ("n", "temperature", "top_p", "constrained", "seed")
 DEFAULT_BARS = 8  # a piece lasts this many bars (a piece the model ends sooner is continued, `_extend`)
 PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued unless --prompt-bars says otherwise
-# how a music run samples unless asked otherwise: chosen on the validation chorales' statistics (docs/audio.md,
-# "The sampling default, again"); the held-out NLL does not depend on it
+# how a music run samples unless asked otherwise, where it has no calibrated temperature of its own (`sampling_of`;
+# rnn and gpt runs fit one when training ends, `calibrate`): chosen on the validation chorales' statistics
+# (docs/audio.md, "The sampling default, again"); the held-out NLL does not depend on it
 # `constrained`: grammar-constrained sampling (aigc.data.music_grammar: positions only forward, no more notes at one
 # onset or sounding at once than the training pieces have, every note whole); a record without it was made without
 # it. Temperature 0.8 with top-p 0.95 (since 2026-12-07; 0.6 before, which a retrained gpt of the same recipe met 1 of
@@ -67,6 +71,16 @@ PROMPT_BARS = 2  # bars of a prompt (--prompt-midi, --prompt-piece) continued un
 # default, again"
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 0.95, "constrained": True}
 GENERATE_DEFAULTS = {"n": 1, "bars": DEFAULT_BARS, **SAMPLING_DEFAULTS, "grammar_version": GRAMMAR_VERSION}  # as shown
+
+
+def sampling_of(run_dir: Path) -> dict:
+    """How the run samples unless asked otherwise: SAMPLING_DEFAULTS, with the temperature and top-p its
+    calibration chose (SAMPLING_FILE) where it has one."""
+    path = Path(run_dir) / SAMPLING_FILE
+    if not path.is_file():
+        return dict(SAMPLING_DEFAULTS)
+    own = json.loads(path.read_text(encoding="utf-8"))
+    return {**SAMPLING_DEFAULTS, **{k: own[k] for k in ("temperature", "top_p") if k in own}}
 
 
 def sampling_before(request: dict) -> dict:
@@ -84,6 +98,27 @@ MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~3
 HARMONY_CANDIDATES = 4
 MAX_CANDIDATES = 16
 EVAL_SAMPLES = 8  # pieces sampled at seed 0 (at SAMPLING_DEFAULTS) for the statistics and copying (-n N)
+# calibrated sampling (docs/audio.md, "Calibrated sampling"): when a run of a gradient family finishes, pieces are
+# sampled at each of these temperatures (top-p as SAMPLING_DEFAULTS, grammar-constrained, at CALIBRATION_SEED, not
+# the evaluation's seed 0) and the temperature whose fitted statistics lie nearest the training pieces' is the run's
+# own default (SAMPLING_FILE). Only training pieces are read. Two 10-minute gpts of one recipe wanted 0.6 and 0.8
+# ("The sampling default, again"); fitted on 64 pieces per temperature they met 3 of 4 statistics at both seeds
+CALIBRATION_TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9)  # the fit stays inside them: no extrapolation
+CALIBRATION_SEED = 1000
+CALIBRATED = ("pitch_class_entropy", "scale_consistency")  # what temperature moves (polyphony: the grammar's)
+# `calibrate = "auto"` calibrates a run of rnn or gpt that trained this long at least: the 10-minute gpt's
+# calibration takes about 2.5 minutes (64 pieces per temperature), more than a short trial's training
+CALIBRATE_AFTER_MINUTES = 2.0
+SAMPLING_FILE = "sampling.json"
+
+
+@dataclass
+class MusicSamplingConfig:
+    calibrate: str = option("auto", "fit the run's sampling temperature to its training pieces' pitch-class entropy "
+                                    "and scale consistency when training ends (auto: rnn and gpt trained "
+                                    f"{CALIBRATE_AFTER_MINUTES:g} minutes or more)", choices=("auto", "true", "false"))
+    calibration_pieces: int = option(64, "pieces sampled at each calibration temperature "
+                                         f"({', '.join(map(str, CALIBRATION_TEMPERATURES))})", min=4, max=1024)
 
 
 # ----------------------------------------------------------------------------------
@@ -94,6 +129,7 @@ def sections(fam: Family) -> dict[str, type]:
     out = {"model": fam.config, "data": m.MusicDataConfig}
     if fam.trainer == "gradient":
         out["train"] = fam.train_config
+    out["sampling"] = MusicSamplingConfig
     return out
 
 
@@ -206,7 +242,21 @@ def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, r
                       cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain)
 
 
-def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
+def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict, *,
+           calibrating: bool = True) -> dict:
+    """The held-out NLL of the final weights; then, where the run's `calibrate` says so, its sampling calibrated
+    (`calibrate`). `aigc optimize` keeps its parent's calibration instead (calibrating=False)."""
+    setting = configs["sampling"].calibrate
+    long_enough = fam.trainer == "gradient" and fit.get("train_time_s", 0) >= CALIBRATE_AFTER_MINUTES * 60
+    if calibrating and (setting == "true" or (setting == "auto" and long_enough)):
+        # the weights are saved: a calibration that fails or is stopped (Ctrl-C, the studio's Stop) leaves the run
+        # whole, sampling at the music defaults until `aigc calibrate` fits it
+        try:
+            calibrate(run_dir, configs["sampling"].calibration_pieces)
+        except (UserError, KeyboardInterrupt) as e:
+            why = "it was stopped" if isinstance(e, KeyboardInterrupt) else str(e)
+            print(f"note: the sampling was not calibrated ({why}): {Path(run_dir).name} samples at the music "
+                  f"defaults until `aigc calibrate {Path(run_dir).name}`", file=sys.stderr)
     nll, n = load_run(str(run_dir)).nll(prepared.state["val_ids"])
     metrics = {"val_loss": nll / max(1, n), "perplexity": math.exp(min(nll / max(1, n), 700)),
                "val_nll_per_note": nll / max(1, prepared.state["notes"]), "val_tokens": n}
@@ -226,7 +276,8 @@ def card(run_dir: Path, record: dict, configs: dict) -> str:
         "## Results on the held-out pieces", "",
         f"- NLL per token: {met.get('val_loss', float('nan')):.4f} nats; per note: "
         f"{met.get('val_nll_per_note', float('nan')):.4f} nats ({data['val']['pieces']} pieces)",
-        f"- steps: {met.get('steps')}, training time: {met.get('train_time_s', 0):.0f} s", *card_lineage(record), "",
+        f"- steps: {met.get('steps')}, training time: {met.get('train_time_s', 0):.0f} s", *card_lineage(record),
+        _sampling_line(run_dir), "",
         "## Configuration", "", "```toml", to_toml(configs).strip(), "```", "",
         "## Use", "", "```", f"aigc generate {run_dir} -n 4 --seed 0 --out pieces/", f"aigc eval {run_dir}", "```",
         "", "## Limitations", "",
@@ -321,7 +372,7 @@ def generate(loaded: LoadedModel, options: dict, seed: int, stream: Callable[[st
     more."""
     if stream is not None:
         raise BadRequest("--stream applies to text runs")
-    options = {**SAMPLING_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    options = {**sampling_of(loaded.path), **{k: v for k, v in options.items() if v is not None}}
     constrained = options.pop("constrained")
     if not isinstance(constrained, bool):
         raise BadRequest(f"constrained must be true or false, got {constrained!r}")
@@ -530,6 +581,72 @@ def save(generation: Generation, out_dir: Path) -> list[str]:
 # evaluation
 
 
+def nearest_temperature(temperatures: np.ndarray, values: dict[str, np.ndarray], means: dict[str, float],
+                        spread: dict[str, float]) -> tuple[float, dict[str, np.ndarray]]:
+    """The temperature (on a 0.01 grid across the temperatures sampled) where least-squares lines of each
+    statistic's per-piece `values` against `temperatures` lie nearest `means`, each distance in units of `spread`;
+    and the lines ((slope, intercept) per statistic). NaN values are left out; ValueError when a statistic was
+    measured at fewer than two temperatures."""
+    lines = {}
+    for key, value in values.items():
+        keep = ~np.isnan(value)
+        if len(set(temperatures[keep].tolist())) < 2:
+            raise ValueError(f"{key}: measured at fewer than two temperatures")
+        lines[key] = np.polyfit(temperatures[keep], value[keep], 1)
+    grid = np.round(np.arange(temperatures.min(), temperatures.max() + 1e-9, 0.01), 2)
+    cost = sum(((np.polyval(lines[k], grid) - means[k]) / spread[k]) ** 2 for k in values)
+    return float(grid[int(np.argmin(cost))]), lines
+
+
+def calibrate(run_dir: Path, pieces: int = 64) -> dict:
+    """Fit the run's sampling temperature on its training pieces and write it (SAMPLING_FILE): `pieces` pieces at
+    each of CALIBRATION_TEMPERATURES, a line per CALIBRATED statistic against the temperature (least squares over
+    every piece), and the temperature where the lines lie nearest the training pieces' means, each distance in
+    units of the training pieces' standard deviation. Only training pieces are read; the validation pieces are left
+    to evaluation."""
+    run_dir = Path(run_dir)
+    loaded = load(str(run_dir))
+    record = read_run(run_dir)
+    train, _ = read_split(run_dir, record)
+    excerpt = excerpts(train, DEFAULT_BARS)
+    target = statistics_with_errors([p.notes for p in excerpt], [m.bar_length(p.time_signature) for p in excerpt])
+    top_p = SAMPLING_DEFAULTS["top_p"]
+    t0 = time.perf_counter()
+    rows = []  # (temperature, statistic values) per piece with notes
+    bar = tqdm(total=pieces * len(CALIBRATION_TEMPERATURES), unit="piece", desc="calibrating the sampling",
+               leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+    for temperature in CALIBRATION_TEMPERATURES:
+        generation = generate(loaded, {"n": pieces, "temperature": temperature, "top_p": top_p, "top_k": 0,
+                                       "constrained": True}, CALIBRATION_SEED)
+        for output in generation.outputs:
+            piece = m.decode(output["tokens"].split())
+            if piece.notes:
+                values = statistics_of(piece.notes, m.bar_length(piece.time_signature))
+                rows.append((temperature, [values[k] for k in CALIBRATED]))
+        bar.update(pieces)
+    bar.close()
+    temperatures = np.array([t for t, _ in rows])
+    values = {key: np.array([v[j] for _, v in rows]) for j, key in enumerate(CALIBRATED)}
+    spread = {key: target[key]["se"] * math.sqrt(target[key]["n"]) for key in CALIBRATED}  # the training pieces' sd
+    try:
+        chosen, lines = nearest_temperature(temperatures, values, {k: target[k]["mean"] for k in CALIBRATED}, spread)
+    except ValueError:
+        raise UserError(f"run {run_dir.name}: too few sampled pieces with notes to calibrate its sampling") from None
+    result = {
+        "temperature": chosen, "top_p": top_p,
+        "calibration": {
+            "pieces_per_temperature": pieces, "temperatures": list(CALIBRATION_TEMPERATURES),
+            "seed": CALIBRATION_SEED, "bars": DEFAULT_BARS, "seconds": round(time.perf_counter() - t0, 1),
+            "training": {k: target[k]["mean"] for k in CALIBRATED},
+            "sampled": {k: {str(t): float(np.nanmean([v[j] for tt, v in rows if tt == t]))
+                            for t in CALIBRATION_TEMPERATURES} for j, k in enumerate(CALIBRATED)},
+            "fitted": {k: float(np.polyval(lines[k], chosen)) for k in CALIBRATED},
+            "at_edge": chosen in (CALIBRATION_TEMPERATURES[0], CALIBRATION_TEMPERATURES[-1]),
+        }}
+    write_json(run_dir / SAMPLING_FILE, result)
+    return result
+
+
 def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     """Held-out NLL per token and per note beside the n-gram's on the same split and encoding; musical statistics
     of samples beside the validation pieces' and the training pieces' (the floor); copying. Writes eval.json."""
@@ -550,12 +667,13 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
                                            None)
         base_nll = baseline.kn.nll(val_ids[1:], context=val_ids[:1])
 
-    # 2. samples at seed 0 (unless asked), sampled as a user's are unless asked otherwise (SAMPLING_DEFAULTS)
+    # 2. samples at seed 0 (unless asked), sampled as a user's are unless asked otherwise (`sampling_of`)
     n_samples = int(options.get("n") or EVAL_SAMPLES)
     seed = int(options.get("seed") or 0)
     if seed < 0:
         raise BadRequest(f"--seed must be >= 0, got {seed}")
-    sampling = {**SAMPLING_DEFAULTS, **{k: options[k] for k in ("temperature", "top_p", "constrained") if k in options}}
+    sampling = {**sampling_of(run_dir),
+                **{k: options[k] for k in ("temperature", "top_p", "constrained") if k in options}}
     generation = generate(loaded, {"n": n_samples, **sampling}, seed)
     samples = [m.decode(o["tokens"].split()) for o in generation.outputs]
     if not any(p.notes for p in samples):
@@ -604,3 +722,13 @@ def _mean(values: list[float]) -> float:
 def excerpts(pieces: list[m.Piece], bars: int) -> list[m.Piece]:
     """The first `bars` bars of each piece (what the statistics of samples of that many bars are compared with)."""
     return [m.decode(m.first_bars(m.encode(p), bars), p.name) for p in pieces]
+
+
+def _sampling_line(run_dir: Path) -> str:
+    own, path = sampling_of(run_dir), Path(run_dir) / SAMPLING_FILE
+    if path.is_file():
+        pieces = json.loads(path.read_text(encoding="utf-8"))["calibration"]["pieces_per_temperature"]
+        how = f"calibrated on the training pieces ({pieces} pieces per temperature; `aigc calibrate`)"
+    else:
+        how = "the music defaults (not calibrated)"
+    return f"- samples at temperature {own['temperature']}, top-p {own['top_p']}: {how}"

@@ -43,6 +43,8 @@ def prepare(fam, parent_dir: Path, parent: dict, configs: dict, feedback: Feedba
         for part in ("train", "val"):  # checked against the sha256 in run.json, as the parent's
             name = parent["data"][part]["file"]
             shutil.copy2(parent_dir / name, staging / name)
+        if (parent_dir / music_modality.SAMPLING_FILE).is_file():  # it samples as its parent, calibrated or not
+            shutil.copy2(parent_dir / music_modality.SAMPLING_FILE, staging / music_modality.SAMPLING_FILE)
 
     return optimize_text.prepare_tokens("music", fam, parent_dir, configs, feedback, method, tokenizer, val_ids,
                                         None, state, copy_split)
@@ -53,7 +55,9 @@ def fit(fam, prepared: Prepared, configs: dict, run_dir: Path, budget, method: s
 
 
 def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, fitted: dict, method: str) -> dict:
-    """The new run's NLL on the parent's validation pieces, as any music run's, the parent's beside it."""
-    metrics = music_modality.finish(family, fam, prepared, configs, run_dir, fitted)
+    """The new run's NLL on the parent's validation pieces, as any music run's, the parent's beside it. Not
+    calibrated again: calibrating would pull the pieces back to the training chorales' statistics, away from what
+    people liked; it keeps its parent's sampling (copied with the split)."""
+    metrics = music_modality.finish(family, fam, prepared, configs, run_dir, fitted, calibrating=False)
     return {**metrics, "parent_val_loss": prepared.state["parent_val_loss"],
             **{k: fitted[k] for k in ("ngrams_added", "counts_added") if k in fitted}}

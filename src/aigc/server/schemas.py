@@ -169,7 +169,8 @@ class AudioRequest(Strict):
     model: str = Field(min_length=1, max_length=256, description="a music run or a sound run")
     n: int | None = Field(None, ge=1, le=MAX_PIECES, description="pieces or sounds (default 1)")
     bars: int | None = Field(None, ge=1, le=64, description="bars per piece (default 8)")
-    temperature: float | None = Field(None, ge=0, le=100, description="music: default 0.8; 0 = greedy")
+    temperature: float | None = Field(None, ge=0, le=100, description="music: default the run's calibrated "
+                                       "temperature (aigc calibrate), else 0.8; 0 = greedy")
     top_k: int | None = Field(None, ge=0, le=100_000, description="0 = off")
     top_p: float | None = Field(None, gt=0, le=1, description="music: default 0.95; 1 = off")
     best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF, description=BEST_OF)
