@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import wave
 from pathlib import Path
@@ -448,3 +449,49 @@ def test_music_uploads_are_checked_as_training_reads_them(midi_folder, tmp_path)
     with pytest.raises(BadRequest, match="b.mid: not a readable MIDI file"):
         upload("two.zip", broken.getvalue())
     assert [u["id"] for u in uploads.list_uploads()] == [done["id"]]  # the refused ones left nothing
+
+
+def test_the_copy_index_finds_the_longest_shared_run_as_a_brute_force_search_does():
+    """CopyIndex (seeded runs extended note by note) against the definition searched exhaustively: every start in
+    the piece against every start in every training piece, the first note's gap ignored. Random pieces on a small
+    alphabet, with passages copied from the training pieces, so that runs both shorter and longer than the seed
+    occur."""
+    from aigc.evaluate.music import CopyIndex, note_events
+
+    def brute(notes, training):
+        events, best = note_events(notes), 0
+        for piece in map(note_events, training):
+            for i in range(len(events)):
+                for j in range(len(piece)):
+                    if events[i][:2] != piece[j][:2]:
+                        continue
+                    k = 1
+                    while i + k < len(events) and j + k < len(piece) and events[i + k] == piece[j + k]:
+                        k += 1
+                    best = max(best, k)
+        return best
+
+    rng = random.Random(0)
+
+    def piece(n):
+        onset, out = 0, []
+        for _ in range(n):
+            onset += rng.choice((2, 4))
+            out.append((onset, rng.choice((2, 4)), rng.choice((60, 62, 64))))
+        return out
+
+    training = [piece(rng.randint(5, 40)) for _ in range(6)]
+    index = CopyIndex(training)
+    lengths = set()
+    for _ in range(60):
+        notes = piece(rng.randint(0, 30))
+        if rng.random() < 0.5:  # a passage of a training piece, moved in time, in the middle
+            source = rng.choice(training)
+            a = rng.randrange(len(source))
+            passage = source[a:a + rng.randint(1, 20)]
+            shift = (notes[-1][0] if notes else 0) + 100 - passage[0][0]
+            notes = notes + [(o + shift, d, p) for o, d, p in passage] + [(o + 1000, d, p) for o, d, p in piece(5)]
+        expected = brute(notes, training)
+        assert index.longest(notes) == expected
+        lengths.add(expected)
+    assert min(lengths) < CopyIndex.SEED < max(lengths)  # both ways of finding a run were exercised

@@ -122,3 +122,20 @@ def test_the_train_help_lists_the_music_keys_of_a_text_family():
     music_part = shown[shown.index("Configuration keys of gpt on music"):]
     assert "calibrate = 'auto' (auto|true|false)" in music_part and "calibration_pieces = 64" in music_part
     assert "transpose = 0" in music_part and "tokenizer" not in music_part  # the music [data], not the text one
+
+
+def test_sweep_trials_on_music_are_not_calibrated_unless_the_space_says(aigc_home, midi_folder):
+    from aigc.sweep import plan_sweep
+
+    plan = plan_sweep(family="gpt", data=str(midi_folder), trials=2, budget_minutes=3)
+    assert plan.fixed["calibrate"] == "false"  # ranked by held-out NLL: `aigc calibrate` the one kept
+    asked = plan_sweep(family="gpt", data=str(midi_folder), trials=2, budget_minutes=3, space={"calibrate": "true",
+                                                                                     "lr": {"low": 1e-4, "high": 1e-3}})
+    assert asked.fixed["calibrate"] == "true"
+
+
+def test_a_damaged_sampling_file_is_one_clear_error(aigc_home, midi_folder):
+    run_dir = _tiny(midi_folder, "damaged")
+    (run_dir / music.SAMPLING_FILE).write_text("{not json", encoding="utf-8")
+    with pytest.raises(UserError, match="is not valid JSON: fit it again with `aigc calibrate damaged`"):
+        service.generate("damaged", {"n": 1}, seed=0)

@@ -129,6 +129,8 @@ def plan_sweep(*, family: str, data: str, trials: int, budget_minutes: float | N
                          f"starting with a letter or digit); its runs are named NAME-t000, NAME-t001, ...")
     sections = MODALITIES[modality].sections(fam)
     searched, fixed = parse_space(SPACES[family] if space is None else space, sections, family)
+    if modality == "music" and "calibrate" not in searched:  # trials are ranked by held-out NLL, which the sampling
+        fixed.setdefault("calibrate", "false")               # does not move: `aigc calibrate` the one kept
     return Plan(study=name, family=family, data=data, modality=modality, searched=searched, fixed=fixed,
                 objective=objective_metric(modality, fam.trainer, fam.bound_score),
                 minutes=float(budget_minutes) if gradient else None, prunable=gradient)

@@ -35,8 +35,8 @@ from aigc.distributed import on_main
 from aigc.errors import BadRequest, UserError
 from aigc.evaluate.music import (
     STATISTICS,
+    CopyIndex,
     copied_share,
-    longest_copy,
     note_ngrams,
     statistics_of,
     statistics_with_errors,
@@ -79,7 +79,11 @@ def sampling_of(run_dir: Path) -> dict:
     path = Path(run_dir) / SAMPLING_FILE
     if not path.is_file():
         return dict(SAMPLING_DEFAULTS)
-    own = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        own = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: fit it again with `aigc calibrate {Path(run_dir).name}`, or "
+                        "delete it to sample at the music defaults") from None
     return {**SAMPLING_DEFAULTS, **{k: own[k] for k in ("temperature", "top_p") if k in own}}
 
 
@@ -97,7 +101,7 @@ MUSIC_CONTEXT = 1024  # a gpt's n_positions unless given: 8 chorale bars take ~3
 # the first 10 validation chorales (docs/audio.md, "Harmonisation"), at several times the sampling time
 HARMONY_CANDIDATES = 4
 MAX_CANDIDATES = 16
-EVAL_SAMPLES = 8  # pieces sampled at seed 0 (at SAMPLING_DEFAULTS) for the statistics and copying (-n N)
+EVAL_SAMPLES = 8  # pieces sampled at seed 0 (as the run samples, `sampling_of`) for the statistics and copying (-n N)
 # calibrated sampling (docs/audio.md, "Calibrated sampling"): when a run of a gradient family finishes, pieces are
 # sampled at each of these temperatures (top-p as SAMPLING_DEFAULTS, grammar-constrained, at CALIBRATION_SEED, not
 # the evaluation's seed 0) and the temperature whose fitted statistics lie nearest the training pieces' is the run's
@@ -107,7 +111,8 @@ CALIBRATION_TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9)  # the fit stays inside the
 CALIBRATION_SEED = 1000
 CALIBRATED = ("pitch_class_entropy", "scale_consistency")  # what temperature moves (polyphony: the grammar's)
 # `calibrate = "auto"` calibrates a run of rnn or gpt that trained this long at least: the 10-minute gpt's
-# calibration takes about 2.5 minutes (64 pieces per temperature), more than a short trial's training
+# calibration took 65 s on an idle machine and up to 2.5 minutes on a busy one (64 pieces per temperature), more
+# than a short trial's training
 CALIBRATE_AFTER_MINUTES = 2.0
 SAMPLING_FILE = "sampling.json"
 
@@ -690,8 +695,9 @@ def evaluate(run_dir: Path, record: dict, options: dict) -> dict:
     #    beside the same for the validation pieces (excerpts as long as the samples)
     train_notes = [p.notes for p in trained_pieces(run_dir)]  # with --init-from: what the checkpoint read too
     grams = note_ngrams(train_notes)
-    copies = [longest_copy(p.notes, train_notes) for p in samples if p.notes]
-    val_copies = [longest_copy(p.notes, train_notes) for p in excerpts(val, DEFAULT_BARS)]
+    index = CopyIndex(train_notes)
+    copies = [index.longest(p.notes) for p in samples if p.notes]
+    val_copies = [index.longest(p.notes) for p in excerpts(val, DEFAULT_BARS)]
     shares = [copied_share(p.notes, grams) for p in samples]
     val_shares = [copied_share(p.notes, grams) for p in excerpts(val, DEFAULT_BARS)]
     metrics = {
