@@ -240,7 +240,7 @@ def music_listening(service, run_dir: Path, out: Path) -> list[str]:
     its WAV, piano roll, MIDI and record, replacing what DIR held."""
     for old in out.glob("000.*"):
         old.unlink()
-    return service.save(service.generate(str(run_dir), {"n": 1}, seed=0), out)
+    return [str(Path(f).resolve()) for f in service.save(service.generate(str(run_dir), {"n": 1}, seed=0), out)]
 
 
 LISTENING_CLASS = "snare"  # the class of the listening page's sound (the first class where a run has no snare)
@@ -368,7 +368,7 @@ def markdown(result: dict) -> str:
               *[f"- {r['model']}: {sampling(r)}" + (
                   f" (fitted when training ended on {r['calibration']['pieces_per_temperature']} pieces at each of "
                   f"{', '.join(f'{t:g}' for t in r['calibration']['temperatures'])} at seed "
-                  f"{r['calibration']['seed']}, {r['calibration']['seconds']:.0f} s: training chorales only)"
+                  f"{r['calibration']['seed']}, {r['calibration']['seconds']:.0f} s: training pieces only)"
                   if r.get("calibration") else "") for r in rows], "",
               "Each cell: the samples' mean ± its standard error; ✓ where it lies no farther from the validation "
               "chorales' mean than the training chorales' mean does (the floor) or within 2 standard errors of it.", "",
