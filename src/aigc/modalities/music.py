@@ -247,13 +247,12 @@ def fit(fam: Family, prepared: Prepared, configs: dict, run_dir: Path, budget, r
                       cpu_bf16=fam.cpu_bf16, compile_gain=fam.compile_gain)
 
 
-def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict, *,
-           calibrating: bool = True) -> dict:
-    """The held-out NLL of the final weights; then, where the run's `calibrate` says so, its sampling calibrated
-    (`calibrate`). `aigc optimize` keeps its parent's calibration instead (calibrating=False)."""
+def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir: Path, fit: dict) -> dict:
+    """Where the run's `calibrate` says so, its sampling calibrated (`calibrate`); then the held-out NLL of the
+    final weights (`scores`)."""
     setting = configs["sampling"].calibrate
     long_enough = fam.trainer == "gradient" and fit.get("train_time_s", 0) >= CALIBRATE_AFTER_MINUTES * 60
-    if calibrating and (setting == "true" or (setting == "auto" and long_enough)):
+    if setting == "true" or (setting == "auto" and long_enough):
         # the weights are saved: a calibration that fails or is stopped (Ctrl-C, the studio's Stop) leaves the run
         # whole, sampling at the music defaults until `aigc calibrate` fits it
         try:
@@ -262,6 +261,12 @@ def finish(family: str, fam: Family, prepared: Prepared, configs: dict, run_dir:
             why = "it was stopped" if isinstance(e, KeyboardInterrupt) else str(e)
             print(f"note: the sampling was not calibrated ({why}): {Path(run_dir).name} samples at the music "
                   f"defaults until `aigc calibrate {Path(run_dir).name}`", file=sys.stderr)
+    return scores(prepared, run_dir, fit)
+
+
+def scores(prepared: Prepared, run_dir: Path, fit: dict) -> dict:
+    """The held-out NLL per token and per note of the final weights, and the training figures. `aigc optimize`
+    scores its runs with it and keeps the parent's calibration (aigc.optimize.music.finish)."""
     nll, n = load_run(str(run_dir)).nll(prepared.state["val_ids"])
     metrics = {"val_loss": nll / max(1, n), "perplexity": math.exp(min(nll / max(1, n), 700)),
                "val_nll_per_note": nll / max(1, prepared.state["notes"]), "val_tokens": n}

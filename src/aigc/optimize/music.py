@@ -58,6 +58,6 @@ def finish(family: str, fam, prepared: Prepared, configs: dict, run_dir: Path, f
     """The new run's NLL on the parent's validation pieces, as any music run's, the parent's beside it. Not
     calibrated again: calibrating would pull the pieces back to the training chorales' statistics, away from what
     people liked; it keeps its parent's sampling (copied with the split)."""
-    metrics = music_modality.finish(family, fam, prepared, configs, run_dir, fitted, calibrating=False)
+    metrics = music_modality.scores(prepared, run_dir, fitted)
     return {**metrics, "parent_val_loss": prepared.state["parent_val_loss"],
             **{k: fitted[k] for k in ("ngrams_added", "counts_added") if k in fitted}}
