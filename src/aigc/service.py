@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aigc import __version__, store, studies, uploads
-from aigc.config import OptimizeConfig, build, read_toml, to_toml
+from aigc.config import OptimizeConfig, build, fields_of, read_toml, to_toml
 from aigc.data.images import NAMED_IMAGES, named_installed, read_png_record, save_png
 from aigc.data.music import MUSIC_CORPORA, is_music_data
 from aigc.data.series import NAMED_SERIES, is_series_data
@@ -741,9 +741,10 @@ def calibrate(run: str, pieces: int | None = None) -> dict:
         raise BadRequest(f"calibrate applies to music runs; {run_dir.name} is a {store.modality_of(record)} run")
     if record.get("status") != "done":
         raise Conflict(f"run {run_dir.name!r} has not finished training (status: {record.get('status')})")
-    pieces = music.MusicSamplingConfig().calibration_pieces if pieces is None else pieces
-    if not 4 <= pieces <= 1024:
-        raise BadRequest(f"--pieces must be in 4..1024, got {pieces}")
+    field = fields_of(music.MusicSamplingConfig)["calibration_pieces"]  # its default and range: the option's own
+    pieces = field.default if pieces is None else pieces
+    if not field.metadata["min"] <= pieces <= field.metadata["max"]:
+        raise BadRequest(f"--pieces must be in {field.metadata['min']}..{field.metadata['max']}, got {pieces}")
     return music.calibrate(run_dir, pieces)
 
 
